@@ -1,0 +1,103 @@
+"""The run configuration: one small, documented section per concern.
+
+Every section forbids unknown keys, so a typo (``train.stpes``) is an error instead of a
+silently ignored setting. Leaf functions receive only the section they need.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class Section(BaseModel):
+    """Base for config sections: unknown keys and bad types are errors."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RunSection(Section):
+    name: str = Field("run", description="Run name; the run directory is `dir/name`.")
+    dir: Path = Field(Path("runs"), description="Parent directory of run directories.")
+    seed: int = Field(0, description="Seed for weights, data order and sampling.")
+
+    @property
+    def path(self) -> Path:
+        return self.dir / self.name
+
+
+class ModelSection(Section):
+    preset: str | None = Field("demo", description="Named shape (tiny, demo, llama3-8b, ...).")
+    init_from: Path | None = Field(
+        None,
+        description="Start from weights: a Hugging Face directory (Llama/Qwen2 layout) or an atoll run directory.",
+    )
+    dim: int | None = Field(None, gt=0, description="Override: hidden size.")
+    num_layers: int | None = Field(None, gt=0, description="Override: decoder layers.")
+    num_heads: int | None = Field(None, gt=0, description="Override: attention heads.")
+    num_kv_heads: int | None = Field(None, gt=0, description="Override: key/value heads (GQA).")
+    ffn_dim: int | None = Field(None, gt=0, description="Override: SwiGLU hidden size.")
+    rope_theta: float | None = Field(None, gt=0, description="Override: rotary base.")
+    norm_eps: float | None = Field(None, gt=0, description="Override: RMSNorm epsilon.")
+    qkv_bias: bool | None = Field(None, description="Override: bias on q/k/v (Qwen2 style).")
+    tie_embeddings: bool | None = Field(None, description="Override: tie input and output embeddings.")
+
+    def overrides(self) -> dict[str, object]:
+        """The shape fields the user set explicitly."""
+        skip = {"preset", "init_from"}
+        return {k: v for k, v in self.model_dump().items() if k not in skip and v is not None}
+
+
+class DataSection(Section):
+    dir: Path = Field(Path("runs/data/demo"), description="Directory holding manifest.json and shards.")
+    prepare: Literal["demo", "none"] = Field(
+        "demo", description="`demo`: build the Shakespeare demo corpus into `dir` if it is missing."
+    )
+    vocab_size: int = Field(8192, gt=256, description="BPE vocabulary size when preparing data.")
+    seq_len: int = Field(256, gt=0, description="Tokens per training sequence.")
+    tokenizer: Path | None = Field(
+        None, description="A tokenizer.json that must match the shards (default: the data directory's own)."
+    )
+
+
+class TrainSection(Section):
+    steps: int = Field(300, gt=0, description="Optimizer steps in the whole run.")
+    global_batch: int = Field(8, gt=0, description="Sequences per optimizer step, summed over all ranks.")
+    micro_batch: int = Field(8, gt=0, description="Sequences per forward/backward on one rank.")
+    lr: float = Field(1e-3, gt=0, description="Peak learning rate (AdamW).")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Final learning rate as a fraction of the peak.")
+    warmup_steps: int = Field(20, ge=0, description="Linear warm-up steps before the cosine decay.")
+    weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay (not on norms and biases).")
+    beta1: float = Field(0.9, gt=0, lt=1)
+    beta2: float = Field(0.95, gt=0, lt=1)
+    grad_clip: float = Field(1.0, ge=0, description="Max global gradient norm; 0 disables clipping.")
+    log_every: int = Field(10, gt=0, description="Steps between metric records.")
+    eval_every: int = Field(100, ge=0, description="Steps between validation passes; 0: only at the end.")
+    eval_batches: int = Field(4, gt=0, description="Validation batches (of micro_batch sequences) per rank.")
+    checkpoint_every: int = Field(100, ge=0, description="Steps between checkpoints; 0: only at the end.")
+    keep_checkpoints: int = Field(2, gt=0, description="Complete checkpoints kept on disk (oldest removed).")
+
+    @model_validator(mode="after")
+    def _check(self) -> "TrainSection":
+        if self.warmup_steps >= self.steps and self.steps > 1:
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) must be below steps ({self.steps})")
+        return self
+
+
+class ParallelSection(Section):
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="`auto`: CUDA when present.")
+    backend: Literal["auto", "gloo", "nccl"] = Field("auto", description="Collective library: gloo on CPU, NCCL on CUDA.")
+    shard: Literal["ddp", "fsdp"] = Field("ddp", description="Replicate (DDP) or shard (FSDP2 fully_shard) inside a site.")
+    dtype: Literal["auto", "fp32", "bf16"] = Field("auto", description="Compute dtype; `auto`: bf16 autocast on CUDA, fp32 on CPU.")
+    threads: int = Field(0, ge=0, description="CPU threads per rank; 0: cores divided by local ranks.")
+    timeout_seconds: float = Field(600.0, gt=0, description="Timeout of every collective in the site.")
+
+
+class RunConfig(Section):
+    run: RunSection = Field(default_factory=RunSection)
+    model: ModelSection = Field(default_factory=ModelSection)
+    data: DataSection = Field(default_factory=DataSection)
+    train: TrainSection = Field(default_factory=TrainSection)
+    parallel: ParallelSection = Field(default_factory=ParallelSection)

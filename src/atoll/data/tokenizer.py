@@ -1,0 +1,135 @@
+"""Byte-level BPE: train one, load one, and export it for `transformers`.
+
+The tokenizer is lossless by construction: no normalizer, a ByteLevel pre-tokenizer without a
+prefix space, the full 256-byte initial alphabet and a ByteLevel decoder, so
+`decode(encode(text).ids) == text` for any Unicode text that does not itself spell a special
+token (those are matched as special tokens on encode and dropped on decode). Two special
+tokens exist, with ids 0 and 1 in a tokenizer trained here: `<|endoftext|>` ends every
+document (and doubles as BOS) and `<|pad|>` pads batches.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+from collections.abc import Iterable
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from atoll.errors import AtollError
+
+logger = logging.getLogger(__name__)
+
+EOS_TOKEN = "<|endoftext|>"
+BOS_TOKEN = EOS_TOKEN
+PAD_TOKEN = "<|pad|>"
+SPECIAL_TOKENS = (EOS_TOKEN, PAD_TOKEN)
+
+NUM_BYTES = 256
+MIN_VOCAB_SIZE = NUM_BYTES + len(SPECIAL_TOKENS)
+
+
+def train_bpe(texts: Iterable[str], *, vocab_size: int) -> Tokenizer:
+    """Train a byte-level BPE tokenizer of at most `vocab_size` tokens on `texts`.
+
+    The vocabulary includes the 256 byte symbols and the special tokens; a small corpus may
+    yield fewer merges than asked for. Deterministic for the same texts in the same order.
+    Raises `AtollError` if `vocab_size` cannot hold the bytes and special tokens.
+    """
+    if vocab_size < MIN_VOCAB_SIZE:
+        raise AtollError(
+            f"vocab_size {vocab_size} is too small: byte-level BPE needs at least "
+            f"{MIN_VOCAB_SIZE} (256 bytes + {len(SPECIAL_TOKENS)} special tokens)"
+        )
+    tokenizer = Tokenizer(models.BPE())
+    # add_prefix_space=False: a prefix space would be added on encode and kept on decode,
+    # breaking the exact round trip.
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    logger.info("trained byte-level BPE with %d tokens", tokenizer.get_vocab_size())
+    return tokenizer
+
+
+def token_id(tokenizer: Tokenizer, token: str) -> int:
+    """The id of `token` in `tokenizer`; raises `AtollError` if the tokenizer lacks it."""
+    found = tokenizer.token_to_id(token)
+    if found is None:
+        raise AtollError(
+            f"tokenizer has no {token!r} token: use a tokenizer trained by atoll "
+            "(atoll.data.tokenizer.train_bpe)"
+        )
+    return found
+
+
+def load_tokenizer(path: Path | str) -> Tokenizer:
+    """Load a `tokenizer.json` written by `train_bpe` (or any with atoll's special tokens).
+
+    Raises `AtollError` if the file is missing, unreadable, or lacks the special tokens.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise AtollError(f"tokenizer file {path} does not exist: pass the path to a tokenizer.json")
+    try:
+        tokenizer = Tokenizer.from_file(str(path))
+    except Exception as exc:  # the Rust side raises a bare Exception for any parse error
+        raise AtollError(
+            f"tokenizer file {path} is not a valid tokenizers JSON file ({exc}): "
+            "re-create it with atoll's data preparation"
+        ) from exc
+    for token in SPECIAL_TOKENS:
+        if tokenizer.token_to_id(token) is None:
+            raise AtollError(
+                f"tokenizer file {path} has no {token!r} token: "
+                "use a tokenizer trained by atoll's data preparation"
+            )
+    return tokenizer
+
+
+def file_sha256(path: Path | str) -> str:
+    """Hex SHA-256 of a file's bytes, read in chunks (shards can be large)."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def save_hf_tokenizer(tokenizer_json: Path, out_dir: Path, *, model_max_length: int) -> None:
+    """Write a directory that `transformers.AutoTokenizer.from_pretrained` loads.
+
+    Copies `tokenizer_json` to `out_dir/tokenizer.json` and writes `tokenizer_config.json` and
+    `special_tokens_map.json`. The loaded tokenizer gives the same ids as the `tokenizers`
+    object (no BOS/EOS added on encode) and decodes without space clean-up, so text round-trips.
+    Raises `AtollError` if `tokenizer_json` is not a valid atoll tokenizer.
+    """
+    load_tokenizer(tokenizer_json)  # validate before writing anything
+    out_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(tokenizer_json, out_dir / "tokenizer.json")
+    special_tokens = {"bos_token": BOS_TOKEN, "eos_token": EOS_TOKEN, "pad_token": PAD_TOKEN}
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        **special_tokens,
+        "unk_token": None,
+        "model_max_length": model_max_length,
+        "add_bos_token": False,
+        "add_eos_token": False,
+        "clean_up_tokenization_spaces": False,
+        "padding_side": "right",
+    }
+    _write_json(out_dir / "tokenizer_config.json", config)
+    _write_json(out_dir / "special_tokens_map.json", special_tokens)
+    logger.info("wrote Hugging Face tokenizer files to %s", out_dir)
+
+
+def _write_json(path: Path, data: dict[str, object]) -> None:
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

@@ -1,0 +1,69 @@
+"""Export a run as a Hugging Face directory that `transformers` loads unchanged."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from atoll.data.tokenizer import save_hf_tokenizer
+from atoll.errors import AtollError
+from atoll.model import Transformer
+from atoll.model.hf import arch_for, save_hf_model
+from atoll.train.checkpoint import list_checkpoints, load_model_weights
+from atoll.train.setup import TOKENIZER_JSON, read_model_json
+
+log = logging.getLogger(__name__)
+
+
+def export_run(run_dir: Path, out_dir: Path, *, arch: str = "auto", step: int | None = None) -> Path:
+    """Write config.json, model.safetensors and the tokenizer files of a run's checkpoint to `out_dir`.
+
+    Uses the latest complete checkpoint unless `step` names one. Single process, CPU. Raises
+    AtollError for a directory that is not a run, a missing step or a corrupt checkpoint.
+    """
+    mcfg = read_model_json(run_dir)
+    found = list_checkpoints(run_dir)
+    if not found:
+        raise AtollError(f"{run_dir} has no complete checkpoint: train it first (atoll train ...)")
+    if step is None:
+        ckpt = found[-1]
+    else:
+        matches = [c for c in found if c.step == step]
+        if not matches:
+            raise AtollError(f"{run_dir} has no checkpoint for step {step}: available steps are {[c.step for c in found]}")
+        ckpt = matches[0]
+    tokenizer = run_dir / TOKENIZER_JSON
+    if not tokenizer.is_file():
+        raise AtollError(f"{run_dir} has no {TOKENIZER_JSON}: the run directory is incomplete")
+    model = Transformer(mcfg)
+    load_model_weights(ckpt.path, model)
+    from atoll.data.tokenizer import EOS_TOKEN, load_tokenizer
+
+    eos_id = load_tokenizer(tokenizer).token_to_id(EOS_TOKEN)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_hf_model(
+        model.state_dict(),
+        mcfg,
+        out_dir,
+        arch=arch_for(mcfg) if arch == "auto" else arch,
+        bos_token_id=eos_id,
+        eos_token_id=eos_id,
+    )
+    save_hf_tokenizer(tokenizer, out_dir, model_max_length=mcfg.max_seq_len)
+    log.info("exported step %d of %s to %s", ckpt.step, run_dir, out_dir)
+    return out_dir
+
+
+def sample_with_transformers(hf_dir: Path, prompt: str, *, max_new_tokens: int, seed: int) -> str:
+    """Load an exported directory with transformers itself and continue `prompt` (a check for users)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(hf_dir)
+    model = AutoModelForCausalLM.from_pretrained(hf_dir)
+    torch.manual_seed(seed)
+    inputs = tok(prompt, return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=True, top_k=40, temperature=0.8, pad_token_id=tok.pad_token_id)
+    return tok.decode(out[0], skip_special_tokens=True)

@@ -1,0 +1,300 @@
+"""A Llama-family decoder (Llama 2/3, Qwen 1.5/2) in plain torch.
+
+The model file imports only torch; parallelism is applied from outside. Shapes in comments use
+B batch, T new tokens, S tokens attended to, H query heads, K kv heads, D head dim.
+
+Parameter names (the keys of `Transformer.state_dict()`):
+
+    embed.weight                        (vocab_size, dim)   token embedding
+    layers.{i}.attn_norm.weight         (dim,)              RMSNorm before attention
+    layers.{i}.attn.q_proj.weight       (H*D, dim)          (+ .bias when qkv_bias)
+    layers.{i}.attn.k_proj.weight       (K*D, dim)          (+ .bias when qkv_bias)
+    layers.{i}.attn.v_proj.weight       (K*D, dim)          (+ .bias when qkv_bias)
+    layers.{i}.attn.o_proj.weight       (dim, H*D)
+    layers.{i}.mlp_norm.weight          (dim,)              RMSNorm before the MLP
+    layers.{i}.mlp.gate_proj.weight     (ffn_dim, dim)
+    layers.{i}.mlp.up_proj.weight       (ffn_dim, dim)
+    layers.{i}.mlp.down_proj.weight     (dim, ffn_dim)
+    norm.weight                         (dim,)              final RMSNorm
+    lm_head.weight                      (vocab_size, dim)   absent when tie_embeddings
+
+With `tie_embeddings` there is no `lm_head` module: the logits use `embed.weight` directly, so
+the state dict holds the shared matrix exactly once.
+
+Numerics follow Hugging Face's `LlamaForCausalLM`: RMSNorm in fp32 cast back to the input dtype,
+rotary embeddings in the "rotate_half" (non-interleaved) layout so HF q/k weights load without
+permutation.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from atoll.errors import AtollError
+from atoll.model.config import ModelConfig
+
+
+class KVCache:
+    """Per-layer key/value buffers for incremental decoding, plus how many positions are filled.
+
+    Create one per sequence batch (`Transformer.new_cache()` or directly), pass it to every
+    `Transformer.forward` call of that generation; each call appends its tokens. Buffers are
+    allocated lazily on first use with the keys' batch size, dtype and device. Not thread-safe.
+    """
+
+    def __init__(self, *, num_layers: int, max_seq_len: int) -> None:
+        self.num_layers = num_layers
+        self.max_seq_len = max_seq_len
+        self.length = 0
+        """Positions already written; the next token gets position `length`."""
+        self._keys: list[torch.Tensor | None] = [None] * num_layers
+        self._values: list[torch.Tensor | None] = [None] * num_layers
+
+    def update(
+        self, layer: int, keys: torch.Tensor, values: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store `keys`/`values` (B, K, T, D) at positions [length, length+T) of `layer`.
+
+        Returns all keys and values of that layer so far, (B, K, length+T, D). Does not advance
+        `length`: the model does that once after the last layer.
+        """
+        batch, num_kv_heads, num_new, head_dim = keys.shape
+        end = self.length + num_new
+        if end > self.max_seq_len:
+            raise AtollError(
+                f"KV cache is full: {end} positions needed, max_seq_len is {self.max_seq_len}; "
+                "start a new cache or raise model.max_seq_len"
+            )
+        cached_k = self._keys[layer]
+        if cached_k is None:
+            shape = (batch, num_kv_heads, self.max_seq_len, head_dim)
+            cached_k = keys.new_zeros(shape)
+            self._keys[layer] = cached_k
+            self._values[layer] = values.new_zeros(shape)
+        elif cached_k.shape[0] != batch:
+            raise AtollError(
+                f"KV cache was filled with batch size {cached_k.shape[0]}, got {batch}; "
+                "use one cache per batch"
+            )
+        cached_v = self._values[layer]
+        assert cached_v is not None
+        cached_k[:, :, self.length : end] = keys
+        cached_v[:, :, self.length : end] = values
+        return cached_k[:, :, :end], cached_v[:, :, :end]
+
+    def reset(self) -> None:
+        """Forget all positions; buffers are kept and overwritten."""
+        self.length = 0
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm, computed in fp32 and cast back to the input dtype (as HF does)."""
+
+    def __init__(self, dim: int, *, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rotary_tables(
+    positions: torch.Tensor, *, head_dim: int, theta: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables, (T, D) in fp32, for the given integer positions (T,).
+
+    Recomputed per forward rather than cached as buffers: it is tiny next to the matmuls, and it
+    survives meta-device initialization and `.to(bfloat16)` without losing precision.
+    """
+    channel = torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float)
+    inv_freq = 1.0 / (theta ** (channel / head_dim))  # (D/2,)
+    freqs = positions.float()[:, None] * inv_freq[None, :]  # (T, D/2)
+    angles = torch.cat((freqs, freqs), dim=-1)  # (T, D): the "rotate_half" layout
+    return angles.cos(), angles.sin()
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat((-second, first), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate `x` (B, heads, T, D) by the angles whose cos/sin are (T, D); in fp32, cast back."""
+    x32 = x.float()
+    return (x32 * cos + _rotate_half(x32) * sin).to(x.dtype)
+
+
+class Attention(nn.Module):
+    """Causal grouped-query self-attention with rotary embeddings."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.head_dim = cfg.head_dim
+        q_out = cfg.num_heads * cfg.head_dim
+        kv_out = cfg.num_kv_heads * cfg.head_dim
+        self.q_proj = nn.Linear(cfg.dim, q_out, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.dim, kv_out, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.dim, kv_out, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(q_out, cfg.dim, bias=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        *,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: KVCache | None,
+        layer: int,
+    ) -> torch.Tensor:
+        batch, num_new, _ = x.shape
+        # Head counts come from the tensors (-1), so tensor parallelism can shard heads.
+        q = self.q_proj(x).view(batch, num_new, -1, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_proj(x).view(batch, num_new, -1, self.head_dim).transpose(1, 2)  # (B, K, T, D)
+        v = self.v_proj(x).view(batch, num_new, -1, self.head_dim).transpose(1, 2)  # (B, K, T, D)
+        q = apply_rotary(q, cos, sin)
+        k = apply_rotary(k, cos, sin)
+
+        start = 0
+        if cache is not None:
+            start = cache.length
+            k, v = cache.update(layer, k, v)  # (B, K, S, D), S = start + T
+
+        mask: torch.Tensor | None = None
+        if start == 0:
+            is_causal = num_new > 1
+        else:
+            # SDPA's is_causal aligns the mask top-left, which is wrong when earlier positions
+            # come from the cache; new token i may see every key up to position start + i.
+            is_causal = False
+            if num_new > 1:
+                key_pos = torch.arange(start + num_new, device=x.device)
+                query_pos = torch.arange(start, start + num_new, device=x.device)
+                mask = key_pos[None, :] <= query_pos[:, None]  # (T, S)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=q.shape[1] != k.shape[1]
+        )  # (B, H, T, D)
+        return self.o_proj(out.transpose(1, 2).reshape(batch, num_new, -1))
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
+        self.up_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
+        self.down_proj = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    """Pre-norm decoder block: x + attn(norm(x)), then + mlp(norm(.))."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.mlp_norm = RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        *,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: KVCache | None,
+        layer: int,
+    ) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cos=cos, sin=sin, cache=cache, layer=layer)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Transformer(nn.Module):
+    """Llama-family decoder-only language model; see the module docstring for parameter names.
+
+    Weights are initialized by `init_weights()` at construction (a no-op on the meta device;
+    call it again after `to_empty`).
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.lm_head: nn.Linear | None = (
+            None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        )
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Reinitialize every parameter in place; deterministic under `torch.manual_seed`.
+
+        Normal(0, 0.02) for embeddings and projections; the residual-branch outputs (attention
+        `o_proj`, MLP `down_proj`) get std 0.02 / sqrt(2 * num_layers) so the residual stream's
+        variance does not grow with depth. Norm weights are 1, biases 0.
+        """
+        std = 0.02
+        residual_std = std / math.sqrt(2 * self.cfg.num_layers)
+        nn.init.normal_(self.embed.weight, std=std)
+        for block in self.layers:
+            assert isinstance(block, Block)
+            block.attn_norm.weight.fill_(1.0)
+            block.mlp_norm.weight.fill_(1.0)
+            attn = block.attn
+            for proj in (attn.q_proj, attn.k_proj, attn.v_proj):
+                nn.init.normal_(proj.weight, std=std)
+                if proj.bias is not None:
+                    proj.bias.zero_()
+            nn.init.normal_(attn.o_proj.weight, std=residual_std)
+            nn.init.normal_(block.mlp.gate_proj.weight, std=std)
+            nn.init.normal_(block.mlp.up_proj.weight, std=std)
+            nn.init.normal_(block.mlp.down_proj.weight, std=residual_std)
+        self.norm.weight.fill_(1.0)
+        if self.lm_head is not None:
+            nn.init.normal_(self.lm_head.weight, std=std)
+
+    def new_cache(self) -> KVCache:
+        """An empty KV cache sized for this model's layers and `max_seq_len`."""
+        return KVCache(num_layers=self.cfg.num_layers, max_seq_len=self.cfg.max_seq_len)
+
+    def forward(self, tokens: torch.Tensor, *, cache: KVCache | None = None) -> torch.Tensor:
+        """Logits (B, T, vocab_size) for token ids (B, T).
+
+        Without `cache`, positions are 0..T-1. With `cache`, the tokens continue the cached
+        sequence at position `cache.length`, and the cache is extended by T: a prompt followed by
+        one token at a time gives the same logits as one uncached forward over the whole sequence.
+        Raises `AtollError` when the sequence would pass `max_seq_len`.
+        """
+        if tokens.dim() != 2:
+            raise AtollError(f"tokens must have shape (batch, seq), got {tuple(tokens.shape)}")
+        num_new = tokens.shape[1]
+        start = cache.length if cache is not None else 0
+        if start + num_new > self.cfg.max_seq_len:
+            raise AtollError(
+                f"sequence of {start + num_new} tokens exceeds model.max_seq_len "
+                f"({self.cfg.max_seq_len}); shorten the input or raise max_seq_len"
+            )
+        positions = torch.arange(start, start + num_new, device=tokens.device)
+        cos, sin = rotary_tables(positions, head_dim=self.cfg.head_dim, theta=self.cfg.rope_theta)
+
+        x = self.embed(tokens)  # (B, T, dim)
+        for i, block in enumerate(self.layers):
+            x = block(x, cos=cos, sin=sin, cache=cache, layer=i)
+        x = self.norm(x)
+        if cache is not None:
+            cache.length = start + num_new
+        if self.lm_head is None:
+            return F.linear(x, self.embed.weight)
+        return self.lm_head(x)

@@ -1,0 +1,1 @@
+"""Intra-site parallelism: process groups, DDP/FSDP2, local launching."""

@@ -1,0 +1,135 @@
+"""Intra-site process groups: who am I, which device, how the model is replicated or sharded.
+
+A site's ranks are started by `torchrun` or by `atoll.parallel.launch`; both set RANK,
+WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR and MASTER_PORT. A process started without
+them is a single rank with no process group at all.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from atoll.errors import AtollError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """This process's place in its site."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    local_world_size: int = 1
+    launched: bool = False  # True when a launcher set the environment (a process group is used)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def dist_env_from_environ() -> DistEnv:
+    """Read the launcher's environment variables; a bare process is rank 0 of 1."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return DistEnv()
+    world = int(os.environ["WORLD_SIZE"])
+    return DistEnv(
+        rank=int(os.environ["RANK"]),
+        world_size=world,
+        local_rank=int(os.environ.get("LOCAL_RANK", os.environ["RANK"])),
+        local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", world)),
+        launched=True,
+    )
+
+
+def pick_device(requested: str, env: DistEnv) -> torch.device:
+    """`auto` takes this rank's CUDA device when one exists, else the CPU."""
+    if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise AtollError("parallel.device is 'cuda' but no CUDA device is visible: use --parallel.device=cpu")
+    device = torch.device("cuda", env.local_rank % torch.cuda.device_count())
+    torch.cuda.set_device(device)
+    return device
+
+
+def pick_backend(requested: str, device: torch.device) -> str:
+    if requested == "auto":
+        return "nccl" if device.type == "cuda" else "gloo"
+    if requested == "nccl" and device.type != "cuda":
+        raise AtollError("parallel.backend is 'nccl' but the device is the CPU: use --parallel.backend=gloo")
+    return requested
+
+
+def set_cpu_threads(requested: int, env: DistEnv) -> int:
+    """Split the machine's cores between the local ranks unless the user chose a number."""
+    threads = requested or max(1, (os.cpu_count() or 1) // env.local_world_size)
+    torch.set_num_threads(threads)
+    return threads
+
+
+def init_process_group(env: DistEnv, *, device: torch.device, backend: str, timeout_seconds: float) -> None:
+    """Join the site's process group (blocks until every rank has joined or the timeout)."""
+    if not env.launched or dist.is_initialized():
+        return
+    dist.init_process_group(
+        backend=backend,
+        rank=env.rank,
+        world_size=env.world_size,
+        timeout=timedelta(seconds=timeout_seconds),
+        device_id=device if device.type == "cuda" else None,
+    )
+    log.debug("rank %d/%d joined a %s process group", env.rank, env.world_size, backend)
+
+
+def destroy_process_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def wrap_model(model: nn.Module, *, shard: str, device: torch.device, env: DistEnv) -> nn.Module:
+    """Replicate (DDP) or shard (FSDP2 `fully_shard`, one unit per decoder layer) across the site."""
+    if not dist.is_initialized():
+        return model
+    if shard == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in getattr(model, "layers", []):
+            fully_shard(layer)
+        fully_shard(model)
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    device_ids = [device.index] if device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=device_ids)
+
+
+def all_reduce_sum(values: list[float], *, device: torch.device) -> list[float]:
+    """Sum a few scalars over the site (identity without a process group)."""
+    if not dist.is_initialized():
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def broadcast_object(obj: object, *, src: int = 0) -> object:
+    """Rank `src`'s object on every rank (identity without a process group)."""
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]

@@ -1,0 +1,1 @@
+"""Planner: cost model, search and simulator (pure Python, no process group)."""

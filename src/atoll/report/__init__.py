@@ -1,0 +1,1 @@
+"""Reporting: metrics (JSONL + TensorBoard) and progress display."""

@@ -1,0 +1,9 @@
+"""``python -m atoll.train CONFIG.yaml [--section.key=value ...] [--resume]``: one rank of a site.
+
+This is what `torchrun` starts, e.g. ``torchrun --nproc-per-node 2 -m atoll.train cfg.yaml``.
+"""
+
+from atoll.cli import worker_main
+
+if __name__ == "__main__":
+    worker_main()
