@@ -7,6 +7,7 @@ and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import sys
@@ -20,6 +21,8 @@ from atoll import __version__
 from atoll.errors import AtollError
 
 log = logging.getLogger("atoll")
+
+COMMAND_MODULES: list[str] = ["atoll.lab.commands"]
 EXIT_USER_ERROR = 2
 
 
@@ -32,6 +35,7 @@ def _setup_logging(*, rank: int = 0, verbose: bool = False) -> None:
     root.handlers[:] = [handler]
     root.setLevel(logging.WARNING)
     logging.getLogger("atoll").setLevel(level)
+    logging.getLogger("torchft").setLevel(logging.ERROR)  # per-quorum chatter and CUDA-only warnings
 
 
 def _fail(message: str) -> int:
@@ -64,17 +68,13 @@ def _cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
     from atoll.train.setup import prepare_run
 
     cfg = load_config(RunConfig, args.config, extra)
+    if args.topology is not None:
+        return _train_sites(cfg, args, extra)
     prepare_run(cfg, resume=args.resume)
     if args.nproc > 1:
         from atoll.parallel.launch import launch_local
 
-        child_args = [str(args.config), *extra]
-        if args.resume:
-            child_args.append("--resume")
-        if args.stop_after is not None:
-            child_args += ["--stop-after", str(args.stop_after)]
-        if not _want_progress(args):
-            child_args.append("--no-progress")
+        child_args = [str(args.config), *extra, *_child_flags(args)]
         log.info("launching %d local ranks", args.nproc)
         code = launch_local(child_args, nproc=args.nproc)
         if code == 0:
@@ -83,6 +83,53 @@ def _cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
     result = _train_here(cfg, args)
     _print_summary(result)
     return 0
+
+
+def _child_flags(args: argparse.Namespace) -> list[str]:
+    flags = []
+    if args.resume:
+        flags.append("--resume")
+    if args.stop_after is not None:
+        flags += ["--stop-after", str(args.stop_after)]
+    if not _want_progress(args):
+        flags.append("--no-progress")
+    return flags
+
+
+def _train_sites(cfg: object, args: argparse.Namespace, extra: list[str], *, host: object | None = None, wan_mode: str | None = None) -> int:
+    """Several sites on this machine: loopback with the WAN emulated, or the lab's namespaces."""
+    from atoll.config import RunConfig
+    from atoll.config.topology import load_topology
+    from atoll.sync.launch import LoopbackHost, launch_sites
+    from atoll.train.setup import prepare_run, site_config
+
+    assert isinstance(cfg, RunConfig)
+    topology = load_topology(args.topology)
+    if len(topology.sites) < 2:
+        raise AtollError(f"topology {args.topology} has one site: train it without --topology")
+    if cfg.parallel.shard != "ddp":
+        raise AtollError("multi-site training uses parallel.shard=ddp inside each site (FSDP2 sites are not supported yet)")
+    for name in cfg.sync.site_inner_steps:
+        if name not in [s.name for s in topology.sites]:
+            raise AtollError(f"sync.site_inner_steps names {name!r}, which is not a site of {args.topology}")
+    for site in topology.sites:
+        prepare_run(site_config(cfg, site.name), resume=args.resume)
+    mode = wan_mode or args.wan
+    if mode == "emulated":
+        log.info("WAN emulated in the transport (bandwidth and latency from %s)", args.topology)
+    code = launch_sites(
+        [str(args.config), *extra, *_child_flags(args)],
+        topology=topology,
+        topology_path=args.topology,
+        ranks_per_site=args.ranks_per_site,
+        wan_mode=mode,
+        host=host or LoopbackHost(),  # type: ignore[arg-type]
+        min_sites=cfg.sync.min_sites,
+    )
+    if code == 0:
+        for site in topology.sites:
+            _print_summary_from_disk(site_config(cfg, site.name).run.path)
+    return code
 
 
 def _train_here(cfg: object, args: argparse.Namespace) -> object:
@@ -145,6 +192,9 @@ def _add_train_args(p: argparse.ArgumentParser, *, with_nproc: bool) -> None:
     p.add_argument("config", type=Path, help="run config YAML (see examples/configs/)")
     if with_nproc:
         p.add_argument("--nproc", type=int, default=1, help="local ranks to start (like torchrun --nproc-per-node)")
+        p.add_argument("--topology", type=Path, default=None, help="train several sites of this topology on this machine (see examples/topologies/)")
+        p.add_argument("--ranks-per-site", type=int, default=1, help="with --topology: local ranks per site")
+        p.add_argument("--wan", choices=["emulated", "none"], default="emulated", help="with --topology: emulate the links' bandwidth and latency in the transport, or not at all")
     p.add_argument("--resume", action="store_true", help="continue from the run directory's latest complete checkpoint")
     p.add_argument("--stop-after", type=int, default=None, metavar="STEP", help="checkpoint and stop after STEP (to split a run across allocations)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (also: ATOLL_NO_PROGRESS=1)")
@@ -193,6 +243,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("-v", "--verbose", action="store_true")
     p.set_defaults(func=_cmd_export, allow_overrides=False)
+
+    # Verbs owned by other packages: each module's register(sub) adds its own sub-parsers with
+    # set_defaults(func=handler(args, extra) -> exit code, allow_overrides=bool).
+    for module in COMMAND_MODULES:
+        importlib.import_module(module).register(sub)
     return parser
 
 

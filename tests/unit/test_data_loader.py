@@ -162,19 +162,21 @@ def test_batch_stream_rejects_bad_slices_and_foreign_state(dataset: TokenDataset
 def test_eval_batches_are_fixed_and_shared(tmp_path: Path) -> None:
     val = TokenDataset(write_data_dir(tmp_path / "data"), "validation", seq_len=SEQ_LEN)
     assert len(val) == 10
-    one = list(eval_batches(val, batch_size=4, max_batches=5, rank=0, world_size=1))
+    one = list(eval_batches(val, global_batch=4, max_batches=5, rank_start=0, rank_count=4))
     assert len(one) == 2  # only full batches: 10 samples -> 2 of 4
     assert torch.equal(torch.cat(one), torch.from_numpy(np.stack([val[i] for i in range(8)])))
     ranks = [
-        list(eval_batches(val, batch_size=2, max_batches=5, rank=r, world_size=2))
+        list(eval_batches(val, global_batch=4, max_batches=5, rank_start=2 * r, rank_count=2))
         for r in range(2)
     ]
     assert len(ranks[0]) == len(ranks[1]) == 2
     for b in range(2):
         assert torch.equal(torch.cat([ranks[0][b], ranks[1][b]]), one[b])
-    assert len(list(eval_batches(val, batch_size=2, max_batches=1, rank=1, world_size=2))) == 1
+    assert len(list(eval_batches(val, global_batch=4, max_batches=1, rank_start=2, rank_count=2))) == 1
     with pytest.raises(AtollError, match="fewer than one eval batch"):
-        eval_batches(val, batch_size=4, max_batches=1, rank=0, world_size=3)
+        eval_batches(val, global_batch=12, max_batches=1, rank_start=0, rank_count=4)
+    with pytest.raises(AtollError, match="not inside a global batch"):
+        eval_batches(val, global_batch=4, max_batches=1, rank_start=3, rank_count=2)
 
 
 def test_prepared_corpus_round_trips_through_loader(tmp_path: Path) -> None:

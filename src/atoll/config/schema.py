@@ -75,7 +75,7 @@ class TrainSection(Section):
     grad_clip: float = Field(1.0, ge=0, description="Max global gradient norm; 0 disables clipping.")
     log_every: int = Field(10, gt=0, description="Steps between metric records.")
     eval_every: int = Field(100, ge=0, description="Steps between validation passes; 0: only at the end.")
-    eval_batches: int = Field(4, gt=0, description="Validation batches (of micro_batch sequences) per rank.")
+    eval_batches: int = Field(4, gt=0, description="Validation batches of global_batch sequences (the same samples whatever the rank count).")
     checkpoint_every: int = Field(100, ge=0, description="Steps between checkpoints; 0: only at the end.")
     keep_checkpoints: int = Field(2, gt=0, description="Complete checkpoints kept on disk (oldest removed).")
 
@@ -95,9 +95,48 @@ class ParallelSection(Section):
     timeout_seconds: float = Field(600.0, gt=0, description="Timeout of every collective in the site.")
 
 
+class SyncSection(Section):
+    strategy: Literal["ddp", "diloco", "streaming", "delayed"] = Field(
+        "diloco",
+        description="ddp: all-reduce gradients across sites every step; diloco: outer step every H inner steps; "
+        "streaming: fragments on staggered schedules with overlap; delayed: each exchange overlaps the next round.",
+    )
+    inner_steps: int = Field(50, gt=0, description="H: inner steps between outer synchronizations.")
+    site_inner_steps: dict[str, int] = Field(
+        default_factory=dict, description="Per-site H (faster sites run more inner steps per round); default inner_steps."
+    )
+    round_seconds: float | None = Field(
+        None, gt=0, description="Wall-clock budget per round instead of a step count (diloco and delayed only)."
+    )
+    codec: Literal["none", "fp16", "bf16", "int8", "int4", "topk", "lowrank"] = Field("none", description="Compression of what crosses the WAN.")
+    block_size: int = Field(128, gt=0, description="int8/int4: elements per absmax block.")
+    topk_fraction: float = Field(0.01, gt=0, le=1, description="topk: fraction of entries sent.")
+    rank: int = Field(4, gt=0, description="lowrank: rank r.")
+    error_feedback: bool = Field(True, description="Carry the lossy codecs' residual into the next exchange.")
+    fragments: int = Field(4, gt=0, description="streaming: number of model fragments.")
+    overlap_steps: int = Field(1, ge=0, description="streaming: tau, inner steps an exchange overlaps before it is applied.")
+    outer_lr: float = Field(0.7, gt=0, description="Outer SGD learning rate.")
+    outer_momentum: float = Field(0.9, ge=0, lt=1, description="Outer SGD momentum.")
+    nesterov: bool = Field(True, description="Nesterov momentum in the outer step.")
+    timeout_seconds: float = Field(1800.0, gt=0, description="Timeout of one cross-site exchange (slow links need long ones).")
+    min_sites: int | None = Field(None, gt=0, description="Quorum size below which sites wait (default: all sites).")
+
+    @model_validator(mode="after")
+    def _check(self) -> "SyncSection":
+        if self.strategy == "streaming" and self.overlap_steps >= self.inner_steps:
+            raise ValueError(f"overlap_steps ({self.overlap_steps}) must be below inner_steps ({self.inner_steps})")
+        if self.round_seconds is not None and self.strategy not in ("diloco", "delayed"):
+            raise ValueError("round_seconds works with the diloco and delayed strategies only")
+        return self
+
+    def inner_steps_for(self, site: str) -> int:
+        return self.site_inner_steps.get(site, self.inner_steps)
+
+
 class RunConfig(Section):
     run: RunSection = Field(default_factory=RunSection)
     model: ModelSection = Field(default_factory=ModelSection)
     data: DataSection = Field(default_factory=DataSection)
     train: TrainSection = Field(default_factory=TrainSection)
     parallel: ParallelSection = Field(default_factory=ParallelSection)
+    sync: SyncSection = Field(default_factory=SyncSection)

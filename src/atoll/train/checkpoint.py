@@ -4,7 +4,8 @@ Layout of one checkpoint, ``RUN/checkpoints/step_00000100/``:
 
 - the DCP files (``.metadata`` and one ``*.distcp`` per writer) with model and optimizer state,
   sharded as the model is (DDP: replicated; FSDP2: each rank its shards);
-- ``rng_rank{r}.pt``: each rank's CPU (and CUDA) generator state;
+- ``rank{r}.pt``: each rank's own state: its CPU (and CUDA) generator state, and what the
+  caller passes as `rank_state` (e.g. the cross-site sync state of that rank's shard);
 - ``meta.json``, written last: step, scheduler and data-loader state, and the sha256 of every
   other file. A directory is written as ``step_N.tmp`` and renamed to ``step_N`` only once
   ``meta.json`` is in it, so a crash mid-write never leaves a checkpoint that looks complete.
@@ -122,6 +123,7 @@ def save_checkpoint(
     env: DistEnv,
     device: torch.device,
     keep: int,
+    rank_state: dict[str, Any] | None = None,
 ) -> Path:
     """Write a complete checkpoint of `step` (collective: every rank of the site calls it).
 
@@ -139,7 +141,7 @@ def save_checkpoint(
     barrier()
     model_sd, optim_sd = get_state_dict(model, optimizer)
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
-    torch.save(_rng_state(device), tmp / f"rng_rank{env.rank}.pt")
+    torch.save({"rng": _rng_state(device), "state": rank_state or {}}, tmp / f"rank{env.rank}.pt")
     barrier()
     if env.is_main:
         files = {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
@@ -202,9 +204,11 @@ def load_checkpoint(
         set_model_state_dict(model, state["model"])
     else:
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-        rng_file = ckpt / f"rng_rank{env.rank}.pt"
-        if rng_file.is_file() and meta.get("world_size") == env.world_size:
-            _set_rng_state(torch.load(rng_file, weights_only=False), device)
+        rank_file = ckpt / f"rank{env.rank}.pt"
+        if rank_file.is_file() and meta.get("world_size") == env.world_size:
+            saved = torch.load(rank_file, weights_only=False)
+            _set_rng_state(saved["rng"], device)
+            meta["rank_state"] = saved["state"]
         elif env.is_main:
             log.warning("checkpoint %s was written by %s ranks, this run has %d: RNG state not restored", ckpt, meta.get("world_size"), env.world_size)
     return meta

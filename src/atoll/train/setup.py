@@ -151,3 +151,9 @@ def _check_parallel(cfg: RunConfig) -> None:
     if t.micro_batch > t.global_batch:
         raise AtollError(f"train.micro_batch ({t.micro_batch}) exceeds train.global_batch ({t.global_batch}): lower micro_batch")
 
+
+
+def site_config(cfg: RunConfig, site: str) -> RunConfig:
+    """The config of one site of a multi-site run: its own run directory, RUN/sites/SITE."""
+    run = cfg.run.model_copy(update={"name": f"{cfg.run.name}/sites/{site}"})
+    return cfg.model_copy(update={"run": run})

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from atoll.config import RunConfig
+from atoll.config.topology import load_topology
 from atoll.data import BatchStream, TokenDataset, even_split, eval_batches
 from atoll.errors import AtollError
 from atoll.model import ModelConfig, Transformer
@@ -39,9 +41,11 @@ from atoll.parallel.dist import (
 )
 from atoll.report.metrics import MetricsWriter
 from atoll.report.progress import NullProgress, ProgressSink
+from atoll.sync.engine import CrossSiteSync, param_checksum
+from atoll.sync.transport import SiteInfo, TorchftTransport, WanModel
 from atoll.train.checkpoint import latest_checkpoint, load_checkpoint, load_model_weights, save_checkpoint
 from atoll.train.schedule import warmup_cosine
-from atoll.train.setup import classify_init, prepare_run, read_model_json
+from atoll.train.setup import classify_init, prepare_run, read_model_json, site_config
 
 log = logging.getLogger(__name__)
 
@@ -136,10 +140,13 @@ def evaluate(model: nn.Module, dataset: TokenDataset, cfg: RunConfig, *, env: Di
     """Mean validation loss over fixed batches, summed over the site's ranks."""
     model.eval()
     total, count = 0.0, 0
-    for batch in eval_batches(dataset, batch_size=cfg.train.micro_batch, max_batches=cfg.train.eval_batches, rank=env.rank, world_size=env.world_size):
-        loss, n = token_loss_sum(model, batch, device=device, dtype=cfg.parallel.dtype)
-        total += loss.item()
-        count += n
+    start, count_here = even_split(cfg.train.global_batch, env.world_size, env.rank)
+    batches = eval_batches(dataset, global_batch=cfg.train.global_batch, max_batches=cfg.train.eval_batches, rank_start=start, rank_count=count_here)
+    for batch in batches:
+        for chunk in batch.split(cfg.train.micro_batch):
+            loss, n = token_loss_sum(model, chunk, device=device, dtype=cfg.parallel.dtype)
+            total += loss.item()
+            count += n
     model.train()
     total, count = all_reduce_sum([total, float(count)], device=device)
     return total / max(count, 1.0)
@@ -151,12 +158,15 @@ def run_training(cfg: RunConfig, *, resume: bool = False, stop_after: int | None
     Raises AtollError for a user's mistake, on every rank alike.
     """
     env = dist_env_from_environ()
+    site = site_from_environ(env)
+    if site is not None:
+        cfg = site_config(cfg, site.name)
     device = pick_device(cfg.parallel.device, env)
     if device.type == "cpu":
         set_cpu_threads(cfg.parallel.threads, env)
     init_process_group(env, device=device, backend=pick_backend(cfg.parallel.backend, device), timeout_seconds=cfg.parallel.timeout_seconds)
     try:
-        return _train(cfg, env=env, device=device, resume=resume, stop_after=stop_after, progress=progress or NullProgress())
+        return _train(cfg, env=env, device=device, site=site, resume=resume, stop_after=stop_after, progress=progress or NullProgress())
     finally:
         destroy_process_group()
 
@@ -175,10 +185,58 @@ def _prepare_everywhere(cfg: RunConfig, *, env: DistEnv, resume: bool) -> ModelC
     return read_model_json(cfg.run.path)
 
 
-def _train(cfg: RunConfig, *, env: DistEnv, device: torch.device, resume: bool, stop_after: int | None, progress: ProgressSink) -> TrainResult:
+def site_from_environ(env: DistEnv) -> SiteInfo | None:
+    """This rank's site, when the multi-site launcher started it (ATOLL_SITE and friends)."""
+    if "ATOLL_SITE" not in os.environ:
+        return None
+    return SiteInfo(
+        name=os.environ["ATOLL_SITE"],
+        index=int(os.environ["ATOLL_SITE_INDEX"]),
+        num_sites=int(os.environ["ATOLL_NUM_SITES"]),
+        local_rank=env.local_rank,
+        local_world_size=env.local_world_size,
+    )
+
+
+def _make_sync(cfg: RunConfig, model: nn.Module, site: SiteInfo) -> tuple[CrossSiteSync, float]:
+    """The cross-site half of the step, and the site's emulated slowdown factor."""
+    topology = load_topology(Path(os.environ["ATOLL_TOPOLOGY"]))
+    transport = TorchftTransport(
+        site,
+        lighthouse_addr=os.environ["TORCHFT_LIGHTHOUSE"],
+        store_addr=os.environ.get("MASTER_ADDR", "127.0.0.1"),
+        store_port=int(os.environ["MASTER_PORT"]),
+        hostname=os.environ.get("ATOLL_SITE_ADDR", "127.0.0.1"),
+        wan=WanModel(topology, mode=os.environ.get("ATOLL_WAN_MODE", "emulated")),
+        timeout_seconds=cfg.sync.timeout_seconds,
+        min_sites=cfg.sync.min_sites or site.num_sites,
+    )
+    sync = CrossSiteSync(
+        model,
+        cfg.sync,
+        transport=transport,
+        site_name=site.name,
+        local_rank=site.local_rank,
+        local_world_size=site.local_world_size,
+        inner_steps=cfg.sync.inner_steps_for(site.name),
+    )
+    slowdown = max(d.slowdown for d in topology.site(site.name).devices)
+    return sync, slowdown
+
+
+def site_steps(cfg: RunConfig, site: SiteInfo | None) -> int:
+    """Inner steps this site runs: the same number of rounds everywhere, each of the site's own H."""
+    if site is None or cfg.sync.strategy == "ddp":
+        return cfg.train.steps
+    rounds = max(1, cfg.train.steps // cfg.sync.inner_steps)
+    return rounds * cfg.sync.inner_steps_for(site.name)
+
+
+def _train(cfg: RunConfig, *, env: DistEnv, device: torch.device, site: SiteInfo | None, resume: bool, stop_after: int | None, progress: ProgressSink) -> TrainResult:
     t = cfg.train
     run_dir = cfg.run.path
     mcfg = _prepare_everywhere(cfg, env=env, resume=resume)
+    total_steps = site_steps(cfg, site)
 
     torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
     model = build_model(mcfg, device=device)
@@ -187,13 +245,19 @@ def _train(cfg: RunConfig, *, env: DistEnv, device: torch.device, resume: bool, 
     model = wrap_model(model, shard=cfg.parallel.shard, device=device, env=env)
     optimizer = make_optimizer(model, cfg, device=device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: warmup_cosine(s, warmup_steps=t.warmup_steps, total_steps=t.steps, min_ratio=t.min_lr_ratio)
+        optimizer, lambda s: warmup_cosine(s, warmup_steps=t.warmup_steps, total_steps=total_steps, min_ratio=t.min_lr_ratio)
     )
+    sync: CrossSiteSync | None = None
+    slowdown = 1.0
+    if site is not None:
+        sync, slowdown = _make_sync(cfg, model, site)
 
     train_ds = TokenDataset(cfg.data.dir, "train", seq_len=cfg.data.seq_len)
     val_ds = TokenDataset(cfg.data.dir, "validation", seq_len=cfg.data.seq_len)
     start, count = even_split(t.global_batch, env.world_size, env.rank)
-    stream = BatchStream(train_ds, global_batch=t.global_batch, seed=cfg.run.seed, rank_start=start, rank_count=count)
+    # Each site reads its own stream of the data (a different order of the shared shards).
+    data_seed = cfg.run.seed if site is None else cfg.run.seed + 7919 * (site.index + 1)
+    stream = BatchStream(train_ds, global_batch=t.global_batch, seed=data_seed, rank_start=start, rank_count=count)
     global_tokens = t.global_batch * cfg.data.seq_len
 
     step = 0
@@ -206,6 +270,8 @@ def _train(cfg: RunConfig, *, env: DistEnv, device: torch.device, resume: bool, 
         stream.load_state_dict(meta["data"])
         step = int(meta["step"])
         tokens_seen = int(meta.get("tokens_seen", 0))
+        if sync is not None:
+            sync.load_state_dict(meta["rank_state"]["sync"])
         if env.is_main:
             log.info("resumed %s from step %d", run_dir, step)
     else:
@@ -213,9 +279,9 @@ def _train(cfg: RunConfig, *, env: DistEnv, device: torch.device, resume: bool, 
         torch.manual_seed(cfg.run.seed + 1 + env.rank)
 
     metrics = MetricsWriter(run_dir, enabled=env.is_main, resume_step=step if resume else None)
-    end = min(t.steps, stop_after) if stop_after is not None else t.steps
+    end = min(total_steps, stop_after) if stop_after is not None else total_steps
     if env.is_main:
-        progress.start(total=t.steps, completed=step, description=cfg.run.name)
+        progress.start(total=total_steps, completed=step, description=site.name if site else cfg.run.name)
         log.info("model %s: %.2fM parameters; %d rank(s) on %s; global batch %d x %d tokens", cfg.model.preset or "init", mcfg.num_params() / 1e6, env.world_size, device.type, t.global_batch, cfg.data.seq_len)
 
     def checkpoint() -> None:
@@ -228,10 +294,13 @@ def _train(cfg: RunConfig, *, env: DistEnv, device: torch.device, resume: bool, 
             env=env,
             device=device,
             keep=t.keep_checkpoints,
+            rank_state={"sync": sync.state_dict()} if sync is not None else None,
         )
 
     speeds: list[float] = []
     val_loss: float | None = None
+    compute_seconds = 0.0
+    wall_start = time.perf_counter()
     model.train()
     try:
         while step < end:
@@ -244,16 +313,31 @@ def _train(cfg: RunConfig, *, env: DistEnv, device: torch.device, resume: bool, 
                     loss, _ = token_loss_sum(model, chunk, device=device, dtype=cfg.parallel.dtype)
                     (loss * (env.world_size / global_tokens)).backward()
                 loss_sum += loss.item()
+            compute = time.perf_counter() - t0
+            if slowdown > 1.0:  # emulate a slower chip: compute, then sleep
+                time.sleep((slowdown - 1.0) * compute)
+                compute *= slowdown
+            committed = True
+            if sync is not None and cfg.sync.strategy == "ddp":
+                committed = sync.reduce_gradients(tokens=global_tokens)
+            t1 = time.perf_counter()
             if t.grad_clip > 0:
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip))
             else:
                 grad_norm = float(torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None]))
             lr = optimizer.param_groups[0]["lr"]
-            optimizer.step()
+            if committed:
+                optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
+            compute += time.perf_counter() - t1
+            compute_seconds += compute
             step += 1
             tokens_seen += global_tokens
+            if sync is not None:
+                sync.after_step(step, tokens=global_tokens)
+                if step == total_steps:
+                    sync.finish(step)
             elapsed = time.perf_counter() - t0
             tps = global_tokens / elapsed
             speeds.append(tps)
@@ -261,25 +345,34 @@ def _train(cfg: RunConfig, *, env: DistEnv, device: torch.device, resume: bool, 
             if step % t.log_every == 0 or step == end:
                 (total,) = all_reduce_sum([loss_sum], device=device)
                 train_loss = total / global_tokens
-                metrics.log(step, {"loss": train_loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tps, "tokens_seen": tokens_seen, "step_seconds": elapsed})
+                record = {"loss": train_loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tps, "tokens_seen": tokens_seen, "step_seconds": elapsed}
+                if sync is not None:
+                    wall = time.perf_counter() - wall_start
+                    record.update(sync.metrics())
+                    record.update({"compute_seconds": compute_seconds, "wall_seconds": wall, "compute_utilization": compute_seconds / wall, "params_checksum": param_checksum(model)})
+                metrics.log(step, record)
                 if env.is_main:
                     progress.update(completed=step, loss=train_loss, tokens_per_s=statistics.median(speeds[-20:]))
-            if (t.eval_every and step % t.eval_every == 0) or step == t.steps:
+            if (t.eval_every and step % t.eval_every == 0) or step == total_steps:
                 val_loss = evaluate(model, val_ds, cfg, env=env, device=device)
                 metrics.log(step, {"val_loss": val_loss})
                 if env.is_main:
                     log.info("step %d: validation loss %.4f", step, val_loss)
             if (t.checkpoint_every and step % t.checkpoint_every == 0) or step == end:
                 checkpoint()
+        if sync is not None and step == total_steps:
+            metrics.log(step, {"sync_applied": sync.applied_log, "params_checksum": param_checksum(model)})
     finally:
         if env.is_main:
             progress.stop()
         metrics.close()
+        if sync is not None:
+            sync.close()
     return TrainResult(
         run_dir=run_dir,
         step=step,
         val_loss=val_loss,
         tokens_per_s=statistics.median(speeds) if speeds else None,
         tokens_seen=tokens_seen,
-        stopped_early=step < t.steps,
+        stopped_early=step < total_steps,
     )

@@ -1,0 +1,139 @@
+"""The topology file: sites, their devices, their WAN links, where the Lighthouse runs.
+
+    name: two-sites
+    sites:
+      - name: beijing
+        devices: [{kind: a800, count: 80, per_node: 8}]
+      - name: shanghai
+        devices: [{kind: a800, count: 80, per_node: 8}]
+    links:
+      - {site: beijing, uplink_mbps: 1000, latency_ms: 15}
+      - {site: shanghai, uplink_mbps: 1000, latency_ms: 15}
+    lighthouse: {site: beijing}
+
+Each site reaches the others through its own uplink (a star through the WAN): traffic from site
+A to site B is limited by min(A's uplink, B's downlink) and delayed by both latencies. Device
+kinds name entries of the hardware catalog (`atoll.hardware`), which users can extend.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from pydantic import Field, field_validator, model_validator
+
+from atoll.config.load import read_yaml, validate
+from atoll.config.schema import Section
+
+_NAME = re.compile(r"^[a-z][a-z0-9-]{0,30}$")
+
+
+class DeviceGroup(Section):
+    kind: str = Field(description="Hardware catalog key, e.g. a100-80g, a800, h20, ascend-910b, cpu.")
+    count: int = Field(gt=0, description="Number of devices of this kind in the site.")
+    per_node: int = Field(8, gt=0, description="Devices per node (sets the intra-node / inter-node split).")
+    slowdown: float = Field(1.0, ge=1.0, description="Lab only: emulate a chip this many times slower (compute, then sleep).")
+
+    @field_validator("kind")
+    @classmethod
+    def _known_kind(cls, kind: str) -> str:
+        from atoll.hardware import get_device  # the catalog may be extended by the user
+
+        get_device(kind)
+        return kind
+
+
+class SiteSpec(Section):
+    name: str = Field(description="Short identifier: lowercase letters, digits and dashes.")
+    devices: list[DeviceGroup] = Field(min_length=1)
+
+    @field_validator("name")
+    @classmethod
+    def _valid_name(cls, name: str) -> str:
+        if not _NAME.match(name):
+            raise ValueError(f"site name {name!r} must be lowercase letters, digits and dashes (at most 31, starting with a letter)")
+        return name
+
+    @property
+    def num_devices(self) -> int:
+        return sum(d.count for d in self.devices)
+
+
+class LinkSpec(Section):
+    site: str = Field(description="The site this uplink belongs to.")
+    uplink_mbps: float = Field(gt=0, description="Bandwidth from the site to the WAN, Mbit/s.")
+    downlink_mbps: float | None = Field(None, gt=0, description="Bandwidth from the WAN to the site (default: the uplink's).")
+    latency_ms: float = Field(0.0, ge=0, description="One-way latency from the site to the WAN core, ms.")
+
+    @property
+    def down_mbps(self) -> float:
+        return self.downlink_mbps if self.downlink_mbps is not None else self.uplink_mbps
+
+
+class LighthouseSpec(Section):
+    site: str | None = Field(None, description="Run the Lighthouse inside this site (local and lab runs).")
+    address: str | None = Field(None, description="host:port of a Lighthouse that is already running (real deployments).")
+
+    @model_validator(mode="after")
+    def _one_of(self) -> "LighthouseSpec":
+        if self.address is not None and ":" not in self.address:
+            raise ValueError(f"lighthouse.address {self.address!r} must be host:port")
+        return self
+
+
+class Topology(Section):
+    name: str
+    description: str = ""
+    sites: list[SiteSpec] = Field(min_length=1)
+    links: list[LinkSpec] = Field(default_factory=list)
+    lighthouse: LighthouseSpec = Field(default_factory=LighthouseSpec)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Topology":
+        names = [s.name for s in self.sites]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"site names must be unique; repeated: {', '.join(dup)}")
+        linked = [link.site for link in self.links]
+        for site in linked:
+            if site not in names:
+                raise ValueError(f"links: site {site!r} is not one of the sites ({', '.join(names)})")
+        twice = sorted({n for n in linked if linked.count(n) > 1})
+        if twice:
+            raise ValueError(f"links: each site has one uplink entry; repeated: {', '.join(twice)}")
+        if len(self.sites) > 1:
+            missing = [n for n in names if n not in linked]
+            if missing:
+                raise ValueError(f"links: sites without an uplink: {', '.join(missing)} (add `- {{site: {missing[0]}, uplink_mbps: ...}}`)")
+        if self.lighthouse.site is not None and self.lighthouse.site not in names:
+            raise ValueError(f"lighthouse.site {self.lighthouse.site!r} is not one of the sites ({', '.join(names)})")
+        return self
+
+    def site(self, name: str) -> SiteSpec:
+        for s in self.sites:
+            if s.name == name:
+                return s
+        raise KeyError(name)
+
+    def link(self, site: str) -> LinkSpec | None:
+        for link in self.links:
+            if link.site == site:
+                return link
+        return None
+
+    def path_mbps(self, src: str, dst: str) -> float:
+        """Bandwidth from `src` to `dst`: the narrower of src's uplink and dst's downlink."""
+        a, b = self.link(src), self.link(dst)
+        if a is None or b is None:
+            raise KeyError(f"no link for {src if a is None else dst}")
+        return min(a.uplink_mbps, b.down_mbps)
+
+    def path_latency_ms(self, src: str, dst: str) -> float:
+        a, b = self.link(src), self.link(dst)
+        return (a.latency_ms if a else 0.0) + (b.latency_ms if b else 0.0)
+
+
+def load_topology(path: Path) -> Topology:
+    """Read and validate a topology YAML; raises AtollError naming the problem."""
+    return validate(Topology, read_yaml(Path(path)), source=f"topology {path}")

