@@ -117,8 +117,18 @@ def _train_sites(cfg: object, args: argparse.Namespace, extra: list[str], *, hos
     mode = wan_mode or args.wan
     if mode == "emulated":
         log.info("WAN emulated in the transport (bandwidth and latency from %s)", args.topology)
+    from atoll.report.sites import SiteWatch
+    from atoll.train.trainer import site_steps
+
+    watch = None
+    if _want_progress(args):
+        dirs = {s.name: site_config(cfg, s.name).run.path for s in topology.sites}
+        totals = {s.name: site_steps(cfg, s.name) for s in topology.sites}
+        watch = SiteWatch(dirs, total_steps=totals)
+    flags = [f for f in _child_flags(args) if f != "--no-progress"] + ["--no-progress"]
     code = launch_sites(
-        [str(args.config), *extra, *_child_flags(args)],
+        [str(args.config), *extra, *flags],
+        watch=watch,
         topology=topology,
         topology_path=args.topology,
         ranks_per_site=args.ranks_per_site,

@@ -7,13 +7,7 @@ import torch
 from atoll.errors import AtollError
 from atoll.model.config import get_preset
 from atoll.model.llama import Transformer
-from atoll.sync.fragments import (
-    StreamingSchedule,
-    gather_shard,
-    scatter_shard,
-    shard_layout,
-    split_fragments,
-)
+from atoll.sync.fragments import StreamingSchedule, assign_owners, split_fragments
 
 
 @pytest.fixture(autouse=True)
@@ -24,69 +18,18 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(threads)
 
 
-def params_of(numels: list[int], *, seed: int = 0) -> list[torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randn(n, generator=g).view(-1, 1) if n else torch.zeros(0) for n in numels]
-
-
-NUMELS = [[7, 0, 13, 1, 64], [5], [1, 1, 1], [100, 3, 250]]
-
-
-@pytest.mark.parametrize("numels", NUMELS)
-@pytest.mark.parametrize("num_shards", [1, 2, 3, 4, 7, 8])
-def test_shards_cover_every_element_once_and_are_balanced(numels: list[int], num_shards: int) -> None:
-    layout = shard_layout(numels, num_shards=num_shards)
-    covered = [torch.zeros(n, dtype=torch.int64) for n in numels]
-    sizes = []
-    for shard in range(num_shards):
-        offset = 0
-        for piece in layout.pieces(shard):
-            assert piece.offset == offset and piece.numel > 0
-            covered[piece.param][piece.start : piece.stop] += 1
-            offset += piece.numel
-        assert offset == layout.shard_numel(shard)
-        sizes.append(offset)
-    assert all(torch.all(c == 1) for c in covered)
-    assert sum(sizes) == sum(numels) and max(sizes) - min(sizes) <= 1
-
-
-def test_layout_from_tensors_and_bad_shard_count() -> None:
-    params = params_of([3, 4])
-    assert shard_layout(params, num_shards=2).bounds == (0, 4, 7)
-    with pytest.raises(AtollError, match="num_shards"):
-        shard_layout(params, num_shards=0)
-
-
-@pytest.mark.parametrize("numels", NUMELS)
-@pytest.mark.parametrize("num_shards", [1, 3, 4])
-def test_gather_scatter_round_trip(numels: list[int], num_shards: int) -> None:
-    params = params_of(numels)
-    layout = shard_layout(params, num_shards=num_shards)
-    flats = [gather_shard(params, layout, s) for s in range(num_shards)]
-    assert torch.equal(torch.cat(flats), torch.cat([p.reshape(-1) for p in params]))
-    restored = [torch.zeros_like(p) for p in params]
-    for shard, flat in enumerate(flats):
-        scatter_shard(flat, restored, layout, shard)
-    assert all(torch.equal(a, b) for a, b in zip(params, restored, strict=True))
-
-
-def test_scatter_touches_only_its_shard_and_casts() -> None:
-    params = [p.to(torch.bfloat16) for p in params_of([10, 10])]
-    layout = shard_layout(params, num_shards=2)
-    flat = gather_shard(params, layout, 1, dtype=torch.float32)
-    assert flat.dtype == torch.float32 and flat.numel() == 10
-    before = [p.clone() for p in params]
-    scatter_shard(torch.full((10,), 3.0), params, layout, 1)
-    assert torch.equal(params[0], before[0])
-    assert torch.equal(params[1], torch.full_like(params[1], 3.0))
-
-
-def test_mismatched_tensors_are_refused() -> None:
-    layout = shard_layout([3, 4], num_shards=2)
-    with pytest.raises(AtollError, match="same order"):
-        gather_shard(params_of([4, 3]), layout, 0)
-    with pytest.raises(AtollError, match="elements"):
-        scatter_shard(torch.zeros(3), params_of([3, 4]), layout, 0)
+@pytest.mark.parametrize("num_ranks", [1, 2, 3, 4])
+def test_owners_cover_every_parameter_once_and_balance_the_load(num_ranks: int) -> None:
+    model = Transformer(dataclasses.replace(get_preset("tiny"), num_layers=3))
+    sizes = {n: p.numel() for n, p in model.named_parameters()}
+    owner = assign_owners(sizes, num_ranks=num_ranks)
+    assert set(owner) == set(sizes) and set(owner.values()) <= set(range(num_ranks))
+    load = [sum(sizes[n] for n, r in owner.items() if r == rank) for rank in range(num_ranks)]
+    # Greedy largest-first: no rank exceeds the ideal share by more than the largest tensor.
+    assert max(load) - sum(load) / num_ranks <= max(sizes.values())
+    assert owner == assign_owners(dict(reversed(list(sizes.items()))), num_ranks=num_ranks), "order-independent"
+    with pytest.raises(AtollError, match="num_ranks"):
+        assign_owners(sizes, num_ranks=0)
 
 
 def model_names(**overrides: object) -> list[str]:

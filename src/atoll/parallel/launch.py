@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 
 log = logging.getLogger(__name__)
 
@@ -40,17 +41,22 @@ def launch_local(module_args: list[str], *, nproc: int, module: str = "atoll.tra
     return wait_all(procs)
 
 
-def wait_all(procs: list[subprocess.Popen[bytes]]) -> int:
-    """Wait for every process; on the first failure stop the rest. Returns 0 or the failed exit code."""
+def wait_all(procs: list[subprocess.Popen[bytes]], *, tick: Callable[[], None] | None = None) -> int:
+    """Wait for every process; on the first failure stop the rest. Returns 0 or the failed exit code.
+
+    `tick` is called a few times a second while waiting (e.g. to redraw a progress display).
+    """
     try:
-        return _wait_all(procs)
+        return _wait_all(procs, tick)
     except KeyboardInterrupt:
         _stop(procs)
         raise
 
 
-def _wait_all(procs: list[subprocess.Popen[bytes]]) -> int:
+def _wait_all(procs: list[subprocess.Popen[bytes]], tick: Callable[[], None] | None) -> int:
     while True:
+        if tick is not None:
+            tick()
         codes = [p.poll() for p in procs]
         failed = [c for c in codes if c not in (None, 0)]
         if failed:
@@ -58,7 +64,7 @@ def _wait_all(procs: list[subprocess.Popen[bytes]]) -> int:
             return int(failed[0])
         if all(c == 0 for c in codes):
             return 0
-        time.sleep(0.1)
+        time.sleep(0.25)
 
 
 def _stop(procs: list[subprocess.Popen[bytes]], *, grace_seconds: float = 10.0) -> None:

@@ -4,8 +4,8 @@ Pure-tensor building blocks (no `torch.distributed`, unit-tested on CPU):
 
 - `codecs`: compression of pseudo-gradients (`none`, `fp16`, `bf16`, `int8`, `int4`, `topk`,
   `lowrank`), error feedback, and byte buffers for the transport.
-- `fragments`: sharded outer exchange (rank r of every site owns shard r) and Streaming DiLoCo
-  fragments with their staggered schedule.
+- `fragments`: sharded outer exchange (each parameter owned by one local rank) and Streaming
+  DiLoCo fragments with their staggered schedule.
 - `outer`: θ, pseudo-gradients, token-weighted averaging and the outer optimizer.
 """
 
@@ -21,15 +21,7 @@ from atoll.sync.codecs import (
     unpack,
     unpack_payload,
 )
-from atoll.sync.fragments import (
-    ShardLayout,
-    ShardPiece,
-    StreamingSchedule,
-    gather_shard,
-    scatter_shard,
-    shard_layout,
-    split_fragments,
-)
+from atoll.sync.fragments import StreamingSchedule, assign_owners, split_fragments
 from atoll.sync.outer import OuterOptimizer, weighted_average
 
 __all__ = [
@@ -38,16 +30,12 @@ __all__ = [
     "Encoded",
     "ErrorFeedback",
     "OuterOptimizer",
-    "ShardLayout",
-    "ShardPiece",
     "StreamingSchedule",
+    "assign_owners",
     "decode",
-    "gather_shard",
     "get_codec",
     "pack",
     "pack_payload",
-    "scatter_shard",
-    "shard_layout",
     "split_fragments",
     "unpack",
     "unpack_payload",

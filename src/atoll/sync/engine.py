@@ -36,7 +36,10 @@ import torch.distributed as dist
 from torch import nn
 
 from atoll.config.schema import SyncSection
-from atoll.sync.codecs import Encoded, ErrorFeedback, get_codec, pack_payload, unpack_payload
+from atoll.errors import AtollError
+from atoll.sync.codecs import Codec, Encoded, ErrorFeedback, get_codec, pack_payload, unpack_payload
+from atoll.sync.fragments import StreamingSchedule, assign_owners, split_fragments
+from atoll.sync.outer import OuterOptimizer, weighted_average
 from atoll.sync.transport import ByteCounter
 
 log = logging.getLogger(__name__)
@@ -57,6 +60,7 @@ class Unit:
     params: list[str]
     offset: int  # inner step inside the round at which it is sent (0 means the end of the round)
     owned: list[str] = field(default_factory=list)  # the parameters this local rank sends
+    outer: OuterOptimizer | None = None  # θ of the owned parameters (None when it owns none)
 
 
 @dataclass
@@ -70,39 +74,6 @@ class Pending:
     future: Future[list[tuple[torch.Tensor, float]] | None] | None = None
     result: list[tuple[torch.Tensor, float]] | None = None
     done: bool = False
-
-
-def assign_owners(names: list[str], sizes: dict[str, int], num_ranks: int) -> dict[str, int]:
-    """Give each parameter to one rank, largest first to the least loaded (deterministic)."""
-    load = [0] * num_ranks
-    owner: dict[str, int] = {}
-    for name in sorted(names, key=lambda n: (-sizes[n], n)):
-        r = min(range(num_ranks), key=lambda i: (load[i], i))
-        owner[name] = r
-        load[r] += sizes[name]
-    return owner
-
-
-def layer_of(name: str) -> int | None:
-    parts = name.split(".")
-    if len(parts) > 1 and parts[0] == "layers" and parts[1].isdigit():
-        return int(parts[1])
-    return None
-
-
-def make_fragments(names: list[str], num_fragments: int) -> list[list[str]]:
-    """Contiguous groups of decoder layers; embeddings join the first, final norm and head the last."""
-    layers = sorted({layer_of(n) for n in names if layer_of(n) is not None})  # type: ignore[type-var]
-    num_fragments = max(1, min(num_fragments, len(layers) or 1))
-    groups: list[list[str]] = [[] for _ in range(num_fragments)]
-    for name in names:
-        layer = layer_of(name)
-        if layer is None:
-            idx = 0 if name.startswith("embed") else num_fragments - 1
-        else:
-            idx = min(num_fragments - 1, layers.index(layer) * num_fragments // len(layers))
-        groups[idx].append(name)
-    return [g for g in groups if g]
 
 
 class CrossSiteSync:
@@ -126,23 +97,23 @@ class CrossSiteSync:
         self.H = inner_steps
         self.params: dict[str, nn.Parameter] = dict(_unwrap(model).named_parameters())
         names = list(self.params)
-        sizes = {n: p.numel() for n, p in self.params.items()}
-        self.owner = assign_owners(names, sizes, local_world_size)
-        strategy = cfg.strategy
-        if strategy == "streaming":
-            frags = make_fragments(names, cfg.fragments)
-            self.units = [Unit(f"fragment{i}", f, offset=(i * self.H) // len(frags)) for i, f in enumerate(frags)]
+        self.owner = assign_owners({n: p.numel() for n, p in self.params.items()}, num_ranks=local_world_size)
+        if cfg.strategy == "streaming":
+            frags = split_fragments(names, num_fragments=min(cfg.fragments, _num_layers(names)))
+            offsets = StreamingSchedule(len(frags), self.H).offsets
+            self.units = [Unit(f"fragment{i}", f, offset=offsets[i]) for i, f in enumerate(frags)]
             self.delay = cfg.overlap_steps
         else:
             self.units = [Unit("model", names, offset=0)]
-            self.delay = self.H if strategy == "delayed" else 0
+            self.delay = self.H if cfg.strategy == "delayed" else 0
+        nesterov = cfg.nesterov and cfg.outer_momentum > 0
         for unit in self.units:
             unit.owned = [n for n in unit.params if self.owner[n] == local_rank]
-        owned = [n for u in self.units for n in u.owned]
-        self.theta = {n: self.params[n].detach().float().clone() for n in owned}
-        self.anchor = {n: t.clone() for n, t in self.theta.items()}
-        self.outer = torch.optim.SGD(list(self.theta.values()) or [torch.zeros(1)], lr=cfg.outer_lr, momentum=cfg.outer_momentum, nesterov=cfg.nesterov and cfg.outer_momentum > 0)
-        self.ef = ErrorFeedback(get_codec(cfg.codec, **_codec_options(cfg)))
+            if unit.owned:
+                unit.outer = OuterOptimizer([self.params[n] for n in unit.owned], lr=cfg.outer_lr, momentum=cfg.outer_momentum, nesterov=nesterov)
+        self.anchor = {n: self.params[n].detach().float().clone() for u in self.units for n in u.owned}
+        codec = get_codec(cfg.codec, **_codec_options(cfg))
+        self.codec: Codec | ErrorFeedback = ErrorFeedback(codec) if cfg.error_feedback else codec
         self.tokens_since = {u.name: 0 for u in self.units}
         self.pending: deque[Pending] = deque()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"atoll-wan-{site_name}")
@@ -185,7 +156,7 @@ class CrossSiteSync:
     # ------------------------------------------------------------------ exchange
 
     def _encode(self, unit: Unit, tensors: dict[str, torch.Tensor]) -> list[Encoded]:
-        return [self.ef.encode(tensors[n], key=n) for n in unit.owned]
+        return [self.codec.encode(tensors[n], key=n) for n in unit.owned]
 
     def _send(self, unit: Unit, step: int) -> None:
         current = {n: self.params[n].detach().float().clone() for n in unit.owned}
@@ -230,38 +201,29 @@ class CrossSiteSync:
                 continue
             deltas.append(decoded)
             weights.append(weight)
-        if deltas and sum(weights) > 0:
-            total = sum(weights)
-            for n in unit.owned:
-                avg = sum(w * d[n] for w, d in zip(weights, deltas)) / total
-                self.theta[n].grad = avg  # type: ignore[assignment]
-            self.outer.step()
-            for n in unit.owned:
-                self.theta[n].grad = None
-        for n in unit.owned:
+        if deltas and sum(weights) > 0 and unit.outer is not None:
+            unit.outer.step(weighted_average(deltas, weights))
+        for i, n in enumerate(unit.owned):
+            theta = unit.outer.params[i]  # type: ignore[union-attr]
             local_now = self.params[n].detach().float()
-            new_local = self.theta[n] + (local_now - pending.sent[n])
-            self.anchor[n] = self.theta[n].clone()
-            self._staged[n] = new_local
+            self._staged[n] = theta + (local_now - pending.sent[n])
+            self.anchor[n] = theta.detach().clone()
         self._gather_into_params(unit)
         self.rounds_applied += 1
         self.applied_log.append((step, pending.sent_step))
 
-    def _decode(self, unit: Unit, payload: torch.Tensor, like: list[Encoded]) -> dict[str, torch.Tensor] | None:
-        """A peer's pseudo-gradient for this rank's parameters, or None if it must be rejected."""
+    def _decode(self, unit: Unit, payload: torch.Tensor, like: list[Encoded]) -> list[torch.Tensor] | None:
+        """A peer's tensors for this rank's parameters of `unit`, or None if they must be rejected."""
         try:
-            encs = unpack_payload(payload, like=like)
-        except Exception as exc:  # noqa: BLE001 - a malformed update is rejected, never applied
+            tensors = [self.codec.decode(enc).float() for enc in unpack_payload(payload, like=like)]
+        except AtollError as exc:  # a malformed update is rejected, never applied
             log.warning("rejected a malformed update (%s)", exc)
             return None
-        out = {}
-        for n, enc in zip(unit.owned, encs):
-            t = self.ef.decode(enc).float()
-            if t.shape != self.theta[n].shape or not torch.isfinite(t).all():
+        for n, t in zip(unit.owned, tensors):
+            if t.shape != self.params[n].shape or not torch.isfinite(t).all():
                 log.warning("rejected an update for %s: wrong shape or not finite", n)
                 return None
-            out[n] = t
-        return out
+        return tensors
 
     # ------------------------------------------------------------------ intra-site reassembly
 
@@ -314,9 +276,10 @@ class CrossSiteSync:
         decoded = [(self._decode(unit, p, encoded), w) for p, w in results]
         valid = [(d, w) for d, w in decoded if d is not None]
         self.rejected += len(decoded) - len(valid)
-        total = sum(w for _, w in valid)
-        for n in unit.owned:
-            self._staged[n] = sum(w * d[n] for d, w in valid) / total
+        if unit.owned:
+            average = weighted_average([d for d, _ in valid], [w for _, w in valid])
+            for n, g in zip(unit.owned, average):
+                self._staged[n] = g
         self._gather_grads(unit)
         return True
 
@@ -358,10 +321,9 @@ class CrossSiteSync:
                 p.done = True
             pending.append({"unit": p.unit.name, "apply_at": p.apply_at, "sent": p.sent, "previous_anchor": p.previous_anchor, "result": p.result, "like": p.like, "sent_step": p.sent_step})
         return {
-            "theta": self.theta,
+            "outer": {u.name: u.outer.state_dict() for u in self.units if u.outer is not None},
             "anchor": self.anchor,
-            "outer": self.outer.state_dict(),
-            "ef": self.ef.state_dict(),
+            "codec": self.codec.state_dict(),
             "tokens_since": dict(self.tokens_since),
             "pending": pending,
             "counter": self.transport.counter.as_dict(),
@@ -369,11 +331,11 @@ class CrossSiteSync:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        for n, t in state["theta"].items():
-            self.theta[n].copy_(t)
+        for unit in self.units:
+            if unit.outer is not None:
+                unit.outer.load_state_dict(state["outer"][unit.name])
         self.anchor = {n: t.clone() for n, t in state["anchor"].items()}
-        self.outer.load_state_dict(state["outer"])
-        self.ef.load_state_dict(state["ef"])
+        self.codec.load_state_dict(state["codec"])
         self.tokens_since = dict(state["tokens_since"])
         units = {u.name: u for u in self.units}
         self.pending = deque()
@@ -400,6 +362,10 @@ def _codec_options(cfg: SyncSection) -> dict[str, Any]:
     if cfg.codec == "lowrank":
         return {"rank": cfg.rank}
     return {}
+
+
+def _num_layers(names: list[str]) -> int:
+    return len({n.split(".")[1] for n in names if n.startswith("layers.")}) or 1
 
 
 def _unwrap(model: nn.Module) -> nn.Module:

@@ -1,18 +1,16 @@
-"""Which part of the model each exchange carries: rank shards and streaming fragments.
+"""Which part of the model each exchange carries: owners and streaming fragments.
 
 Two independent splits, both pure functions of names and sizes, identical on every site:
 
-- **Shards** (sharded outer exchange): the parameters of a site, in a fixed order, are viewed
-  as one logical flat vector cut into `num_shards` contiguous pieces of equal size (±1
-  element); local rank r exchanges only piece r with rank r of the other sites. A piece may
-  span parameter boundaries. `gather_shard` copies a piece out into one flat tensor,
-  `scatter_shard` writes one back.
+- **Owners** (sharded outer exchange): each parameter belongs to one local rank
+  (`assign_owners`, balanced by size); local rank r exchanges only its parameters with rank r
+  of the other sites, so no byte crosses the WAN twice.
 - **Fragments** (Streaming DiLoCo): the parameter names of atoll's `Transformer` are split into
   F fragments of whole decoder layers; fragment f syncs after the steps t with
   (t − offset_f) mod H = 0, offsets spread evenly over H (`StreamingSchedule`).
 
-Who calls: the cross-site strategies, once at setup (layouts) and at every sync (gather,
-scatter, `due`). No `torch.distributed`.
+Who calls: the cross-site sync engine, once at setup and at every sync (`due`). No
+`torch.distributed`.
 """
 
 from __future__ import annotations
@@ -22,130 +20,29 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-import torch
-from torch import Tensor
 
 from atoll.errors import AtollError
 
-__all__ = [
-    "ShardLayout",
-    "ShardPiece",
-    "StreamingSchedule",
-    "gather_shard",
-    "scatter_shard",
-    "shard_layout",
-    "split_fragments",
-]
+__all__ = ["StreamingSchedule", "assign_owners", "split_fragments"]
 
 
-@dataclass(frozen=True)
-class ShardPiece:
-    """Elements [start, stop) of parameter `param` (flattened) belong to the shard, at
-    [offset, offset + stop − start) of the shard's flat tensor."""
+def assign_owners(sizes: dict[str, int], *, num_ranks: int) -> dict[str, int]:
+    """Give each parameter to one local rank: largest first, to the least loaded rank.
 
-    param: int
-    start: int
-    stop: int
-    offset: int
-
-    @property
-    def numel(self) -> int:
-        return self.stop - self.start
-
-
-@dataclass(frozen=True)
-class ShardLayout:
-    """How `numels` (the parameters' sizes, in order) are cut into `num_shards` pieces.
-
-    `bounds[s]:bounds[s + 1]` is shard s's range of the logical flat vector; shard sizes
-    differ by at most one element (the first `total % num_shards` shards get the extra one).
+    Deterministic (ties by name, then rank), so every rank of every site computes the same
+    owners. Whole parameters, not element ranges: codecs then see real tensors (low-rank needs
+    matrices, top-k is per tensor), at the price of a less even split when one tensor (the
+    embedding) is large. Raises `AtollError` for num_ranks < 1.
     """
-
-    numels: tuple[int, ...]
-    num_shards: int
-    bounds: tuple[int, ...]
-
-    @property
-    def total(self) -> int:
-        return self.bounds[-1]
-
-    def shard_numel(self, shard: int) -> int:
-        return self.bounds[shard + 1] - self.bounds[shard]
-
-    def pieces(self, shard: int) -> list[ShardPiece]:
-        """The parameter ranges that make up `shard`, in order; empty pieces are left out."""
-        if not 0 <= shard < self.num_shards:
-            raise IndexError(f"shard {shard} of {self.num_shards}")
-        lo, hi = self.bounds[shard], self.bounds[shard + 1]
-        out: list[ShardPiece] = []
-        param_start = 0
-        for index, numel in enumerate(self.numels):
-            param_stop = param_start + numel
-            start, stop = max(lo, param_start), min(hi, param_stop)
-            if start < stop:
-                out.append(ShardPiece(index, start - param_start, stop - param_start, start - lo))
-            param_start = param_stop
-        return out
-
-
-def shard_layout(params: Sequence[Tensor] | Sequence[int], *, num_shards: int) -> ShardLayout:
-    """Cut the parameters (tensors, or their element counts, in the same order on every site
-    and rank) into `num_shards` balanced contiguous shards.
-
-    Raises `AtollError` if `num_shards` < 1. A shard may be empty when there are fewer
-    elements than shards.
-    """
-    if not isinstance(num_shards, int) or num_shards < 1:
-        raise AtollError(f"num_shards={num_shards!r} must be a positive integer (the local ranks per site)")
-    numels = tuple(p if isinstance(p, int) else p.numel() for p in params)
-    total = sum(numels)
-    base, extra = divmod(total, num_shards)
-    bounds = tuple(s * base + min(s, extra) for s in range(num_shards + 1))
-    return ShardLayout(numels, num_shards, bounds)
-
-
-def _check_tensors(layout: ShardLayout, tensors: Sequence[Tensor]) -> None:
-    numels = tuple(t.numel() for t in tensors)
-    if numels != layout.numels:
-        raise AtollError(
-            f"{len(tensors)} tensors with {sum(numels)} elements do not match the shard layout "
-            f"({len(layout.numels)} tensors, {layout.total} elements); pass the same parameters "
-            "in the same order as when the layout was made"
-        )
-
-
-def gather_shard(
-    tensors: Sequence[Tensor], layout: ShardLayout, shard: int, *, dtype: torch.dtype | None = None
-) -> Tensor:
-    """Shard `shard` of `tensors` as one new flat tensor (in `dtype`, default the first
-    tensor's), on the first tensor's device. Raises `AtollError` if `tensors` does not match
-    `layout`."""
-    _check_tensors(layout, tensors)
-    device = tensors[0].device if tensors else torch.device("cpu")
-    dtype = dtype or (tensors[0].dtype if tensors else torch.float32)
-    out = torch.empty(layout.shard_numel(shard), dtype=dtype, device=device)
-    with torch.no_grad():
-        for piece in layout.pieces(shard):
-            flat = tensors[piece.param].detach().reshape(-1)
-            out[piece.offset : piece.offset + piece.numel].copy_(flat[piece.start : piece.stop])
-    return out
-
-
-def scatter_shard(flat: Tensor, tensors: Sequence[Tensor], layout: ShardLayout, shard: int) -> None:
-    """Write the flat shard `flat` back into `tensors` in place (cast to each tensor's dtype);
-    elements outside the shard are untouched. `tensors` must be contiguous (parameters are).
-
-    Raises `AtollError` if `tensors` or `flat` do not match `layout`.
-    """
-    _check_tensors(layout, tensors)
-    if flat.numel() != layout.shard_numel(shard):
-        raise AtollError(f"shard {shard} has {layout.shard_numel(shard)} elements, got {flat.numel()}")
-    flat = flat.reshape(-1)
-    with torch.no_grad():
-        for piece in layout.pieces(shard):
-            target = tensors[piece.param].detach()
-            assert target.is_contiguous(), "scatter_shard writes through a flat view"
-            target.view(-1)[piece.start : piece.stop].copy_(flat[piece.offset : piece.offset + piece.numel])
+    if num_ranks < 1:
+        raise AtollError(f"num_ranks={num_ranks} must be at least 1")
+    load = [0] * num_ranks
+    owner: dict[str, int] = {}
+    for name in sorted(sizes, key=lambda n: (-sizes[n], n)):
+        rank = min(range(num_ranks), key=lambda r: (load[r], r))
+        owner[name] = rank
+        load[rank] += sizes[name]
+    return owner
 
 
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")

@@ -19,6 +19,7 @@ from typing import Protocol
 from atoll.config.topology import Topology
 from atoll.errors import AtollError
 from atoll.parallel.launch import _stop, free_port, wait_all
+from atoll.report.sites import SiteWatch
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +70,7 @@ def launch_sites(
     wan_mode: str,
     host: SiteHost,
     min_sites: int | None = None,
+    watch: "SiteWatch | None" = None,
 ) -> int:
     """Run every site's ranks of ``python -m atoll.train CHILD_ARGS``; blocks; returns an exit code."""
     loopback = isinstance(host, LoopbackHost)
@@ -100,14 +102,13 @@ def launch_sites(
                 ATOLL_WAN_MODE=wan_mode,
                 TORCHFT_LIGHTHOUSE=lighthouse_addr,
             )
-            if not loopback:
-                site_env["GLOO_SOCKET_IFNAME"] = os.environ.get("ATOLL_LAB_IFNAME", "")
             for rank in range(ranks_per_site):
                 env = dict(site_env, RANK=str(rank), LOCAL_RANK=str(rank))
-                if not env.get("GLOO_SOCKET_IFNAME"):
-                    env.pop("GLOO_SOCKET_IFNAME", None)
                 procs.append(host.popen(site.name, [sys.executable, "-m", "atoll.train", *child_args], env=env))
-        return wait_all(procs)
+        if watch is None:
+            return wait_all(procs)
+        with watch:
+            return wait_all(procs, tick=watch.refresh)
     finally:
         _stop(procs)
         if lighthouse is not None:

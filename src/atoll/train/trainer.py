@@ -224,19 +224,19 @@ def _make_sync(cfg: RunConfig, model: nn.Module, site: SiteInfo) -> tuple[CrossS
     return sync, slowdown
 
 
-def site_steps(cfg: RunConfig, site: SiteInfo | None) -> int:
-    """Inner steps this site runs: the same number of rounds everywhere, each of the site's own H."""
+def site_steps(cfg: RunConfig, site: str | None) -> int:
+    """Inner steps a site runs: the same number of rounds everywhere, each of the site's own H."""
     if site is None or cfg.sync.strategy == "ddp":
         return cfg.train.steps
     rounds = max(1, cfg.train.steps // cfg.sync.inner_steps)
-    return rounds * cfg.sync.inner_steps_for(site.name)
+    return rounds * cfg.sync.inner_steps_for(site)
 
 
 def _train(cfg: RunConfig, *, env: DistEnv, device: torch.device, site: SiteInfo | None, resume: bool, stop_after: int | None, progress: ProgressSink) -> TrainResult:
     t = cfg.train
     run_dir = cfg.run.path
     mcfg = _prepare_everywhere(cfg, env=env, resume=resume)
-    total_steps = site_steps(cfg, site)
+    total_steps = site_steps(cfg, site.name if site else None)
 
     torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
     model = build_model(mcfg, device=device)
