@@ -22,7 +22,7 @@ from atoll.errors import AtollError
 
 log = logging.getLogger("atoll")
 
-COMMAND_MODULES: list[str] = ["atoll.lab.commands"]
+COMMAND_MODULES: list[str] = ["atoll.lab.commands", "atoll.planner.commands"]
 EXIT_USER_ERROR = 2
 
 

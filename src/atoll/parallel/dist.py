@@ -70,8 +70,13 @@ def pick_backend(requested: str, device: torch.device) -> str:
 
 
 def set_cpu_threads(requested: int, env: DistEnv) -> int:
-    """Split the machine's cores between the local ranks unless the user chose a number."""
-    threads = requested or max(1, (os.cpu_count() or 1) // env.local_world_size)
+    """Split the machine's cores between the processes on it unless the user chose a number.
+
+    The processes are the site's local ranks, or every site's when a multi-site launcher runs
+    several sites on one machine (ATOLL_PROCS_ON_HOST).
+    """
+    sharing = int(os.environ.get("ATOLL_PROCS_ON_HOST", env.local_world_size))
+    threads = requested or max(1, (os.cpu_count() or 1) // sharing)
     torch.set_num_threads(threads)
     return threads
 

@@ -71,12 +71,15 @@ def launch_sites(
     host: SiteHost,
     min_sites: int | None = None,
     watch: "SiteWatch | None" = None,
+    module: str = "atoll.train",
 ) -> int:
-    """Run every site's ranks of ``python -m atoll.train CHILD_ARGS``; blocks; returns an exit code."""
+    """Run every site's ranks of ``python -m MODULE CHILD_ARGS``; blocks; returns an exit code."""
     loopback = isinstance(host, LoopbackHost)
     base = dict(os.environ)
     base["ATOLL_LAUNCHED"] = "1"
+    base["ATOLL_PROCS_ON_HOST"] = str(len(topology.sites) * ranks_per_site)  # share the cores
     base.setdefault("RUST_LOG", "warn")  # torchft's Lighthouse and Manager log every quorum at info
+    base.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")  # c10d warns that namespaced peers have no hostname
     lighthouse_site = topology.lighthouse.site or topology.sites[0].name
     procs: list[subprocess.Popen[bytes]] = []
     lighthouse = None
@@ -104,7 +107,7 @@ def launch_sites(
             )
             for rank in range(ranks_per_site):
                 env = dict(site_env, RANK=str(rank), LOCAL_RANK=str(rank))
-                procs.append(host.popen(site.name, [sys.executable, "-m", "atoll.train", *child_args], env=env))
+                procs.append(host.popen(site.name, [sys.executable, "-m", module, *child_args], env=env))
         if watch is None:
             return wait_all(procs)
         with watch:
