@@ -6,12 +6,13 @@ PY := $(VENV)/bin/python
 ATOLL := $(VENV)/bin/atoll
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench bench-wan clean-runs help debian-deps
+.PHONY: demo test bench bench-wan bench-finetune finetune-demo clean-runs help debian-deps
 
 help:
 	@echo "make demo   - install into .venv, train the demo model on two sites over a shaped WAN link, export it, sample it"
 	@echo "make test   - install into .venv if needed, run the whole test suite"
 	@echo "make bench  - throughput benchmark (bench/results/throughput.{json,md})"
+	@echo "make finetune-demo - general -> networking (LoRA) -> netlink (LoRA), evaluation table, then serve"
 	@echo "make bench-wan - multi-site strategies and codecs over a scaled-down WAN (bench/results/wan.*)"
 
 # Debian tools the WAN lab needs (ip, tc); installed when missing and we are root. Without them
@@ -47,3 +48,16 @@ bench-wan: $(STAMP)
 
 clean-runs:
 	rm -rf runs
+
+finetune-demo: $(STAMP)
+	@test -d /usr/share/doc/linux-doc-6.1/Documentation/networking || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq linux-doc-6.1 >/dev/null; } || { echo "finetune-demo needs Debian's linux-doc-6.1 (apt-get install -y linux-doc-6.1)"; exit 1; }
+	rm -rf runs/chain
+	$(ATOLL) train examples/finetune/general.yaml
+	$(ATOLL) finetune examples/finetune/networking.yaml
+	$(ATOLL) finetune examples/finetune/netlink.yaml
+	$(ATOLL) lineage runs/chain/netlink
+	$(ATOLL) eval runs/chain/general runs/chain/networking runs/chain/netlink --data general=runs/data/demo --data networking=runs/chain/networking --data netlink=runs/chain/netlink --max-tokens 30000 --json runs/chain/eval.json --plot runs/chain/eval.png
+	$(ATOLL) serve runs/chain/netlink --port 8000
+
+bench-finetune: $(STAMP)
+	$(PY) bench/finetune.py

@@ -22,7 +22,7 @@ from atoll.errors import AtollError
 
 log = logging.getLogger("atoll")
 
-COMMAND_MODULES: list[str] = ["atoll.lab.commands", "atoll.planner.commands"]
+COMMAND_MODULES: list[str] = ["atoll.data.commands", "atoll.lab.commands", "atoll.planner.commands", "atoll.finetune.commands", "atoll.eval.commands", "atoll.serve.commands"]
 EXIT_USER_ERROR = 2
 
 
@@ -129,6 +129,7 @@ def _train_sites(cfg: object, args: argparse.Namespace, extra: list[str], *, hos
     code = launch_sites(
         [str(args.config), *extra, *flags],
         watch=watch,
+        module=getattr(args, "worker", None) or "atoll.train",
         topology=topology,
         topology_path=args.topology,
         ranks_per_site=args.ranks_per_site,
@@ -205,6 +206,7 @@ def _add_train_args(p: argparse.ArgumentParser, *, with_nproc: bool) -> None:
         p.add_argument("--topology", type=Path, default=None, help="train several sites of this topology on this machine (see examples/topologies/)")
         p.add_argument("--ranks-per-site", type=int, default=1, help="with --topology: local ranks per site")
         p.add_argument("--wan", choices=["emulated", "none"], default="emulated", help="with --topology: emulate the links' bandwidth and latency in the transport, or not at all")
+        p.add_argument("--worker", default=None, metavar="MODULE", help="with --topology: run this module on every rank instead of atoll.train (e.g. bench.torchft_peer, a baseline)")
     p.add_argument("--resume", action="store_true", help="continue from the run directory's latest complete checkpoint")
     p.add_argument("--stop-after", type=int, default=None, metavar="STEP", help="checkpoint and stop after STEP (to split a run across allocations)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (also: ATOLL_NO_PROGRESS=1)")

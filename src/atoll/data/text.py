@@ -11,6 +11,8 @@ MinHash, so each word is hashed once.
 from __future__ import annotations
 
 import re
+from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -21,9 +23,12 @@ _HAN = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
 _KANA = "\u3040-\u30ff"
 _HANGUL = "\uac00-\ud7af"
 WORD = re.compile(rf"[{_HAN}]|[^\W_{_HAN}]+(?:['\u2019][^\W_{_HAN}]+)*")
-_KANA_RE = re.compile(rf"[{_KANA}]")
-_HANGUL_RE = re.compile(rf"[{_HANGUL}]")
-_LATIN_RE = re.compile(r"[a-z]")
+# The same words for ASCII text, twice as fast (no Unicode classes to test).
+ASCII_WORD = re.compile(r"[a-z0-9]+(?:'[a-z0-9]+)*")
+_CJK_RE = re.compile(rf"[{_HAN}{_KANA}{_HANGUL}]+")
+_HAN_RE = re.compile(rf"[{_HAN}]")
+_KANA_WORD_RE = re.compile(rf"[{_KANA}]+")
+_HANGUL_WORD_RE = re.compile(rf"[{_HANGUL}]+")
 
 CJK_LANGUAGES = frozenset({"zh", "ja", "ko"})
 
@@ -43,20 +48,17 @@ _HASH_CACHE: dict[str, int] = {}
 _HASH_CACHE_MAX = 1 << 20
 
 
-def word_hashes(words: list[str]) -> np.ndarray:
+def word_hashes(words: list[str], vocabulary: Iterable[str] | None = None) -> np.ndarray:
     """Stable uint64 hashes of `words` (xxh64, seed 0), cached per process: vocabulary is
-    Zipfian, so most words are looked up, not hashed."""
+    Zipfian, so most words are looked up, not hashed. `vocabulary` (the distinct words, when
+    the caller has them) saves building a set."""
     cache = _HASH_CACHE
     if len(cache) > _HASH_CACHE_MAX:
         cache.clear()
-    get = cache.get
-
-    def miss(w: str) -> int:
-        h = cache[w] = xxhash.xxh64_intdigest(w.encode("utf-8"))
-        return h
-
-    # `or` treats a hash of 0 as a miss: harmless, it is recomputed.
-    return np.array([get(w) or miss(w) for w in words], dtype=np.uint64)
+    distinct = vocabulary if vocabulary is not None else set(words)
+    for w in [w for w in distinct if w not in cache]:
+        cache[w] = xxhash.xxh64_intdigest(w.encode("utf-8"))
+    return np.fromiter(map(cache.__getitem__, words), dtype=np.uint64, count=len(words))
 
 
 @dataclass
@@ -68,11 +70,23 @@ class TextView:
     words: list[str] = field(init=False)
 
     def __post_init__(self) -> None:
-        self.words = WORD.findall(self.text.lower())
+        lower = self.text.lower()
+        self.words = (ASCII_WORD if lower.isascii() else WORD).findall(lower)
+
+    @cached_property
+    def counts(self) -> Counter[str]:
+        """How often each word occurs: rules over stop words or digits loop over the
+        vocabulary, not over every word."""
+        return Counter(self.words)
 
     @cached_property
     def hashes(self) -> np.ndarray:
-        return word_hashes(self.words)
+        return word_hashes(self.words, self.counts.keys())
+
+    def count_of(self, vocabulary: frozenset[str]) -> int:
+        """Occurrences of words from `vocabulary` (a stop-word list)."""
+        get = self.counts.get
+        return sum(get(w, 0) for w in vocabulary)
 
     @cached_property
     def word_lengths(self) -> np.ndarray:
@@ -95,19 +109,15 @@ def identify_language(view: TextView) -> tuple[str, float]:
     words = view.words
     if not words:
         return "unknown", 0.0
-    han = kana = hangul = latin = stop = 0
-    for w in words:
-        c = w[0]
-        if "\u4e00" <= c <= "\u9fff" or "\u3400" <= c <= "\u4dbf" or "\uf900" <= c <= "\ufaff":
-            han += 1
-        elif "\u3040" <= c <= "\u30ff":
-            kana += 1
-        elif "\uac00" <= c <= "\ud7af":
-            hangul += 1
-        elif "a" <= c <= "z":
-            latin += 1
-            if w in ENGLISH_STOP_WORDS:
-                stop += 1
+    han = kana = hangul = 0
+    if not view.text.isascii():
+        cjk_text = "".join(_CJK_RE.findall(view.text))
+        if cjk_text:
+            han = len(_HAN_RE.findall(cjk_text))
+            kana = len(_KANA_WORD_RE.findall(cjk_text))
+            hangul = len(_HANGUL_WORD_RE.findall(cjk_text))
+    latin = len(words) - han - kana - hangul
+    stop = view.count_of(ENGLISH_STOP_WORDS)
     total = len(words)
     cjk = han + kana + hangul
     if cjk >= 0.3 * total:
@@ -117,7 +127,7 @@ def identify_language(view: TextView) -> tuple[str, float]:
         if hangul > han:
             return "ko", score
         return "zh", score
-    if latin == 0:
+    if latin <= 0:
         return "unknown", 0.0
     share = stop / latin
     if share >= 0.08:

@@ -188,7 +188,7 @@ BUILTIN: dict[str, DeviceSpec] = {
         # peak (bench/results/throughput.json) before predicting lab runs.
         DeviceSpec(
             kind="cpu", name="CPU rank (fp32, lab)", vendor="any", backend="gloo", peak_tflops=0.1,
-            memory_gb=16.0, memory_bw_tbs=0.02, intra_node_gbs=5.0, nic_gbps=10.0, compute_bytes=4,
+            memory_gb=16.0, memory_bw_tbs=0.02, intra_node_gbs=2.0, nic_gbps=10.0, compute_bytes=4,
             matmul_efficiency=0.7, attention_efficiency=0.3, memory_efficiency=0.6, link_efficiency=0.5,
             nic_efficiency=0.8, usd_per_hour=0.05, confidence="assumed",
         ),

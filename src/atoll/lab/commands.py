@@ -82,6 +82,7 @@ def register(sub: Any) -> None:
     p.add_argument("--resume", action="store_true", help="continue every site from its latest checkpoint")
     p.add_argument("--stop-after", type=int, default=None, metavar="STEP", help="checkpoint and stop after STEP")
     p.add_argument("--no-progress", action="store_true", help="no progress display")
+    p.add_argument("--worker", default=None, metavar="MODULE", help="run this module on every rank instead of atoll.train (e.g. bench.torchft_peer)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     p.set_defaults(func=_cmd_run, allow_overrides=True, wan="netns")
 

@@ -47,13 +47,16 @@ def activation_bytes_per_layer(
     attention: Attention = "flash",
     dropout: bool = False,
     element_bytes: int = 2,
+    eager: bool = False,
 ) -> float:
     """Activation bytes one decoder block keeps for its backward pass, for one micro-batch.
 
     In units of s·b·h (sequence x micro-batch x width), for GPT with dropout and 2-byte elements
     this is Korthikanti et al.'s 10 + 24/t + 5·a·s/(h·t) without sequence parallelism and
     34/t + 5·a·s/(h·t) with it; selective recomputation drops the a·s/h term; full
-    recomputation keeps only the block's input.
+    recomputation keeps only the block's input. `eager` counts what PyTorch autograd keeps for
+    atoll's un-fused model on top: the attention output both as the attention kernel saved it and
+    as its reshaped copy, and the SiLU output of SwiGLU.
     """
     s, b, h, e = seq_len, micro_batch, shape.dim, element_bytes
     unit = s * b * h
@@ -63,6 +66,8 @@ def activation_bytes_per_layer(
     replicated = 4 * e + (2 if dropout else 0)
     # Q, K, V, attention output, and the MLP's intermediate tensors (2 for GELU, 3 for SwiGLU).
     sharded = e * (1 + 2 * shape.kv_dim / h) + e + shape.mlp_matrices * e * shape.ffn_dim / h
+    if eager:
+        sharded += e + (e * shape.ffn_dim / h if shape.mlp == "swiglu" else 0.0)
     scores = 0.0
     if attention == "materialized" and recompute == "none":
         per_score = e + ((1 + e) if dropout else 0)  # softmax output (+ dropout mask and output)
@@ -107,6 +112,7 @@ def estimate_memory(
     attention: Attention = "flash",
     dropout: bool = False,
     element_bytes: int = 2,
+    eager: bool = False,
     capacity_bytes: float,
 ) -> MemoryEstimate:
     """Peak memory of the first pipeline stage (the one holding the most activations).
@@ -121,7 +127,7 @@ def estimate_memory(
     states = stage_params * model_state_bytes_per_param(zero=zero, dp=dp)
     per_layer = activation_bytes_per_layer(
         shape, seq_len=seq_len, micro_batch=micro_batch, tp=tp, sequence_parallel=sequence_parallel,
-        recompute=recompute, attention=attention, dropout=dropout, element_bytes=element_bytes,
+        recompute=recompute, attention=attention, dropout=dropout, element_bytes=element_bytes, eager=eager,
     )
     in_flight = min(micro_batches, pp)
     interleave = 1.0 + (pp - 1) / (pp * vp) if pp > 1 and vp > 1 else 1.0
@@ -131,7 +137,7 @@ def estimate_memory(
     if recompute == "full":
         transient = max(transient, activation_bytes_per_layer(
             shape, seq_len=seq_len, micro_batch=micro_batch, tp=tp, sequence_parallel=sequence_parallel,
-            recompute="none", attention=attention, dropout=dropout, element_bytes=element_bytes,
+            recompute="none", attention=attention, dropout=dropout, element_bytes=element_bytes, eager=eager,
         ))
     if zero == 3 and dp > 1:
         transient += 2 * shape.layer_params() / tp * element_bytes  # this block's and the prefetched one's

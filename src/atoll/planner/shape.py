@@ -10,6 +10,7 @@ argument names one of `atoll.model`'s presets.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -66,6 +67,9 @@ class ModelShape:
 
     def layer_params(self) -> int:
         """Parameters of one decoder block."""
+        return _layer_params(self)
+
+    def _count_layer_params(self) -> int:
         h = self.dim
         attn = 2 * h * h + 2 * h * self.kv_dim
         mlp = self.mlp_matrices * h * self.ffn_dim
@@ -106,6 +110,11 @@ class ModelShape:
         mats.append((self.ffn_dim, h, self.mlp_matrices * self.num_layers))
         mats.append((self.vocab_size, h, 1 if self.tie_embeddings else 2))
         return mats
+
+
+@functools.lru_cache(maxsize=256)
+def _layer_params(shape: ModelShape) -> int:
+    return shape._count_layer_params()
 
 
 def shape_from_config(cfg: ModelConfig, *, name: str) -> ModelShape:

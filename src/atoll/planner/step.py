@@ -12,6 +12,7 @@ Only per-device efficiencies enter (`DeviceSpec.*_efficiency`); there is no per-
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -85,12 +86,14 @@ class Engine:
     """Memory traffic of the softmax cross-entropy, forward and backward, per logit (fp32)."""
     latency_intra_s: float = 5e-6
     latency_inter_s: float = 10e-6
+    eager_activations: bool = True
+    """Autograd keeps what an un-fused PyTorch model saves (see memory.activation_bytes_per_layer)."""
 
 
 ATOLL_ENGINE = Engine()
 """atoll's trainer on accelerators: SDPA (flash) attention, no dropout, DDP/FSDP2 overlap."""
 
-MEGATRON_2021 = Engine(attention="materialized", dropout=True, overlap_grad_reduce=False)
+MEGATRON_2021 = Engine(attention="materialized", dropout=True, overlap_grad_reduce=False, eager_activations=False)
 """Megatron-LM as run for SC'21 Table 1: fused softmax on a materialized score matrix,
 dropout 0.1, fp16 gradients; `overlap_grad_reduce` is True for its ``--DDP-impl torch`` rows."""
 
@@ -163,10 +166,11 @@ def _mem(name: str, dev: DeviceSpec, fwd_bytes: float, bwd_bytes: float | None =
     return OpCost(name, 0.0, fwd_bytes, fwd_bytes / rate, bwd / rate, "memory")
 
 
+@functools.lru_cache(maxsize=4096)
 def block_ops(
     shape: ModelShape, *, seq_len: int, micro_batch: int, tp: int, sequence_parallel: bool, engine: Engine, device: DeviceSpec
-) -> list[OpCost]:
-    """The operations of one decoder block for one micro-batch on one tensor-parallel rank."""
+) -> tuple[OpCost, ...]:
+    """The operations of one decoder block for one micro-batch on one tensor-parallel rank (cached)."""
     s, b, h, t, e = seq_len, micro_batch, shape.dim, tp, device.compute_bytes
     rows = b * s
     f = shape.ffn_dim
@@ -200,7 +204,7 @@ def block_ops(
         _gemm("MLP down", device, e, rows, h, f / t),
         _mem("residual add (MLP)", device, residual_bytes),
     ]
-    return ops
+    return tuple(ops)
 
 
 def _tp_allreduce_seconds(shape: ModelShape, *, seq_len: int, micro_batch: int, tp: int, device: DeviceSpec, engine: Engine) -> float:

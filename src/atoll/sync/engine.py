@@ -71,6 +71,7 @@ class Pending:
     previous_anchor: dict[str, torch.Tensor]  # restored if the exchange fails
     like: list[Encoded]
     sent_step: int = 0
+    weight: float = 0.0  # tokens the payload stands for, given back if the exchange fails
     future: Future[list[tuple[torch.Tensor, float]] | None] | None = None
     result: list[tuple[torch.Tensor, float]] | None = None
     done: bool = False
@@ -168,7 +169,7 @@ class CrossSiteSync:
         for n in unit.owned:
             self.anchor[n] = current[n]
         self.tokens_since[unit.name] = 0
-        pending = Pending(unit, apply_at=step + self.delay, sent=current, previous_anchor=previous, like=encoded, sent_step=step)
+        pending = Pending(unit, apply_at=step + self.delay, sent=current, previous_anchor=previous, like=encoded, sent_step=step, weight=weight)
         if self.delay == 0:
             t0 = time.perf_counter()
             pending.result = self.transport.exchange(payload, weight=weight)
@@ -189,9 +190,10 @@ class CrossSiteSync:
         results = pending.result
         if results is None:
             # The exchange failed: nothing of this round was shared. Keep the local progress and
-            # restore the anchor so that the next exchange carries it.
+            # restore the anchor and the token count so that the next exchange carries it.
             for n in unit.owned:
                 self.anchor[n] = pending.previous_anchor[n]
+            self.tokens_since[unit.name] += int(pending.weight)
             return
         deltas, weights = [], []
         for payload, weight in results:
@@ -206,7 +208,10 @@ class CrossSiteSync:
         for i, n in enumerate(unit.owned):
             theta = unit.outer.params[i]  # type: ignore[union-attr]
             local_now = self.params[n].detach().float()
-            self._staged[n] = theta + (local_now - pending.sent[n])
+            progress = local_now - pending.sent[n]
+            # A site whose own parameters diverged (its update was rejected) restarts from θ.
+            finite = bool(torch.isfinite(progress).all())
+            self._staged[n] = theta + progress if finite else theta.detach().clone()
             self.anchor[n] = theta.detach().clone()
         self._gather_into_params(unit)
         self.rounds_applied += 1
@@ -265,7 +270,10 @@ class CrossSiteSync:
         (the caller then skips the step, as torchft's should_commit demands).
         """
         unit = self.units[0]
-        grads = {n: (self.params[n].grad if self.params[n].grad is not None else torch.zeros_like(self.params[n])).detach().float() for n in unit.owned}
+        for p in self.params.values():
+            if p.grad is None:  # a parameter the loss did not reach still takes the average
+                p.grad = torch.zeros_like(p)
+        grads = {n: self.params[n].grad.detach().float() for n in unit.owned}  # type: ignore[union-attr]
         encoded = self._encode(unit, grads)
         payload = pack_payload(encoded) if encoded else torch.empty(0, dtype=torch.uint8)
         t0 = time.perf_counter()
@@ -276,6 +284,8 @@ class CrossSiteSync:
         decoded = [(self._decode(unit, p, encoded), w) for p, w in results]
         valid = [(d, w) for d, w in decoded if d is not None]
         self.rejected += len(decoded) - len(valid)
+        if not valid:  # every update rejected, this site's own included: skip the step
+            return False
         if unit.owned:
             average = weighted_average([d for d, _ in valid], [w for _, w in valid])
             for n, g in zip(unit.owned, average):
@@ -319,7 +329,7 @@ class CrossSiteSync:
                 assert p.future is not None
                 p.result = p.future.result()
                 p.done = True
-            pending.append({"unit": p.unit.name, "apply_at": p.apply_at, "sent": p.sent, "previous_anchor": p.previous_anchor, "result": p.result, "like": p.like, "sent_step": p.sent_step})
+            pending.append({"unit": p.unit.name, "apply_at": p.apply_at, "sent": p.sent, "previous_anchor": p.previous_anchor, "result": p.result, "like": p.like, "sent_step": p.sent_step, "weight": p.weight})
         return {
             "outer": {u.name: u.outer.state_dict() for u in self.units if u.outer is not None},
             "anchor": self.anchor,
@@ -340,7 +350,7 @@ class CrossSiteSync:
         units = {u.name: u for u in self.units}
         self.pending = deque()
         for p in state["pending"]:
-            self.pending.append(Pending(units[p["unit"]], p["apply_at"], p["sent"], p["previous_anchor"], p["like"], sent_step=p["sent_step"], result=p["result"], done=True))
+            self.pending.append(Pending(units[p["unit"]], p["apply_at"], p["sent"], p["previous_anchor"], p["like"], sent_step=p["sent_step"], weight=p.get("weight", 0.0), result=p["result"], done=True))
         c = self.transport.counter
         saved = state["counter"]
         c.sent, c.received, c.exchanges, c.seconds, c.failed = int(saved["wan_bytes_sent"]), int(saved["wan_bytes_received"]), int(saved["wan_exchanges"]), float(saved["wan_seconds"]), int(saved["wan_failed"])

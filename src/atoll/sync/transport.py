@@ -182,7 +182,13 @@ class TorchftTransport:
         elif extra > 0:
             time.sleep(extra)
         self.counter.add(sent=buf.numel() * (n - 1), received=buf.numel() * (n - 1), seconds=time.perf_counter() - t0)
-        return [unpack(o) for o in outputs]
+        received = []
+        for o in outputs:
+            try:
+                received.append(unpack(o))
+            except ValueError as exc:  # a corrupted header: that site's update is dropped
+                log.warning("site %s: dropped a malformed payload (%s)", self.site.name, exc)
+        return received
 
     def close(self) -> None:
         self._manager.shutdown(wait=False)

@@ -349,6 +349,9 @@ def _train(cfg: RunConfig, *, env: DistEnv, device: torch.device, site: SiteInfo
                 if sync is not None:
                     wall = time.perf_counter() - wall_start
                     record.update(sync.metrics())
+                    # Each rank sends only the parameters it owns: the site's traffic is the sum.
+                    sent, received = all_reduce_sum([record["wan_bytes_sent"], record["wan_bytes_received"]], device=device)
+                    record.update(wan_bytes_sent=int(sent), wan_bytes_received=int(received))
                     record.update({"compute_seconds": compute_seconds, "wall_seconds": wall, "compute_utilization": compute_seconds / wall, "params_checksum": param_checksum(model)})
                 metrics.log(step, record)
                 if env.is_main:

@@ -1,0 +1,103 @@
+"""The demo chain, general -> networking (LoRA) -> netlink (LoRA), and its evaluation.
+
+    .venv/bin/python bench/finetune.py [--threads N] [--max-tokens 30000]
+
+Runs the commands of `make finetune-demo` through the real CLI (atoll train, atoll finetune,
+atoll eval), skipping a stage whose run already finished, then scores every stage on three
+held-out sets: general English (the validation split of the Shakespeare demo corpus), networking
+and netlink (the documents each fine-tuning stage held out; `atoll eval` checks by hash that no
+stage of the chain trained on any of them). The domain corpora come from Debian's linux-doc-6.1.
+Writes bench/results/finetune.json (`stages` and the `command`), finetune.md and finetune.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+
+from atoll.eval.report import markdown_table  # noqa: E402
+from atoll.train.checkpoint import latest_checkpoint  # noqa: E402
+
+RESULTS = REPO / "bench" / "results"
+EXAMPLES = REPO / "examples" / "finetune"
+RUNS = REPO / "runs" / "chain"
+LINUX_DOC = Path("/usr/share/doc/linux-doc-6.1/Documentation/networking")
+STAGES = [
+    ("general", ["train", "examples/finetune/general.yaml"]),
+    ("networking", ["finetune", "examples/finetune/networking.yaml"]),
+    ("netlink", ["finetune", "examples/finetune/netlink.yaml"]),
+]
+
+
+def atoll_cmd(args: list[str]) -> list[str]:
+    return [sys.executable, "-m", "atoll.cli", *args]
+
+
+def finished(stage: str) -> bool:
+    run = RUNS / stage
+    lineage = run / "lineage.json"
+    if lineage.is_file():
+        return bool(json.loads(lineage.read_text())["status"] == "finished")
+    ckpt = latest_checkpoint(run)
+    return ckpt is not None and ckpt.step >= 300
+
+
+def run(args: list[str]) -> float:
+    print("$ atoll " + " ".join(shlex.quote(a) for a in args), flush=True)
+    env = dict(os.environ, ATOLL_NO_PROGRESS="1", PYTHONPATH=str(REPO / "src"))
+    t0 = time.perf_counter()
+    subprocess.run(atoll_cmd(args), check=True, cwd=REPO, env=env)
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads per process (0: atoll's default; 1 on a busy shared machine)")
+    parser.add_argument("--max-tokens", type=int, default=30_000, help="tokens scored per held-out set")
+    args = parser.parse_args()
+    if not LINUX_DOC.is_dir():
+        sys.exit(f"{LINUX_DOC} is missing: install Debian's linux-doc-6.1 (apt-get install -y linux-doc-6.1)")
+    threads = [f"--parallel.threads={args.threads}"] if args.threads else []
+    commands, seconds = [], {}
+    for stage, cmd in STAGES:
+        full = [*cmd, *threads]
+        commands.append("atoll " + " ".join(cmd))
+        if finished(stage):
+            print(f"stage {stage}: already finished in {RUNS / stage}", flush=True)
+            continue
+        seconds[stage] = run(full)
+    out_json, out_png = RESULTS / "finetune.json", RESULTS / "finetune.png"
+    eval_args = ["eval", *(str(RUNS.relative_to(REPO) / s) for s, _ in STAGES)]
+    eval_args += ["--data", "general=runs/data/demo", "--data", "networking=runs/chain/networking", "--data", "netlink=runs/chain/netlink"]
+    eval_args += ["--max-tokens", str(args.max_tokens), "--json", str(out_json.relative_to(REPO)), "--plot", str(out_png.relative_to(REPO))]
+    if args.threads:
+        eval_args += ["--threads", str(args.threads)]
+    seconds["eval"] = run(eval_args)
+    commands.append("atoll " + " ".join(shlex.quote(a) for a in eval_args))
+    results = json.loads(out_json.read_text())
+    results["eval_command"] = results["command"]
+    results["command"] = "python bench/finetune.py " + " ".join(sys.argv[1:])
+    results["commands"] = commands
+    results["wall_seconds"] = {k: round(v, 1) for k, v in seconds.items()}
+    results["machine"] = {"cpu_count": os.cpu_count(), "platform": platform.platform(), "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+    out_json.write_text(json.dumps(results, indent=1) + "\n")
+    md = ["# Demo chain: general -> networking (LoRA) -> netlink (LoRA)", "", f"`{results['command']}`; each stage's command:", ""]
+    md += [f"    {c}" for c in commands]
+    md += ["", "Perplexity on held-out sets (lower is better); every set was checked by hash against the training documents of every stage.", "", markdown_table(results)]
+    (RESULTS / "finetune.md").write_text("\n".join(md))
+    print(markdown_table(results))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,85 @@
+"""Why the planner chose what it chose: short sentences with the numbers behind them."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING
+
+from atoll.planner.shape import ModelShape
+from atoll.planner.wan import codec_bytes
+
+if TYPE_CHECKING:
+    from atoll.planner.search import Candidate, PlanRequest, RiskBudget
+
+
+def _days(c: Candidate) -> str:
+    return f"{c.days:,.1f} days"
+
+
+def explain_choice(chosen: Candidate, cands: list[Candidate], *, shape: ModelShape, budget: RiskBudget,
+                   req: PlanRequest, notes: list[str]) -> Candidate:
+    """`chosen` with its `reasons` filled in, comparing it with the alternatives in `cands`."""
+    r: list[str] = []
+    tokens_per_step = chosen.global_batch * chosen.seq_len
+    r.append(
+        f"{chosen.global_batch} sequences x {chosen.seq_len} tokens = {tokens_per_step / 1e6:.2f}M tokens per step; "
+        f"{chosen.steps:,} steps for {req.tokens:.3g} tokens"
+    )
+    total_batch = sum(sp.estimate.batch for sp in chosen.sites)
+    for sp in chosen.sites:
+        est = sp.estimate
+        mem = max(m.total for m in est.memory) / 1e9
+        cap = min(m.capacity for m in est.memory) / 1e9
+        kinds = "+".join(f"{g.count}x{g.device.kind}" for g in est.groups)
+        idle = est.devices_total - est.devices_used
+        r.append(
+            f"site {sp.name} ({kinds}): {est.layout.describe()}, {est.batch} sequences per step "
+            f"({est.batch / total_batch:.0%} of the batch), {est.seconds:.3g} s per step, {mem:.1f} of {cap:.0f} GB per device"
+            + (f"; {idle} devices idle (the layout does not divide them)" if idle else "")
+        )
+        if len(est.groups) > 1:
+            shares = ", ".join(f"{g.device.kind} {s}" for g, s in zip(est.groups, est.sequences))
+            r.append(f"site {sp.name}: sequences split by measured speed (Metis' rule): {shares}")
+    if len(chosen.sites) > 1:
+        r.append("batch split across sites in proportion to their throughput, so inner steps end together")
+    for name in chosen.unused_sites:
+        with_all = [c for c in cands if name in {sp.name for sp in c.sites}]
+        if with_all:
+            alt = min(with_all, key=lambda c: c.time_to_train_s)
+            r.append(f"site {name} left out: the best plan using it takes {_days(alt)} against {_days(chosen)}")
+    if len(chosen.sites) > 1:
+        links = [sp.link for sp in chosen.sites if sp.link]
+        slow = min(min(link.up_bytes_per_s, link.down_bytes_per_s) for link in links)
+        fp32 = codec_bytes("none", shape)
+        r.append(
+            f"WAN: the slowest link carries {slow * 8 / 1e6:,.0f} Mbit/s of payload; the fp32 model ({fp32 / 1e9:,.1f} GB) takes "
+            f"{fp32 / slow:,.0f} s to send once, against {chosen.compute_step_s:.3g} s of compute per step "
+            f"(R = {fp32 / slow / chosen.compute_step_s:,.0f})"
+        )
+        same_sites = [c for c in cands if [sp.name for sp in c.sites] == [sp.name for sp in chosen.sites]]
+        ddp = [c for c in same_sites if c.sync.strategy == "ddp"]
+        if ddp and chosen.sync.strategy != "ddp":
+            d = ddp[0]
+            r.append(
+                f"ddp across sites would wait {d.exposed_per_step_s:,.1f} s per step on the WAN: utilization "
+                f"{d.utilization:.1%}, {_days(d)}"
+            )
+        r.append(
+            f"{chosen.sync.describe()}: {chosen.wan_bytes_per_sync / 1e9:,.2f} GB out of each site per sync, "
+            f"{chosen.sync_s:,.1f} s on the WAN; compute waits {chosen.exposed_per_step_s * chosen.sync.inner_steps:,.1f} s "
+            f"per round of {chosen.sync.inner_steps} steps: utilization {chosen.utilization:.1%}"
+        )
+        if chosen.sync.strategy != "ddp":
+            fastest = min(cands, key=lambda c: c.time_to_train_s)
+            r.append(
+                f"risk budget {budget.level}: H <= {budget.max_inner_steps}, codecs {', '.join(budget.codecs)}, "
+                f">= {budget.min_rounds} outer rounds; this is the safest option within "
+                f"{req.time_tolerance:.0%} of the fastest ({fastest.sync.describe()}, {_days(fastest)})"
+            )
+    r.append(
+        f"failures: expected +{chosen.failure_overhead:.1%} time (device MTBF {chosen.sites[0].estimate.groups[0].device.mtbf_hours:,.0f} h, "
+        f"{req.recovery_s:.0f} s to recover"
+        + (", checkpoint every {:.0f} min)".format(req.checkpoint_interval_s / 60) if chosen.sync.strategy == "ddp" else ", a returning site heals from a peer)")
+    )
+    r += notes
+    return dataclasses.replace(chosen, reasons=tuple(r))

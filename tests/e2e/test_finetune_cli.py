@@ -1,0 +1,298 @@
+"""Fine-tuning end to end on a tiny model: a LoRA stage through the CLI, then lineage, merge, PEFT
+and transformers loading, eval with the overlap check, generation, resume, full fine-tuning of a
+Hugging Face parent on instructions, and the errors a user can make."""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+
+from atoll.config import RunConfig, load_config
+from atoll.report.metrics import read_metrics
+from tests.conftest import run_atoll, tiny_config
+
+DOMAIN = "netlink socket kernel message family attribute header nlmsg bind send recv multicast group".split()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def atoll(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    """Run the CLI in this process (PEFT and transformers are imported once per session)."""
+    from atoll.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(list(args))
+    out = capsys.readouterr()
+    return int(exit_info.value.code or 0), out.out, out.err
+
+
+def domain_docs(root: Path, *, num: int = 12, seed: int = 1) -> Path:
+    rng = random.Random(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(num):
+        paras = [" ".join(rng.choice(DOMAIN) for _ in range(rng.randint(10, 30))).capitalize() + "." for _ in range(6)]
+        (root / f"doc{i:02d}.txt").write_text("\n\n".join(paras) + "\n", encoding="utf-8")
+    return root
+
+
+def ft_config(tmp: Path, parent: Path, data_path: Path, *, name: str = "lora", **sections: dict[str, Any]) -> Path:
+    cfg: dict[str, Any] = {
+        "run": {"name": name, "dir": str(tmp / "runs"), "seed": 0},
+        "finetune": {"parent": str(parent), "method": "lora", "lora": {"rank": 4, "alpha": 8, "dropout": 0.1}},
+        "data": {"format": "text", "paths": [str(data_path)], "chunk_chars": 300, "validation_fraction": 0.2, "seq_len": 32},
+        "train": {"steps": 6, "global_batch": 4, "micro_batch": 2, "lr": 1e-2, "warmup_steps": 1, "weight_decay": 0.0, "log_every": 1, "eval_every": 3, "eval_batches": 2, "checkpoint_every": 3},
+        "parallel": {"device": "cpu", "threads": 1},
+    }
+    for section, values in sections.items():
+        cfg.setdefault(section, {}).update(values)
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def base_run(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path) -> Path:
+    from atoll.train.trainer import run_training
+
+    tmp = tmp_path_factory.mktemp("base")
+    run_training(load_config(RunConfig, tiny_config(tmp, tiny_data)))
+    return tmp / "runs" / "t"
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory: pytest.TempPathFactory, base_run: Path) -> dict[str, Path]:
+    """A LoRA stage made by the real CLI in a child process."""
+    tmp = tmp_path_factory.mktemp("chain")
+    data = domain_docs(tmp / "domain")
+    cfg = ft_config(tmp, base_run, data)
+    proc = run_atoll("finetune", str(cfg))
+    assert proc.returncode == 0, proc.stderr
+    assert "(lora) finished at step 6/6" in proc.stdout
+    return {"tmp": tmp, "data": data, "config": cfg, "stage": tmp / "runs" / "lora", "base": base_run}
+
+
+def test_stage_directory_and_lineage_record(chain: dict[str, Path]) -> None:
+    stage = chain["stage"]
+    lineage = json.loads((stage / "lineage.json").read_text())
+    assert lineage["method"] == "lora" and lineage["status"] == "finished" and lineage["steps"] == 6
+    assert lineage["parent"]["kind"] == "pretrain" and lineage["parent"]["fingerprint"]["step"] == 8
+    assert lineage["trainable_params"] == 2 * 4 * (64 + 64 + 64 + 32 + 64 + 32 + 64 + 64 + 64 + 128 + 64 + 128 + 128 + 64)
+    assert lineage["data"]["documents"]["validation"] >= 1 and len(lineage["data"]["sources_sha256"]) == 64
+    assert lineage["tokens"] > 0
+    for name in ("adapter/adapter_config.json", "adapter/adapter_model.safetensors", "data/heldout.jsonl", "data/hashes.json", "chat_template.jinja", "tokenizer.json", "model.json"):
+        assert (stage / name).is_file(), name
+    assert sorted(p.name for p in (stage / "checkpoints").iterdir()) == ["step_00000003", "step_00000006"]
+    records = read_metrics(stage)
+    assert sorted(r["step"] for r in records if "loss" in r) == list(range(1, 7))
+    assert sorted(r["step"] for r in records if "val_loss" in r) == [3, 6]
+
+
+def test_peft_and_transformers_load_the_adapter_and_the_merge_unchanged(chain: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from atoll.finetune.stage import load_stage_model
+
+    tmp, stage = chain["tmp"], chain["stage"]
+    assert atoll(capsys, "merge", str(chain["base"]), str(tmp / "base-hf"))[0] == 0
+    code, out, _ = atoll(capsys, "merge", str(stage), str(tmp / "merged-hf"))
+    assert code == 0 and "merged" in out
+    base = AutoModelForCausalLM.from_pretrained(tmp / "base-hf")
+    with_adapter = PeftModel.from_pretrained(base, stage / "adapter").eval()
+    merged = AutoModelForCausalLM.from_pretrained(tmp / "merged-hf").eval()
+    ours = load_stage_model(stage)
+    tok = AutoTokenizer.from_pretrained(tmp / "merged-hf")
+    ids = torch.tensor([tok("netlink socket kernel message")["input_ids"]])
+    with torch.no_grad():
+        a, b, c = with_adapter(ids).logits, merged(ids).logits, ours(ids)
+        plain = AutoModelForCausalLM.from_pretrained(tmp / "base-hf").eval()(ids).logits
+    assert (a - b).abs().max() <= 1e-4 and (a - c).abs().max() <= 1e-4
+    assert (a - plain).abs().max() > 1e-3, "the adapter must change the model"
+    chat = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    assert chat == "<|user|>\nhi\n<|assistant|>\n"
+    assert json.loads((tmp / "merged-hf" / "atoll_lineage.json").read_text())[-1]["method"] == "lora"
+
+
+def test_lineage_prints_the_chain(chain: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = atoll(capsys, "lineage", str(chain["stage"]))
+    assert code == 0
+    assert out.index("0. t: pretrain") < out.index("1. lora: lora (r=4, alpha=8")
+    assert "manifest.json sha256" in out and "sources sha256" in out and "6 steps" in out
+    code, out, _ = atoll(capsys, "lineage", str(chain["stage"]), "--json")
+    assert [r["method"] for r in json.loads(out)] == ["pretrain", "lora"]
+
+
+def test_eval_table_chart_json_and_domain_gain(chain: dict[str, Path], tiny_data: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    tmp = chain["tmp"]
+    code, out, _ = atoll(
+        capsys, "eval", str(chain["base"]), str(chain["stage"]), "--data", f"general={tiny_data}", "--data", f"domain={chain['stage']}",
+        "--json", str(tmp / "res.json"), "--plot", str(tmp / "res.png"),
+    )
+    assert code == 0 and "perplexity on held-out sets" in out
+    results = json.loads((tmp / "res.json").read_text())
+    assert results["command"].startswith("atoll eval ")
+    base, stage = results["stages"]
+    assert [base["stage"], base["method"], stage["stage"], stage["method"]] == ["t", "pretrain", "lora", "lora"]
+    assert stage["parent"] == str(chain["base"]) and stage["trainable_params"] > 0 and stage["tokens"] > 0
+    assert set(stage["ppl"]) == {"general", "domain"}
+    assert stage["ppl"]["domain"] < base["ppl"]["domain"], results
+    assert results["sets"]["domain"]["overlap_checked_against"]
+    assert (tmp / "res.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_eval_refuses_a_set_that_overlaps_training_data(chain: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    from atoll.finetune.config import FinetuneDataSection
+    from atoll.finetune.data import chunk_examples, content_hash, read_examples
+
+    examples, _ = read_examples([chain["data"]], FinetuneDataSection(paths=[chain["data"]]))
+    trained = set(json.loads((chain["stage"] / "data" / "hashes.json").read_text())["train"])
+    chunk = next(ex.text for ex in chunk_examples(examples, max_chars=300) if content_hash(ex.text) in trained)
+    leak = chain["tmp"] / "leak"
+    leak.mkdir()
+    (leak / "a.txt").write_text("  " + chunk.replace("\n", " \n"))  # reformatted whitespace: still the same document
+    code, _, err = atoll(capsys, "eval", str(chain["stage"]), "--data", f"leak={leak}")
+    assert code == 2 and err.startswith("atoll: error: held-out set 'leak'") and "1 of its 1 documents were trained on" in err
+    assert err.strip().count("\n") == 0
+
+
+def test_generate_streams_text(chain: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = atoll(capsys, "generate", str(chain["stage"]), "--prompt", "netlink socket", "--temperature", "0", "--max-new-tokens", "6")
+    assert code == 0 and out.startswith("netlink socket") and "tokens in" in err
+
+
+def test_resume_reproduces_the_uninterrupted_stage_bitwise(chain: dict[str, Path], base_run: Path) -> None:
+    from safetensors.torch import load_file
+
+    from atoll.finetune.config import FinetuneConfig
+    from atoll.finetune.loop import run_finetune
+    from atoll.finetune.setup import prepare_finetune
+
+    tmp = chain["tmp"]
+    cfg = load_config(FinetuneConfig, ft_config(tmp, base_run, chain["data"], name="resumed"))
+    prepare_finetune(cfg, resume=False)
+    assert run_finetune(cfg, stop_after=3).stopped_early
+    assert json.loads((tmp / "runs" / "resumed" / "lineage.json").read_text())["status"] == "running"
+    prepare_finetune(cfg, resume=True)
+    result = run_finetune(cfg, resume=True)
+    assert result.step == 6 and not result.stopped_early
+
+    def losses(run: Path, key: str) -> dict[int, float]:
+        return {r["step"]: r[key] for r in read_metrics(run) if key in r}
+
+    assert losses(tmp / "runs" / "resumed", "loss") == losses(chain["stage"], "loss")
+    assert losses(tmp / "runs" / "resumed", "val_loss") == losses(chain["stage"], "val_loss")
+    a = load_file(tmp / "runs" / "resumed" / "adapter" / "adapter_model.safetensors")
+    b = load_file(chain["stage"] / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_second_lora_stage_chains_and_a_changed_parent_is_refused(chain: dict[str, Path]) -> None:
+    from safetensors.torch import load_file, save_file
+
+    from atoll.errors import AtollError
+    from atoll.finetune.config import FinetuneConfig
+    from atoll.finetune.loop import run_finetune
+    from atoll.finetune.setup import prepare_finetune
+    from atoll.finetune.stage import lineage_chain, load_stage_model, load_stage_state
+
+    tmp = chain["tmp"]
+    sub = domain_docs(tmp / "sub", num=6, seed=9)
+    cfg = load_config(FinetuneConfig, ft_config(tmp, chain["stage"], sub, name="sub", train={"steps": 2, "eval_every": 0, "checkpoint_every": 0}))
+    prepare_finetune(cfg, resume=False)
+    run_finetune(cfg)
+    stage = tmp / "runs" / "sub"
+    assert [r["stage"] for r in lineage_chain(stage)] == ["t", "lora", "sub"]
+    assert load_stage_model(stage)(torch.tensor([[1, 2, 3]])).isfinite().all()
+    adapter = chain["stage"] / "adapter" / "adapter_model.safetensors"
+    original = adapter.read_bytes()
+    tensors = load_file(adapter)
+    save_file({k: v + 1 for k, v in tensors.items()}, str(adapter))
+    try:
+        with pytest.raises(AtollError, match="changed after"):
+            load_stage_state(stage)
+    finally:
+        adapter.write_bytes(original)
+    load_stage_state(stage)
+
+
+def test_full_finetuning_of_a_hugging_face_parent_on_instructions(chain: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    from atoll.export import export_run
+    from atoll.finetune.config import FinetuneConfig
+    from atoll.finetune.loop import run_finetune
+    from atoll.finetune.setup import prepare_finetune
+    from atoll.finetune.stage import classify_stage, lineage_chain, load_stage_state, model_config_of
+    from atoll.model import load_hf_model
+
+    tmp = chain["tmp"]
+    hf = tmp / "base-hf2"
+    assert atoll(capsys, "merge", str(chain["base"]), str(hf))[0] == 0
+    rng = random.Random(3)
+    jsonl = tmp / "qa.jsonl"
+    with jsonl.open("w") as f:
+        for _ in range(40):
+            a, b = rng.randint(1, 9), rng.randint(1, 9)
+            f.write(json.dumps({"prompt": f"{a} plus {b}", "response": f"is {a + b}"}) + "\n")
+    cfg = load_config(
+        FinetuneConfig,
+        ft_config(tmp, hf, jsonl, name="full", finetune={"method": "full"}, data={"format": "instruct", "paths": [str(jsonl)], "seq_len": 64, "chunk_chars": 0}, train={"steps": 8, "lr": 3e-3, "eval_every": 0, "checkpoint_every": 0}),
+    )
+    prepare_finetune(cfg, resume=False)
+    result = run_finetune(cfg)
+    stage = tmp / "runs" / "full"
+    assert classify_stage(stage).kind == "full" and result.trainable_params == model_config_of(classify_stage(stage)).num_params()
+    losses = [r["loss"] for r in read_metrics(stage) if "loss" in r]
+    assert losses[-1] < losses[0]
+    assert [r["method"] for r in lineage_chain(stage)] == ["hf", "full"]
+    export_run(stage, tmp / "full-hf")  # a full stage is a plain run: `atoll export` works on it
+    _, exported = load_hf_model(tmp / "full-hf")
+    _, ours = load_stage_state(stage)
+    assert all(torch.equal(exported[k], ours[k]) for k in ours)
+
+
+def test_user_mistakes_are_one_line(chain: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = ft_config(tmp_path, chain["base"], chain["data"], train={"stepz": 1})
+    code, _, err = atoll(capsys, "finetune", str(cfg))
+    assert code == 2 and err.strip().count("\n") == 0 and "unknown key 'train.stepz'" in err
+    cfg = ft_config(tmp_path, tmp_path / "nowhere", chain["data"])
+    code, _, err = atoll(capsys, "finetune", str(cfg))
+    assert code == 2 and "does not exist" in err
+    code, _, err = atoll(capsys, "finetune", str(chain["config"]))
+    assert code == 2 and "already holds checkpoints" in err
+    cfg = ft_config(tmp_path, chain["base"], chain["data"], name="fresh")
+    code, _, err = atoll(capsys, "finetune", str(cfg), "--resume")
+    assert code == 2 and "no complete checkpoint" in err
+    cfg = ft_config(tmp_path, chain["base"], chain["data"], name="long", data={"seq_len": 4096})
+    code, _, err = atoll(capsys, "finetune", str(cfg))
+    assert code == 2 and "exceeds the parent's context" in err
+    code, _, err = atoll(capsys, "eval", str(chain["stage"]), "--data", "x=")
+    assert code == 2 and "NAME=PATH" in err
+
+
+def test_two_sites_exchange_only_the_adapters(chain: dict[str, Path], tmp_path: Path) -> None:
+    from atoll.model import ModelConfig
+
+    cfg = ft_config(tmp_path, chain["base"], chain["data"], name="sites", sync={"strategy": "diloco", "inner_steps": 3})
+    proc = run_atoll("finetune", str(cfg), "--topology", str(Path(__file__).resolve().parents[2] / "examples" / "topologies" / "lab-two-sites.yaml"), "--wan", "none")
+    assert proc.returncode == 0, proc.stderr
+    stage = tmp_path / "runs" / "sites"
+    lineage = json.loads((stage / "lineage.json").read_text())
+    assert lineage["status"] == "finished" and lineage["wan"]["sites"] == 2
+    ends = [[r for r in read_metrics(d) if "trainable_checksum" in r][-1] for d in (stage, stage / "sites" / "west")]
+    assert ends[0]["trainable_checksum"] == ends[1]["trainable_checksum"]
+    # two outer rounds, each sending the adapters in fp32 (plus a small header): not the model
+    adapters = lineage["trainable_params"] * 4
+    model = ModelConfig(**json.loads((stage / "model.json").read_text())).num_params() * 4
+    assert 2 * adapters <= ends[0]["wan_bytes_sent"] <= 2 * adapters + 1024 < model

@@ -1,0 +1,68 @@
+"""The transport's pure parts: the 16-byte payload header, the byte counter and the WAN model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from atoll.config.topology import Topology
+from atoll.errors import AtollError
+from atoll.sync.transport import ByteCounter, WanModel, pack, unpack
+
+
+def topology(*links: tuple[str, float, float]) -> Topology:
+    """Sites named by `links`: (name, uplink Mbit/s, latency ms)."""
+    return Topology.model_validate(
+        {
+            "name": "t",
+            "sites": [{"name": n, "devices": [{"kind": "cpu", "count": 1}]} for n, _, _ in links],
+            "links": [{"site": n, "uplink_mbps": mbps, "latency_ms": ms} for n, mbps, ms in links],
+        }
+    )
+
+
+def test_pack_prefixes_weight_and_length_in_16_bytes() -> None:
+    payload = torch.arange(37, dtype=torch.uint8)
+    buf = pack(payload, 1234.5)
+    assert buf.dtype == torch.uint8 and buf.numel() == 37 + 16
+    body, weight = unpack(buf)
+    assert torch.equal(body, payload) and weight == 1234.5
+    empty, w = unpack(pack(torch.empty(0, dtype=torch.uint8), 0.0))
+    assert empty.numel() == 0 and w == 0.0
+
+
+def test_unpack_rejects_a_truncated_buffer() -> None:
+    buf = pack(torch.ones(10, dtype=torch.uint8), 1.0)
+    with pytest.raises(ValueError, match="differs from its header"):
+        unpack(buf[:-1])
+
+
+def test_byte_counter_adds_up_exchanges() -> None:
+    c = ByteCounter()
+    c.add(sent=100, received=200, seconds=0.5)
+    c.add(sent=1, received=2, seconds=0.25)
+    c.failed += 1
+    assert c.as_dict() == {"wan_bytes_sent": 101, "wan_bytes_received": 202, "wan_exchanges": 2, "wan_seconds": 0.75, "wan_failed": 1}
+
+
+def test_emulated_wan_costs_bytes_over_the_slowest_link_plus_the_longest_path() -> None:
+    wan = WanModel(topology(("a", 2.0, 5.0), ("b", 8.0, 20.0), ("c", 4.0, 1.0)), mode="emulated")
+    # Each site sends its payload to the two others over its uplink: 2 x 1000 bytes at 2 Mbit/s
+    # on the slowest; the longest path is b-a (25 ms).
+    assert wan.extra_seconds(1000, num_sites=3) == pytest.approx(8 * 1000 * 2 / 2e6 + 0.025)
+    assert wan.extra_seconds(1000, num_sites=1) == 0.0
+
+
+def test_netns_wan_adds_latency_only_and_none_adds_nothing() -> None:
+    topo = topology(("a", 2.0, 5.0), ("b", 8.0, 20.0))
+    assert WanModel(topo, mode="netns").extra_seconds(10**9, num_sites=2) == pytest.approx(0.025)
+    assert WanModel(topo, mode="none").extra_seconds(10**9, num_sites=2) == 0.0
+    assert WanModel(None, mode="none").extra_seconds(10**9, num_sites=2) == 0.0
+
+
+def test_wan_model_refuses_unknown_modes_and_missing_links() -> None:
+    with pytest.raises(AtollError, match="unknown WAN mode"):
+        WanModel(topology(("a", 1.0, 0.0), ("b", 1.0, 0.0)), mode="satellite")
+    one_site = Topology.model_validate({"name": "t", "sites": [{"name": "a", "devices": [{"kind": "cpu", "count": 1}]}]})
+    with pytest.raises(AtollError, match="needs a topology with links"):
+        WanModel(one_site, mode="emulated")
