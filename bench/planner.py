@@ -18,7 +18,6 @@ import datetime as dt
 import json
 import os
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
 from atoll.hardware import DeviceSpec, get_device  # noqa: E402
+from atoll.hardware.measure import matmul_peak_flops  # noqa: E402
 from atoll.planner.shape import PLANNER_PRESETS, ModelShape  # noqa: E402
 from atoll.planner.sites import DeviceGroup, SearchSpace, best_site_layout  # noqa: E402
 from atoll.planner.step import ATOLL_ENGINE, MEGATRON_2021, Layout, estimate_step  # noqa: E402
@@ -110,21 +110,6 @@ def _free_search(row: Any) -> dict[str, Any]:
 # ---------------------------------------------------------------- the lab
 
 
-def _matmul_peak(threads: int, size: int = 1024, repeats: int = 20) -> float:
-    import torch
-
-    torch.set_num_threads(threads)
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    for _ in range(3):
-        a @ b
-    best = 0.0
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        a @ b
-        best = max(best, 2 * size**3 / (time.perf_counter() - t0))
-    return best
-
-
 def _cpu_device(peak: float, **fields: Any) -> DeviceSpec:
     return dataclasses.replace(get_device("cpu"), peak_tflops=peak / 1e12, **fields)
 
@@ -149,7 +134,7 @@ def lab(path: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     cores = os.cpu_count() or 1
     # The peak bench/throughput.py measured right before its runs (same machine load); a rank of
     # an n-rank run gets 1/n of it.
-    peak_all = float(records_in[0].get("peak_flops") or _matmul_peak(cores))
+    peak_all = float(records_in[0].get("peak_flops") or matmul_peak_flops(threads=cores))
     out, notes = [], {"matmul_peak_all_cores": round(peak_all), "cores": cores}
     by_ranks = {int(r["ranks"]): r for r in records_in}
     shape = shape_from_config(get_preset(str(records_in[0]["model"])), name=str(records_in[0]["model"]))

@@ -21,7 +21,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -30,26 +29,13 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
 from atoll.config import RunConfig, load_config  # noqa: E402
+from atoll.hardware.measure import matmul_peak_flops  # noqa: E402
 from atoll.model import get_preset  # noqa: E402
 from atoll.planner.cost import training_flops_per_token  # noqa: E402
 from atoll.report.metrics import read_metrics  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
 CONFIG = REPO / "examples" / "configs" / "demo.yaml"
-
-
-def matmul_peak_flops(*, threads: int, size: int = 1024, repeats: int = 20) -> float:
-    """Best fp32 FLOP/s of an n x n matmul over several timed repeats (the machine's usable peak)."""
-    torch.set_num_threads(threads)
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    for _ in range(3):
-        a @ b
-    best = 0.0
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        a @ b
-        best = max(best, 2 * size**3 / (time.perf_counter() - t0))
-    return best
 
 
 def cpu_name() -> str:

@@ -6,6 +6,7 @@ import os
 import random
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,18 @@ def generated_documents(num_docs: int = 24, *, seed: int = 0) -> list[Any]:
             sentences.append(" ".join(words).capitalize() + ".")
         docs.append(Document(id=f"doc{i:03d}", source="generated", text=" ".join(sentences)))
     return docs
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    """In-process tests run tiny models: one thread is fastest, and on a busy two-core machine
+    more threads only wait for each other. Child processes choose their own."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

@@ -67,6 +67,14 @@ def _cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
     from atoll.config import RunConfig, load_config
     from atoll.train.setup import prepare_run
 
+    if args.plan is not None:
+        from atoll.planner.apply import describe, plan_overrides
+        from atoll.planner.plan import load_plan
+
+        plan_args, ignored = plan_overrides(load_plan(args.plan))
+        extra = [*plan_args, *extra]  # the command line still wins over the plan
+        if ignored:
+            log.warning("%s", describe(ignored))
     cfg = load_config(RunConfig, args.config, extra)
     if args.topology is not None:
         return _train_sites(cfg, args, extra)
@@ -203,6 +211,7 @@ def _add_train_args(p: argparse.ArgumentParser, *, with_nproc: bool) -> None:
     p.add_argument("config", type=Path, help="run config YAML (see examples/configs/)")
     if with_nproc:
         p.add_argument("--nproc", type=int, default=1, help="local ranks to start (like torchrun --nproc-per-node)")
+        p.add_argument("--plan", type=Path, default=None, help="take sync, batch and step settings from `atoll plan`'s plan.yaml (what cannot be honored is listed)")
         p.add_argument("--topology", type=Path, default=None, help="train several sites of this topology on this machine (see examples/topologies/)")
         p.add_argument("--ranks-per-site", type=int, default=1, help="with --topology: local ranks per site")
         p.add_argument("--wan", choices=["emulated", "none"], default="emulated", help="with --topology: emulate the links' bandwidth and latency in the transport, or not at all")

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,14 +18,6 @@ from atoll.report.metrics import read_metrics
 from tests.conftest import run_atoll, tiny_config
 
 DOMAIN = "netlink socket kernel message family attribute header nlmsg bind send recv multicast group".split()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def atoll(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -12,15 +11,6 @@ from atoll.errors import AtollError
 from atoll.finetune.text import TextCodec, load_text_codec
 from atoll.model import ModelConfig, Transformer, generate
 from atoll.serve.textgen import SamplingParams, TextStream, complete, encode_prompt
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    # Tiny models decode fastest on one thread; on a shared, busy machine more threads only wait.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -18,14 +18,6 @@ from atoll.serve.engine import Choice, Engine, EngineBusy, Job
 from atoll.serve.textgen import SamplingParams, complete
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def engine(tiny_data: Path) -> Iterator[Engine]:
     codec = load_text_codec(tiny_data)

@@ -26,14 +26,6 @@ from atoll.sync.transport import ByteCounter
 BARRIER_SECONDS = 60.0  # a site that never arrives fails the test instead of hanging it
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ---------------------------------------------------------------------------- test doubles
 
 

@@ -1,5 +1,4 @@
 import dataclasses
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -8,14 +7,6 @@ from atoll.errors import AtollError
 from atoll.model.config import get_preset
 from atoll.model.llama import Transformer
 from atoll.sync.fragments import StreamingSchedule, assign_owners, split_fragments
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("num_ranks", [1, 2, 3, 4])

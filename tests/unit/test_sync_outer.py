@@ -1,5 +1,4 @@
 import math
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -10,14 +9,6 @@ from atoll.sync.outer import OuterOptimizer, weighted_average
 
 SHAPES = [(6, 5), (5,), (3, 2, 4)]
 WEIGHTS = [3.0, 1.0, 2.5]  # tokens per site: deliberately not summing to 1
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def gen(seed: int) -> torch.Generator:

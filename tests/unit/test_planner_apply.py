@@ -1,0 +1,34 @@
+from pathlib import Path
+
+from atoll.config import RunConfig, load_config
+from atoll.planner.apply import plan_overrides
+from atoll.planner.plan import Plan
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def make_plan(**site_b: object) -> Plan:
+    site = {"name": "east", "devices": [{"kind": "cpu", "count": 1}], "batch": 8, "inner_steps": 20}
+    other = {"name": "west", "devices": [{"kind": "cpu", "count": 1}], "batch": 8, "inner_steps": 30, **site_b}
+    return Plan.model_validate({
+        "model": "demo", "model_params": 5_245_184, "topology": "t.yaml", "tokens": 1e6, "seq_len": 128,
+        "global_batch": 8 + int(other["batch"]), "steps": 200,
+        "sync": {"strategy": "delayed", "inner_steps": 20, "codec": "int4", "quant_block": 64},
+        "sites": [site, other],
+    })
+
+
+def test_plan_settings_become_config_overrides() -> None:
+    args, ignored = plan_overrides(make_plan())
+    cfg = load_config(RunConfig, REPO / "examples" / "configs" / "demo.yaml", args)
+    assert (cfg.sync.strategy, cfg.sync.inner_steps, cfg.sync.codec, cfg.sync.block_size) == ("delayed", 20, "int4", 64)
+    assert cfg.sync.site_inner_steps == {"west": 30}
+    assert (cfg.data.seq_len, cfg.train.steps, cfg.train.global_batch, cfg.train.micro_batch) == (128, 200, 8, 1)
+    assert ignored == []
+
+
+def test_what_cannot_be_honored_is_listed() -> None:
+    _, ignored = plan_overrides(make_plan(batch=4, layout={"tp": 2, "pp": 2, "zero": 2}))
+    assert "sites.east.batch=8" in ignored and "sites.west.batch=4" in ignored
+    assert "sites.west.layout.tp=2" in ignored and "sites.west.layout.pp=2" in ignored
+    assert "sites.west.layout.zero=2" in ignored
