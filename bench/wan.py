@@ -99,6 +99,7 @@ def main() -> None:
     ap.add_argument("--strategies", nargs="+", default=["ddp", "diloco", "streaming", "delayed"])
     ap.add_argument("--codecs", nargs="+", default=["none", "int8", "int4"])
     ap.add_argument("--no-torchft", action="store_true", help="skip torchft's own DiLoCo")
+    ap.add_argument("--skip", nargs="*", default=[], metavar="STRATEGY-CODEC", help="leave out these combinations, e.g. streaming-none")
     ap.add_argument("--latency-ms", type=float, default=15.0)
     ap.add_argument("--probe-steps", type=int, default=2, help="ddp steps timed on the real link")
     args = ap.parse_args()
@@ -142,15 +143,15 @@ def main() -> None:
 
         for strategy in args.strategies:
             for codec in args.codecs:
-                if strategy == "ddp" and codec != args.codecs[0]:
-                    continue  # the baseline once, uncompressed (hours per run at this ratio)
                 name = f"{strategy}-{codec}"
+                if (strategy == "ddp" and codec != args.codecs[0]) or name in args.skip:
+                    continue  # ddp is the baseline once, uncompressed (hours per run at this ratio)
                 base = [*common, "--topology", str(topo), f"--run.name={name}", f"--sync.strategy={strategy}", f"--sync.codec={codec}"]
                 if strategy == "ddp":
                     # Loss and compute time without the WAN, exchange time from a probe on the link.
                     run_atoll([*base, "--wan", "none"], lab=False)
                     probe = f"{name}-probe"
-                    run_atoll([*common, "--topology", str(topo), f"--run.name={probe}", f"--sync.strategy={strategy}", f"--sync.codec={codec}", f"--train.steps={args.probe_steps}"], lab=lab_ok)
+                    run_atoll([*common, "--topology", str(topo), f"--run.name={probe}", f"--sync.strategy={strategy}", f"--sync.codec={codec}", f"--train.steps={args.probe_steps}", "--train.warmup_steps=1"], lab=lab_ok)
                     p = [r for r in site_records(tmp / probe)[SITES[0]] if "wan_seconds" in r][-1]
                     per_step = p["wan_seconds"] / max(1, p["wan_exchanges"])
                     s = summarize(tmp / name)
