@@ -1,12 +1,14 @@
 """Validate the planner: published Megatron-LM throughput, and this lab's measured runs.
 
-    .venv/bin/python bench/planner.py [--throughput bench/results/throughput.json]
+    .venv/bin/python bench/planner.py [--throughput bench/results/throughput.json] [--wan bench/results/wan.json]
 
 Published: Megatron-LM SC'21 Table 1 (ten GPT models, 32 to 3,072 A100s) with the paper's own
 layouts, against the planner's prediction; Calculon's errors on the same rows for comparison;
 a sensitivity row (burst instead of sustained matmul efficiency); and the free search against
-the paper's layouts. Lab: the single-site runs of bench/throughput.py (the demo model on this
-machine's CPU, 1 and 2 ranks), predicted from this machine's measured matmul peak.
+the paper's layouts. Lab: the multi-site runs of bench/wan.py (step time and utilization
+predicted by the event simulator from the calibrated compute step and the link), and the
+single-site runs of bench/throughput.py (the demo model on this machine's CPU, 1 and 2 ranks),
+predicted from this machine's measured matmul peak.
 Writes bench/results/planner.json and planner.md.
 """
 
@@ -17,6 +19,7 @@ import dataclasses
 import datetime as dt
 import json
 import os
+import statistics
 import sys
 from pathlib import Path
 from typing import Any
@@ -28,7 +31,8 @@ from atoll.hardware import DeviceSpec, get_device  # noqa: E402
 from atoll.hardware.measure import matmul_peak_flops  # noqa: E402
 from atoll.planner.shape import PLANNER_PRESETS, ModelShape  # noqa: E402
 from atoll.planner.sites import DeviceGroup, SearchSpace, best_site_layout  # noqa: E402
-from atoll.planner.step import ATOLL_ENGINE, MEGATRON_2021, Layout, estimate_step  # noqa: E402
+from atoll.planner.calibrate import fit_efficiency, predict_step  # noqa: E402
+from atoll.planner.step import MEGATRON_2021  # noqa: E402
 from atoll.planner.validation import CALCULON_ERRORS, MEGATRON_TABLE1, SEQ_LEN, predict_row  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
@@ -116,13 +120,9 @@ def _cpu_device(peak: float, **fields: Any) -> DeviceSpec:
 
 def _predict_lab(shape: ModelShape, rec: dict[str, Any], dev: DeviceSpec) -> Any:
     ranks = int(rec["ranks"])
-    batch = int(rec["global_batch"])
     micro = 8 if ranks == 1 else 4  # bench/throughput.py's micro-batches
-    per_rank = batch // ranks
-    lay = Layout(tp=1, pp=1, dp=ranks, micro_batch=micro, zero=0)
-    engine = dataclasses.replace(ATOLL_ENGINE, grad_bytes=4)  # fp32 gradients on CPU
-    return estimate_step(shape, seq_len=int(rec["seq_len"]), layout=lay, micro_batches=max(1, per_rank // micro),
-                         device=dev, per_node=ranks, engine=engine)
+    per_rank = int(rec["global_batch"]) // ranks
+    return predict_step(shape, dev, seq_len=int(rec["seq_len"]), micro_batch=micro, micro_batches=max(1, per_rank // micro), ranks=ranks)
 
 
 def lab(path: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
@@ -138,18 +138,14 @@ def lab(path: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     out, notes = [], {"matmul_peak_all_cores": round(peak_all), "cores": cores}
     by_ranks = {int(r["ranks"]): r for r in records_in}
     shape = shape_from_config(get_preset(str(records_in[0]["model"])), name=str(records_in[0]["model"]))
-    # Calibration: the 1-rank run fixes the CPU's matmul efficiency (the one free parameter);
-    # the other runs are then predictions.
+    # Calibration (what `atoll calibrate` does): the 1-rank run fixes the CPU's matmul
+    # efficiency, the one free parameter; the other runs are then predictions.
     calib = None
     if 1 in by_ranks:
         r1 = by_ranks[1]
         measured = r1["global_batch"] * r1["seq_len"] / r1["tokens_per_s"]
-        lo, hi = 0.02, 1.0
-        for _ in range(60):
-            mid = (lo + hi) / 2
-            t = _predict_lab(shape, r1, _cpu_device(peak_all, matmul_efficiency=mid, attention_efficiency=mid)).seconds
-            lo, hi = (lo, mid) if t < measured else (mid, hi)
-        calib = round((lo + hi) / 2, 4)
+        calib = round(fit_efficiency(shape, _cpu_device(peak_all), measured_step_s=measured, seq_len=int(r1["seq_len"]), micro_batch=8,
+                                     micro_batches=max(1, int(r1["global_batch"]) // 8)), 4)
         notes["calibrated_matmul_efficiency"] = calib
     for ranks, rec in sorted(by_ranks.items()):
         measured_step = rec["global_batch"] * rec["seq_len"] / rec["tokens_per_s"]
@@ -177,6 +173,59 @@ def lab(path: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         entry["predicted_breakdown_s"] = {"pipeline": round(pred.pipeline_seconds, 4), "dp_exposed": round(pred.dp_seconds, 4),
                                           "dp_total": round(pred.dp_total_seconds, 4), "optimizer": round(pred.optimizer_seconds, 4)}
         out.append(entry)
+    return out, notes
+
+
+def lab_wan(path: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Predict the multi-site runs of bench/wan.py: wall-clock per inner step and utilization.
+
+    The inputs are what a user has before a run: the compute seconds per inner step measured by
+    the benchmark's calibration run (both sites sharing this machine, no WAN: the role of `atoll
+    calibrate`), the link rate and latency, the codec's payload formula, and the run's strategy,
+    H, fragments, tau and steps. The planner's event simulator plays each run with no jitter.
+    Nothing is fitted to the runs themselves.
+    """
+    import shlex
+
+    sys.path.insert(0, str(REPO / "bench"))
+    from wan import build_parser  # bench/wan.py: the settings the results were produced with
+
+    from atoll.config.schema import SyncSection
+    from atoll.model.config import get_preset
+    from atoll.planner.shape import shape_from_config
+    from atoll.planner.simulate import SimSite, SimSync, simulate
+    from atoll.planner.wan import codec_bytes, exchange_latency, link_from_mbps, per_site_bytes
+
+    data = json.loads(path.read_text())
+    args = build_parser().parse_args(shlex.split(data["command"])[2:])
+    step_s = float(data["scenario"]["step_seconds"])
+    mbps = float(data["scenario"]["emulated_mbps"])
+    defaults = SyncSection()
+    shape = shape_from_config(get_preset("demo"), name="demo")
+    links = [link_from_mbps(n, up_mbps=mbps, down_mbps=mbps, latency_ms=args.latency_ms) for n in ("east", "west")]
+    sites = [SimSite(link.name, step_s, args.batch * 256, 1, link) for link in links]
+    out = []
+    for rec in data["runs"]:
+        codec = rec["codec"]
+        payload = codec_bytes(codec, shape, block_size=defaults.block_size)
+        streaming = rec["strategy"] == "streaming"
+        sync = SimSync(rec["strategy"], 1 if rec["strategy"] == "ddp" else args.inner_steps, per_site_bytes(codec, payload, 2),
+                       exchange_latency(codec, links), defaults.fragments if streaming else 1, args.overlap_steps if streaming else 0)
+        sim = simulate(sites, sync, num_steps=args.steps)
+        measured_step = rec["wall_s"] / args.steps
+        predicted_step = sim.wall_s / args.steps
+        compute_per_step = statistics.mean(v["compute_utilization"] * v["wall_s"] for v in rec["per_site"].values()) / args.steps
+        out.append({
+            "run": f"{rec['system']} {rec['strategy']} {codec}, 2 sites x {args.steps} steps, H={args.inner_steps}, {mbps:.2f} Mbit/s ({data['lab_mode']})"
+                   + (" [measured wall extrapolated from a probe]" if rec.get("wall_extrapolated") else ""),
+            "predicted_step_s": round(predicted_step, 4), "measured_step_s": round(measured_step, 4),
+            "error": round((predicted_step - measured_step) / measured_step, 4),
+            "predicted_utilization": round(sim.utilization(sites), 4), "measured_utilization": round(rec["compute_utilization"], 4),
+            "utilization_error": round(sim.utilization(sites) - rec["compute_utilization"], 4),
+            "calibrated_compute_step_s": round(step_s, 4), "measured_compute_step_s": round(compute_per_step, 4),
+        })
+    notes = {"wan_results": str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path), "wan_date": data.get("date"),
+             "compute_step_s": step_s, "link_mbps": mbps}
     return out, notes
 
 
@@ -232,11 +281,14 @@ def reference_lab() -> list[dict[str, Any]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--throughput", type=Path, default=RESULTS / "throughput.json")
+    parser.add_argument("--wan", type=Path, default=RESULTS / "wan.json", help="bench/wan.py's results (multi-site runs)")
     args = parser.parse_args()
     records, summary = published()
     lab_records, lab_notes = lab(args.throughput) if args.throughput.is_file() else ([], {"missing": str(args.throughput)})
     lab_notes["load_average_now"] = [round(x, 2) for x in os.getloadavg()]
-    lab_records += reference_lab()
+    wan_records, wan_notes = lab_wan(args.wan) if args.wan.is_file() else ([], {"missing": str(args.wan)})
+    lab_notes["multi_site"] = wan_notes
+    lab_records = wan_records + lab_records + reference_lab()
     result = {"date": dt.date.today().isoformat(), "published": records, "published_summary": summary,
               "lab": lab_records, "lab_notes": lab_notes}
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -261,6 +313,21 @@ def main() -> None:
     for s in summary["free_search"]:
         lines.append(f"| {s['model']} | {s['paper_tflops']} | {s['paper_knobs']['layout']}: {s['paper_knobs']['tflops']} "
                      f"(x{s['paper_knobs']['speedup']}) | {s['all_knobs']['layout']}: {s['all_knobs']['tflops']} (x{s['all_knobs']['speedup']}) |")
+    lines += ["", "## This lab: the multi-site runs of bench/wan.py", ""]
+    if wan_records:
+        lines += [f"Each run predicted by the event simulator from the calibrated compute step ({wan_notes['compute_step_s']:.3f} s, "
+                  f"both sites sharing this machine), the link ({wan_notes['link_mbps']:.2f} Mbit/s per site) and the codec's "
+                  f"payload; results of {wan_notes['wan_results']} ({wan_notes['wan_date']}).", "",
+                  "| run | measured s/step | predicted s/step | error | measured util | predicted util | compute s/step in the run |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in wan_records:
+            lines.append(f"| {r['run']} | {r['measured_step_s']:.3f} | {r['predicted_step_s']:.3f} | {r['error']:+.1%} | "
+                         f"{r['measured_utilization']:.1%} | {r['predicted_utilization']:.1%} | {r['measured_compute_step_s']:.3f} |")
+        errs = [abs(r["error"]) for r in wan_records]
+        lines += ["", f"Step time: mean |error| {statistics.mean(errs):.1%}, worst {max(errs):.1%}; utilization: mean |difference| "
+                  f"{statistics.mean(abs(r['utilization_error']) for r in wan_records):.1%} points."]
+    else:
+        lines.append(f"No measurements: {wan_notes['missing']} is missing (run bench/wan.py first).")
     lines += ["", "## This lab (single-site runs of bench/throughput.py)", ""]
     if lab_records:
         lines += [f"Matmul peak measured by bench/throughput.py: {lab_notes['matmul_peak_all_cores'] / 1e9:.1f} GFLOP/s "

@@ -390,6 +390,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bench/torchft_peer.py", description="One rank of torchft's DiLoCo on atoll's multi-site setup.")
     parser.add_argument("config", type=Path, help="run config YAML (the one atoll's runs use)")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--no-progress", action="store_true", help="accepted for the launcher's sake: the peer draws no progress bar")
     args, extra = parser.parse_known_args(argv)
     _setup_logging(int(os.environ.get("RANK", "0")), os.environ.get("ATOLL_SITE", "?"), args.verbose)
     try:

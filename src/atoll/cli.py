@@ -22,7 +22,7 @@ from atoll.errors import AtollError
 
 log = logging.getLogger("atoll")
 
-COMMAND_MODULES: list[str] = ["atoll.data.commands", "atoll.lab.commands", "atoll.planner.commands", "atoll.finetune.commands", "atoll.eval.commands", "atoll.serve.commands"]
+COMMAND_MODULES: list[str] = ["atoll.data.commands", "atoll.lab.commands", "atoll.planner.commands", "atoll.planner.calibrate", "atoll.finetune.commands", "atoll.eval.commands", "atoll.serve.commands"]
 EXIT_USER_ERROR = 2
 
 

@@ -12,7 +12,7 @@ from atoll.errors import AtollError
 from atoll.model import Transformer
 from atoll.model.hf import arch_for, save_hf_model
 from atoll.train.checkpoint import list_checkpoints, load_model_weights
-from atoll.train.setup import TOKENIZER_JSON, read_model_json
+from atoll.train.setup import MODEL_JSON, TOKENIZER_JSON, read_model_json
 
 log = logging.getLogger(__name__)
 
@@ -20,9 +20,21 @@ log = logging.getLogger(__name__)
 def export_run(run_dir: Path, out_dir: Path, *, arch: str = "auto", step: int | None = None) -> Path:
     """Write config.json, model.safetensors and the tokenizer files of a run's checkpoint to `out_dir`.
 
-    Uses the latest complete checkpoint unless `step` names one. Single process, CPU. Raises
-    AtollError for a directory that is not a run, a missing step or a corrupt checkpoint.
+    Uses the latest complete checkpoint unless `step` names one. Single process, CPU. A
+    multi-site run (RUN/sites/<site>/) exports its first site, whose weights every site shares
+    after the final sync; a fine-tuned stage is merged (LoRA adapters folded into the weights,
+    `atoll.finetune.merge`). Raises AtollError for a directory that is not a run, a missing step
+    or a corrupt checkpoint.
     """
+    from atoll.finetune.stage import LINEAGE_JSON
+
+    run_dir = _one_site(run_dir)
+    if (run_dir / LINEAGE_JSON).is_file():
+        if step is not None:
+            raise AtollError(f"{run_dir} is a fine-tuned stage: it exports its final weights; leave out --step (it picks a pre-training checkpoint)")
+        from atoll.finetune.merge import merge_stage
+
+        return merge_stage(run_dir, out_dir, arch=arch)
     mcfg = read_model_json(run_dir)
     found = list_checkpoints(run_dir)
     if not found:
@@ -54,6 +66,19 @@ def export_run(run_dir: Path, out_dir: Path, *, arch: str = "auto", step: int | 
     save_hf_tokenizer(tokenizer, out_dir, model_max_length=mcfg.max_seq_len)
     log.info("exported step %d of %s to %s", ckpt.step, run_dir, out_dir)
     return out_dir
+
+
+def _one_site(run_dir: Path) -> Path:
+    """`run_dir` itself, or for a multi-site run the first of its sites (sorted by name)."""
+    from atoll.finetune.stage import LINEAGE_JSON
+
+    if (run_dir / MODEL_JSON).is_file() or (run_dir / LINEAGE_JSON).is_file() or not (run_dir / "sites").is_dir():
+        return run_dir
+    sites = sorted(d for d in (run_dir / "sites").iterdir() if (d / MODEL_JSON).is_file())
+    if not sites:
+        return run_dir
+    log.info("%s is a multi-site run: exporting site %s (all sites hold the same weights after the last sync)", run_dir, sites[0].name)
+    return sites[0]
 
 
 def sample_with_transformers(hf_dir: Path, prompt: str, *, max_new_tokens: int, seed: int) -> str:

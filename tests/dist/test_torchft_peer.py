@@ -39,7 +39,7 @@ def test_two_sites_end_identical_with_falling_loss(tmp_path: Path, tiny_data: Pa
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(var, raising=False)
     code = launch_sites(
-        [str(cfg)],
+        [str(cfg), "--no-progress"],  # as `atoll train --worker` passes it
         topology=load_topology(topo),
         topology_path=topo,
         ranks_per_site=1,

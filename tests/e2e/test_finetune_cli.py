@@ -115,6 +115,13 @@ def test_peft_and_transformers_load_the_adapter_and_the_merge_unchanged(chain: d
     chat = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
     assert chat == "<|user|>\nhi\n<|assistant|>\n"
     assert json.loads((tmp / "merged-hf" / "atoll_lineage.json").read_text())[-1]["method"] == "lora"
+    # `atoll export` on the LoRA stage merges too, and refuses a pre-training --step for it.
+    assert atoll(capsys, "export", str(stage), str(tmp / "exported-hf"))[0] == 0
+    exported = AutoModelForCausalLM.from_pretrained(tmp / "exported-hf").eval()
+    with torch.no_grad():
+        assert torch.equal(exported(ids).logits, b)
+    code, _, err = atoll(capsys, "export", str(stage), str(tmp / "never"), "--step", "1")
+    assert code == 2 and "fine-tuned stage" in err and not (tmp / "never").exists()
 
 
 def test_lineage_prints_the_chain(chain: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:

@@ -1,7 +1,6 @@
 import dataclasses
 
 import pytest
-import torch
 
 from atoll.errors import AtollError
 from atoll.model.config import get_preset

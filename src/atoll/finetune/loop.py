@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import statistics
 import time
 from collections.abc import Iterator
@@ -29,7 +28,6 @@ import torch
 from torch import nn
 
 from atoll.config import TrainSection
-from atoll.config.topology import load_topology
 from atoll.data import even_split
 from atoll.errors import AtollError
 from atoll.finetune.config import FinetuneConfig
@@ -53,8 +51,8 @@ from atoll.parallel.dist import (
 )
 from atoll.report.metrics import MetricsWriter
 from atoll.report.progress import NullProgress, ProgressSink
-from atoll.sync.engine import CrossSiteSync, param_checksum
-from atoll.sync.transport import SiteInfo, TorchftTransport, WanModel
+from atoll.sync.engine import param_checksum, sync_from_environ
+from atoll.sync.transport import SiteInfo
 from atoll.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from atoll.train.schedule import warmup_cosine
 from atoll.train.trainer import site_from_environ
@@ -165,29 +163,6 @@ def run_finetune(cfg: FinetuneConfig, *, resume: bool = False, stop_after: int |
         destroy_process_group()
 
 
-def _make_sync(cfg: FinetuneConfig, model: nn.Module, site: SiteInfo) -> CrossSiteSync:
-    topology = load_topology(Path(os.environ["ATOLL_TOPOLOGY"]))
-    transport = TorchftTransport(
-        site,
-        lighthouse_addr=os.environ["TORCHFT_LIGHTHOUSE"],
-        store_addr=os.environ.get("MASTER_ADDR", "127.0.0.1"),
-        store_port=int(os.environ["MASTER_PORT"]),
-        hostname=os.environ.get("ATOLL_SITE_ADDR", "127.0.0.1"),
-        wan=WanModel(topology, mode=os.environ.get("ATOLL_WAN_MODE", "emulated")),
-        timeout_seconds=cfg.sync.timeout_seconds,
-        min_sites=cfg.sync.min_sites or site.num_sites,
-    )
-    return CrossSiteSync(
-        TrainableParameters(model),
-        cfg.sync,
-        transport=transport,
-        site_name=site.name,
-        local_rank=site.local_rank,
-        local_world_size=site.local_world_size,
-        inner_steps=cfg.sync.inner_steps_for(site.name),
-    )
-
-
 def stage_steps(cfg: FinetuneConfig, site: SiteInfo | None) -> int:
     """Steps a site runs: the same number of rounds everywhere, each of the site's own H."""
     if site is None or cfg.sync.strategy == "ddp":
@@ -223,7 +198,7 @@ def _finetune(cfg: FinetuneConfig, *, env: DistEnv, device: torch.device, site: 
     model = wrap_model(model, shard="ddp", device=device, env=env)
     optimizer = make_optimizer(model, t, device=device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, warmup_steps=t.warmup_steps, total_steps=total_steps, min_ratio=t.min_lr_ratio))
-    sync = _make_sync(cfg, model, site) if site is not None else None
+    sync = sync_from_environ(TrainableParameters(model), cfg.sync, site) if site is not None else None
 
     train_set = ExampleSet(run_dir / DATA_DIR, "train")
     val_set = ExampleSet(run_dir / DATA_DIR, "validation")

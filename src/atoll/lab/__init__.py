@@ -1,14 +1,13 @@
 """The WAN lab: a real shaped network on one machine (netns mode) or emulation in the transport.
 
-`Lab` builds one network namespace per site with tbf-shaped veths (root only); `LinkEmulator`
-adds latency in both modes and paces bandwidth when there is no netns lab; the scenario helpers
-pick the lab bandwidth that reproduces a real deployment's communication/compute ratio.
+`Lab` builds one network namespace per site with tbf-shaped veths (root only); without root the
+transport's `WanModel` emulates the links. The scenario helpers pick the lab bandwidth that
+reproduces a real deployment's communication/compute ratio.
 """
 
 from atoll.lab.emulate import (
     DEFAULT_SCENARIO,
     SCENARIOS,
-    LinkEmulator,
     Scenario,
     bandwidth_for_ratio,
     get_scenario,
@@ -22,7 +21,6 @@ __all__ = [
     "SCENARIOS",
     "Lab",
     "LabSite",
-    "LinkEmulator",
     "Scenario",
     "SiteLink",
     "bandwidth_for_ratio",

@@ -1,129 +1,19 @@
-"""Link emulation in the transport, and scaling a WAN scenario down to the lab.
-
-The transport calls `LinkEmulator.transmit` once per message it sends across sites. Two modes:
-
-- netns lab (`shape_bandwidth=False`): the kernel's `tbf` shapes the bandwidth; this kernel has no
-  `netem`, so the emulator adds only the latency;
-- emulation, without root (`shape_bandwidth=True`): the emulator also paces the sender at the
-  link's rate, so that messages take bytes·8/bandwidth + latency.
-
-Pacing is a virtual clock per emulator (a token bucket with no burst): each message reserves the
-interval [start, start + bytes·8/rate) after the previous reservation ends, under a lock, so a
-sender never exceeds its rate across calls and threads. Only the sender's own emulator is
-accounted: a receiver's downlink shared by several senders in other processes is not modelled
-(the path rate min(uplink, peer downlink) is).
+"""Scaling a real WAN deployment down to the lab.
 
 The scenario helpers follow shared/REFERENCES.md, "Scaling a scenario down to the lab":
 R = (seconds to send the exchanged model once over the WAN) ÷ (seconds of compute per inner
-step); the lab picks the bandwidth that gives a small model the same R.
+step); the lab picks the bandwidth that gives a small model the same R. What an exchange costs
+on a topology's links is modelled in one place, `atoll.sync.transport.WanModel` (bandwidth and
+latency when emulated, latency only in the netns lab where tbf shapes the rate).
 """
 
 from __future__ import annotations
 
-import threading
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from atoll.errors import AtollError
 
-if TYPE_CHECKING:
-    from atoll.config.topology import LinkSpec
-
 BITS_PER_MBIT = 1e6
-
-
-class LinkEmulator:
-    """One site's WAN link as the transport sees it: rates in Mbit/s, one-way latency in ms.
-
-    Thread-safe. `transmit` blocks the calling thread; `delay_seconds` is pure arithmetic.
-    `clock` and `sleep` are injectable so tests can run on a fake clock.
-    """
-
-    def __init__(
-        self,
-        uplink_mbps: float,
-        downlink_mbps: float | None = None,
-        latency_ms: float = 0.0,
-        *,
-        shape_bandwidth: bool,
-        clock: Callable[[], float] = time.monotonic,
-        sleep: Callable[[float], None] = time.sleep,
-    ) -> None:
-        if not uplink_mbps > 0:
-            raise AtollError(f"uplink_mbps must be > 0 (got {uplink_mbps})")
-        if downlink_mbps is not None and not downlink_mbps > 0:
-            raise AtollError(f"downlink_mbps must be > 0 (got {downlink_mbps}); leave it out to use the uplink's")
-        if latency_ms < 0:
-            raise AtollError(f"latency_ms must be >= 0 (got {latency_ms})")
-        self.uplink_mbps = float(uplink_mbps)
-        self.downlink_mbps = float(downlink_mbps) if downlink_mbps is not None else self.uplink_mbps
-        self.latency_ms = float(latency_ms)
-        self.shape_bandwidth = shape_bandwidth
-        self._clock = clock
-        self._sleep = sleep
-        self._lock = threading.Lock()
-        self._next_free = 0.0  # clock time at which the uplink has sent everything reserved so far
-        self._bytes_sent = 0
-
-    @classmethod
-    def from_link(cls, link: LinkSpec, *, shape_bandwidth: bool) -> LinkEmulator:
-        """The emulator for a topology link (`downlink_mbps` defaults to the uplink's)."""
-        return cls(link.uplink_mbps, link.down_mbps, link.latency_ms, shape_bandwidth=shape_bandwidth)
-
-    @property
-    def mode(self) -> str:
-        """"emulated" when this emulator paces bandwidth, "netns" when the kernel does."""
-        return "emulated" if self.shape_bandwidth else "netns"
-
-    @property
-    def bytes_sent(self) -> int:
-        """Total payload bytes passed to `transmit` so far."""
-        return self._bytes_sent
-
-    def path_mbps(self, peer: LinkEmulator | None = None) -> float:
-        """Bandwidth towards `peer`: min(own uplink, peer's downlink); to the WAN core without a peer."""
-        return self.uplink_mbps if peer is None else min(self.uplink_mbps, peer.downlink_mbps)
-
-    def path_latency_seconds(self, peer: LinkEmulator | None = None) -> float:
-        """One-way latency towards `peer`: own latency plus the peer's (both legs of the star)."""
-        return (self.latency_ms + (peer.latency_ms if peer is not None else 0.0)) / 1e3
-
-    def delay_seconds(self, num_bytes: int, peer: LinkEmulator | None = None) -> float:
-        """Seconds for `num_bytes` to reach `peer` on an idle link: bytes·8/bandwidth + latency.
-
-        Pure: the same figure in both modes (it is what the kernel plus the emulator add together).
-        """
-        if num_bytes < 0:
-            raise ValueError(f"num_bytes must be >= 0, got {num_bytes}")
-        return num_bytes * 8 / (self.path_mbps(peer) * BITS_PER_MBIT) + self.path_latency_seconds(peer)
-
-    def transmit(self, num_bytes: int, peer: LinkEmulator | None = None) -> float:
-        """Block until `num_bytes` sent now would have arrived at `peer`; return the seconds blocked.
-
-        Called by the transport around each cross-site message (before handing it to the socket in
-        netns mode, instead of the wire time in emulated mode). In emulated mode the message is
-        queued behind earlier ones from any thread of this sender, so the rate is respected across
-        calls; latency overlaps (the next message may start while this one is in flight). In netns
-        mode only the latency is slept.
-        """
-        if num_bytes < 0:
-            raise ValueError(f"num_bytes must be >= 0, got {num_bytes}")
-        latency = self.path_latency_seconds(peer)
-        with self._lock:
-            now = self._clock()
-            self._bytes_sent += num_bytes
-            if self.shape_bandwidth:
-                start = max(now, self._next_free)
-                self._next_free = start + num_bytes * 8 / (self.path_mbps(peer) * BITS_PER_MBIT)
-                arrival = self._next_free + latency
-            else:
-                arrival = now + latency
-        wait = arrival - now
-        if wait > 0:
-            self._sleep(wait)
-        return max(wait, 0.0)
 
 
 # ---------------------------------------------------------------- scaling a scenario

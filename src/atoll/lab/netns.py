@@ -11,8 +11,8 @@ Layout, for site i (0-based, in topology order):
 
 The veths are created directly inside the namespaces (never in the root namespace) and the wan
 namespace has no default route, so traffic can reach only addresses inside this lab. Latency is
-not shaped here (this kernel has no netem): `Lab.latency_ms` / `Lab.emulator` give it to the
-transport. Nothing in the root namespace is changed.
+not shaped here (this kernel has no netem): the transport's `WanModel` adds it (`Lab.latency_ms`
+says what it is). Nothing in the root namespace is changed.
 
 Ownership: before creating anything, the lab writes `/run/atoll-lab/<rid>.json` naming its owner
 process. `clean_leftovers` removes the namespaces and interfaces whose owner is gone (crashed
@@ -40,7 +40,6 @@ from types import FrameType, TracebackType
 from typing import TYPE_CHECKING, Any
 
 from atoll.errors import AtollError
-from atoll.lab.emulate import LinkEmulator
 
 if TYPE_CHECKING:
     from atoll.config.topology import Topology
@@ -388,12 +387,6 @@ class Lab:
     def latency_ms(self, name: str) -> float:
         """The site's one-way latency to the WAN core; the transport adds it (no netem here)."""
         return self._site(name).link.latency_ms
-
-    def emulator(self, name: str) -> LinkEmulator:
-        """A latency-only `LinkEmulator` for the site (the kernel shapes the bandwidth)."""
-        link = self._site(name).link
-        up = link.uplink_mbps or 1e6  # unshaped: a figure only `delay_seconds` uses
-        return LinkEmulator(up, link.downlink_mbps or up, link.latency_ms, shape_bandwidth=False)
 
     def site_env(self, name: str) -> dict[str, str]:
         """Environment a process of the site gets from `popen`: its address, interface and link."""

@@ -169,23 +169,29 @@ class Simulator:
         sync, n = self.sync, self.num_steps
         if len(self.order) == 1:
             return []
+        # A run ends with every exchange applied (the sites finish with identical weights), so
+        # no deadline lies past the last step; streaming also sends, at the end, each fragment
+        # whose last exchange came before it (as atoll's CrossSiteSync.finish does).
         h = sync.inner_steps
         if sync.strategy == "ddp":
             return [(t, t, 1.0) for t in range(1, n + 1)]
         if sync.strategy == "diloco":
             return [(t, t, 1.0) for t in range(h, n + 1, h)]
         if sync.strategy == "delayed":
-            return [(t, t + h, 1.0) for t in range(h, n + 1, h)]
+            return [(t, min(t + h, n), 1.0) for t in range(h, n + 1, h)]
         f = sync.fragments
         spacing = h / f
         out = []
+        last: dict[int, int] = {}
         j = 1
         while True:
             t = math.ceil(j * spacing - 1e-9)
             if t > n:
                 break
-            out.append((t, t + sync.overlap_steps, 1.0 / f))
+            out.append((t, min(t + sync.overlap_steps, n), 1.0 / f))
+            last[j % f] = t
             j += 1
+        out += [(n, n, 1.0 / f) for frag in range(f) if last.get(frag) != n]
         return out
 
     # ------------------------------------------------------------ sites

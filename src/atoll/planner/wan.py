@@ -56,11 +56,12 @@ class SiteLink:
 
 
 def codec_bytes(codec: Codec, shape: ModelShape, *, num_params: float | None = None,
-                topk_fraction: float = TOPK_FRACTION, lowrank_rank: int = LOWRANK_RANK) -> float:
+                topk_fraction: float = TOPK_FRACTION, lowrank_rank: int = LOWRANK_RANK, block_size: int = QUANT_BLOCK) -> float:
     """Bytes of one site's payload for an exchange of `num_params` (default: the whole model).
 
-    none: fp32 (4 B/param); fp16: 2; int8: 1 + 4/256; int4: 0.5 + 4/256 (blockwise absmax scales);
-    topk: fraction x (2-byte value + 4-byte index); lowrank: fp16 factors r(m+n) per matrix.
+    none: fp32 (4 B/param); fp16: 2; int8: 1 + 4/block; int4: 0.5 + 4/block (blockwise absmax
+    scales, one fp32 per `block_size` elements); topk: fraction x (2-byte value + 4-byte index);
+    lowrank: fp16 factors r(m+n) per matrix.
     """
     total = float(shape.num_params())
     n = total if num_params is None else float(num_params)
@@ -69,9 +70,9 @@ def codec_bytes(codec: Codec, shape: ModelShape, *, num_params: float | None = N
     if codec == "fp16":
         return 2.0 * n
     if codec == "int8":
-        return n * (1.0 + 4.0 / QUANT_BLOCK)
+        return n * (1.0 + 4.0 / block_size)
     if codec == "int4":
-        return n * (0.5 + 4.0 / QUANT_BLOCK)
+        return n * (0.5 + 4.0 / block_size)
     if codec == "topk":
         return n * topk_fraction * 6.0
     if codec == "lowrank":

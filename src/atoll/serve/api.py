@@ -16,7 +16,7 @@ import logging
 import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -242,6 +242,46 @@ class Server:
         return job, events
 
 
+def _event_stream(
+    job: Job,
+    events: asyncio.Queue[Event],
+    *,
+    opening: Callable[[int], dict[str, Any] | None],
+    delta: Callable[[int, str], dict[str, Any]],
+    finish: Callable[[int, str], dict[str, Any]],
+    usage: Callable[[int], dict[str, Any] | None],
+) -> StreamingResponse:
+    """Server-sent events for a job: `opening` when a choice first appears (None: nothing),
+    `delta` per piece of text, `finish` with its reason, then `usage` (None: none) and [DONE].
+    A client that goes away cancels the job."""
+
+    async def stream() -> AsyncIterator[str]:
+        used = 0
+        started: set[int] = set()
+        try:
+            while (event := await events.get())[0] != "end":
+                if event[0] == "error":
+                    yield _sse({"error": {"message": event[1], "type": "server_error", "param": None, "code": None}})
+                    break
+                index = event[1]
+                if index not in started:
+                    started.add(index)
+                    if (first := opening(index)) is not None:
+                        yield _sse(first)
+                if event[0] == "delta":
+                    yield _sse(delta(index, event[2]))
+                else:
+                    used += event[3]
+                    yield _sse(finish(index, event[2]))
+            if (last := usage(used)) is not None:
+                yield _sse(last)
+            yield "data: [DONE]\n\n"
+        finally:
+            job.cancelled.set()
+
+    return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
 async def _collect(job: Job, events: asyncio.Queue[Event], num_choices: int) -> tuple[list[str], list[str], int]:
     texts = [""] * num_choices
     reasons = ["stop"] * num_choices
@@ -309,30 +349,14 @@ def create_app(engine: Engine, *, model_name: str, limits: Limits | None = None,
         def chunk(index: int, text: str, reason: str | None) -> dict[str, Any]:
             return {**head, "choices": [{"text": text, "index": index, "logprobs": None, "finish_reason": reason}]}
 
-        async def stream() -> AsyncIterator[str]:
-            used = 0
-            started: set[int] = set()
-            try:
-                while (event := await events.get())[0] != "end":
-                    if event[0] == "error":
-                        yield _sse({"error": {"message": event[1], "type": "server_error", "param": None, "code": None}})
-                        break
-                    index = event[1]
-                    if body.echo and index not in started:
-                        started.add(index)
-                        yield _sse(chunk(index, prefix(index), None))
-                    if event[0] == "delta":
-                        yield _sse(chunk(index, event[2], None))
-                    else:
-                        used += event[3]
-                        yield _sse(chunk(index, "", event[2]))
-                if (body.stream_options or {}).get("include_usage"):
-                    yield _sse({**head, "choices": [], "usage": _usage(prepared.prompt_tokens, used)})
-                yield "data: [DONE]\n\n"
-            finally:
-                job.cancelled.set()
-
-        return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return _event_stream(
+            job,
+            events,
+            opening=lambda i: chunk(i, prefix(i), None) if body.echo else None,
+            delta=lambda i, text: chunk(i, text, None),
+            finish=lambda i, reason: chunk(i, "", reason),
+            usage=lambda used: {**head, "choices": [], "usage": _usage(prepared.prompt_tokens, used)} if (body.stream_options or {}).get("include_usage") else None,
+        )
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Any:
@@ -362,29 +386,13 @@ def create_app(engine: Engine, *, model_name: str, limits: Limits | None = None,
         def chunk(index: int, delta: dict[str, str], reason: str | None) -> dict[str, Any]:
             return {**head, "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": reason}]}
 
-        async def stream() -> AsyncIterator[str]:
-            used = 0
-            started: set[int] = set()
-            try:
-                while (event := await events.get())[0] != "end":
-                    if event[0] == "error":
-                        yield _sse({"error": {"message": event[1], "type": "server_error", "param": None, "code": None}})
-                        break
-                    index = event[1]
-                    if index not in started:
-                        started.add(index)
-                        yield _sse(chunk(index, {"role": "assistant", "content": ""}, None))
-                    if event[0] == "delta":
-                        yield _sse(chunk(index, {"content": event[2]}, None))
-                    else:
-                        used += event[3]
-                        yield _sse(chunk(index, {}, event[2]))
-                if (body.stream_options or {}).get("include_usage"):
-                    yield _sse({**head, "choices": [], "usage": _usage(prepared.prompt_tokens, used)})
-                yield "data: [DONE]\n\n"
-            finally:
-                job.cancelled.set()
-
-        return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return _event_stream(
+            job,
+            events,
+            opening=lambda i: chunk(i, {"role": "assistant", "content": ""}, None),
+            delta=lambda i, text: chunk(i, {"content": text}, None),
+            finish=lambda i, reason: chunk(i, {}, reason),
+            usage=lambda used: {**head, "choices": [], "usage": _usage(prepared.prompt_tokens, used)} if (body.stream_options or {}).get("include_usage") else None,
+        )
 
     return app

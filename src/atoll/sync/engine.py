@@ -40,7 +40,7 @@ from atoll.errors import AtollError
 from atoll.sync.codecs import Codec, Encoded, ErrorFeedback, get_codec, pack_payload, unpack_payload
 from atoll.sync.fragments import StreamingSchedule, assign_owners, split_fragments
 from atoll.sync.outer import OuterOptimizer, weighted_average
-from atoll.sync.transport import ByteCounter
+from atoll.sync.transport import ByteCounter, SiteInfo
 
 log = logging.getLogger(__name__)
 
@@ -232,33 +232,37 @@ class CrossSiteSync:
 
     # ------------------------------------------------------------------ intra-site reassembly
 
-    @torch.no_grad()
     def _gather_into_params(self, unit: Unit) -> None:
         """Every rank of the site gets the new values of the whole unit from their owners."""
+        self._gather_owned(unit, {n: self.params[n] for n in unit.params})
+
+    @torch.no_grad()
+    def _gather_owned(self, unit: Unit, targets: dict[str, torch.Tensor]) -> None:
+        """Copy the staged values of this rank's tensors into `targets` (parameters or their
+        gradients) on every rank of the site: each rank contributes what it owns, one all-gather."""
         staged = self._staged
         if self.local_world_size == 1 or not dist.is_initialized():
             for n in unit.owned:
                 if n in staged:
-                    self.params[n].copy_(staged.pop(n))
+                    targets[n].copy_(staged.pop(n))
             return
         counts = [0] * self.local_world_size
         for n in unit.params:
-            counts[self.owner[n]] += self.params[n].numel()
+            counts[self.owner[n]] += targets[n].numel()
         width = max(counts)
         mine = torch.zeros(width, dtype=torch.float32)
         offset = 0
         for n in unit.owned:
-            value = staged.pop(n) if n in staged else self.params[n].detach().float()
+            value = staged.pop(n) if n in staged else targets[n].detach().float()
             mine[offset : offset + value.numel()] = value.reshape(-1).cpu()
             offset += value.numel()
         gathered = [torch.empty(width, dtype=torch.float32) for _ in range(self.local_world_size)]
         dist.all_gather(gathered, mine)
         offsets = [0] * self.local_world_size
         for n in unit.params:
-            r = self.owner[n]
-            p = self.params[n]
-            p.copy_(gathered[r][offsets[r] : offsets[r] + p.numel()].view_as(p).to(p.device, p.dtype))
-            offsets[r] += p.numel()
+            r, t = self.owner[n], targets[n]
+            t.copy_(gathered[r][offsets[r] : offsets[r] + t.numel()].view_as(t).to(t.device, t.dtype))
+            offsets[r] += t.numel()
 
     # ------------------------------------------------------------------ cross-site DDP
 
@@ -290,34 +294,8 @@ class CrossSiteSync:
             average = weighted_average([d for d, _ in valid], [w for _, w in valid])
             for n, g in zip(unit.owned, average):
                 self._staged[n] = g
-        self._gather_grads(unit)
+        self._gather_owned(unit, {n: self.params[n].grad for n in unit.params})  # type: ignore[misc]
         return True
-
-    def _gather_grads(self, unit: Unit) -> None:
-        staged = self._staged
-        if self.local_world_size == 1 or not dist.is_initialized():
-            for n in unit.owned:
-                self.params[n].grad.copy_(staged.pop(n))  # type: ignore[union-attr]
-            return
-        counts = [0] * self.local_world_size
-        for n in unit.params:
-            counts[self.owner[n]] += self.params[n].numel()
-        width = max(counts)
-        mine = torch.zeros(width, dtype=torch.float32)
-        offset = 0
-        for n in unit.owned:
-            value = staged.pop(n)
-            mine[offset : offset + value.numel()] = value.reshape(-1).cpu()
-            offset += value.numel()
-        gathered = [torch.empty(width, dtype=torch.float32) for _ in range(self.local_world_size)]
-        dist.all_gather(gathered, mine)
-        offsets = [0] * self.local_world_size
-        for n in unit.params:
-            r = self.owner[n]
-            g = self.params[n].grad
-            assert g is not None
-            g.copy_(gathered[r][offsets[r] : offsets[r] + g.numel()].view_as(g).to(g.device, g.dtype))
-            offsets[r] += g.numel()
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -362,6 +340,42 @@ class CrossSiteSync:
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
         self.transport.close()
+
+
+def sync_from_environ(model: nn.Module, cfg: SyncSection, site: SiteInfo) -> CrossSiteSync:
+    """The cross-site sync of a rank started by the multi-site launcher (`atoll.sync.launch`).
+
+    The launcher's environment names the topology (ATOLL_TOPOLOGY), the Lighthouse
+    (TORCHFT_LIGHTHOUSE), the site's store (MASTER_ADDR/MASTER_PORT), this site's address in the
+    lab (ATOLL_SITE_ADDR) and how the WAN is modelled (ATOLL_WAN_MODE). Pre-training and
+    fine-tuning both build their sync here.
+    """
+    import os
+    from pathlib import Path
+
+    from atoll.config.topology import load_topology
+    from atoll.sync.transport import TorchftTransport, WanModel
+
+    topology = load_topology(Path(os.environ["ATOLL_TOPOLOGY"]))
+    transport = TorchftTransport(
+        site,
+        lighthouse_addr=os.environ["TORCHFT_LIGHTHOUSE"],
+        store_addr=os.environ.get("MASTER_ADDR", "127.0.0.1"),
+        store_port=int(os.environ["MASTER_PORT"]),
+        hostname=os.environ.get("ATOLL_SITE_ADDR", "127.0.0.1"),
+        wan=WanModel(topology, mode=os.environ.get("ATOLL_WAN_MODE", "emulated")),
+        timeout_seconds=cfg.timeout_seconds,
+        min_sites=cfg.min_sites or site.num_sites,
+    )
+    return CrossSiteSync(
+        model,
+        cfg,
+        transport=transport,
+        site_name=site.name,
+        local_rank=site.local_rank,
+        local_world_size=site.local_world_size,
+        inner_steps=cfg.inner_steps_for(site.name),
+    )
 
 
 def _codec_options(cfg: SyncSection) -> dict[str, Any]:

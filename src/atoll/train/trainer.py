@@ -41,8 +41,8 @@ from atoll.parallel.dist import (
 )
 from atoll.report.metrics import MetricsWriter
 from atoll.report.progress import NullProgress, ProgressSink
-from atoll.sync.engine import CrossSiteSync, param_checksum
-from atoll.sync.transport import SiteInfo, TorchftTransport, WanModel
+from atoll.sync.engine import CrossSiteSync, param_checksum, sync_from_environ
+from atoll.sync.transport import SiteInfo
 from atoll.train.checkpoint import latest_checkpoint, load_checkpoint, load_model_weights, save_checkpoint
 from atoll.train.schedule import warmup_cosine
 from atoll.train.setup import classify_init, prepare_run, read_model_json, site_config
@@ -201,27 +201,8 @@ def site_from_environ(env: DistEnv) -> SiteInfo | None:
 def _make_sync(cfg: RunConfig, model: nn.Module, site: SiteInfo) -> tuple[CrossSiteSync, float]:
     """The cross-site half of the step, and the site's emulated slowdown factor."""
     topology = load_topology(Path(os.environ["ATOLL_TOPOLOGY"]))
-    transport = TorchftTransport(
-        site,
-        lighthouse_addr=os.environ["TORCHFT_LIGHTHOUSE"],
-        store_addr=os.environ.get("MASTER_ADDR", "127.0.0.1"),
-        store_port=int(os.environ["MASTER_PORT"]),
-        hostname=os.environ.get("ATOLL_SITE_ADDR", "127.0.0.1"),
-        wan=WanModel(topology, mode=os.environ.get("ATOLL_WAN_MODE", "emulated")),
-        timeout_seconds=cfg.sync.timeout_seconds,
-        min_sites=cfg.sync.min_sites or site.num_sites,
-    )
-    sync = CrossSiteSync(
-        model,
-        cfg.sync,
-        transport=transport,
-        site_name=site.name,
-        local_rank=site.local_rank,
-        local_world_size=site.local_world_size,
-        inner_steps=cfg.sync.inner_steps_for(site.name),
-    )
     slowdown = max(d.slowdown for d in topology.site(site.name).devices)
-    return sync, slowdown
+    return sync_from_environ(model, cfg.sync, site), slowdown
 
 
 def site_steps(cfg: RunConfig, site: str | None) -> int:
@@ -247,17 +228,18 @@ def _train(cfg: RunConfig, *, env: DistEnv, device: torch.device, site: SiteInfo
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: warmup_cosine(s, warmup_steps=t.warmup_steps, total_steps=total_steps, min_ratio=t.min_lr_ratio)
     )
+    # Each site trains on its own stream: the shards the data's placement gives it (all of them
+    # without a site map), in an order of its own. Validation is the whole held-out split on
+    # every site, so that the sites' losses measure the one model on the same data.
+    train_ds = TokenDataset(cfg.data.dir, "train", seq_len=cfg.data.seq_len, site=site.name if site else None)
+    val_ds = TokenDataset(cfg.data.dir, "validation", seq_len=cfg.data.seq_len)
+    start, count = even_split(t.global_batch, env.world_size, env.rank)
+    stream = BatchStream(train_ds, global_batch=t.global_batch, seed=cfg.run.seed, rank_start=start, rank_count=count)
+
     sync: CrossSiteSync | None = None
     slowdown = 1.0
     if site is not None:
         sync, slowdown = _make_sync(cfg, model, site)
-
-    train_ds = TokenDataset(cfg.data.dir, "train", seq_len=cfg.data.seq_len)
-    val_ds = TokenDataset(cfg.data.dir, "validation", seq_len=cfg.data.seq_len)
-    start, count = even_split(t.global_batch, env.world_size, env.rank)
-    # Each site reads its own stream of the data (a different order of the shared shards).
-    data_seed = cfg.run.seed if site is None else cfg.run.seed + 7919 * (site.index + 1)
-    stream = BatchStream(train_ds, global_batch=t.global_batch, seed=data_seed, rank_start=start, rank_count=count)
     global_tokens = t.global_batch * cfg.data.seq_len
 
     step = 0
@@ -283,6 +265,10 @@ def _train(cfg: RunConfig, *, env: DistEnv, device: torch.device, site: SiteInfo
     if env.is_main:
         progress.start(total=total_steps, completed=step, description=site.name if site else cfg.run.name)
         log.info("model %s: %.2fM parameters; %d rank(s) on %s; global batch %d x %d tokens", cfg.model.preset or "init", mcfg.num_params() / 1e6, env.world_size, device.type, t.global_batch, cfg.data.seq_len)
+        if site is not None:
+            log.info("site %s reads %d train shard(s), %s tokens", site.name, len(train_ds.shards), f"{train_ds.num_tokens:,}")
+    if site is not None and not resume:  # which data this site trained on, for reports and tests
+        metrics.log(step, {"train_shards": [s.file for s in train_ds.shards], "train_tokens": train_ds.num_tokens})
 
     def checkpoint() -> None:
         save_checkpoint(
