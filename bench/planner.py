@@ -341,7 +341,7 @@ def main() -> None:
             lines.append(f"| {r['run']} | {r.get('role', '')} | {r['measured_step_s']:.3f} | {r['predicted_step_s']:.3f} | "
                          f"{r.get('error', r['error_catalog']):+.1%} | {r['error_catalog']:+.1%} | {r['measured_utilization']:.1%} | "
                          f"{r['predicted_utilization']:.1%} |")
-        refs = [r for r in lab_records if "error_catalog" not in r]
+        refs = [r for r in lab_records if "measured_seconds" in r]
         if refs:
             lines += ["", "Earlier two-site runs (shared/REFERENCES.md), predicted from its unloaded single-process speed:", "",
                       "| run | measured s | predicted s | measured utilization | predicted utilization |", "|---|---|---|---|---|"]

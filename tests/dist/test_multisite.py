@@ -63,8 +63,8 @@ SCENARIOS: dict[str, Scenario] = {
     "heterogeneous": Scenario(("east", "west"), {"strategy": "diloco", "inner_steps": 2, "site_inner_steps": {"east": 2, "west": 4}}, steps=4, slowdown={"east": 2.0}),
     "unknown-site": Scenario(("east", "west"), {"site_inner_steps": {"north": 3}}),
     "one-site": Scenario(("east",), {}),
-    "placed-data": Scenario(("east", "west"), {"strategy": "diloco", "inner_steps": 2}, steps=2, placed=True),
-    "unplaced-site": Scenario(("east", "north"), {"strategy": "diloco", "inner_steps": 2}, steps=2, placed=True),
+    "placed-data": Scenario(("east", "west"), {"strategy": "diloco", "inner_steps": 2}, steps=4, placed=True),
+    "unplaced-site": Scenario(("east", "north"), {"strategy": "diloco", "inner_steps": 2}, steps=4, placed=True),
 }
 MAX_CONCURRENT = 3  # runs at once: keeps both cores busy while a run waits on imports or peers
 
