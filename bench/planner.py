@@ -329,7 +329,7 @@ def main() -> None:
     else:
         lines.append(f"No measurements: {wan_notes['missing']} is missing (run bench/wan.py first).")
     lines += ["", "## This lab (single-site runs of bench/throughput.py)", ""]
-    if lab_records:
+    if any("error_catalog" in r for r in lab_records):  # the multi-site and reference rows have their own tables
         lines += [f"Matmul peak measured by bench/throughput.py: {lab_notes['matmul_peak_all_cores'] / 1e9:.1f} GFLOP/s "
                   f"({lab_notes['cores']} cores; each of n ranks gets 1/n); calibrated CPU matmul efficiency "
                   f"{lab_notes.get('calibrated_matmul_efficiency')}.", "",
