@@ -54,12 +54,12 @@ class Scenario:
 
 
 SCENARIOS: dict[str, Scenario] = {
-    "diloco": Scenario(("east", "west"), {"strategy": "diloco", "inner_steps": 2}),
+    "diloco": Scenario(("east", "west"), {"strategy": "diloco", "inner_steps": 2, "chunk_kib": 16}),  # many pipelined chunks
     "diloco-2-ranks": Scenario(("east", "west"), {"strategy": "diloco", "inner_steps": 2}, flags=("--ranks-per-site", "2")),
     "delayed": Scenario(("east", "west"), {"strategy": "delayed", "inner_steps": 2}),
     "streaming": Scenario(("east", "west"), {"strategy": "streaming", "inner_steps": 4, "fragments": 2, "overlap_steps": 1}, steps=8),
     "int8-emulated": Scenario(("east", "west"), {"strategy": "diloco", "inner_steps": 2, "codec": "int8", "block_size": 128}, steps=4, wan="emulated", mbps=2.0, latency_ms=5.0),
-    "ddp-3-sites": Scenario(("east", "west", "south"), {"strategy": "ddp"}, steps=3),
+    "ddp-3-sites": Scenario(("east", "west", "south"), {"strategy": "ddp", "chunk_kib": 16}, steps=3),
     "heterogeneous": Scenario(("east", "west"), {"strategy": "diloco", "inner_steps": 2, "site_inner_steps": {"east": 2, "west": 4}}, steps=4, slowdown={"east": 2.0}),
     "unknown-site": Scenario(("east", "west"), {"site_inner_steps": {"north": 3}}),
     "one-site": Scenario(("east",), {}),

@@ -78,11 +78,12 @@ def test_codec_bytes_and_wan_time_by_hand() -> None:
     assert codec_bytes("int4", shape) == pytest.approx(n * (0.5 + 4 / 256))
     assert codec_bytes("topk", shape) == pytest.approx(n * 0.01 * 6)
     assert codec_bytes("lowrank", shape, lowrank_rank=8) < codec_bytes("fp16", shape)
-    # Two sites at 1 Gbit/s (125 MB/s): an all-reduce moves 2(S-1)/S = 1x the payload each way.
+    # Two sites at 1 Gbit/s (125 MB/s): the all-gather moves S-1 = 1 payload each way.
     links = [SiteLink("a", 125e6, 125e6, 0.01), SiteLink("b", 125e6, 250e6, 0.02)]
     assert per_site_bytes("int8", 1e9, 2) == 1e9
-    assert exchange_seconds("int8", 1e9, links) == pytest.approx(8.0 + 2 * 0.03)
-    assert per_site_bytes("topk", 1e9, 3) == 2e9  # gathered, not summed
+    assert exchange_seconds("int8", 1e9, links) == pytest.approx(8.0 + 0.03)
+    assert per_site_bytes("topk", 1e9, 3) == 2e9
+    assert per_site_bytes("int8", 1e9, 3) == 2e9  # gathered, as the transport does: never summed on the way
 
 
 def test_exposed_time_per_strategy() -> None:

@@ -7,7 +7,7 @@ import torch
 
 from atoll.config.topology import Topology
 from atoll.errors import AtollError
-from atoll.sync.transport import ByteCounter, WanModel, pack, unpack
+from atoll.sync.transport import MIN_CHUNK_BYTES, ByteCounter, WanModel, chunk_bytes_for, pack, unpack
 
 
 def topology(*links: tuple[str, float, float]) -> Topology:
@@ -66,3 +66,12 @@ def test_wan_model_refuses_unknown_modes_and_missing_links() -> None:
     one_site = Topology.model_validate({"name": "t", "sites": [{"name": "a", "devices": [{"kind": "cpu", "count": 1}]}]})
     with pytest.raises(AtollError, match="needs a topology with links"):
         WanModel(one_site, mode="emulated")
+
+
+def test_all_gather_chunks_cover_the_bandwidth_delay_product_of_the_links() -> None:
+    # 1 Gbit/s, farthest pair 40 + 10 ms one way: 125e6 B/s x 0.1 s round trip = 12.5 MB
+    assert chunk_bytes_for(topology(("a", 1000.0, 40.0), ("b", 100.0, 10.0), ("c", 1000.0, 5.0))) == 12_500_000
+    # a slow, near link: the product is tiny, the floor holds
+    assert chunk_bytes_for(topology(("a", 4.08, 15.0), ("b", 4.08, 15.0))) == MIN_CHUNK_BYTES
+    assert chunk_bytes_for(None) == MIN_CHUNK_BYTES
+    assert chunk_bytes_for(topology(("a", 1000.0, 40.0), ("b", 1000.0, 40.0)), minimum=2**30) == 2**30

@@ -120,6 +120,9 @@ class SyncSection(Section):
     nesterov: bool = Field(True, description="Nesterov momentum in the outer step.")
     timeout_seconds: float = Field(1800.0, gt=0, description="Timeout of one cross-site exchange (slow links need long ones).")
     min_sites: int | None = Field(None, gt=0, description="Quorum size below which sites wait (default: all sites).")
+    chunk_kib: int | None = Field(
+        None, gt=0, description="Chunk of the pipelined WAN all-gather, KiB (default: the links' bandwidth-delay product, at least 256 KiB)."
+    )
 
     @model_validator(mode="after")
     def _check(self) -> "SyncSection":

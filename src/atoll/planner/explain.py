@@ -5,7 +5,7 @@ from __future__ import annotations
 from atoll.planner.cost import matmul_params, training_flops_per_token
 from atoll.planner.search import Candidate, PlanRequest
 from atoll.planner.shape import ModelShape
-from atoll.planner.wan import codec_bytes, exposed_per_round, is_summable
+from atoll.planner.wan import codec_bytes, exposed_per_round
 
 
 def _t(seconds: float) -> str:
@@ -66,8 +66,7 @@ def explain(c: Candidate, shape: ModelShape, req: PlanRequest) -> list[tuple[str
             payload = codec_bytes(sync.codec, shape)
             lines.append(f"payload = {sync.codec}({shape.num_params():,} parameters) = {payload / 1e9:.3f} GB per site")
         k = len(c.sites)
-        how = f"ring all-reduce: 2(S-1)/S x payload = 2x{k - 1}/{k}" if sync.strategy == "ddp" or is_summable(sync.codec) else f"all-gather: (S-1) x payload = {k - 1}"
-        lines.append(f"each site sends {how} x payload = {c.wan_bytes_per_sync / 1e9:.3f} GB per sync")
+        lines.append(f"each site sends (all-gather) (S-1) x payload = {k - 1} = {c.wan_bytes_per_sync / 1e9:.3f} GB per sync")
         for sp in c.sites:
             if sp.link:
                 lines.append(

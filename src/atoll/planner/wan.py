@@ -1,9 +1,12 @@
 """The cross-site exchange: bytes per sync for each codec, seconds on the WAN, exposed seconds.
 
 Sites form a star through the WAN: site A reaches site B through A's uplink and B's downlink.
-Quantizing codecs (none, fp16, int8, int4) are summed on the way (a ring all-reduce: each site
-sends and receives 2(S-1)/S of the payload); sparse and low-rank codecs cannot be summed in
-compressed form, so every site gathers every other site's payload (S-1 payloads each way).
+Every exchange is an all-gather, as atoll's transport does it: each site sends its payload to
+and receives one from each of the S-1 others, whatever the codec (and cross-site ddp's
+gradients too). A ring all-reduce would move 2(S-1)/S payloads instead of S-1 (the same at two
+sites, 1.5x less at three), but it sums the payloads on the way, and atoll checks each site's
+update before applying it (a malformed or non-finite update is rejected, not averaged in);
+docs/decisions.md.
 Each local rank exchanges only its own fragment with its peers in the other sites (sharded
 outer exchange), so the bytes per site are the same as one full exchange and all of them cross
 the site's one uplink.
@@ -16,7 +19,6 @@ from dataclasses import dataclass
 from typing import Literal
 
 from atoll.errors import AtollError
-from atoll.planner.cost import allreduce_bytes_per_rank
 from atoll.planner.shape import ModelShape
 
 Strategy = Literal["ddp", "diloco", "streaming", "delayed"]
@@ -83,17 +85,10 @@ def codec_bytes(codec: Codec, shape: ModelShape, *, num_params: float | None = N
     raise AtollError(f"unknown codec {codec!r}; choose one of {', '.join(CODECS)}")
 
 
-def is_summable(codec: Codec) -> bool:
-    """Whether payloads can be reduced in compressed form (ring all-reduce) or must be gathered."""
-    return codec in ("none", "fp16", "int8", "int4")
-
-
 def per_site_bytes(codec: Codec, payload: float, num_sites: int) -> float:
     """Bytes each site sends (and receives) for one exchange among `num_sites` sites."""
     if num_sites <= 1:
         return 0.0
-    if is_summable(codec):
-        return allreduce_bytes_per_rank(payload, num_sites)
     return (num_sites - 1) * payload
 
 
@@ -108,14 +103,13 @@ def exchange_seconds(codec: Codec, payload: float, links: list[SiteLink]) -> flo
 
 
 def exchange_latency(codec: Codec, links: list[SiteLink]) -> float:
-    """Latency part of one exchange: 2(S-1) ring hops (S-1 for a gather), each between the two
-    farthest sites (one-way latency of both access links)."""
+    """Latency part of one exchange: S-1 gather steps, each between the two farthest sites
+    (one-way latency of both access links)."""
     s = len(links)
     if s <= 1:
         return 0.0
     lats = sorted(link.latency_s for link in links)
-    hops = 2 * (s - 1) if is_summable(codec) else s - 1
-    return hops * (lats[-1] + lats[-2])
+    return (s - 1) * (lats[-1] + lats[-2])
 
 
 def exposed_per_round(strategy: Strategy, *, inner_steps: int, step_s: float, sync_s: float,

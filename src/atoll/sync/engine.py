@@ -354,7 +354,7 @@ def sync_from_environ(model: nn.Module, cfg: SyncSection, site: SiteInfo) -> Cro
     from pathlib import Path
 
     from atoll.config.topology import load_topology
-    from atoll.sync.transport import TorchftTransport, WanModel
+    from atoll.sync.transport import TorchftTransport, WanModel, chunk_bytes_for
 
     topology = load_topology(Path(os.environ["ATOLL_TOPOLOGY"]))
     transport = TorchftTransport(
@@ -366,6 +366,7 @@ def sync_from_environ(model: nn.Module, cfg: SyncSection, site: SiteInfo) -> Cro
         wan=WanModel(topology, mode=os.environ.get("ATOLL_WAN_MODE", "emulated")),
         timeout_seconds=cfg.timeout_seconds,
         min_sites=cfg.min_sites or site.num_sites,
+        chunk_bytes=cfg.chunk_kib * 1024 if cfg.chunk_kib else chunk_bytes_for(topology),
     )
     return CrossSiteSync(
         model,
