@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 ATOLL := $(VENV)/bin/atoll
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench bench-wan bench-finetune finetune-demo clean-runs help debian-deps
+.PHONY: demo test bench bench-wan bench-data bench-finetune finetune-demo peer-env clean-runs help debian-deps
 
 help:
 	@echo "make demo   - install into .venv, train the demo model on two sites over a shaped WAN link, export it, sample it"
@@ -14,6 +14,7 @@ help:
 	@echo "make bench  - throughput benchmark (bench/results/throughput.{json,md})"
 	@echo "make finetune-demo - general -> networking (LoRA) -> netlink (LoRA), evaluation table, then serve"
 	@echo "make bench-wan - multi-site strategies and codecs over a scaled-down WAN (bench/results/wan.*)"
+	@echo "make bench-data - data pipeline MB/s per stage, side by side with HF datatrove (bench/results/data.*)"
 
 # Debian tools the WAN lab needs (ip, tc); installed when missing and we are root. Without them
 # (or without root) the lab falls back to emulating the links in the transport.
@@ -45,6 +46,20 @@ bench: $(STAMP)
 
 bench-wan: $(STAMP)
 	$(PY) bench/wan.py
+
+# The data benchmark's peer, HF datatrove, in its own environment: it pins packages atoll does not
+# use, and its Gopher filters need spaCy.
+PEER_VENV := .venv-peer
+$(PEER_VENV)/.installed:
+	$(PYTHON) -m venv $(PEER_VENV)
+	$(PEER_VENV)/bin/pip install -q 'datatrove[processing,io]==0.10.1' spacy==3.8.18 orjson==3.13.0 tokenizers==0.23.3
+	touch $@
+
+peer-env: $(PEER_VENV)/.installed
+
+bench-data: $(STAMP) peer-env
+	@test -d /usr/share/doc/python3.11/html/_sources || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3.11-doc >/dev/null; } || echo "note: python3.11-doc missing: the corpus is Shakespeare only"
+	$(PY) bench/data.py --corpora 1x 4x --workers 1 2 --peer datatrove
 
 clean-runs:
 	rm -rf runs

@@ -12,7 +12,9 @@ library functions the pipeline runs: `clean_text`; language id + `apply_filters`
 signatures + the LSH index; content-hash exact dedup; `encode_batch_fast` with a BPE trained
 here), then end to end with the real `atoll.data.pipeline.prepare` (which fuses clean, filter
 and signatures into one pass per unit). MB are input text bytes (UTF-8). RAYON_NUM_THREADS=1:
-one worker is one core, also for the tokenizers library.
+one worker is one core, also for the tokenizers library. `--peer datatrove` runs HF datatrove
+0.10.1 on the 4x corpus at 2 workers, side by side (bench/datatrove_peer.py, in the environment
+`make peer-env` builds).
 Writes bench/results/data.json and data.md.
 """
 
@@ -28,6 +30,7 @@ import json
 import multiprocessing
 import platform
 import random
+import subprocess
 import sys
 import tempfile
 import time
@@ -289,31 +292,30 @@ def measure_end_to_end(docs: list[dict[str, str]], workers: int, scratch: Path) 
     }
 
 
-def run_peer(name: str, docs: list[dict[str, str]], workers: int) -> dict[str, Any] | None:
-    """The peer's figures on the same corpus, when it is installed (datatrove only)."""
+PEER_PYTHON = REPO / ".venv-peer" / "bin" / "python"
+
+
+def run_peer(name: str, docs: list[dict[str, str]], workers: int, tokenizer: Path, scratch: Path, python: Path) -> dict[str, Any] | None:
+    """The peer's figures on the same corpus (datatrove only), run by bench/datatrove_peer.py in
+    the peer's own environment (`make peer-env`); None, with a message, when it is not there."""
     if name != "datatrove":
         raise SystemExit(f"unknown peer {name!r}: only datatrove is supported")
-    try:
-        from datatrove.data import Document
-        from datatrove.pipeline.filters import C4QualityFilter, GopherQualityFilter, GopherRepetitionFilter
-    except ImportError:
-        print("peer datatrove is not installed (pip install datatrove==0.10.1): skipped", file=sys.stderr)
+    if not python.exists():
+        print(f"peer datatrove: no environment at {python} (run `make peer-env`): skipped", file=sys.stderr)
         return None
-    filters = [GopherQualityFilter(), GopherRepetitionFilter(), C4QualityFilter()]
-    start = time.perf_counter()
-    kept = 0
-    for d in docs:
-        doc = Document(text=d["text"], id=d["id"])
-        ok = True
-        for f in filters:
-            verdict = f.filter(doc)
-            if verdict is False or (isinstance(verdict, tuple) and not verdict[0]):
-                ok = False
-                break
-        kept += ok
-    secs = time.perf_counter() - start
-    size = mb(docs)
-    return {"input_mb": round(size, 3), "workers": 1, "stages": [record("quality filters (datatrove Gopher + C4)", size, secs, len(docs), kept)], "note": "filters only, one process"}
+    inputs = scratch / "peer-input"
+    inputs.mkdir(parents=True, exist_ok=True)
+    for k in range(workers):  # one file per task, one task per worker
+        with open(inputs / f"part-{k}.jsonl", "w", encoding="utf-8") as f:
+            for d in docs[k::workers]:
+                f.write(json.dumps({"id": d["id"], "text": d["text"]}) + "\n")
+    cmd = [str(python), str(REPO / "bench" / "datatrove_peer.py"), "--input", str(inputs), "--tokenizer", str(tokenizer), "--workers", str(workers), "--work", str(scratch / "peer-work")]
+    print(f"peer datatrove at {workers} worker(s) ...", file=sys.stderr)
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stderr[-3000:])
+        raise SystemExit(f"peer datatrove failed: {' '.join(cmd)}")
+    return json.loads(proc.stdout)
 
 
 def render(results: dict[str, Any]) -> str:
@@ -340,8 +342,20 @@ def render(results: dict[str, Any]) -> str:
                   f"Signatures {near['signature_seconds']:.2f} s, LSH {near['lsh_seconds']:.2f} s.",
                   f"End-to-end wall seconds per stage: {', '.join(f'{k} {v:.1f}' for k, v in e['stage_seconds'].items())}.",
                   f"Worker CPU seconds: {', '.join(f'{k} {v:.1f}' for k, v in e['cpu_seconds'].items())}.", ""]
-    if results.get("peer"):
-        lines += ["## Peer", "", "```", json.dumps(results["peer"], indent=1), "```", ""]
+    peer = results.get("peer")
+    if peer:
+        ours = next((r for r in results["runs"] if r["corpus"] == "4x" and r["workers"] == peer["workers"]), None)
+        lines += [f"## Side by side: datatrove 0.10.1, {peer['input_mb']:.1f} MB, {peer['documents']:,} documents, {peer['workers']} worker(s)", "",
+                  "| stage | atoll MB/s | datatrove MB/s | atoll / datatrove | docs out: atoll | docs out: datatrove |", "|---|---:|---:|---:|---:|---:|"]
+        for key in ("quality", "near", "exact", "tokenize"):
+            theirs = next((x for x in peer["stages"] if x["stage"].startswith(key)), None)
+            mine = next((x for x in ours["stages"] if x["stage"].startswith(key)), None) if ours else None
+            if theirs and mine:
+                lines.append(f"| {key} | {mine['mb_per_s']:.2f} | {theirs['mb_per_s']:.2f} | {mine['mb_per_s'] / theirs['mb_per_s']:.1f}x | {mine['docs_out']:,} | {theirs['docs_out']:,} |")
+        near = next((x for x in peer["stages"] if x["stage"].startswith("near")), None)
+        if near:
+            lines += ["", f"datatrove's MinHash steps (signatures, buckets, cluster, filter): {', '.join(f'{v:.1f}' for v in near['step_seconds'])} s."]
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -350,6 +364,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--corpora", nargs="+", default=["1x", "4x"], choices=["1x", "4x"])
     parser.add_argument("--peer", default=None, help="also run a peer pipeline (datatrove) when installed")
+    parser.add_argument("--peer-python", type=Path, default=PEER_PYTHON, help="the peer environment's interpreter (make peer-env)")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     args = parser.parse_args()
 
@@ -376,7 +391,7 @@ def main() -> None:
                 runs.append({"corpus": name, "workers": workers, "input_mb": round(mb(docs), 3), "documents": len(docs), "stages": stages, "end_to_end": e2e})
                 print(json.dumps(runs[-1]["stages"], indent=None), file=sys.stderr)
         headline = next((r for r in runs if r["corpus"] == "4x" and r["workers"] == 2), runs[-1])
-        peer = run_peer(args.peer, corpora["4x"], 2) if args.peer else None
+        peer = run_peer(args.peer, corpora["4x"], 2, tok_path, scratch, args.peer_python) if args.peer else None
     results = {
         "free_cores_before": cores_before,
         "free_cores_after": free_cores(),
