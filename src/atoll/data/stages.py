@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import os
 import time
 from collections import Counter
@@ -27,6 +28,8 @@ from atoll.data.dedup import permutations, signature
 from atoll.data.filters import apply_filters
 from atoll.data.readers import ReadErrors, Unit, read_unit
 from atoll.data.text import TextView, identify_language
+
+logger = logging.getLogger(__name__)
 
 PIPELINE_VERSION = "1"  # bump when a stage's output changes for the same settings
 
@@ -215,26 +218,48 @@ class TokenizeTask:
 
 
 _TOKENIZERS: dict[str, Any] = {}
+_FAST: dict[str, Any] = {}
 _ENCODE_BATCH = 256
+CHECK_EVERY = 32
+"""`encode_texts` checks every CHECK_EVERY-th document of the fast path against `tokenizers`."""
 
 
 def _tokenizer(path: str) -> Any:
     if path not in _TOKENIZERS:
-        from atoll.data.tokenizer import load_tokenizer
+        from atoll.data.tokenizer import fast_encoder, load_tokenizer
 
         _TOKENIZERS.clear()
+        _FAST.clear()
         _TOKENIZERS[path] = load_tokenizer(path)
+        _FAST[path] = fast_encoder(_TOKENIZERS[path])
     return _TOKENIZERS[path]
 
 
-def encode_texts(tokenizer: Any, texts: list[str], *, eos_id: int, dtype: str) -> tuple[np.ndarray, np.ndarray]:
-    """(token stream, tokens per document): each text's ids followed by `eos_id`, end to end."""
+def _encode_ids(tokenizer: Any, fast: Any, texts: list[str]) -> tuple[list[list[int]], Any]:
+    """Ids of `texts`, through `fast` when given and it agrees with `tokenizer` on every
+    CHECK_EVERY-th text; (ids, the fast encoder to use next, None once it disagreed)."""
+    if fast is not None:
+        ids = fast.encode_batch(texts)
+        sample = list(range(0, len(texts), CHECK_EVERY))
+        reference = tokenizer.encode_batch_fast([texts[i] for i in sample])
+        if all(ids[i] == ref.ids for i, ref in zip(sample, reference)):
+            return ids, fast
+        logger.warning("the fast BPE encoder disagreed with tokenizers on a document: encoding with tokenizers from here on")
+    return [e.ids for e in tokenizer.encode_batch_fast(texts)], None
+
+
+def encode_texts(tokenizer: Any, texts: list[str], *, eos_id: int, dtype: str, fast: Any = None) -> tuple[np.ndarray, np.ndarray]:
+    """(token stream, tokens per document): each text's ids followed by `eos_id`, end to end.
+
+    `fast` (`atoll.data.tokenizer.fast_encoder`) encodes in its place, checked against
+    `tokenizer` on a sample; a batch where they disagree is encoded again by `tokenizer`."""
     parts: list[np.ndarray] = []
     lengths = np.empty(len(texts), dtype=np.int64)
     for start in range(0, len(texts), _ENCODE_BATCH):
-        for i, enc in enumerate(tokenizer.encode_batch_fast(texts[start : start + _ENCODE_BATCH]), start=start):
-            ids = np.empty(len(enc.ids) + 1, dtype=dtype)
-            ids[:-1] = enc.ids
+        batch, fast = _encode_ids(tokenizer, fast, texts[start : start + _ENCODE_BATCH])
+        for i, doc in enumerate(batch, start=start):
+            ids = np.empty(len(doc) + 1, dtype=dtype)
+            ids[:-1] = doc
             ids[-1] = eos_id
             parts.append(ids)
             lengths[i] = len(ids)
@@ -258,7 +283,7 @@ def tokenize_unit(task: TokenizeTask) -> dict[str, Any]:
     rows = np.array([i for i in range(len(texts)) if i not in removed], dtype=np.int64)
     kept = [texts[i] for i in rows]
     t1 = time.perf_counter()
-    stream, lengths = encode_texts(tokenizer, kept, eos_id=eos, dtype=task.dtype)
+    stream, lengths = encode_texts(tokenizer, kept, eos_id=eos, dtype=task.dtype, fast=_FAST.get(task.tokenizer_path))
     t2 = time.perf_counter()
     out = Path(task.out_dir)
     with (out / f"{task.unit_name}.npz.tmp").open("wb") as f:
