@@ -312,7 +312,8 @@ def run_peer(name: str, docs: list[dict[str, str]], workers: int, tokenizer: Pat
                 f.write(json.dumps({"id": d["id"], "text": d["text"]}) + "\n")
     cmd = [str(python), str(REPO / "bench" / "datatrove_peer.py"), "--input", str(inputs), "--tokenizer", str(tokenizer), "--workers", str(workers), "--work", str(scratch / "peer-work")]
     print(f"peer datatrove at {workers} worker(s) ...", file=sys.stderr)
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    env = {k: v for k, v in os.environ.items() if k != "RAYON_NUM_THREADS"}  # the peer's tokenizer threads as its users get them
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         sys.stderr.write(proc.stderr[-3000:])
         raise SystemExit(f"peer datatrove failed: {' '.join(cmd)}")
