@@ -66,7 +66,7 @@ def explain(c: Candidate, shape: ModelShape, req: PlanRequest) -> list[tuple[str
             payload = codec_bytes(sync.codec, shape)
             lines.append(f"payload = {sync.codec}({shape.num_params():,} parameters) = {payload / 1e9:.3f} GB per site")
         k = len(c.sites)
-        lines.append(f"each site sends (all-gather) (S-1) x payload = {k - 1} = {c.wan_bytes_per_sync / 1e9:.3f} GB per sync")
+        lines.append(f"each site sends (all-gather) (S-1) x payload = {k - 1} x {payload / 1e9:.3f} GB = {c.wan_bytes_per_sync / 1e9:.3f} GB per sync")
         for sp in c.sites:
             if sp.link:
                 lines.append(
