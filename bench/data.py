@@ -131,11 +131,10 @@ def w_signature(chunk: list[str]) -> list[Any]:
 
 
 def w_tokenize(args: tuple[str, list[str]]) -> int:
-    from atoll.data.stages import _FAST, _tokenizer, encode_texts
+    from atoll.data.stages import _fast_encoder, _tokenizer, encode_texts
 
     path, chunk = args
-    tok = _tokenizer(path)
-    _, lengths = encode_texts(tok, chunk, eos_id=0, dtype="uint16", fast=_FAST.get(path))  # as `prepare` encodes a unit
+    _, lengths = encode_texts(_tokenizer(path), chunk, eos_id=0, dtype="uint16", fast=_fast_encoder(path))  # as `prepare` encodes a unit
     return int(lengths.sum()) - len(chunk)
 
 

@@ -209,8 +209,8 @@ def lab_wan(path: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         codec = rec["codec"]
         payload = codec_bytes(codec, shape, block_size=defaults.block_size)
         streaming = rec["strategy"] == "streaming"
-        sync = SimSync(rec["strategy"], 1 if rec["strategy"] == "ddp" else args.inner_steps, per_site_bytes(codec, payload, 2),
-                       exchange_latency(codec, links), defaults.fragments if streaming else 1, args.overlap_steps if streaming else 0)
+        sync = SimSync(rec["strategy"], 1 if rec["strategy"] == "ddp" else args.inner_steps, per_site_bytes(payload, 2),
+                       exchange_latency(links), defaults.fragments if streaming else 1, args.overlap_steps if streaming else 0)
         sim = simulate(sites, sync, num_steps=args.steps)
         measured_step = rec["wall_s"] / args.steps
         predicted_step = sim.wall_s / args.steps
@@ -263,7 +263,7 @@ def reference_lab() -> list[dict[str, Any]]:
     out = []
     for ref in REFERENCE_RUNS:
         payload = codec_bytes("none", shape)  # fp32 gradients or pseudo-gradients
-        sync = exchange_seconds("none", payload, links)
+        sync = exchange_seconds(payload, links)
         exposed = exposed_per_round(ref["strategy"], inner_steps=ref["h"], step_s=step_s, sync_s=sync)  # type: ignore[arg-type]
         rounds = 400 // ref["h"]
         wall = rounds * (ref["h"] * step_s + exposed)

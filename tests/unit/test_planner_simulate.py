@@ -21,12 +21,12 @@ def sites() -> list[SimSite]:
 
 
 def sync(strategy: str, h: int, *, fragments: int = 1, tau: int = 0) -> tuple[SimSync, float]:
-    volume = per_site_bytes("int8", PAYLOAD, 3)
-    full = exchange_seconds("int8", PAYLOAD, LINKS)
+    volume = per_site_bytes(PAYLOAD, 3)
+    full = exchange_seconds(PAYLOAD, LINKS)
     return SimSync(strategy, h, volume, LATENCY, fragments, tau), full  # type: ignore[arg-type]
 
 
-LATENCY = exchange_latency("int8", LINKS)
+LATENCY = exchange_latency(LINKS)
 
 
 @pytest.mark.parametrize(

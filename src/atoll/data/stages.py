@@ -217,22 +217,28 @@ class TokenizeTask:
     fingerprint: str
 
 
-_TOKENIZERS: dict[str, Any] = {}
-_FAST: dict[str, Any] = {}
+_TOKENIZERS: dict[str, tuple[Any, Any]] = {}  # path -> (tokenizers object, its fast encoder or None)
 _ENCODE_BATCH = 256
 CHECK_EVERY = 32
 """`encode_texts` checks every CHECK_EVERY-th document of the fast path against `tokenizers`."""
 
 
-def _tokenizer(path: str) -> Any:
+def _load(path: str) -> tuple[Any, Any]:
     if path not in _TOKENIZERS:
         from atoll.data.tokenizer import fast_encoder, load_tokenizer
 
         _TOKENIZERS.clear()
-        _FAST.clear()
-        _TOKENIZERS[path] = load_tokenizer(path)
-        _FAST[path] = fast_encoder(_TOKENIZERS[path])
+        tokenizer = load_tokenizer(path)
+        _TOKENIZERS[path] = (tokenizer, fast_encoder(tokenizer))
     return _TOKENIZERS[path]
+
+
+def _tokenizer(path: str) -> Any:
+    return _load(path)[0]
+
+
+def _fast_encoder(path: str) -> Any:
+    return _load(path)[1]
 
 
 def _encode_ids(tokenizer: Any, fast: Any, texts: list[str]) -> tuple[list[list[int]], Any]:
@@ -283,7 +289,7 @@ def tokenize_unit(task: TokenizeTask) -> dict[str, Any]:
     rows = np.array([i for i in range(len(texts)) if i not in removed], dtype=np.int64)
     kept = [texts[i] for i in rows]
     t1 = time.perf_counter()
-    stream, lengths = encode_texts(tokenizer, kept, eos_id=eos, dtype=task.dtype, fast=_FAST.get(task.tokenizer_path))
+    stream, lengths = encode_texts(tokenizer, kept, eos_id=eos, dtype=task.dtype, fast=_fast_encoder(task.tokenizer_path))
     t2 = time.perf_counter()
     out = Path(task.out_dir)
     with (out / f"{task.unit_name}.npz.tmp").open("wb") as f:

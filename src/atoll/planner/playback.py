@@ -8,7 +8,7 @@ from atoll.planner.montecarlo import HorizonResult, time_to_train
 from atoll.planner.search import HEAL_STATE_FACTOR, Candidate
 from atoll.planner.shape import ModelShape
 from atoll.planner.simulate import Disturbances, SimResult, SimSite, SimSync, simulate
-from atoll.planner.wan import codec_bytes, exchange_seconds, per_site_bytes
+from atoll.planner.wan import codec_bytes, exchange_latency, per_site_bytes
 
 
 @dataclass(frozen=True)
@@ -33,11 +33,8 @@ def sim_inputs(c: Candidate, shape: ModelShape, *, grad_bytes: int = 2) -> tuple
     s = c.sync
     if len(sites) > 1:
         payload = shape.num_params() * grad_bytes if s.strategy == "ddp" else codec_bytes(s.codec, shape)
-        codec = "fp16" if s.strategy == "ddp" else s.codec
-        links = [sp.link for sp in c.sites if sp.link is not None]
-        volume = per_site_bytes(codec, payload, len(sites))
-        latency = exchange_seconds(codec, payload, links) - max(
-            max(volume / link.up_bytes_per_s, volume / link.down_bytes_per_s) for link in links)
+        volume = per_site_bytes(payload, len(sites))
+        latency = exchange_latency([sp.link for sp in c.sites if sp.link is not None])
     else:
         volume, latency = 0.0, 0.0
     sync = SimSync(strategy=s.strategy, inner_steps=s.inner_steps, payload_bytes=volume, latency_s=latency,

@@ -374,13 +374,12 @@ def plan(topology: Topology, shape: ModelShape, req: PlanRequest) -> PlanResult:
                     payload = shape.num_params() * req.engine.grad_bytes
                 else:
                     payload = codec_bytes(sync.codec, shape)
-                codec = sync.codec if sync.strategy != "ddp" else "fp16"
-                sync_s = exchange_seconds(codec, payload, sub_links)
-                wan_bytes = per_site_bytes(codec, payload, len(subset))
+                sync_s = exchange_seconds(payload, sub_links)
+                wan_bytes = per_site_bytes(payload, len(subset))
                 exposed = exposed_per_round(sync.strategy, inner_steps=sync.inner_steps, step_s=compute, sync_s=sync_s,
                                             fragments=sync.fragments, overlap_steps=sync.overlap_steps,
-                                            latency_s=exchange_latency(codec, sub_links)) / sync.inner_steps
-                latency = exchange_latency(codec, sub_links)
+                                            latency_s=exchange_latency(sub_links)) / sync.inner_steps
+                latency = exchange_latency(sub_links)
             overhead = _failure_overhead(sync, site_plans, shape=shape, round_s=sync.inner_steps * compute, req=req)
             candidates.append(Candidate(
                 sites=site_plans, sync=sync, global_batch=batch, seq_len=seq_len, steps=steps, compute_step_s=compute,

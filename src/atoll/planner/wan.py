@@ -85,24 +85,24 @@ def codec_bytes(codec: Codec, shape: ModelShape, *, num_params: float | None = N
     raise AtollError(f"unknown codec {codec!r}; choose one of {', '.join(CODECS)}")
 
 
-def per_site_bytes(codec: Codec, payload: float, num_sites: int) -> float:
-    """Bytes each site sends (and receives) for one exchange among `num_sites` sites."""
+def per_site_bytes(payload: float, num_sites: int) -> float:
+    """Bytes each site sends (and receives) for one all-gather among `num_sites` sites, whatever the codec."""
     if num_sites <= 1:
         return 0.0
     return (num_sites - 1) * payload
 
 
-def exchange_seconds(codec: Codec, payload: float, links: list[SiteLink]) -> float:
-    """Wall time of one exchange: the slowest site's transfer plus the ring's latency hops."""
+def exchange_seconds(payload: float, links: list[SiteLink]) -> float:
+    """Wall time of one exchange: the slowest site's transfer plus the gather's latency steps."""
     s = len(links)
     if s <= 1:
         return 0.0
-    volume = per_site_bytes(codec, payload, s)
+    volume = per_site_bytes(payload, s)
     transfer = max(max(volume / link.up_bytes_per_s, volume / link.down_bytes_per_s) for link in links)
-    return transfer + exchange_latency(codec, links)
+    return transfer + exchange_latency(links)
 
 
-def exchange_latency(codec: Codec, links: list[SiteLink]) -> float:
+def exchange_latency(links: list[SiteLink]) -> float:
     """Latency part of one exchange: S-1 gather steps, each between the two farthest sites
     (one-way latency of both access links)."""
     s = len(links)

@@ -8,10 +8,10 @@ emulated WAN would cost (bandwidth and latency without root, latency only when t
 bandwidth in the lab).
 
 The all-gather is pipelined: the payload goes as chunks of `chunk_bytes`, all posted at once. One
-all-gather of a whole 2-20 MB payload moved only 0.60-0.65 of a shaped link's rate in the lab (both
-directions fill their FIFO queues at once and each direction's acknowledgements wait behind the
-other's data), chunks of 256 KiB 0.87-0.89, as much as gloo's ring all-reduce of the same bytes
-(docs/decisions.md). A chunk is never smaller than the link's bandwidth-delay product, so a real
+all-gather of a whole 2-5 MB payload moved only 0.6-0.7 of a shaped link's rate in the lab
+(likely because both directions fill their FIFO queues at once and each direction's
+acknowledgements wait behind the other's data), chunks of 256 KiB 0.85-0.89, about as much as
+gloo's ring all-reduce of the same bytes (docs/decisions.md). A chunk is never smaller than the link's bandwidth-delay product, so a real
 long-haul link stays full.
 """
 
