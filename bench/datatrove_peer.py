@@ -52,7 +52,14 @@ def input_size(folder: Path) -> tuple[float, int]:
 
 
 def record(stage: str, size_mb: float, seconds: float, docs_in: int, docs_out: int, **extra: Any) -> dict[str, Any]:
-    return {"stage": stage, "mb_per_s": round(size_mb / seconds, 3), "seconds": round(seconds, 3), "docs_in": docs_in, "docs_out": docs_out, **extra}
+    return {
+        "stage": stage,
+        "mb_per_s": round(size_mb / seconds, 3),
+        "seconds": round(seconds, 3),
+        "docs_in": docs_in,
+        "docs_out": docs_out,
+        **extra,
+    }
 
 
 def timed(executors: list[Any]) -> list[float]:
@@ -74,8 +81,18 @@ def main() -> None:
     args = ap.parse_args()
 
     from datatrove.executor import LocalPipelineExecutor
-    from datatrove.pipeline.dedup import MinhashDedupBuckets, MinhashDedupCluster, MinhashDedupFilter, MinhashDedupSignature
-    from datatrove.pipeline.dedup.exact_dedup import ExactDedupConfig, ExactDedupFilter, ExactDedupSignature, ExactFindDedups
+    from datatrove.pipeline.dedup import (
+        MinhashDedupBuckets,
+        MinhashDedupCluster,
+        MinhashDedupFilter,
+        MinhashDedupSignature,
+    )
+    from datatrove.pipeline.dedup.exact_dedup import (
+        ExactDedupConfig,
+        ExactDedupFilter,
+        ExactDedupSignature,
+        ExactFindDedups,
+    )
     from datatrove.pipeline.dedup.minhash import MinhashConfig
     from datatrove.pipeline.filters import C4QualityFilter, GopherQualityFilter, GopherRepetitionFilter
     from datatrove.pipeline.readers import JsonlReader
@@ -92,44 +109,118 @@ def main() -> None:
     w, tasks = args.workers, files
 
     def executor(name: str, pipeline: list[Any], n_tasks: int = tasks) -> LocalPipelineExecutor:
-        return LocalPipelineExecutor(pipeline=pipeline, tasks=n_tasks, workers=min(w, n_tasks), logging_dir=str(args.work / "logs" / name))
+        return LocalPipelineExecutor(
+            pipeline=pipeline, tasks=n_tasks, workers=min(w, n_tasks), logging_dir=str(args.work / "logs" / name)
+        )
 
     def reader() -> JsonlReader:
         return JsonlReader(str(args.input))
 
     stages = []
     out = args.work / "filtered"
-    [secs] = timed([executor("filters", [reader(), GopherQualityFilter(), GopherRepetitionFilter(), C4QualityFilter(), JsonlWriter(str(out))])])
-    stages.append(record("quality filters (datatrove Gopher quality + repetition, C4)", size, secs, docs, count_docs(out)))
+    [secs] = timed(
+        [
+            executor(
+                "filters",
+                [reader(), GopherQualityFilter(), GopherRepetitionFilter(), C4QualityFilter(), JsonlWriter(str(out))],
+            )
+        ]
+    )
+    stages.append(
+        record("quality filters (datatrove Gopher quality + repetition, C4)", size, secs, docs, count_docs(out))
+    )
 
     cfg = MinhashConfig()
     m = args.work / "minhash"
     near = [
         executor("mh-sigs", [reader(), MinhashDedupSignature(output_folder=str(m / "sigs"), config=cfg)]),
-        executor("mh-buckets", [MinhashDedupBuckets(input_folder=str(m / "sigs"), output_folder=str(m / "buckets"), config=cfg)], cfg.num_buckets),
-        executor("mh-cluster", [MinhashDedupCluster(input_folder=str(m / "buckets"), output_folder=str(m / "remove"), config=cfg)], 1),
-        executor("mh-filter", [reader(), MinhashDedupFilter(input_folder=str(m / "remove")), JsonlWriter(str(m / "out"))]),
+        executor(
+            "mh-buckets",
+            [MinhashDedupBuckets(input_folder=str(m / "sigs"), output_folder=str(m / "buckets"), config=cfg)],
+            cfg.num_buckets,
+        ),
+        executor(
+            "mh-cluster",
+            [MinhashDedupCluster(input_folder=str(m / "buckets"), output_folder=str(m / "remove"), config=cfg)],
+            1,
+        ),
+        executor(
+            "mh-filter", [reader(), MinhashDedupFilter(input_folder=str(m / "remove")), JsonlWriter(str(m / "out"))]
+        ),
     ]
     secs = timed(near)
-    stages.append(record("near dedup (datatrove MinHash, 4 steps)", size, sum(secs), docs, count_docs(m / "out"), signature_seconds=round(secs[0], 3), step_seconds=[round(s, 3) for s in secs]))
+    stages.append(
+        record(
+            "near dedup (datatrove MinHash, 4 steps)",
+            size,
+            sum(secs),
+            docs,
+            count_docs(m / "out"),
+            signature_seconds=round(secs[0], 3),
+            step_seconds=[round(s, 3) for s in secs],
+        )
+    )
 
     ecfg = ExactDedupConfig(content_getter=lambda doc: doc.text)
     e = args.work / "exact"
     exact = [
-        executor("ex-sigs", [reader(), ExactDedupSignature(output_folder=str(e / "sigs"), config=ecfg, finder_workers=1)]),
-        executor("ex-find", [ExactFindDedups(data_folder=str(e / "sigs"), output_folder=str(e / "dups"), config=ecfg)], 1),
-        executor("ex-filter", [reader(), ExactDedupFilter(data_folder=str(e / "dups"), config=ecfg), JsonlWriter(str(e / "out"))]),
+        executor(
+            "ex-sigs", [reader(), ExactDedupSignature(output_folder=str(e / "sigs"), config=ecfg, finder_workers=1)]
+        ),
+        executor(
+            "ex-find", [ExactFindDedups(data_folder=str(e / "sigs"), output_folder=str(e / "dups"), config=ecfg)], 1
+        ),
+        executor(
+            "ex-filter",
+            [reader(), ExactDedupFilter(data_folder=str(e / "dups"), config=ecfg), JsonlWriter(str(e / "out"))],
+        ),
     ]
     secs = timed(exact)
-    stages.append(record("exact dedup (datatrove, 3 steps)", size, sum(secs), docs, count_docs(e / "out"), step_seconds=[round(s, 3) for s in secs]))
+    stages.append(
+        record(
+            "exact dedup (datatrove, 3 steps)",
+            size,
+            sum(secs),
+            docs,
+            count_docs(e / "out"),
+            step_seconds=[round(s, 3) for s in secs],
+        )
+    )
 
     t = args.work / "tokens"
-    [secs] = timed([executor("tokenize", [reader(), DocumentTokenizer(output_folder=str(t), tokenizer_name_or_path=str(args.tokenizer), eos_token="<|endoftext|>", shuffle_documents=False)])])
+    [secs] = timed(
+        [
+            executor(
+                "tokenize",
+                [
+                    reader(),
+                    DocumentTokenizer(
+                        output_folder=str(t),
+                        tokenizer_name_or_path=str(args.tokenizer),
+                        eos_token="<|endoftext|>",
+                        shuffle_documents=False,
+                    ),
+                ],
+            )
+        ]
+    )
     tokens = sum(p.stat().st_size for p in t.rglob("*.ds")) // 2
     stages.append(record("tokenize (datatrove DocumentTokenizer)", size, secs, docs, docs, tokens=tokens))
 
-    json.dump({"system": "datatrove", "input_mb": round(size, 3), "documents": docs, "workers": w, "tasks": tasks, "stages": stages,
-               "python": sys.version.split()[0], "cpus": os.cpu_count()}, sys.stdout, indent=1)
+    json.dump(
+        {
+            "system": "datatrove",
+            "input_mb": round(size, 3),
+            "documents": docs,
+            "workers": w,
+            "tasks": tasks,
+            "stages": stages,
+            "python": sys.version.split()[0],
+            "cpus": os.cpu_count(),
+        },
+        sys.stdout,
+        indent=1,
+    )
     print()
 
 

@@ -63,7 +63,12 @@ def run(args: list[str]) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--threads", type=int, default=0, help="CPU threads per process (0: atoll's default; 1 on a busy shared machine)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="CPU threads per process (0: atoll's default; 1 on a busy shared machine)",
+    )
     parser.add_argument("--max-tokens", type=int, default=30_000, help="tokens scored per held-out set")
     args = parser.parse_args()
     if not LINUX_DOC.is_dir():
@@ -79,8 +84,22 @@ def main() -> None:
         seconds[stage] = run(full)
     out_json, out_png = RESULTS / "finetune.json", RESULTS / "finetune.png"
     eval_args = ["eval", *(str(RUNS.relative_to(REPO) / s) for s, _ in STAGES)]
-    eval_args += ["--data", "general=runs/data/demo", "--data", "networking=runs/chain/networking", "--data", "netlink=runs/chain/netlink"]
-    eval_args += ["--max-tokens", str(args.max_tokens), "--json", str(out_json.relative_to(REPO)), "--plot", str(out_png.relative_to(REPO))]
+    eval_args += [
+        "--data",
+        "general=runs/data/demo",
+        "--data",
+        "networking=runs/chain/networking",
+        "--data",
+        "netlink=runs/chain/netlink",
+    ]
+    eval_args += [
+        "--max-tokens",
+        str(args.max_tokens),
+        "--json",
+        str(out_json.relative_to(REPO)),
+        "--plot",
+        str(out_png.relative_to(REPO)),
+    ]
     if args.threads:
         eval_args += ["--threads", str(args.threads)]
     seconds["eval"] = run(eval_args)
@@ -90,11 +109,26 @@ def main() -> None:
     results["command"] = "python bench/finetune.py " + " ".join(sys.argv[1:])
     results["commands"] = commands
     results["wall_seconds"] = {k: round(v, 1) for k, v in seconds.items()}
-    results["machine"] = {"cpu_count": os.cpu_count(), "platform": platform.platform(), "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+    results["machine"] = {
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+    }
     out_json.write_text(json.dumps(results, indent=1) + "\n")
-    md = ["# Demo chain: general -> networking (LoRA) -> netlink (LoRA)", "", f"`{results['command']}`; each stage's command:", ""]
+    md = [
+        "# Demo chain: general -> networking (LoRA) -> netlink (LoRA)",
+        "",
+        f"`{results['command']}`; each stage's command:",
+        "",
+    ]
     md += [f"    {c}" for c in commands]
-    md += ["", "Perplexity on held-out sets (lower is better); every set was checked by hash against the training documents of every stage.", "", markdown_table(results)]
+    md += [
+        "",
+        "Perplexity on held-out sets (lower is better); "
+        "every set was checked by hash against the training documents of every stage.",
+        "",
+        markdown_table(results),
+    ]
     (RESULTS / "finetune.md").write_text("\n".join(md))
     print(markdown_table(results))
 

@@ -29,9 +29,9 @@ sys.path.insert(0, str(REPO / "src"))
 
 from atoll.hardware import DeviceSpec, get_device  # noqa: E402
 from atoll.hardware.measure import matmul_peak_flops  # noqa: E402
+from atoll.planner.calibrate import fit_efficiency, predict_step  # noqa: E402
 from atoll.planner.shape import PLANNER_PRESETS, ModelShape  # noqa: E402
 from atoll.planner.sites import DeviceGroup, SearchSpace, best_site_layout  # noqa: E402
-from atoll.planner.calibrate import fit_efficiency, predict_step  # noqa: E402
 from atoll.planner.step import MEGATRON_2021  # noqa: E402
 from atoll.planner.validation import CALCULON_ERRORS, MEGATRON_TABLE1, SEQ_LEN, predict_row  # noqa: E402
 
@@ -48,25 +48,28 @@ def published() -> tuple[list[dict[str, Any]], dict[str, Any]]:
         pred = predict_row(row)
         lay = pred.layout
         step = pred.step
-        records.append({
-            "source": SOURCE,
-            "model": row.model,
-            "model_params": row.params_b * 1e9,
-            "gpus": row.gpus,
-            "batch": row.batch,
-            "layout": f"TP{lay.tp} PP{lay.pp} DP{lay.dp} v{lay.vp} b{lay.micro_batch} full recompute, DDP={'torch' if row.torch_ddp else 'local'}",
-            "published_tflops_per_gpu": row.published_tflops,
-            "predicted_tflops_per_gpu": round(pred.tflops_per_gpu, 2),
-            "error": round(pred.error, 4),
-            "predicted_step_s": round(step.seconds, 3),
-            "breakdown": {
-                "bubble": round(step.bubble_seconds / step.seconds, 4),
-                "tensor_parallel": round(step.tp_seconds / step.seconds, 4),
-                "pipeline_p2p": round(step.p2p_seconds / step.seconds, 4),
-                "data_parallel_exposed": round(step.dp_seconds / step.seconds, 4),
-                "optimizer": round(step.optimizer_seconds / step.seconds, 4),
-            },
-        })
+        records.append(
+            {
+                "source": SOURCE,
+                "model": row.model,
+                "model_params": row.params_b * 1e9,
+                "gpus": row.gpus,
+                "batch": row.batch,
+                "layout": f"TP{lay.tp} PP{lay.pp} DP{lay.dp} v{lay.vp} b{lay.micro_batch} full recompute, "
+                f"DDP={'torch' if row.torch_ddp else 'local'}",
+                "published_tflops_per_gpu": row.published_tflops,
+                "predicted_tflops_per_gpu": round(pred.tflops_per_gpu, 2),
+                "error": round(pred.error, 4),
+                "predicted_step_s": round(step.seconds, 3),
+                "breakdown": {
+                    "bubble": round(step.bubble_seconds / step.seconds, 4),
+                    "tensor_parallel": round(step.tp_seconds / step.seconds, 4),
+                    "pipeline_p2p": round(step.p2p_seconds / step.seconds, 4),
+                    "data_parallel_exposed": round(step.dp_seconds / step.seconds, 4),
+                    "optimizer": round(step.optimizer_seconds / step.seconds, 4),
+                },
+            }
+        )
         burst_errors.append(predict_row(row, device=burst).error)
     errors = [r["error"] for r in records]
     search = []
@@ -91,23 +94,36 @@ def published() -> tuple[list[dict[str, Any]], dict[str, Any]]:
 def _free_search(row: Any) -> dict[str, Any]:
     shape = PLANNER_PRESETS[row.model]
     paper = predict_row(row)
-    engine = dataclasses.replace(MEGATRON_2021, overlap_grad_reduce=row.torch_ddp)
+    runtime = dataclasses.replace(MEGATRON_2021, overlap_grad_reduce=row.torch_ddp)
     groups = (DeviceGroup(get_device("a100-80g"), row.gpus, 8),)
     out = {"model": row.model, "paper_tflops": round(paper.tflops_per_gpu, 1)}
     spaces = {
         # The paper's knobs: TP, PP, interleaving, micro-batch; full recomputation, no ZeRO, no SP.
-        "paper_knobs": SearchSpace(zero=(0,), recompute=("full",), interleave=(1, 2, 3, 4, 5), sequence_parallel=False,
-                                   micro_batch=(1, 2, 4, 8, 16)),
+        "paper_knobs": SearchSpace(
+            zero=(0,),
+            recompute=("full",),
+            interleave=(1, 2, 3, 4, 5),
+            sequence_parallel=False,
+            micro_batch=(1, 2, 4, 8, 16),
+        ),
         # Everything the planner knows: ZeRO-1, selective or no recomputation as well.
-        "all_knobs": SearchSpace(zero=(0, 1), recompute=("none", "selective", "full"), interleave=(1, 2, 3, 4, 5),
-                                 sequence_parallel=False, micro_batch=(1, 2, 4, 8, 16)),
+        "all_knobs": SearchSpace(
+            zero=(0, 1),
+            recompute=("none", "selective", "full"),
+            interleave=(1, 2, 3, 4, 5),
+            sequence_parallel=False,
+            micro_batch=(1, 2, 4, 8, 16),
+        ),
     }
     for name, space in spaces.items():
-        best = best_site_layout(shape, groups, batch=row.batch, seq_len=SEQ_LEN, space=space, engine=engine)
+        best = best_site_layout(shape, groups, batch=row.batch, seq_len=SEQ_LEN, space=space, runtime=runtime)
         est = best[0]
         flops = paper.tflops_per_gpu * paper.step.seconds  # same model FLOPs per GPU
-        out[name] = {"layout": est.layout.describe(), "tflops": round(flops / est.seconds, 1),
-                     "speedup": round(paper.step.seconds / est.seconds, 3)}
+        out[name] = {
+            "layout": est.layout.describe(),
+            "tflops": round(flops / est.seconds, 1),
+            "speedup": round(paper.step.seconds / est.seconds, 3),
+        }
     return out
 
 
@@ -122,7 +138,9 @@ def _predict_lab(shape: ModelShape, rec: dict[str, Any], dev: DeviceSpec) -> Any
     ranks = int(rec["ranks"])
     micro = 8 if ranks == 1 else 4  # bench/throughput.py's micro-batches
     per_rank = int(rec["global_batch"]) // ranks
-    return predict_step(shape, dev, seq_len=int(rec["seq_len"]), micro_batch=micro, micro_batches=max(1, per_rank // micro), ranks=ranks)
+    return predict_step(
+        shape, dev, seq_len=int(rec["seq_len"]), micro_batch=micro, micro_batches=max(1, per_rank // micro), ranks=ranks
+    )
 
 
 def lab(path: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
@@ -144,8 +162,17 @@ def lab(path: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     if 1 in by_ranks:
         r1 = by_ranks[1]
         measured = r1["global_batch"] * r1["seq_len"] / r1["tokens_per_s"]
-        calib = round(fit_efficiency(shape, _cpu_device(peak_all), measured_step_s=measured, seq_len=int(r1["seq_len"]), micro_batch=8,
-                                     micro_batches=max(1, int(r1["global_batch"]) // 8)), 4)
+        calib = round(
+            fit_efficiency(
+                shape,
+                _cpu_device(peak_all),
+                measured_step_s=measured,
+                seq_len=int(r1["seq_len"]),
+                micro_batch=8,
+                micro_batches=max(1, int(r1["global_batch"]) // 8),
+            ),
+            4,
+        )
         notes["calibrated_matmul_efficiency"] = calib
     for ranks, rec in sorted(by_ranks.items()):
         measured_step = rec["global_batch"] * rec["seq_len"] / rec["tokens_per_s"]
@@ -158,7 +185,9 @@ def lab(path: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
             "error_catalog": round((uncal.seconds - measured_step) / measured_step, 4),
         }
         if calib is not None:
-            cal = _predict_lab(shape, rec, _cpu_device(per_rank_peak, matmul_efficiency=calib, attention_efficiency=calib))
+            cal = _predict_lab(
+                shape, rec, _cpu_device(per_rank_peak, matmul_efficiency=calib, attention_efficiency=calib)
+            )
             entry["predicted_step_s"] = round(cal.seconds, 4)
             entry["error"] = round((cal.seconds - measured_step) / measured_step, 4)
             entry["role"] = "calibration" if ranks == 1 else "prediction"
@@ -170,8 +199,12 @@ def lab(path: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         entry["predicted_utilization"] = round(flops / (pred.seconds * peak_all), 4)
         entry["measured_utilization"] = round(flops / (measured_step * peak_all), 4)
         entry["utilization"] = "MFU against this machine's measured fp32 matmul peak (one site: no cross-site waiting)"
-        entry["predicted_breakdown_s"] = {"pipeline": round(pred.pipeline_seconds, 4), "dp_exposed": round(pred.dp_seconds, 4),
-                                          "dp_total": round(pred.dp_total_seconds, 4), "optimizer": round(pred.optimizer_seconds, 4)}
+        entry["predicted_breakdown_s"] = {
+            "pipeline": round(pred.pipeline_seconds, 4),
+            "dp_exposed": round(pred.dp_seconds, 4),
+            "dp_total": round(pred.dp_total_seconds, 4),
+            "optimizer": round(pred.optimizer_seconds, 4),
+        }
         out.append(entry)
     return out, notes
 
@@ -194,7 +227,8 @@ def lab_wan(path: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     from atoll.model.config import get_preset
     from atoll.planner.shape import shape_from_config
     from atoll.planner.simulate import SimSite, SimSync, simulate
-    from atoll.planner.wan import codec_bytes, exchange_latency, link_from_mbps, per_site_bytes
+    from atoll.planner.wan import codec_bytes, link_from_mbps
+    from atoll.sync.link_model import allgather_bytes, allgather_latency
 
     data = json.loads(path.read_text())
     args = build_parser().parse_args(shlex.split(data["command"])[2:])
@@ -209,23 +243,41 @@ def lab_wan(path: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         codec = rec["codec"]
         payload = codec_bytes(codec, shape, block_size=defaults.block_size)
         streaming = rec["strategy"] == "streaming"
-        sync = SimSync(rec["strategy"], 1 if rec["strategy"] == "ddp" else args.inner_steps, per_site_bytes(payload, 2),
-                       exchange_latency(links), defaults.fragments if streaming else 1, args.overlap_steps if streaming else 0)
+        sync = SimSync(
+            rec["strategy"],
+            1 if rec["strategy"] == "ddp" else args.inner_steps,
+            allgather_bytes(payload, 2),
+            allgather_latency(links),
+            defaults.fragments if streaming else 1,
+            args.overlap_steps if streaming else 0,
+        )
         sim = simulate(sites, sync, num_steps=args.steps)
         measured_step = rec["wall_s"] / args.steps
         predicted_step = sim.wall_s / args.steps
-        compute_per_step = statistics.mean(v["compute_utilization"] * v["wall_s"] for v in rec["per_site"].values()) / args.steps
-        out.append({
-            "run": f"{rec['system']} {rec['strategy']} {codec}, 2 sites x {args.steps} steps, H={args.inner_steps}, {mbps:.2f} Mbit/s ({data['lab_mode']})"
-                   + (" [measured wall extrapolated from a probe]" if rec.get("wall_extrapolated") else ""),
-            "predicted_step_s": round(predicted_step, 4), "measured_step_s": round(measured_step, 4),
-            "error": round((predicted_step - measured_step) / measured_step, 4),
-            "predicted_utilization": round(sim.utilization(sites), 4), "measured_utilization": round(rec["compute_utilization"], 4),
-            "utilization_error": round(sim.utilization(sites) - rec["compute_utilization"], 4),
-            "calibrated_compute_step_s": round(step_s, 4), "measured_compute_step_s": round(compute_per_step, 4),
-        })
-    notes = {"wan_results": str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path), "wan_date": data.get("date"),
-             "compute_step_s": step_s, "link_mbps": mbps}
+        compute_per_step = (
+            statistics.mean(v["compute_utilization"] * v["wall_s"] for v in rec["per_site"].values()) / args.steps
+        )
+        out.append(
+            {
+                "run": f"{rec['system']} {rec['strategy']} {codec}, 2 sites x {args.steps} steps, "
+                f"H={args.inner_steps}, {mbps:.2f} Mbit/s ({data['lab_mode']})"
+                + (" [measured wall extrapolated from a probe]" if rec.get("wall_extrapolated") else ""),
+                "predicted_step_s": round(predicted_step, 4),
+                "measured_step_s": round(measured_step, 4),
+                "error": round((predicted_step - measured_step) / measured_step, 4),
+                "predicted_utilization": round(sim.utilization(sites), 4),
+                "measured_utilization": round(rec["compute_utilization"], 4),
+                "utilization_error": round(sim.utilization(sites) - rec["compute_utilization"], 4),
+                "calibrated_compute_step_s": round(step_s, 4),
+                "measured_compute_step_s": round(compute_per_step, 4),
+            }
+        )
+    notes = {
+        "wan_results": str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path),
+        "wan_date": data.get("date"),
+        "compute_step_s": step_s,
+        "link_mbps": mbps,
+    }
     return out, notes
 
 
@@ -254,7 +306,8 @@ def reference_lab() -> list[dict[str, Any]]:
     """
     from atoll.model.config import get_preset
     from atoll.planner.shape import shape_from_config
-    from atoll.planner.wan import codec_bytes, exchange_seconds, exposed_per_round, link_from_mbps
+    from atoll.planner.wan import codec_bytes, exposed_per_round, link_from_mbps
+    from atoll.sync.link_model import allgather_seconds
 
     shape = shape_from_config(get_preset("demo"), name="demo")
     gain = sum(REFERENCE_SPEED["two_processes_gain"]) / 2  # type: ignore[arg-type]
@@ -263,91 +316,150 @@ def reference_lab() -> list[dict[str, Any]]:
     out = []
     for ref in REFERENCE_RUNS:
         payload = codec_bytes("none", shape)  # fp32 gradients or pseudo-gradients
-        sync = exchange_seconds(payload, links)
+        sync = allgather_seconds(payload, links)
         exposed = exposed_per_round(ref["strategy"], inner_steps=ref["h"], step_s=step_s, sync_s=sync)  # type: ignore[arg-type]
         rounds = 400 // ref["h"]
         wall = rounds * (ref["h"] * step_s + exposed)
         util = 400 * step_s / wall
-        out.append({
-            "run": ref["run"] + " (shared/REFERENCES.md, earlier setup)",
-            "predicted_step_s": round(wall / 400, 4), "measured_step_s": round(ref["seconds"] / 400, 4),
-            "predicted_utilization": round(util, 4), "measured_utilization": ref["utilization"],
-            "predicted_seconds": round(wall, 1), "measured_seconds": ref["seconds"],
-            "assumed_compute_step_s": round(step_s, 4), "predicted_sync_s": round(sync, 2),
-        })
+        out.append(
+            {
+                "run": ref["run"] + " (shared/REFERENCES.md, earlier setup)",
+                "predicted_step_s": round(wall / 400, 4),
+                "measured_step_s": round(ref["seconds"] / 400, 4),
+                "predicted_utilization": round(util, 4),
+                "measured_utilization": ref["utilization"],
+                "predicted_seconds": round(wall, 1),
+                "measured_seconds": ref["seconds"],
+                "assumed_compute_step_s": round(step_s, 4),
+                "predicted_sync_s": round(sync, 2),
+            }
+        )
     return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--throughput", type=Path, default=RESULTS / "throughput.json")
-    parser.add_argument("--wan", type=Path, default=RESULTS / "wan.json", help="bench/wan.py's results (multi-site runs)")
+    parser.add_argument(
+        "--wan", type=Path, default=RESULTS / "wan.json", help="bench/wan.py's results (multi-site runs)"
+    )
     args = parser.parse_args()
     records, summary = published()
-    lab_records, lab_notes = lab(args.throughput) if args.throughput.is_file() else ([], {"missing": str(args.throughput)})
+    lab_records, lab_notes = (
+        lab(args.throughput) if args.throughput.is_file() else ([], {"missing": str(args.throughput)})
+    )
     lab_notes["load_average_now"] = [round(x, 2) for x in os.getloadavg()]
     wan_records, wan_notes = lab_wan(args.wan) if args.wan.is_file() else ([], {"missing": str(args.wan)})
     lab_notes["multi_site"] = wan_notes
     lab_records = wan_records + lab_records + reference_lab()
-    result = {"date": dt.date.today().isoformat(), "published": records, "published_summary": summary,
-              "lab": lab_records, "lab_notes": lab_notes}
+    result = {
+        "date": dt.date.today().isoformat(),
+        "published": records,
+        "published_summary": summary,
+        "lab": lab_records,
+        "lab_notes": lab_notes,
+    }
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "planner.json").write_text(json.dumps(result, indent=1) + "\n")
-    lines = ["# Planner validation", "", f"{result['date']}; produced by `.venv/bin/python bench/planner.py`.", "",
-             "## Megatron-LM, SC'21 Table 1 (A100-80GB), the paper's layouts", "",
-             "| model | GPUs | layout | published TFLOP/s | atoll | atoll error | Calculon error |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "# Planner validation",
+        "",
+        f"{result['date']}; produced by `.venv/bin/python bench/planner.py`.",
+        "",
+        "## Megatron-LM, SC'21 Table 1 (A100-80GB), the paper's layouts",
+        "",
+        "| model | GPUs | layout | published TFLOP/s | atoll | atoll error | Calculon error |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in records:
-        lines.append(f"| {r['model']} | {r['gpus']} | {r['layout']} | {r['published_tflops_per_gpu']:.0f} | "
-                     f"{r['predicted_tflops_per_gpu']:.1f} | {r['error']:+.1%} | "
-                     f"{'+' + format(CALCULON_ERRORS['worst'], '.1%') if r['model'] == CALCULON_ERRORS['worst_row'] else 'over'} |")
-    lines += ["", f"atoll: mean |error| {summary['mean_abs_error']:.1%}, worst {summary['worst_abs_error']:.1%} "
-              f"(signed mean {summary['mean_signed_error']:+.1%}). Calculon: {CALCULON_ERRORS['average']:.1%} mean, "
-              f"{CALCULON_ERRORS['worst']:.1%} worst, overestimating every row.",
-              f"Sensitivity, burst (MAMF) instead of sustained matmul efficiency: mean "
-              f"{summary['sensitivity_burst_matmul_efficiency']['mean_abs_error']:.1%}, worst "
-              f"{summary['sensitivity_burst_matmul_efficiency']['worst_abs_error']:.1%}.", "",
-              "Free search (same GPUs and batch; TFLOP/s counted with Eq. 3, i.e. the paper's FLOPs per iteration / time):", "",
-              "| model | paper layout (predicted) | best with the paper's knobs | best with all knobs |",
-              "|---|---|---|---|"]
+        lines.append(
+            f"| {r['model']} | {r['gpus']} | {r['layout']} | {r['published_tflops_per_gpu']:.0f} | "
+            f"{r['predicted_tflops_per_gpu']:.1f} | {r['error']:+.1%} | "
+            f"{'+' + format(CALCULON_ERRORS['worst'], '.1%') if r['model'] == CALCULON_ERRORS['worst_row'] else 'over'}"
+            " |"
+        )
+    lines += [
+        "",
+        f"atoll: mean |error| {summary['mean_abs_error']:.1%}, worst {summary['worst_abs_error']:.1%} "
+        f"(signed mean {summary['mean_signed_error']:+.1%}). Calculon: {CALCULON_ERRORS['average']:.1%} mean, "
+        f"{CALCULON_ERRORS['worst']:.1%} worst, overestimating every row.",
+        f"Sensitivity, burst (MAMF) instead of sustained matmul efficiency: mean "
+        f"{summary['sensitivity_burst_matmul_efficiency']['mean_abs_error']:.1%}, worst "
+        f"{summary['sensitivity_burst_matmul_efficiency']['worst_abs_error']:.1%}.",
+        "",
+        "Free search (same GPUs and batch; TFLOP/s counted with Eq. 3, i.e. the paper's FLOPs per iteration / time):",
+        "",
+        "| model | paper layout (predicted) | best with the paper's knobs | best with all knobs |",
+        "|---|---|---|---|",
+    ]
     for s in summary["free_search"]:
-        lines.append(f"| {s['model']} | {s['paper_tflops']} | {s['paper_knobs']['layout']}: {s['paper_knobs']['tflops']} "
-                     f"(x{s['paper_knobs']['speedup']}) | {s['all_knobs']['layout']}: {s['all_knobs']['tflops']} (x{s['all_knobs']['speedup']}) |")
+        lines.append(
+            f"| {s['model']} | {s['paper_tflops']} | {s['paper_knobs']['layout']}: {s['paper_knobs']['tflops']} "
+            f"(x{s['paper_knobs']['speedup']}) | {s['all_knobs']['layout']}: {s['all_knobs']['tflops']} "
+            f"(x{s['all_knobs']['speedup']}) |"
+        )
     lines += ["", "## This lab: the multi-site runs of bench/wan.py", ""]
     if wan_records:
-        lines += [f"Each run predicted by the event simulator from the calibrated compute step ({wan_notes['compute_step_s']:.3f} s, "
-                  f"both sites sharing this machine), the link ({wan_notes['link_mbps']:.2f} Mbit/s per site) and the codec's "
-                  f"payload; results of {wan_notes['wan_results']} ({wan_notes['wan_date']}).", "",
-                  "| run | measured s/step | predicted s/step | error | measured util | predicted util | compute s/step in the run |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += [
+            "Each run predicted by the event simulator from the calibrated compute step "
+            f"({wan_notes['compute_step_s']:.3f} s, "
+            "both sites sharing this machine), the link "
+            f"({wan_notes['link_mbps']:.2f} Mbit/s per site) and the codec's "
+            f"payload; results of {wan_notes['wan_results']} ({wan_notes['wan_date']}).",
+            "",
+            "| run | measured s/step | predicted s/step | error | measured util | predicted util "
+            "| compute s/step in the run |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for r in wan_records:
-            lines.append(f"| {r['run']} | {r['measured_step_s']:.3f} | {r['predicted_step_s']:.3f} | {r['error']:+.1%} | "
-                         f"{r['measured_utilization']:.1%} | {r['predicted_utilization']:.1%} | {r['measured_compute_step_s']:.3f} |")
+            lines.append(
+                f"| {r['run']} | {r['measured_step_s']:.3f} | {r['predicted_step_s']:.3f} | {r['error']:+.1%} | "
+                f"{r['measured_utilization']:.1%} | {r['predicted_utilization']:.1%} | "
+                f"{r['measured_compute_step_s']:.3f} |"
+            )
         errs = [abs(r["error"]) for r in wan_records]
-        lines += ["", f"Step time: mean |error| {statistics.mean(errs):.1%}, worst {max(errs):.1%}; utilization: mean |difference| "
-                  f"{statistics.mean(abs(r['utilization_error']) for r in wan_records):.1%} points."]
+        lines += [
+            "",
+            f"Step time: mean |error| {statistics.mean(errs):.1%}, worst {max(errs):.1%}; "
+            "utilization: mean |difference| "
+            f"{statistics.mean(abs(r['utilization_error']) for r in wan_records):.1%} points.",
+        ]
     else:
         lines.append(f"No measurements: {wan_notes['missing']} is missing (run bench/wan.py first).")
     lines += ["", "## This lab (single-site runs of bench/throughput.py)", ""]
     if any("error_catalog" in r for r in lab_records):  # the multi-site and reference rows have their own tables
-        lines += [f"Matmul peak measured by bench/throughput.py: {lab_notes['matmul_peak_all_cores'] / 1e9:.1f} GFLOP/s "
-                  f"({lab_notes['cores']} cores; each of n ranks gets 1/n); calibrated CPU matmul efficiency "
-                  f"{lab_notes.get('calibrated_matmul_efficiency')}.", "",
-                  "| run | role | measured step s | predicted step s | error | catalog-only error | measured MFU | predicted MFU |",
-                  "|---|---|---|---|---|---|---|---|"]
+        lines += [
+            f"Matmul peak measured by bench/throughput.py: {lab_notes['matmul_peak_all_cores'] / 1e9:.1f} GFLOP/s "
+            f"({lab_notes['cores']} cores; each of n ranks gets 1/n); calibrated CPU matmul efficiency "
+            f"{lab_notes.get('calibrated_matmul_efficiency')}.",
+            "",
+            "| run | role | measured step s | predicted step s | error | catalog-only error "
+            "| measured MFU | predicted MFU |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
         for r in lab_records:
             if "error_catalog" not in r:
                 continue
-            lines.append(f"| {r['run']} | {r.get('role', '')} | {r['measured_step_s']:.3f} | {r['predicted_step_s']:.3f} | "
-                         f"{r.get('error', r['error_catalog']):+.1%} | {r['error_catalog']:+.1%} | {r['measured_utilization']:.1%} | "
-                         f"{r['predicted_utilization']:.1%} |")
+            lines.append(
+                f"| {r['run']} | {r.get('role', '')} | {r['measured_step_s']:.3f} | {r['predicted_step_s']:.3f} | "
+                f"{r.get('error', r['error_catalog']):+.1%} | {r['error_catalog']:+.1%} | "
+                f"{r['measured_utilization']:.1%} | "
+                f"{r['predicted_utilization']:.1%} |"
+            )
         refs = [r for r in lab_records if "measured_seconds" in r]
         if refs:
-            lines += ["", "Earlier two-site runs (shared/REFERENCES.md), predicted from its unloaded single-process speed:", "",
-                      "| run | measured s | predicted s | measured utilization | predicted utilization |", "|---|---|---|---|---|"]
+            lines += [
+                "",
+                "Earlier two-site runs (shared/REFERENCES.md), predicted from its unloaded single-process speed:",
+                "",
+                "| run | measured s | predicted s | measured utilization | predicted utilization |",
+                "|---|---|---|---|---|",
+            ]
             for r in refs:
-                lines.append(f"| {r['run']} | {r['measured_seconds']:,.0f} | {r['predicted_seconds']:,.0f} | "
-                             f"{r['measured_utilization']:.1%} | {r['predicted_utilization']:.1%} |")
+                lines.append(
+                    f"| {r['run']} | {r['measured_seconds']:,.0f} | {r['predicted_seconds']:,.0f} | "
+                    f"{r['measured_utilization']:.1%} | {r['predicted_utilization']:.1%} |"
+                )
     else:
         lines.append(f"No measurements: {lab_notes['missing']} is missing (run bench/throughput.py first).")
     (RESULTS / "planner.md").write_text("\n".join(lines) + "\n")

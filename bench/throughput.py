@@ -23,7 +23,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
@@ -49,9 +48,18 @@ def cpu_name() -> str:
 
 def run_config(ranks: int, *, steps: int, warmup: int, workdir: Path) -> dict[str, object]:
     args = [
-        "train", str(CONFIG), "--nproc", str(ranks), "--no-progress",
-        f"--run.dir={workdir}", f"--run.name=r{ranks}", f"--train.steps={steps}",
-        "--train.warmup_steps=2", "--train.log_every=1", "--train.eval_every=0", "--train.checkpoint_every=0",
+        "train",
+        str(CONFIG),
+        "--nproc",
+        str(ranks),
+        "--no-progress",
+        f"--run.dir={workdir}",
+        f"--run.name=r{ranks}",
+        f"--train.steps={steps}",
+        "--train.warmup_steps=2",
+        "--train.log_every=1",
+        "--train.eval_every=0",
+        "--train.checkpoint_every=0",
         "--train.micro_batch=8" if ranks == 1 else "--train.micro_batch=4",
     ]
     cmd = [str(REPO / ".venv" / "bin" / "atoll"), *args]
@@ -59,7 +67,11 @@ def run_config(ranks: int, *, steps: int, warmup: int, workdir: Path) -> dict[st
     subprocess.run(cmd, check=True, cwd=REPO, env=env)
     records = [r for r in read_metrics(workdir / f"r{ranks}") if "tokens_per_s" in r]
     speeds = [r["tokens_per_s"] for r in records if r["step"] > warmup]
-    return {"tokens_per_s": statistics.median(speeds), "steps_measured": len(speeds), "command": "atoll " + shlex.join(args)}
+    return {
+        "tokens_per_s": statistics.median(speeds),
+        "steps_measured": len(speeds),
+        "command": "atoll " + shlex.join(args),
+    }
 
 
 def main() -> None:
@@ -81,21 +93,23 @@ def main() -> None:
         for ranks in args.ranks:
             res = run_config(ranks, steps=args.steps, warmup=args.warmup, workdir=Path(tmp))
             tps = float(res["tokens_per_s"])  # type: ignore[arg-type]
-            records.append({
-                "model": cfg.model.preset,
-                "params": mcfg.num_params(),
-                "ranks": ranks,
-                "tokens_per_s": round(tps, 1),
-                "mfu": round(tps * flops_per_token / peak, 4),
-                "model_flops_per_token": flops_per_token,
-                "peak_flops": round(peak),
-                "global_batch": cfg.train.global_batch,
-                "seq_len": cfg.data.seq_len,
-                "steps_measured": res["steps_measured"],
-                "device": device,
-                "date": date,
-                "command": f"{res['command']}  (via: .venv/bin/python bench/throughput.py --steps {args.steps})",
-            })
+            records.append(
+                {
+                    "model": cfg.model.preset,
+                    "params": mcfg.num_params(),
+                    "ranks": ranks,
+                    "tokens_per_s": round(tps, 1),
+                    "mfu": round(tps * flops_per_token / peak, 4),
+                    "model_flops_per_token": flops_per_token,
+                    "peak_flops": round(peak),
+                    "global_batch": cfg.train.global_batch,
+                    "seq_len": cfg.data.seq_len,
+                    "steps_measured": res["steps_measured"],
+                    "device": device,
+                    "date": date,
+                    "command": f"{res['command']}  (via: .venv/bin/python bench/throughput.py --steps {args.steps})",
+                }
+            )
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "throughput.json").write_text(json.dumps(records, indent=1) + "\n")
     lines = [

@@ -55,6 +55,7 @@ from atoll.config import RunConfig, load_config  # noqa: E402
 from atoll.config.topology import load_topology  # noqa: E402
 from atoll.data import BatchStream, TokenDataset, even_split  # noqa: E402
 from atoll.errors import AtollError  # noqa: E402
+from atoll.model.loss import token_loss_sum  # noqa: E402
 from atoll.parallel.dist import (  # noqa: E402
     DistEnv,
     all_reduce_sum,
@@ -67,11 +68,14 @@ from atoll.parallel.dist import (  # noqa: E402
     wrap_model,
 )
 from atoll.report.metrics import MetricsWriter  # noqa: E402
+from atoll.rundir.layout import read_model_json  # noqa: E402
 from atoll.sync.engine import param_checksum  # noqa: E402
+from atoll.sync.site_env import SiteEnv  # noqa: E402
 from atoll.sync.transport import ByteCounter, SiteInfo, WanModel  # noqa: E402
+from atoll.train.loop import make_optimizer, site_steps  # noqa: E402
 from atoll.train.schedule import warmup_cosine  # noqa: E402
-from atoll.train.setup import prepare_run, read_model_json, site_config  # noqa: E402
-from atoll.train.trainer import build_model, evaluate, init_weights_from, make_optimizer, site_from_environ, site_steps, token_loss_sum  # noqa: E402
+from atoll.train.setup import prepare_run, site_config  # noqa: E402
+from atoll.train.trainer import build_model, evaluate, init_weights_from  # noqa: E402
 
 log = logging.getLogger("atoll.bench.torchft_peer")
 
@@ -98,13 +102,17 @@ def make_wan_manager(wan: WanModel, **manager_kwargs: Any) -> Any:
             self.round_start = time.perf_counter()
             super().start_quorum(*args, **kwargs)
 
-        def allreduce(self, tensor: torch.Tensor, should_quantize: bool = False, reduce_op: ReduceOp = ReduceOp.AVG) -> Any:
+        def allreduce(
+            self, tensor: torch.Tensor, should_quantize: bool = False, reduce_op: ReduceOp = ReduceOp.AVG
+        ) -> Any:
             t0 = self.round_start if self.round_start is not None else time.perf_counter()
             self.round_start = None
             work = super().allreduce(tensor, should_quantize=should_quantize, reduce_op=reduce_op)
             if self.errored():  # torchft returned a no-op work: nothing crossed the WAN
                 return work
-            return _WanWork(self, work, nbytes=tensor.numel() * tensor.element_size(), sites=self.num_participants(), t0=t0)
+            return _WanWork(
+                self, work, nbytes=tensor.numel() * tensor.element_size(), sites=self.num_participants(), t0=t0
+            )
 
     return WanManager()
 
@@ -180,13 +188,24 @@ def params_sha256(model: nn.Module) -> str:
 def _check(cfg: RunConfig, site: SiteInfo, env: DistEnv) -> None:
     s = cfg.sync
     if s.round_seconds is not None:
-        raise AtollError("sync.round_seconds has no equivalent in torchft's DiLoCo (it syncs every sync_every steps): unset it for the peer")
+        raise AtollError(
+            "sync.round_seconds has no equivalent in torchft's DiLoCo (it syncs every sync_every steps): "
+            "unset it for the peer"
+        )
     if cfg.parallel.shard != "ddp":
         raise AtollError("the torchft peer replicates the model inside a site: use parallel.shard=ddp")
     if env.is_main and (s.strategy != "diloco" or s.codec != "none"):
-        log.info("site %s: sync.strategy=%s codec=%s are atoll's; the peer runs torchft's DiLoCo on the whole model, fp32", site.name, s.strategy, s.codec)
+        log.info(
+            "site %s: sync.strategy=%s codec=%s are atoll's; the peer runs torchft's DiLoCo on the whole model, fp32",
+            site.name,
+            s.strategy,
+            s.codec,
+        )
     if env.is_main and s.site_inner_steps:
-        log.warning("sync.site_inner_steps: torchft averages the sites' pseudo-gradients unweighted (atoll weights them by tokens)")
+        log.warning(
+            "sync.site_inner_steps: torchft averages the sites' pseudo-gradients unweighted "
+            "(atoll weights them by tokens)"
+        )
 
 
 def _prepare(cfg: RunConfig, env: DistEnv) -> None:
@@ -206,14 +225,21 @@ def _prepare(cfg: RunConfig, env: DistEnv) -> None:
 def run_peer(cfg: RunConfig) -> float | None:
     """Train this rank of its site with torchft's DiLoCo; returns the final validation loss."""
     env = dist_env_from_environ()
-    site = site_from_environ(env)
-    if site is None or "TORCHFT_LIGHTHOUSE" not in os.environ or "MASTER_PORT" not in os.environ:
-        raise AtollError("run the torchft peer under atoll's multi-site launcher (atoll.sync.launch.launch_sites): ATOLL_SITE, TORCHFT_LIGHTHOUSE and MASTER_PORT are not set")
+    site_env = SiteEnv.from_environ()
+    site = site_env.site_info(local_rank=env.local_rank, local_world_size=env.local_world_size) if site_env else None
+    if site is None or "MASTER_PORT" not in os.environ:
+        raise AtollError(
+            "run the torchft peer under atoll's multi-site launcher (atoll.sync.launch.launch_sites): "
+            "ATOLL_SITE, TORCHFT_LIGHTHOUSE and MASTER_PORT are not set"
+        )
     cfg = site_config(cfg, site.name)
     _check(cfg, site, env)
     device = pick_device(cfg.parallel.device, env)
     if device.type != "cpu":
-        raise AtollError("the torchft peer runs on the CPU (gloo, no pinned memory): set --parallel.device=cpu for it and for atoll's runs it is compared with")
+        raise AtollError(
+            "the torchft peer runs on the CPU (gloo, no pinned memory): "
+            "set --parallel.device=cpu for it and for atoll's runs it is compared with"
+        )
     set_cpu_threads(cfg.parallel.threads, env)
     store = None
     if env.world_size > 1:
@@ -240,9 +266,11 @@ def _train(cfg: RunConfig, *, env: DistEnv, site: SiteInfo, device: torch.device
     t = cfg.train
     _prepare(cfg, env)
     mcfg = read_model_json(cfg.run.path)
-    total_steps = site_steps(cfg, site.name)  # rounds x H, as atoll's diloco
+    total_steps = site_steps(cfg.train.steps, cfg.sync, site.name)  # rounds x H, as atoll's diloco
     H = cfg.sync.inner_steps_for(site.name)
-    topology = load_topology(Path(os.environ["ATOLL_TOPOLOGY"]))
+    site_env = SiteEnv.from_environ()
+    assert site_env is not None  # run_peer checked
+    topology = load_topology(site_env.topology)
     slowdown = max(d.slowdown for d in topology.site(site.name).devices)
 
     torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank of every site
@@ -250,15 +278,18 @@ def _train(cfg: RunConfig, *, env: DistEnv, site: SiteInfo, device: torch.device
     if cfg.model.init_from is not None:
         init_weights_from(model, cfg.model.init_from)
     net = wrap_model(model, shard="ddp", device=device, env=env)  # DDP inside the site when it has several ranks
-    optimizer = make_optimizer(net, cfg, device=device)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, warmup_steps=t.warmup_steps, total_steps=total_steps, min_ratio=t.min_lr_ratio))
+    optimizer = make_optimizer(net, cfg.train, device=device)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda s: warmup_cosine(s, warmup_steps=t.warmup_steps, total_steps=total_steps, min_ratio=t.min_lr_ratio),
+    )
     timer = _SyncTimer(optimizer)  # before DiLoCo's hooks
 
     s = cfg.sync
     timeout = timedelta(seconds=s.timeout_seconds)
     pg = ProcessGroupGloo(timeout=timeout)
     manager = make_wan_manager(
-        WanModel(topology, mode=os.environ.get("ATOLL_WAN_MODE", "emulated")),
+        WanModel(topology, mode=site_env.wan_mode),
         pg=pg,
         load_state_dict=None,
         state_dict=None,
@@ -271,9 +302,9 @@ def _train(cfg: RunConfig, *, env: DistEnv, site: SiteInfo, device: torch.device
         world_size=env.world_size,
         store_addr=os.environ.get("MASTER_ADDR", "127.0.0.1"),
         store_port=int(os.environ["MASTER_PORT"]),
-        lighthouse_addr=os.environ["TORCHFT_LIGHTHOUSE"],
+        lighthouse_addr=site_env.lighthouse,
         replica_id=site.name,
-        hostname=os.environ.get("ATOLL_SITE_ADDR", "127.0.0.1"),
+        hostname=site_env.address,
         init_sync=False,  # every site seeds its weights identically
     )
     nesterov = s.nesterov and s.outer_momentum > 0
@@ -296,7 +327,13 @@ def _train(cfg: RunConfig, *, env: DistEnv, site: SiteInfo, device: torch.device
     train_ds = TokenDataset(cfg.data.dir, "train", seq_len=cfg.data.seq_len)
     val_ds = TokenDataset(cfg.data.dir, "validation", seq_len=cfg.data.seq_len)
     start, count = even_split(t.global_batch, env.world_size, env.rank)
-    stream = BatchStream(train_ds, global_batch=t.global_batch, seed=cfg.run.seed + 7919 * (site.index + 1), rank_start=start, rank_count=count)
+    stream = BatchStream(
+        train_ds,
+        global_batch=t.global_batch,
+        seed=cfg.run.seed + 7919 * (site.index + 1),
+        rank_start=start,
+        rank_count=count,
+    )
     global_tokens = t.global_batch * cfg.data.seq_len
     torch.manual_seed(cfg.run.seed + 1 + env.rank)  # as the trainer, after set-up
 
@@ -304,7 +341,12 @@ def _train(cfg: RunConfig, *, env: DistEnv, site: SiteInfo, device: torch.device
     if env.is_main:
         log.info(
             "site %s: torchft DiLoCo, model %.2fM parameters, %d rank(s), H=%d, %d steps, WAN %s",
-            site.name, mcfg.num_params() / 1e6, env.world_size, H, total_steps, manager.wan.mode,
+            site.name,
+            mcfg.num_params() / 1e6,
+            env.world_size,
+            H,
+            total_steps,
+            manager.wan.mode,
         )
     step = tokens_seen = 0
     val_loss: float | None = None
@@ -332,7 +374,9 @@ def _train(cfg: RunConfig, *, env: DistEnv, site: SiteInfo, device: torch.device
                 if t.grad_clip > 0:
                     grad_norm = float(torch.nn.utils.clip_grad_norm_(net.parameters(), t.grad_clip))
                 else:
-                    grad_norm = float(torch.nn.utils.get_total_norm([p.grad for p in net.parameters() if p.grad is not None]))
+                    grad_norm = float(
+                        torch.nn.utils.get_total_norm([p.grad for p in net.parameters() if p.grad is not None])
+                    )
                 lr = optimizer.param_groups[0]["lr"]
                 optimizer.step()  # AdamW; every H steps torchft's post-hook runs the outer sync
                 t2 = time.perf_counter()
@@ -353,19 +397,36 @@ def _train(cfg: RunConfig, *, env: DistEnv, site: SiteInfo, device: torch.device
                     wall = time.perf_counter() - wall_start
                     train_loss = total / global_tokens
                     metrics.log(step, {
-                        "loss": train_loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": global_tokens / elapsed, "tokens_seen": tokens_seen, "step_seconds": elapsed,
-                        "wan_bytes_sent": int(sent), "wan_bytes_received": int(received), "wan_exchanges": c.exchanges, "wan_seconds": c.seconds, "wan_failed": step // H - manager.current_step(),
+                        "loss": train_loss, "lr": lr, "grad_norm": grad_norm,
+                        "tokens_per_s": global_tokens / elapsed, "tokens_seen": tokens_seen, "step_seconds": elapsed,
+                        "wan_bytes_sent": int(sent), "wan_bytes_received": int(received),
+                        "wan_exchanges": c.exchanges, "wan_seconds": c.seconds,
+                        "wan_failed": step // H - manager.current_step(),
                         "sync_wait_seconds": sync_seconds, "sync_rejected": 0,
-                        "compute_seconds": compute_seconds, "wall_seconds": wall, "compute_utilization": compute_seconds / wall, "params_checksum": param_checksum(model),
+                        "compute_seconds": compute_seconds, "wall_seconds": wall,
+                        "compute_utilization": compute_seconds / wall, "params_checksum": param_checksum(model),
                     })  # fmt: skip
                 if (t.eval_every and step % t.eval_every == 0) or step == total_steps:
                     val_loss = evaluate(net, val_ds, cfg, env=env, device=device)
                     metrics.log(step, {"val_loss": val_loss})
                     if env.is_main:
                         log.info("site %s step %d: validation loss %.4f", site.name, step, val_loss)
-        metrics.log(step, {"torchft_commits": manager.current_step(), "params_checksum": param_checksum(model), "params_sha256": params_sha256(model)})
+        metrics.log(
+            step,
+            {
+                "torchft_commits": manager.current_step(),
+                "params_checksum": param_checksum(model),
+                "params_sha256": params_sha256(model),
+            },
+        )
         if env.is_main and speeds:
-            log.info("site %s: done, %d outer rounds committed, %.2f MB sent over the WAN, %.0f tokens/s (median)", site.name, manager.current_step(), site_sent / 1e6, statistics.median(speeds))
+            log.info(
+                "site %s: done, %d outer rounds committed, %.2f MB sent over the WAN, %.0f tokens/s (median)",
+                site.name,
+                manager.current_step(),
+                site_sent / 1e6,
+                statistics.median(speeds),
+            )
     finally:
         metrics.close()
         timer.handle.remove()
@@ -387,10 +448,14 @@ def _setup_logging(rank: int, site: str, verbose: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="bench/torchft_peer.py", description="One rank of torchft's DiLoCo on atoll's multi-site setup.")
+    parser = argparse.ArgumentParser(
+        prog="bench/torchft_peer.py", description="One rank of torchft's DiLoCo on atoll's multi-site setup."
+    )
     parser.add_argument("config", type=Path, help="run config YAML (the one atoll's runs use)")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    parser.add_argument("--no-progress", action="store_true", help="accepted for the launcher's sake: the peer draws no progress bar")
+    parser.add_argument(
+        "--no-progress", action="store_true", help="accepted for the launcher's sake: the peer draws no progress bar"
+    )
     args, extra = parser.parse_known_args(argv)
     _setup_logging(int(os.environ.get("RANK", "0")), os.environ.get("ATOLL_SITE", "?"), args.verbose)
     try:

@@ -86,9 +86,22 @@ def summarize(run_dir: Path) -> dict[str, Any]:
         walls.append(last.get("wall_seconds", 0.0))
         sent += int(last.get("wan_bytes_sent", 0))
         utils.append(last.get("compute_utilization", 0.0))
-        out["per_site"][site] = {"val_loss": val[-1], "wall_s": last.get("wall_seconds"), "compute_utilization": last.get("compute_utilization"), "wan_bytes_sent": last.get("wan_bytes_sent"), "steps": last["step"]}
+        out["per_site"][site] = {
+            "val_loss": val[-1],
+            "wall_s": last.get("wall_seconds"),
+            "compute_utilization": last.get("compute_utilization"),
+            "wan_bytes_sent": last.get("wan_bytes_sent"),
+            "steps": last["step"],
+        }
         curves[site] = [(r.get("wall_seconds", 0.0), r["tokens_seen"], r["loss"]) for r in train]
-    out.update(val_loss=statistics.mean(vals), wall_s=max(walls), wan_bytes=sent, compute_utilization=statistics.mean(utils), tokens=sum(r[-1][1] for r in curves.values()), curves=curves)
+    out.update(
+        val_loss=statistics.mean(vals),
+        wall_s=max(walls),
+        wan_bytes=sent,
+        compute_utilization=statistics.mean(utils),
+        tokens=sum(r[-1][1] for r in curves.values()),
+        curves=curves,
+    )
     return out
 
 
@@ -97,13 +110,28 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--scenario", default=DEFAULT_SCENARIO, help="named scenario fixing the ratio R")
     ap.add_argument("--steps", type=int, default=320, help="inner steps per site (the token budget)")
-    ap.add_argument("--inner-steps", type=int, default=80, help="H for the DiLoCo family (int4 at H=80 sends ~600x fewer bytes than ddp)")
-    ap.add_argument("--batch", type=int, default=4, help="sequences per inner step per site (the demo's 8 doubles every run's time)")
+    ap.add_argument(
+        "--inner-steps",
+        type=int,
+        default=80,
+        help="H for the DiLoCo family (int4 at H=80 sends ~600x fewer bytes than ddp)",
+    )
+    ap.add_argument(
+        "--batch", type=int, default=4, help="sequences per inner step per site (the demo's 8 doubles every run's time)"
+    )
     ap.add_argument("--strategies", nargs="+", default=["ddp", "diloco", "streaming", "delayed"])
     ap.add_argument("--codecs", nargs="+", default=["none", "int8", "int4"])
     ap.add_argument("--no-torchft", action="store_true", help="skip torchft's own DiLoCo")
-    ap.add_argument("--skip", nargs="*", default=[], metavar="STRATEGY-CODEC", help="leave out these combinations, e.g. streaming-none")
-    ap.add_argument("--overlap-steps", type=int, default=10, help="streaming: tau, inner steps a fragment's exchange overlaps")
+    ap.add_argument(
+        "--skip",
+        nargs="*",
+        default=[],
+        metavar="STRATEGY-CODEC",
+        help="leave out these combinations, e.g. streaming-none",
+    )
+    ap.add_argument(
+        "--overlap-steps", type=int, default=10, help="streaming: tau, inner steps a fragment's exchange overlaps"
+    )
     ap.add_argument("--latency-ms", type=float, default=15.0)
     ap.add_argument("--probe-steps", type=int, default=2, help="ddp steps timed on the real link")
     return ap
@@ -122,16 +150,37 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="atoll-bench-") as tmp_s:
         tmp = Path(tmp_s)
         common = [
-            str(CONFIG), "--no-progress", f"--run.dir={tmp}", f"--train.steps={args.steps}",
-            f"--train.warmup_steps={max(1, args.steps // 20)}", "--train.log_every=5", "--train.eval_every=0",
-            "--train.checkpoint_every=0", f"--train.global_batch={args.batch}", f"--train.micro_batch={args.batch}", f"--sync.inner_steps={args.inner_steps}",
+            str(CONFIG),
+            "--no-progress",
+            f"--run.dir={tmp}",
+            f"--train.steps={args.steps}",
+            f"--train.warmup_steps={max(1, args.steps // 20)}",
+            "--train.log_every=5",
+            "--train.eval_every=0",
+            "--train.checkpoint_every=0",
+            f"--train.global_batch={args.batch}",
+            f"--train.micro_batch={args.batch}",
+            f"--sync.inner_steps={args.inner_steps}",
             f"--sync.overlap_steps={args.overlap_steps}",
         ]
         # 1. Calibrate: compute seconds per inner step with two sites sharing this machine.
         flat = tmp / "flat.yaml"
         write_topology(flat, mbps=10_000, latency_ms=0)
         calib_steps = min(args.steps, 40)
-        run_atoll([*common, "--topology", str(flat), "--wan", "none", "--run.name=calib", f"--train.steps={calib_steps}", "--sync.strategy=diloco", f"--sync.inner_steps={calib_steps // 2}"], lab=False)
+        run_atoll(
+            [
+                *common,
+                "--topology",
+                str(flat),
+                "--wan",
+                "none",
+                "--run.name=calib",
+                f"--train.steps={calib_steps}",
+                "--sync.strategy=diloco",
+                f"--sync.inner_steps={calib_steps // 2}",
+            ],
+            lab=False,
+        )
         last = [r for r in site_records(tmp / "calib")[SITES[0]] if "compute_seconds" in r][-1]
         step_s = last["compute_seconds"] / last["step"]
         n_params = json.loads((tmp / "calib" / "sites" / SITES[0] / "model.json").read_text())
@@ -142,15 +191,48 @@ def main() -> None:
         topo = tmp / "topology.yaml"
         write_topology(topo, mbps=mbps, latency_ms=args.latency_ms)
         ratio = (model_bytes * 8 / (mbps * 1e6)) / step_s
-        print(f"calibrated: {step_s:.3f} s per inner step, model {model_bytes / 1e6:.1f} MB fp32 -> {mbps:.2f} Mbit/s for R = {ratio:.1f} ({mode})", flush=True)
+        print(
+            f"calibrated: {step_s:.3f} s per inner step, model {model_bytes / 1e6:.1f} MB fp32 -> "
+            f"{mbps:.2f} Mbit/s for R = {ratio:.1f} ({mode})",
+            flush=True,
+        )
 
-        def record(system: str, strategy: str, codec: str, name: str, cmd: list[str], extra: dict[str, Any] | None = None) -> None:
+        def record(
+            system: str, strategy: str, codec: str, name: str, cmd: list[str], extra: dict[str, Any] | None = None
+        ) -> None:
             s = summarize(tmp / name)
-            rec = {"system": system, "strategy": strategy, "codec": codec, "tokens": s["tokens"], "val_loss": s["val_loss"], "wall_s": s["wall_s"], "wan_bytes": s["wan_bytes"], "compute_utilization": s["compute_utilization"], "per_site": s["per_site"], "command": "atoll " + shlex.join(cmd), "curves": s["curves"], **(extra or {})}
+            rec = {
+                "system": system,
+                "strategy": strategy,
+                "codec": codec,
+                "tokens": s["tokens"],
+                "val_loss": s["val_loss"],
+                "wall_s": s["wall_s"],
+                "wan_bytes": s["wan_bytes"],
+                "compute_utilization": s["compute_utilization"],
+                "per_site": s["per_site"],
+                "command": "atoll " + shlex.join(cmd),
+                "curves": s["curves"],
+                **(extra or {}),
+            }
             records.append(rec)
             # Written after every run: a later failure (or Ctrl-C) keeps what was measured.
-            write_results(records, scenario=scenario, ratio=ratio, mbps=mbps, mode=mode, lab_reason=lab_reason, step_s=step_s, args=args, partial=True)
-            print(f"{system:8s} {strategy:9s} {codec:5s} val {rec['val_loss']:.4f} wall {rec['wall_s']:.0f}s WAN {rec['wan_bytes'] / 1e6:.1f} MB util {rec['compute_utilization']:.0%}", flush=True)
+            write_results(
+                records,
+                scenario=scenario,
+                ratio=ratio,
+                mbps=mbps,
+                mode=mode,
+                lab_reason=lab_reason,
+                step_s=step_s,
+                args=args,
+                partial=True,
+            )
+            print(
+                f"{system:8s} {strategy:9s} {codec:5s} val {rec['val_loss']:.4f} wall {rec['wall_s']:.0f}s "
+                f"WAN {rec['wan_bytes'] / 1e6:.1f} MB util {rec['compute_utilization']:.0%}",
+                flush=True,
+            )
 
         for strategy in args.strategies:
             for codec in args.codecs:
@@ -161,12 +243,31 @@ def main() -> None:
                 name = f"{strategy}-{codec}"
                 if name in args.skip:
                     continue
-                base = [*common, "--topology", str(topo), f"--run.name={name}", f"--sync.strategy={strategy}", f"--sync.codec={codec}"]
+                base = [
+                    *common,
+                    "--topology",
+                    str(topo),
+                    f"--run.name={name}",
+                    f"--sync.strategy={strategy}",
+                    f"--sync.codec={codec}",
+                ]
                 if strategy == "ddp":
                     # Loss and compute time without the WAN, exchange time from a probe on the link.
                     run_atoll([*base, "--wan", "none"], lab=False)
                     probe = f"{name}-probe"
-                    run_atoll([*common, "--topology", str(topo), f"--run.name={probe}", f"--sync.strategy={strategy}", f"--sync.codec={codec}", f"--train.steps={args.probe_steps}", "--train.warmup_steps=1"], lab=lab_ok)
+                    run_atoll(
+                        [
+                            *common,
+                            "--topology",
+                            str(topo),
+                            f"--run.name={probe}",
+                            f"--sync.strategy={strategy}",
+                            f"--sync.codec={codec}",
+                            f"--train.steps={args.probe_steps}",
+                            "--train.warmup_steps=1",
+                        ],
+                        lab=lab_ok,
+                    )
                     p = [r for r in site_records(tmp / probe)[SITES[0]] if "wan_seconds" in r][-1]
                     per_step = p["wan_seconds"] / max(1, p["wan_exchanges"])
                     s = summarize(tmp / name)
@@ -174,13 +275,33 @@ def main() -> None:
                     wall = compute + per_step * args.steps
                     wan_bytes = p["wan_bytes_sent"] / max(1, p["wan_exchanges"]) * args.steps * len(SITES)
                     util = compute / wall
-                    record("atoll", strategy, codec, name, base, {"wall_extrapolated": True, "exchange_s_per_step": per_step})
+                    record(
+                        "atoll",
+                        strategy,
+                        codec,
+                        name,
+                        base,
+                        {"wall_extrapolated": True, "exchange_s_per_step": per_step},
+                    )
                     records[-1].update(wall_s=wall, wan_bytes=wan_bytes, compute_utilization=util)
                     for curve in records[-1]["curves"].values():
                         for i, (w, tok, loss) in enumerate(curve):
                             curve[i] = (w + per_step * (tok / (args.batch * cfg.data.seq_len)), tok, loss)
-                    write_results(records, scenario=scenario, ratio=ratio, mbps=mbps, mode=mode, lab_reason=lab_reason, step_s=step_s, args=args, partial=True)
-                    print(f"  ddp extrapolated: {per_step:.1f} s per exchange -> wall {wall:.0f}s, util {util:.1%}", flush=True)
+                    write_results(
+                        records,
+                        scenario=scenario,
+                        ratio=ratio,
+                        mbps=mbps,
+                        mode=mode,
+                        lab_reason=lab_reason,
+                        step_s=step_s,
+                        args=args,
+                        partial=True,
+                    )
+                    print(
+                        f"  ddp extrapolated: {per_step:.1f} s per exchange -> wall {wall:.0f}s, util {util:.1%}",
+                        flush=True,
+                    )
                     continue
                 run_atoll(base, lab=lab_ok)
                 record("atoll", strategy, codec, name, base)
@@ -188,10 +309,21 @@ def main() -> None:
             peer = REPO / "bench" / "torchft_peer.py"
             if peer.exists():
                 name = "torchft-diloco"
-                cmd = [*common, "--topology", str(topo), f"--run.name={name}", "--sync.strategy=diloco", "--sync.codec=none", "--worker", "bench.torchft_peer"]
+                cmd = [
+                    *common,
+                    "--topology",
+                    str(topo),
+                    f"--run.name={name}",
+                    "--sync.strategy=diloco",
+                    "--sync.codec=none",
+                    "--worker",
+                    "bench.torchft_peer",
+                ]
                 run_atoll(cmd, lab=lab_ok)
                 record("torchft", "diloco", "none", name, cmd)
-    write_results(records, scenario=scenario, ratio=ratio, mbps=mbps, mode=mode, lab_reason=lab_reason, step_s=step_s, args=args)
+    write_results(
+        records, scenario=scenario, ratio=ratio, mbps=mbps, mode=mode, lab_reason=lab_reason, step_s=step_s, args=args
+    )
 
 
 TARGETS = {"compute_utilization": 0.95, "bytes_reduction_vs_ddp": 500.0, "val_loss_vs_ddp": 0.02}
@@ -210,14 +342,39 @@ def check_targets(records: list[dict[str, Any]]) -> dict[str, Any]:
     def checks(r: dict[str, Any]) -> dict[str, dict[str, Any]]:
         util, red, loss = r["compute_utilization"], r["bytes_reduction_vs_ddp"], r["val_loss_vs_ddp"]
         out = {
-            "compute_utilization": {"value": util, "target": ">= 0.95", "met": util >= TARGETS["compute_utilization"], "short_by": max(0.0, TARGETS["compute_utilization"] - util)},
-            "bytes_reduction_vs_ddp": {"value": red, "target": ">= 500x", "met": red >= TARGETS["bytes_reduction_vs_ddp"], "short_by": max(0.0, TARGETS["bytes_reduction_vs_ddp"] - red)},
-            "val_loss_vs_ddp": {"value": loss, "target": "<= +2%", "met": loss <= TARGETS["val_loss_vs_ddp"], "short_by": max(0.0, loss - TARGETS["val_loss_vs_ddp"])},
+            "compute_utilization": {
+                "value": util,
+                "target": ">= 0.95",
+                "met": util >= TARGETS["compute_utilization"],
+                "short_by": max(0.0, TARGETS["compute_utilization"] - util),
+            },
+            "bytes_reduction_vs_ddp": {
+                "value": red,
+                "target": ">= 500x",
+                "met": red >= TARGETS["bytes_reduction_vs_ddp"],
+                "short_by": max(0.0, TARGETS["bytes_reduction_vs_ddp"] - red),
+            },
+            "val_loss_vs_ddp": {
+                "value": loss,
+                "target": "<= +2%",
+                "met": loss <= TARGETS["val_loss_vs_ddp"],
+                "short_by": max(0.0, loss - TARGETS["val_loss_vs_ddp"]),
+            },
         }
         peer = next((p for p in records if p["system"] == "torchft"), None)
         if peer is not None:
             ahead = r["wall_s"] < peer["wall_s"] and r["val_loss"] <= peer["val_loss"] * 1.005
-            out["ahead_of_torchft"] = {"value": {"wall_s": r["wall_s"], "peer_wall_s": peer["wall_s"], "val_loss": r["val_loss"], "peer_val_loss": peer["val_loss"]}, "target": "less wall-clock, val loss within 0.5% of the peer's or lower", "met": ahead, "speedup": peer["wall_s"] / r["wall_s"]}
+            out["ahead_of_torchft"] = {
+                "value": {
+                    "wall_s": r["wall_s"],
+                    "peer_wall_s": peer["wall_s"],
+                    "val_loss": r["val_loss"],
+                    "peer_val_loss": peer["val_loss"],
+                },
+                "target": "less wall-clock, val loss within 0.5% of the peer's or lower",
+                "met": ahead,
+                "speedup": peer["wall_s"] / r["wall_s"],
+            }
         return out
 
     best = max(ours, key=lambda r: (sum(c["met"] for c in checks(r).values()), -r["wall_s"]))
@@ -238,12 +395,26 @@ def targets_section(records: list[dict[str, Any]]) -> list[str]:
         elif name == "val_loss_vs_ddp":
             shown = f"{v:+.2%}" + ("" if c["met"] else f" ({c['short_by']:.2%} over)")
         else:
-            shown = f"{v['wall_s']:,.0f} s vs {v['peer_wall_s']:,.0f} s ({c['speedup']:.1f}x), val {v['val_loss']:.4f} vs {v['peer_val_loss']:.4f}"
+            shown = (
+                f"{v['wall_s']:,.0f} s vs {v['peer_wall_s']:,.0f} s ({c['speedup']:.1f}x), "
+                f"val {v['val_loss']:.4f} vs {v['peer_val_loss']:.4f}"
+            )
         lines.append(f"| {name} {c['target']} | {shown} | {'yes' if c['met'] else 'no'} |")
     return lines
 
 
-def write_results(records: list[dict[str, Any]], *, scenario: Any, ratio: float, mbps: float, mode: str, lab_reason: str, step_s: float, args: argparse.Namespace, partial: bool = False) -> None:
+def write_results(
+    records: list[dict[str, Any]],
+    *,
+    scenario: Any,
+    ratio: float,
+    mbps: float,
+    mode: str,
+    lab_reason: str,
+    step_s: float,
+    args: argparse.Namespace,
+    partial: bool = False,
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -251,7 +422,10 @@ def write_results(records: list[dict[str, Any]], *, scenario: Any, ratio: float,
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     command = ".venv/bin/python bench/wan.py " + shlex.join(sys.argv[1:])
-    for x_index, label, fname in ((0, "wall-clock (s)", "wan_loss_vs_time.png"), (1, "tokens (all sites)", "wan_loss_vs_tokens.png")):
+    for x_index, label, fname in (
+        (0, "wall-clock (s)", "wan_loss_vs_time.png"),
+        (1, "tokens (all sites)", "wan_loss_vs_tokens.png"),
+    ):
         fig, ax = plt.subplots(figsize=(8, 5))
         for rec in records:
             curve = rec["curves"][SITES[0]]
@@ -274,7 +448,13 @@ def write_results(records: list[dict[str, Any]], *, scenario: Any, ratio: float,
     targets = check_targets(records)
     result = {
         "targets": targets,
-        "scenario": {"name": args.scenario, "ratio": round(ratio, 2), "emulated_mbps": round(mbps, 3), "assumptions": scenario.assumptions(), "step_seconds": round(step_s, 4)},
+        "scenario": {
+            "name": args.scenario,
+            "ratio": round(ratio, 2),
+            "emulated_mbps": round(mbps, 3),
+            "assumptions": scenario.assumptions(),
+            "step_seconds": round(step_s, 4),
+        },
         "lab_mode": mode,
         "partial": partial,
         "lab_note": "" if mode == "netns" else lab_reason,
@@ -287,7 +467,9 @@ def write_results(records: list[dict[str, Any]], *, scenario: Any, ratio: float,
         "# Multi-site training over a slow WAN",
         "",
         f"{result['date']}; scenario `{args.scenario}`: R = {ratio:.1f}, link {mbps:.2f} Mbit/s per site, "
-        f"{args.latency_ms:.0f} ms per site; lab mode **{mode}**; {args.steps} inner steps of {args.batch} sequences per site on 2 sites; H = {args.inner_steps}; streaming tau = {args.overlap_steps}; "
+        f"{args.latency_ms:.0f} ms per site; lab mode **{mode}**; "
+        f"{args.steps} inner steps of {args.batch} sequences per site on 2 sites; "
+        f"H = {args.inner_steps}; streaming tau = {args.overlap_steps}; "
         f"{step_s:.2f} s of compute per inner step (measured).",
         "",
         f"Scenario: {scenario.assumptions()}",
@@ -299,9 +481,17 @@ def write_results(records: list[dict[str, Any]], *, scenario: Any, ratio: float,
         vs = f"{r['val_loss_vs_ddp']:+.1%}" if "val_loss_vs_ddp" in r else "-"
         red = f"{r['bytes_reduction_vs_ddp']:,.0f}x" if "bytes_reduction_vs_ddp" in r else "-"
         wall = f"{r['wall_s']:,.0f}" + (" (extrapolated)" if r.get("wall_extrapolated") else "")
-        lines.append(f"| {r['system']} | {r['strategy']} | {r['codec']} | {r['val_loss']:.4f} | {vs} | {wall} | {r['wan_bytes'] / 1e6:,.1f} | {red} | {r['compute_utilization']:.1%} |")
+        lines.append(
+            f"| {r['system']} | {r['strategy']} | {r['codec']} | {r['val_loss']:.4f} | {vs} | {wall} | "
+            f"{r['wan_bytes'] / 1e6:,.1f} | {red} | {r['compute_utilization']:.1%} |"
+        )
     lines += targets_section(records)
-    lines += ["", f"Produced by `{command}`.", "", "![loss vs time](wan_loss_vs_time.png) ![loss vs tokens](wan_loss_vs_tokens.png)"]
+    lines += [
+        "",
+        f"Produced by `{command}`.",
+        "",
+        "![loss vs time](wan_loss_vs_time.png) ![loss vs tokens](wan_loss_vs_tokens.png)",
+    ]
     if partial:
         lines.insert(2, "**Partial: the benchmark was still running (or stopped) when this was written.**\n")
     (RESULTS / "wan.md").write_text("\n".join(lines) + "\n")

@@ -52,7 +52,7 @@ def one_thread() -> Iterator[None]:
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A prepared data directory (vocab 320, seq_len 32) built from generated text."""
-    from atoll.data.shards import prepare_corpus
+    from atoll.data.corpus import prepare_corpus
 
     out = tmp_path_factory.mktemp("tiny-data")
     prepare_corpus(generated_documents(), out, vocab_size=320, seq_len=32, val_fraction=0.15, seed=0, shard_tokens=4096)

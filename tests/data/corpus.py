@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import random
 
-SUBJECTS = "the king|a sailor|the old queen|my brother|the network|a careful engineer|the river|this model|our site|the last packet|a tired student|the gardener".split("|")
+SUBJECTS = (
+    "the king|a sailor|the old queen|my brother|the network|a careful engineer|the river|this model|our site|"
+    "the last packet|a tired student|the gardener"
+).split("|")
 VERBS = "sees|carries|remembers|builds|follows|answers|forgets|measures|protects|sends|reads|opens".split("|")
 OBJECTS = (
     "the letter|a heavy stone|the northern road|an empty house|the broken switch|a quiet song|the long table|"
@@ -18,7 +21,10 @@ TAILS = (
     "before the night falls|with great care|because it is late|and then it rains|for the whole village|"
     "while the others sleep|in the spring|without a word|as the wind turns|near the sea|after the storm|at the gate"
 ).split("|")
-ZH = "我们在数据中心训练一个大型语言模型网络连接很慢所以需要压缩更新每个站点有自己的加速器内核文档说明了如何配置路由和交换机"
+ZH = (
+    "我们在数据中心训练一个大型语言模型网络连接很慢所以需要压缩更新"
+    "每个站点有自己的加速器内核文档说明了如何配置路由和交换机"
+)
 
 
 def english_document(seed: int, *, sentences: int = 12) -> str:

@@ -47,9 +47,22 @@ def test_ddp_two_ranks_match_one_rank(tmp_path: Path, tiny_data: Path, one_rank:
 
 
 def test_fsdp2_under_torchrun_matches_one_rank(tmp_path: Path, tiny_data: Path, one_rank: Path) -> None:
-    cfg = tiny_config(tmp_path, tiny_data, train={"steps": 6, "checkpoint_every": 6, "eval_every": 3}, parallel={"shard": "fsdp"})
+    cfg = tiny_config(
+        tmp_path, tiny_data, train={"steps": 6, "checkpoint_every": 6, "eval_every": 3}, parallel={"shard": "fsdp"}
+    )
     env = dict(os.environ, ATOLL_NO_PROGRESS="1", PYTHONPATH=str(REPO / "src"))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()), "-m", "atoll.train", str(cfg)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        str(free_port()),
+        "-m",
+        "atoll.train",
+        str(cfg),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     run_dir = tmp_path / "runs" / "t"

@@ -45,7 +45,8 @@ RECEIVER = textwrap.dedent(
         if t0 is None:
             t0 = time.monotonic()  # the clock starts at the first byte: connection setup excluded
         got += len(chunk)
-    print(json.dumps({"bytes": got, "seconds": time.monotonic() - t0, "peer": peer[0], "local": conn.getsockname()[0]}), flush=True)
+    record = {"bytes": got, "seconds": time.monotonic() - t0, "peer": peer[0], "local": conn.getsockname()[0]}
+    print(json.dumps(record), flush=True)
     """
 )
 
@@ -115,7 +116,9 @@ def lab() -> Iterator[Lab]:
 
 
 def measure(lab: Lab, src: str, dst: str, num_bytes: int) -> dict[str, object]:
-    receiver = lab.popen(dst, [sys.executable, "-c", RECEIVER, lab.site_address(dst), str(num_bytes)], stdout=subprocess.PIPE, text=True)
+    receiver = lab.popen(
+        dst, [sys.executable, "-c", RECEIVER, lab.site_address(dst), str(num_bytes)], stdout=subprocess.PIPE, text=True
+    )
     assert receiver.stdout is not None
     port = int(receiver.stdout.readline())
     sender = lab.popen(src, [sys.executable, "-c", SENDER, lab.site_address(dst), str(port), str(num_bytes)])
@@ -127,7 +130,9 @@ def measure(lab: Lab, src: str, dst: str, num_bytes: int) -> dict[str, object]:
     return result
 
 
-@pytest.mark.parametrize(("src", "dst", "shaped_mbps"), [("b", "a", 40), ("a", "b", 20)], ids=["uplink-40", "downlink-20"])
+@pytest.mark.parametrize(
+    ("src", "dst", "shaped_mbps"), [("b", "a", 40), ("a", "b", 20)], ids=["uplink-40", "downlink-20"]
+)
 def test_kernel_shapes_the_rate_between_sites(lab: Lab, src: str, dst: str, shaped_mbps: float) -> None:
     result = measure(lab, src, dst, 3_000_000)
     print(f"{src}->{dst}: {result['mbps']:.1f} Mbit/s measured, {shaped_mbps} shaped")
@@ -141,11 +146,15 @@ def test_sites_reach_only_lab_addresses(lab: Lab) -> None:
     for name in ("a", "b"):
         ns = lab.namespace(name)
         addrs = subprocess.run(["ip", "-n", ns, "-o", "-4", "addr"], capture_output=True, text=True, check=True).stdout
-        assert sorted(line.split()[3] for line in addrs.splitlines()) == sorted(["127.0.0.1/8", f"{lab.site_address(name)}/24"])
+        assert sorted(line.split()[3] for line in addrs.splitlines()) == sorted(
+            ["127.0.0.1/8", f"{lab.site_address(name)}/24"]
+        )
         routes = subprocess.run(["ip", "-n", ns, "-4", "route"], capture_output=True, text=True, check=True).stdout
         assert all("10.213." in line for line in routes.splitlines()), routes
     # The wan namespace routes only the lab's subnets: anything else is unreachable (a lookup, no packet sent).
-    lookup = subprocess.run(["ip", "-n", lab.wan_namespace, "route", "get", "192.0.2.1"], capture_output=True, text=True)
+    lookup = subprocess.run(
+        ["ip", "-n", lab.wan_namespace, "route", "get", "192.0.2.1"], capture_output=True, text=True
+    )
     assert lookup.returncode != 0 and "unreachable" in lookup.stderr.lower()
     # The root namespace gained nothing.
     root = subprocess.run(["ip", "-o", "addr"], capture_output=True, text=True, check=True).stdout
@@ -229,7 +238,10 @@ def test_clean_removes_what_a_crashed_run_left(holder: tuple[subprocess.Popen[st
     proc = run_atoll("lab", "clean", timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert f"namespace {leaked}" in proc.stdout and f"namespace {NETNS_PREFIX}{rid}-wan" in proc.stdout
-    assert lab_traces(rid) == [] and leaked not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert (
+        lab_traces(rid) == []
+        and leaked not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    )
     assert pid_gone(sleeper)  # the process left inside the namespace was killed
 
 
@@ -252,12 +264,20 @@ def test_a_lab_from_a_validated_topology() -> None:
     topo = Topology(
         name="t",
         sites=[{"name": "east", "devices": cpu}, {"name": "west", "devices": cpu}],
-        links=[{"site": "east", "uplink_mbps": 3.4, "latency_ms": 15}, {"site": "west", "uplink_mbps": 3.4, "downlink_mbps": 2, "latency_ms": 5}],
+        links=[
+            {"site": "east", "uplink_mbps": 3.4, "latency_ms": 15},
+            {"site": "west", "uplink_mbps": 3.4, "downlink_mbps": 2, "latency_ms": 5},
+        ],
     )
     with Lab(topo) as lab:
         assert lab.site_address("west") == "10.213.2.2" and lab.latency_ms("east") == 15
         # The kernel shapes the rate; the transport adds both legs' latency (no netem here).
         assert WanModel(topo, mode="netns").extra_seconds(10**6, num_sites=2) == pytest.approx(0.020)
-        qdisc = subprocess.run(["tc", "-n", lab.wan_namespace, "qdisc", "show", "dev", lab.sites["west"].wan_interface], capture_output=True, text=True, check=True).stdout
+        qdisc = subprocess.run(
+            ["tc", "-n", lab.wan_namespace, "qdisc", "show", "dev", lab.sites["west"].wan_interface],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
         assert "tbf" in qdisc and "2Mbit" in qdisc, qdisc
     assert lab_traces(lab.run_id) == []

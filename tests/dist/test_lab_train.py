@@ -34,14 +34,21 @@ def test_lab_run_trains_two_sites_in_namespaces_and_leaves_nothing_behind(tmp_pa
         yaml.safe_dump(
             {
                 "name": "lab-test",
-                "sites": [{"name": s, "devices": [{"kind": "cpu", "count": 1, "per_node": 1}]} for s in ("east", "west")],
+                "sites": [
+                    {"name": s, "devices": [{"kind": "cpu", "count": 1, "per_node": 1}]} for s in ("east", "west")
+                ],
                 "links": [{"site": s, "uplink_mbps": 20.0, "latency_ms": 2.0} for s in ("east", "west")],
                 "lighthouse": {"site": "east"},
             }
         ),
         encoding="utf-8",
     )
-    cfg = tiny_config(tmp_path, tiny_data, train={"steps": 4, "checkpoint_every": 0, "eval_every": 0}, sync={"strategy": "diloco", "inner_steps": 2})
+    cfg = tiny_config(
+        tmp_path,
+        tiny_data,
+        train={"steps": 4, "checkpoint_every": 0, "eval_every": 0},
+        sync={"strategy": "diloco", "inner_steps": 2},
+    )
 
     proc = run_atoll("lab", "run", "--topology", str(topology), str(cfg), timeout=TIMEOUT)
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -28,7 +28,7 @@ import yaml
 
 from atoll.model import Transformer
 from atoll.report.metrics import read_metrics
-from atoll.train.setup import read_model_json
+from atoll.rundir.layout import read_model_json
 from tests.conftest import REPO, tiny_config
 
 HEADER_BYTES = 16  # the transport's (token weight, length) prefix on every payload
@@ -54,13 +54,31 @@ class Scenario:
 
 
 SCENARIOS: dict[str, Scenario] = {
-    "diloco": Scenario(("east", "west"), {"strategy": "diloco", "inner_steps": 2, "chunk_kib": 16}),  # many pipelined chunks
-    "diloco-2-ranks": Scenario(("east", "west"), {"strategy": "diloco", "inner_steps": 2}, flags=("--ranks-per-site", "2")),
+    "diloco": Scenario(
+        ("east", "west"), {"strategy": "diloco", "inner_steps": 2, "chunk_kib": 16}
+    ),  # many pipelined chunks
+    "diloco-2-ranks": Scenario(
+        ("east", "west"), {"strategy": "diloco", "inner_steps": 2}, flags=("--ranks-per-site", "2")
+    ),
     "delayed": Scenario(("east", "west"), {"strategy": "delayed", "inner_steps": 2}),
-    "streaming": Scenario(("east", "west"), {"strategy": "streaming", "inner_steps": 4, "fragments": 2, "overlap_steps": 1}, steps=8),
-    "int8-emulated": Scenario(("east", "west"), {"strategy": "diloco", "inner_steps": 2, "codec": "int8", "block_size": 128}, steps=4, wan="emulated", mbps=2.0, latency_ms=5.0),
+    "streaming": Scenario(
+        ("east", "west"), {"strategy": "streaming", "inner_steps": 4, "fragments": 2, "overlap_steps": 1}, steps=8
+    ),
+    "int8-emulated": Scenario(
+        ("east", "west"),
+        {"strategy": "diloco", "inner_steps": 2, "codec": "int8", "block_size": 128},
+        steps=4,
+        wan="emulated",
+        mbps=2.0,
+        latency_ms=5.0,
+    ),
     "ddp-3-sites": Scenario(("east", "west", "south"), {"strategy": "ddp", "chunk_kib": 16}, steps=3),
-    "heterogeneous": Scenario(("east", "west"), {"strategy": "diloco", "inner_steps": 2, "site_inner_steps": {"east": 2, "west": 4}}, steps=4, slowdown={"east": 2.0}),
+    "heterogeneous": Scenario(
+        ("east", "west"),
+        {"strategy": "diloco", "inner_steps": 2, "site_inner_steps": {"east": 2, "west": 4}},
+        steps=4,
+        slowdown={"east": 2.0},
+    ),
     "unknown-site": Scenario(("east", "west"), {"site_inner_steps": {"north": 3}}),
     "one-site": Scenario(("east",), {}),
     "placed-data": Scenario(("east", "west"), {"strategy": "diloco", "inner_steps": 2}, steps=4, placed=True),
@@ -83,7 +101,10 @@ def write_topology(tmp_path: Path, sc: Scenario) -> Path:
     """A loopback topology: one CPU per site, the same link everywhere."""
     topology = {
         "name": "test",
-        "sites": [{"name": s, "devices": [{"kind": "cpu", "count": 1, "per_node": 1, "slowdown": sc.slowdown.get(s, 1.0)}]} for s in sc.sites],
+        "sites": [
+            {"name": s, "devices": [{"kind": "cpu", "count": 1, "per_node": 1, "slowdown": sc.slowdown.get(s, 1.0)}]}
+            for s in sc.sites
+        ],
         "links": [{"site": s, "uplink_mbps": sc.mbps, "latency_ms": sc.latency_ms} for s in sc.sites],
         "lighthouse": {"site": sc.sites[0]},
     }
@@ -111,7 +132,18 @@ def launch(tmp_path: Path, data: Path, sc: Scenario) -> subprocess.CompletedProc
         data = place_on_sites(data, tmp_path / "data", ("east", "west"))
     cfg = tiny_config(tmp_path, data, train={"steps": sc.steps, "checkpoint_every": 0, "eval_every": 0}, sync=sc.sync)
     topology = write_topology(tmp_path, sc)
-    args = [sys.executable, "-m", "atoll.cli", "train", str(cfg), "--topology", str(topology), "--wan", sc.wan, *sc.flags]
+    args = [
+        sys.executable,
+        "-m",
+        "atoll.cli",
+        "train",
+        str(cfg),
+        "--topology",
+        str(topology),
+        "--wan",
+        sc.wan,
+        *sc.flags,
+    ]
     env = dict(os.environ, ATOLL_NO_PROGRESS="1", PYTHONPATH=str(REPO / "src"))
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
         env.pop(key, None)
@@ -221,7 +253,9 @@ def assert_differ_at(dirs: dict[str, Path], steps: list[int]) -> None:
     checksums = {s: per_step(d, "params_checksum") for s, d in dirs.items()}
     for step in steps:
         values = {s: c[step] for s, c in checksums.items()}
-        assert len(set(values.values())) == len(values), f"step {step}: sites should have diverged (own data), got {values}"
+        assert len(set(values.values())) == len(values), (
+            f"step {step}: sites should have diverged (own data), got {values}"
+        )
 
 
 def assert_end_identical(dirs: dict[str, Path]) -> None:

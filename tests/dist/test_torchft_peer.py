@@ -19,20 +19,29 @@ pytest.importorskip("torchft")
 
 
 @pytest.mark.timeout(240)
-def test_two_sites_end_identical_with_falling_loss(tmp_path: Path, tiny_data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_two_sites_end_identical_with_falling_loss(
+    tmp_path: Path, tiny_data: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     topo = tmp_path / "topology.yaml"
     topo.write_text(
         yaml.safe_dump(
             {
                 "name": "peer-test",
-                "sites": [{"name": n, "devices": [{"kind": "cpu", "count": 1, "per_node": 1}]} for n in ("east", "west")],
+                "sites": [
+                    {"name": n, "devices": [{"kind": "cpu", "count": 1, "per_node": 1}]} for n in ("east", "west")
+                ],
                 "links": [{"site": n, "uplink_mbps": 1000, "latency_ms": 1} for n in ("east", "west")],
                 "lighthouse": {"site": "east"},
             }
         ),
         encoding="utf-8",
     )
-    cfg = tiny_config(tmp_path, tiny_data, train={"steps": 8, "log_every": 2, "eval_every": 0, "checkpoint_every": 0}, sync={"strategy": "diloco", "inner_steps": 4, "timeout_seconds": 120})
+    cfg = tiny_config(
+        tmp_path,
+        tiny_data,
+        train={"steps": 8, "log_every": 2, "eval_every": 0, "checkpoint_every": 0},
+        sync={"strategy": "diloco", "inner_steps": 4, "timeout_seconds": 120},
+    )
     # bench/ is not a package: `-m bench.torchft_peer` finds it as a namespace package from the repo root.
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(REPO), str(REPO / "src")]))
     monkeypatch.setenv("ATOLL_NO_PROGRESS", "1")
@@ -57,7 +66,9 @@ def test_two_sites_end_identical_with_falling_loss(tmp_path: Path, tiny_data: Pa
         assert losses[-1] < losses[0]
         last = [r for r in records if "wall_seconds" in r][-1]
         assert 0 < last["compute_utilization"] <= 1 and last["tokens_seen"] == 8 * 4 * 32
-        n_params = ModelConfig(**json.loads((tmp_path / "runs" / "t" / "sites" / site / "model.json").read_text())).num_params()
+        n_params = ModelConfig(
+            **json.loads((tmp_path / "runs" / "t" / "sites" / site / "model.json").read_text())
+        ).num_params()
         # Two rounds, each one fp32 allreduce of the whole model: (M-1) x model bytes per round.
         assert last["wan_bytes_sent"] == 2 * 4 * n_params
         vals += [r["val_loss"] for r in records if "val_loss" in r]

@@ -43,8 +43,25 @@ def ft_config(tmp: Path, parent: Path, data_path: Path, *, name: str = "lora", *
     cfg: dict[str, Any] = {
         "run": {"name": name, "dir": str(tmp / "runs"), "seed": 0},
         "finetune": {"parent": str(parent), "method": "lora", "lora": {"rank": 4, "alpha": 8, "dropout": 0.1}},
-        "data": {"format": "text", "paths": [str(data_path)], "chunk_chars": 300, "validation_fraction": 0.2, "seq_len": 32},
-        "train": {"steps": 6, "global_batch": 4, "micro_batch": 2, "lr": 1e-2, "warmup_steps": 1, "weight_decay": 0.0, "log_every": 1, "eval_every": 3, "eval_batches": 2, "checkpoint_every": 3},
+        "data": {
+            "format": "text",
+            "paths": [str(data_path)],
+            "chunk_chars": 300,
+            "validation_fraction": 0.2,
+            "seq_len": 32,
+        },
+        "train": {
+            "steps": 6,
+            "global_batch": 4,
+            "micro_batch": 2,
+            "lr": 1e-2,
+            "warmup_steps": 1,
+            "weight_decay": 0.0,
+            "log_every": 1,
+            "eval_every": 3,
+            "eval_batches": 2,
+            "checkpoint_every": 3,
+        },
         "parallel": {"device": "cpu", "threads": 1},
     }
     for section, values in sections.items():
@@ -80,10 +97,20 @@ def test_stage_directory_and_lineage_record(chain: dict[str, Path]) -> None:
     lineage = json.loads((stage / "lineage.json").read_text())
     assert lineage["method"] == "lora" and lineage["status"] == "finished" and lineage["steps"] == 6
     assert lineage["parent"]["kind"] == "pretrain" and lineage["parent"]["fingerprint"]["step"] == 8
-    assert lineage["trainable_params"] == 2 * 4 * (64 + 64 + 64 + 32 + 64 + 32 + 64 + 64 + 64 + 128 + 64 + 128 + 128 + 64)
+    assert lineage["trainable_params"] == 2 * 4 * (
+        64 + 64 + 64 + 32 + 64 + 32 + 64 + 64 + 64 + 128 + 64 + 128 + 128 + 64
+    )
     assert lineage["data"]["documents"]["validation"] >= 1 and len(lineage["data"]["sources_sha256"]) == 64
     assert lineage["tokens"] > 0
-    for name in ("adapter/adapter_config.json", "adapter/adapter_model.safetensors", "data/heldout.jsonl", "data/hashes.json", "chat_template.jinja", "tokenizer.json", "model.json"):
+    for name in (
+        "adapter/adapter_config.json",
+        "adapter/adapter_model.safetensors",
+        "data/heldout.jsonl",
+        "data/hashes.json",
+        "chat_template.jinja",
+        "tokenizer.json",
+        "model.json",
+    ):
         assert (stage / name).is_file(), name
     assert sorted(p.name for p in (stage / "checkpoints").iterdir()) == ["step_00000003", "step_00000006"]
     records = read_metrics(stage)
@@ -91,11 +118,13 @@ def test_stage_directory_and_lineage_record(chain: dict[str, Path]) -> None:
     assert sorted(r["step"] for r in records if "val_loss" in r) == [3, 6]
 
 
-def test_peft_and_transformers_load_the_adapter_and_the_merge_unchanged(chain: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+def test_peft_and_transformers_load_the_adapter_and_the_merge_unchanged(
+    chain: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from atoll.finetune.stage import load_stage_model
+    from atoll.rundir.load import load_stage_model
 
     tmp, stage = chain["tmp"], chain["stage"]
     assert atoll(capsys, "merge", str(chain["base"]), str(tmp / "base-hf"))[0] == 0
@@ -133,11 +162,23 @@ def test_lineage_prints_the_chain(chain: dict[str, Path], capsys: pytest.Capture
     assert [r["method"] for r in json.loads(out)] == ["pretrain", "lora"]
 
 
-def test_eval_table_chart_json_and_domain_gain(chain: dict[str, Path], tiny_data: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_eval_table_chart_json_and_domain_gain(
+    chain: dict[str, Path], tiny_data: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     tmp = chain["tmp"]
     code, out, _ = atoll(
-        capsys, "eval", str(chain["base"]), str(chain["stage"]), "--data", f"general={tiny_data}", "--data", f"domain={chain['stage']}",
-        "--json", str(tmp / "res.json"), "--plot", str(tmp / "res.png"),
+        capsys,
+        "eval",
+        str(chain["base"]),
+        str(chain["stage"]),
+        "--data",
+        f"general={tiny_data}",
+        "--data",
+        f"domain={chain['stage']}",
+        "--json",
+        str(tmp / "res.json"),
+        "--plot",
+        str(tmp / "res.png"),
     )
     assert code == 0 and "perplexity on held-out sets" in out
     results = json.loads((tmp / "res.json").read_text())
@@ -151,7 +192,9 @@ def test_eval_table_chart_json_and_domain_gain(chain: dict[str, Path], tiny_data
     assert (tmp / "res.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_eval_refuses_a_set_that_overlaps_training_data(chain: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+def test_eval_refuses_a_set_that_overlaps_training_data(
+    chain: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
     from atoll.finetune.config import FinetuneDataSection
     from atoll.finetune.data import chunk_examples, content_hash, read_examples
 
@@ -162,12 +205,26 @@ def test_eval_refuses_a_set_that_overlaps_training_data(chain: dict[str, Path], 
     leak.mkdir()
     (leak / "a.txt").write_text("  " + chunk.replace("\n", " \n"))  # reformatted whitespace: still the same document
     code, _, err = atoll(capsys, "eval", str(chain["stage"]), "--data", f"leak={leak}")
-    assert code == 2 and err.startswith("atoll: error: held-out set 'leak'") and "1 of its 1 documents were trained on" in err
+    assert (
+        code == 2
+        and err.startswith("atoll: error: held-out set 'leak'")
+        and "1 of its 1 documents were trained on" in err
+    )
     assert err.strip().count("\n") == 0
 
 
 def test_generate_streams_text(chain: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, err = atoll(capsys, "generate", str(chain["stage"]), "--prompt", "netlink socket", "--temperature", "0", "--max-new-tokens", "6")
+    code, out, err = atoll(
+        capsys,
+        "generate",
+        str(chain["stage"]),
+        "--prompt",
+        "netlink socket",
+        "--temperature",
+        "0",
+        "--max-new-tokens",
+        "6",
+    )
     assert code == 0 and out.startswith("netlink socket") and "tokens in" in err
 
 
@@ -175,8 +232,8 @@ def test_resume_reproduces_the_uninterrupted_stage_bitwise(chain: dict[str, Path
     from safetensors.torch import load_file
 
     from atoll.finetune.config import FinetuneConfig
-    from atoll.finetune.loop import run_finetune
     from atoll.finetune.setup import prepare_finetune
+    from atoll.finetune.trainer import run_finetune
 
     tmp = chain["tmp"]
     cfg = load_config(FinetuneConfig, ft_config(tmp, base_run, chain["data"], name="resumed"))
@@ -202,13 +259,17 @@ def test_a_second_lora_stage_chains_and_a_changed_parent_is_refused(chain: dict[
 
     from atoll.errors import AtollError
     from atoll.finetune.config import FinetuneConfig
-    from atoll.finetune.loop import run_finetune
     from atoll.finetune.setup import prepare_finetune
-    from atoll.finetune.stage import lineage_chain, load_stage_model, load_stage_state
+    from atoll.finetune.trainer import run_finetune
+    from atoll.rundir.lineage import lineage_chain
+    from atoll.rundir.load import load_stage_model, load_stage_state
 
     tmp = chain["tmp"]
     sub = domain_docs(tmp / "sub", num=6, seed=9)
-    cfg = load_config(FinetuneConfig, ft_config(tmp, chain["stage"], sub, name="sub", train={"steps": 2, "eval_every": 0, "checkpoint_every": 0}))
+    cfg = load_config(
+        FinetuneConfig,
+        ft_config(tmp, chain["stage"], sub, name="sub", train={"steps": 2, "eval_every": 0, "checkpoint_every": 0}),
+    )
     prepare_finetune(cfg, resume=False)
     run_finetune(cfg)
     stage = tmp / "runs" / "sub"
@@ -226,13 +287,16 @@ def test_a_second_lora_stage_chains_and_a_changed_parent_is_refused(chain: dict[
     load_stage_state(stage)
 
 
-def test_full_finetuning_of_a_hugging_face_parent_on_instructions(chain: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+def test_full_finetuning_of_a_hugging_face_parent_on_instructions(
+    chain: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
     from atoll.export import export_run
     from atoll.finetune.config import FinetuneConfig
-    from atoll.finetune.loop import run_finetune
     from atoll.finetune.setup import prepare_finetune
-    from atoll.finetune.stage import classify_stage, lineage_chain, load_stage_state, model_config_of
+    from atoll.finetune.trainer import run_finetune
     from atoll.model import load_hf_model
+    from atoll.rundir.lineage import classify_stage, lineage_chain, model_config_of
+    from atoll.rundir.load import load_stage_state
 
     tmp = chain["tmp"]
     hf = tmp / "base-hf2"
@@ -245,12 +309,23 @@ def test_full_finetuning_of_a_hugging_face_parent_on_instructions(chain: dict[st
             f.write(json.dumps({"prompt": f"{a} plus {b}", "response": f"is {a + b}"}) + "\n")
     cfg = load_config(
         FinetuneConfig,
-        ft_config(tmp, hf, jsonl, name="full", finetune={"method": "full"}, data={"format": "instruct", "paths": [str(jsonl)], "seq_len": 64, "chunk_chars": 0}, train={"steps": 8, "lr": 3e-3, "eval_every": 0, "checkpoint_every": 0}),
+        ft_config(
+            tmp,
+            hf,
+            jsonl,
+            name="full",
+            finetune={"method": "full"},
+            data={"format": "instruct", "paths": [str(jsonl)], "seq_len": 64, "chunk_chars": 0},
+            train={"steps": 8, "lr": 3e-3, "eval_every": 0, "checkpoint_every": 0},
+        ),
     )
     prepare_finetune(cfg, resume=False)
     result = run_finetune(cfg)
     stage = tmp / "runs" / "full"
-    assert classify_stage(stage).kind == "full" and result.trainable_params == model_config_of(classify_stage(stage)).num_params()
+    assert (
+        classify_stage(stage).kind == "full"
+        and result.trainable_params == model_config_of(classify_stage(stage)).num_params()
+    )
     losses = [r["loss"] for r in read_metrics(stage) if "loss" in r]
     assert losses[-1] < losses[0]
     assert [r["method"] for r in lineage_chain(stage)] == ["hf", "full"]
@@ -280,17 +355,25 @@ def test_user_mistakes_are_one_line(chain: dict[str, Path], tmp_path: Path, caps
 
 
 def test_two_sites_exchange_only_the_adapters(chain: dict[str, Path], tmp_path: Path) -> None:
+    """Two sites of two ranks each, through the one training loop: the sites end with the same
+    adapters, the WAN carried only the adapters, and the metrics hold what pre-training's do
+    (compute utilization; WAN bytes summed over the site's ranks, each of which sends its share)."""
     from atoll.model import ModelConfig
 
     cfg = ft_config(tmp_path, chain["base"], chain["data"], name="sites", sync={"strategy": "diloco", "inner_steps": 3})
-    proc = run_atoll("finetune", str(cfg), "--topology", str(Path(__file__).resolve().parents[2] / "examples" / "topologies" / "lab-two-sites.yaml"), "--wan", "none")
+    topology = Path(__file__).resolve().parents[2] / "examples" / "topologies" / "lab-two-sites.yaml"
+    proc = run_atoll("finetune", str(cfg), "--topology", str(topology), "--wan", "none", "--ranks-per-site", "2")
     assert proc.returncode == 0, proc.stderr
     stage = tmp_path / "runs" / "sites"
     lineage = json.loads((stage / "lineage.json").read_text())
     assert lineage["status"] == "finished" and lineage["wan"]["sites"] == 2
-    ends = [[r for r in read_metrics(d) if "trainable_checksum" in r][-1] for d in (stage, stage / "sites" / "west")]
-    assert ends[0]["trainable_checksum"] == ends[1]["trainable_checksum"]
-    # two outer rounds, each sending the adapters in fp32 (plus a small header): not the model
+    ends = [[r for r in read_metrics(d) if "sync_applied" in r][-1] for d in (stage, stage / "sites" / "west")]
+    assert ends[0]["params_checksum"] == ends[1]["params_checksum"]
+    # two outer rounds, each sending the adapters in fp32 (plus a small header per rank): not the model
     adapters = lineage["trainable_params"] * 4
     model = ModelConfig(**json.loads((stage / "model.json").read_text())).num_params() * 4
     assert 2 * adapters <= ends[0]["wan_bytes_sent"] <= 2 * adapters + 1024 < model
+    assert lineage["wan"]["bytes_sent_by_first_site"] == ends[0]["wan_bytes_sent"]
+    steps = [r for r in read_metrics(stage) if "loss" in r]
+    assert steps and all(0 < r["compute_utilization"] <= 1 for r in steps)
+    assert all(r["compute_seconds"] <= r["wall_seconds"] for r in steps)

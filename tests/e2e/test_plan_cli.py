@@ -15,12 +15,30 @@ TOPOLOGIES = REPO / "examples" / "topologies"
 def test_plan_two_clusters_writes_plan_and_timeline(tmp_path: Path) -> None:
     out = tmp_path / "plan.yaml"
     proc = run_atoll(
-        "plan", "--topology", str(TOPOLOGIES / "two-cluster-1gbps.yaml"), "--model", "qwen1.5-107b", "--tokens", "100B",
-        "--out", str(out), "--trials", "3", "--explain", timeout=120, env={"COLUMNS": "160"},
+        "plan",
+        "--topology",
+        str(TOPOLOGIES / "two-cluster-1gbps.yaml"),
+        "--model",
+        "qwen1.5-107b",
+        "--tokens",
+        "100B",
+        "--out",
+        str(out),
+        "--trials",
+        "3",
+        "--explain",
+        timeout=120,
+        env={"COLUMNS": "160"},
     )
     assert proc.returncode == 0, proc.stderr
-    for text in ("plans (1 = recommended)", "why this plan", "ddp across sites would wait", "WAN exchange",
-                 "simulated (3 runs", "wrote"):
+    for text in (
+        "plans (1 = recommended)",
+        "why this plan",
+        "ddp across sites would wait",
+        "WAN exchange",
+        "simulated (3 runs",
+        "wrote",
+    ):
         assert text in proc.stdout
     plan = load_plan(out)
     assert plan.sync.strategy in ("diloco", "streaming", "delayed") and plan.sync.inner_steps > 1
@@ -41,29 +59,63 @@ SITE = "  - {{name: {n}, devices: [{{kind: {k}, count: {c}}}]}}\n"
 @pytest.mark.parametrize(
     ("topology", "model", "tokens", "message"),
     [
-        ("name: t\nsites:\n" + SITE.format(n="a", k="tpu-v9", c=8), "llama3-8b", "1B",
-         "unknown device kind 'tpu-v9'; known kinds: a100-80g"),
-        ("name: t\nsites:\n" + SITE.format(n="a", k="h100", c=8) + SITE.format(n="b", k="h100", c=8)
-         + "links:\n  - {site: a, uplink_mbps: 1000}\n", "llama3-8b", "1B", "sites without an uplink: b"),
-        ("name: t\nsites:\n" + SITE.format(n="a", k="h100", c=8) + SITE.format(n="b", k="h100", c=8)
-         + "links:\n  - {site: a, uplink_mbps: 0}\n  - {site: b, uplink_mbps: 1000}\n", "llama3-8b", "1B",
-         "uplink_mbps"),
-        ("name: t\nsites:\n" + SITE.format(n="a", k="a100-80g", c=32), "gpt-1t", "1T",
-         "fits on no site: model states alone need at least 2\\d\\d x 80 GB a100-80g \\(site a has 32\\)"),
+        (
+            "name: t\nsites:\n" + SITE.format(n="a", k="tpu-v9", c=8),
+            "llama3-8b",
+            "1B",
+            "unknown device kind 'tpu-v9'; known kinds: a100-80g",
+        ),
+        (
+            "name: t\nsites:\n"
+            + SITE.format(n="a", k="h100", c=8)
+            + SITE.format(n="b", k="h100", c=8)
+            + "links:\n  - {site: a, uplink_mbps: 1000}\n",
+            "llama3-8b",
+            "1B",
+            "sites without an uplink: b",
+        ),
+        (
+            "name: t\nsites:\n"
+            + SITE.format(n="a", k="h100", c=8)
+            + SITE.format(n="b", k="h100", c=8)
+            + "links:\n  - {site: a, uplink_mbps: 0}\n  - {site: b, uplink_mbps: 1000}\n",
+            "llama3-8b",
+            "1B",
+            "uplink_mbps",
+        ),
+        (
+            "name: t\nsites:\n" + SITE.format(n="a", k="a100-80g", c=32),
+            "gpt-1t",
+            "1T",
+            "fits on no site: model states alone need at least 2\\d\\d x 80 GB a100-80g \\(site a has 32\\)",
+        ),
         ("name: t\nsites:\n" + SITE.format(n="a", k="h100", c=8), "llama3-8b", "lots", "--tokens 'lots'"),
         ("name: t\nsites:\n" + SITE.format(n="a", k="h100", c=8), "gpt-9000", "1B", "unknown model 'gpt-9000'"),
     ],
     ids=["unknown-device", "unreachable-site", "zero-bandwidth", "fits-nowhere", "bad-tokens", "unknown-model"],
 )
-def test_bad_input_is_one_line_and_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str], topology: str,
-                                          model: str, tokens: str, message: str) -> None:
+def test_bad_input_is_one_line_and_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], topology: str, model: str, tokens: str, message: str
+) -> None:
     from atoll.cli import COMMAND_MODULES, main
 
     assert "atoll.planner.commands" in COMMAND_MODULES
     path = _write(tmp_path, topology)
     with pytest.raises(SystemExit) as exit_:
-        main(["plan", "--topology", str(path), "--model", model, "--tokens", tokens, "--out", str(tmp_path / "p.yaml"),
-              "--no-simulate"])
+        main(
+            [
+                "plan",
+                "--topology",
+                str(path),
+                "--model",
+                model,
+                "--tokens",
+                tokens,
+                "--out",
+                str(tmp_path / "p.yaml"),
+                "--no-simulate",
+            ]
+        )
     err = capsys.readouterr().err.strip()
     assert exit_.value.code == 2, err
     assert err.startswith("atoll: error: ") and "\n" not in err

@@ -29,7 +29,9 @@ def served_run(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path) -> Pat
 
     tmp = tmp_path_factory.mktemp("serve")
     threads = torch.get_num_threads()
-    run_training(load_config(RunConfig, tiny_config(tmp, tiny_data, train={"steps": 4, "eval_every": 0, "checkpoint_every": 0})))
+    run_training(
+        load_config(RunConfig, tiny_config(tmp, tiny_data, train={"steps": 4, "eval_every": 0, "checkpoint_every": 0}))
+    )
     torch.set_num_threads(threads)
     return tmp / "runs" / "t"
 
@@ -39,7 +41,21 @@ def server(served_run: Path) -> Iterator[str]:
     """The server on a port the OS picked (--port 0); its first stdout line says which."""
     env = dict(os.environ, PYTHONPATH=str(REPO / "src"), ATOLL_API_KEY=KEY)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "atoll.cli", "serve", str(served_run), "--port", "0", "--threads", "1", "--max-tokens", "32", "--model-name", "tiny"],
+        [
+            sys.executable,
+            "-m",
+            "atoll.cli",
+            "serve",
+            str(served_run),
+            "--port",
+            "0",
+            "--threads",
+            "1",
+            "--max-tokens",
+            "32",
+            "--model-name",
+            "tiny",
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -69,7 +85,11 @@ def client(server: str) -> openai.OpenAI:
 def test_models_completion_and_streaming(client: openai.OpenAI) -> None:
     assert [m.id for m in client.models.list()] == ["tiny"]
     whole = client.completions.create(model="tiny", prompt="the site", max_tokens=12, temperature=0)
-    assert whole.choices[0].finish_reason in ("stop", "length") and whole.usage is not None and whole.usage.completion_tokens >= 1
+    assert (
+        whole.choices[0].finish_reason in ("stop", "length")
+        and whole.usage is not None
+        and whole.usage.completion_tokens >= 1
+    )
     stream = client.completions.create(model="tiny", prompt="the site", max_tokens=12, temperature=0, stream=True)
     pieces = [c.choices[0].text for c in stream if c.choices]
     assert len(pieces) > 1 and "".join(pieces) == whole.choices[0].text
@@ -101,7 +121,10 @@ def test_malformed_requests_get_4xx_json_errors(client: openai.OpenAI, server: s
 
 def test_concurrent_clients_each_get_their_own_answer(client: openai.OpenAI) -> None:
     prompts = ["the site", "a model", "river stone", "king queen"]
-    expected = {p: client.completions.create(model="tiny", prompt=p, max_tokens=10, temperature=0).choices[0].text for p in prompts}
+    expected = {
+        p: client.completions.create(model="tiny", prompt=p, max_tokens=10, temperature=0).choices[0].text
+        for p in prompts
+    }
     got: dict[str, str] = {}
 
     def ask(prompt: str) -> None:

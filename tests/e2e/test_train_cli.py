@@ -53,8 +53,8 @@ def test_export_is_loaded_by_transformers_with_identical_logits(tmp_path: Path, 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from atoll.model import Transformer
+    from atoll.rundir.layout import read_model_json
     from atoll.train.checkpoint import latest_checkpoint, load_model_weights
-    from atoll.train.setup import read_model_json
 
     out = tmp_path / "hf"
     proc = run_atoll("export", str(finished_run), str(out), "--sample", "The model", "--max-new-tokens", "8")
@@ -151,7 +151,9 @@ def test_corrupt_checkpoint_is_refused_and_kept(tmp_path: Path, tiny_data: Path)
 
 
 def test_resume_without_checkpoint_and_overwrite_protection(tmp_path: Path, tiny_data: Path) -> None:
-    cfg = tiny_config(tmp_path, tiny_data, train={"steps": 2, "warmup_steps": 0, "eval_every": 0, "checkpoint_every": 0})
+    cfg = tiny_config(
+        tmp_path, tiny_data, train={"steps": 2, "warmup_steps": 0, "eval_every": 0, "checkpoint_every": 0}
+    )
     assert_user_error(run_atoll("train", str(cfg), "--resume"), "no complete checkpoint")
     assert run_atoll("train", str(cfg)).returncode == 0
     assert_user_error(run_atoll("train", str(cfg)), "already holds checkpoints", "--resume")

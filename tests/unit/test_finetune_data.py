@@ -28,66 +28,79 @@ from atoll.finetune.data import (
     split_examples,
     strip_rst,
 )
-from atoll.finetune.loss import masked_loss_sum
-from atoll.finetune.text import DEFAULT_CHAT_TEMPLATE, TextCodec
 from atoll.model import ModelConfig, Transformer
+from atoll.model.loss import masked_loss_sum
+from atoll.rundir.tokenizer import DEFAULT_CHAT_TEMPLATE, TextTokenizer
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def codec() -> TextCodec:
+def tokenizer() -> TextTokenizer:
     tok: Tokenizer = train_bpe(["What is two plus two? Four. The packet is routed by the kernel."] * 20, vocab_size=300)
-    return TextCodec(tokenizer=tok, eos_ids=frozenset({0}), pad_id=1, bos_id=0, eos_token="<|endoftext|>", chat_template=DEFAULT_CHAT_TEMPLATE)
+    return TextTokenizer(
+        tokenizer=tok,
+        eos_ids=frozenset({0}),
+        pad_id=1,
+        bos_id=0,
+        eos_token="<|endoftext|>",
+        chat_template=DEFAULT_CHAT_TEMPLATE,
+    )
 
 
-def test_instruct_mask_covers_exactly_the_response_and_its_end(codec: TextCodec) -> None:
+def test_instruct_mask_covers_exactly_the_response_and_its_end(tokenizer: TextTokenizer) -> None:
     ex = Example(id="a", prompt="What is two plus two?", response="Four.")
-    tokens, mask, dropped = encode_instruct([ex], codec, seq_len=64, prompt_format="plain")
-    prompt_ids = codec.encode("What is two plus two?")
-    response_ids = codec.encode("Four.", add_bos=False) + [codec.eos_id]
+    tokens, mask, dropped = encode_instruct([ex], tokenizer, seq_len=64, prompt_format="plain")
+    prompt_ids = tokenizer.encode("What is two plus two?")
+    response_ids = tokenizer.encode("Four.", add_bos=False) + [tokenizer.eos_id]
     assert dropped == 0
     ids = prompt_ids + response_ids
     assert tokens[0, : len(ids)].tolist() == ids
-    assert (tokens[0, len(ids) :] == codec.pad_id).all()
+    assert (tokens[0, len(ids) :] == tokenizer.pad_id).all()
     # target t predicts ids[t + 1]: exactly the response tokens (and the end-of-text) count
     assert np.flatnonzero(mask[0]).tolist() == list(range(len(prompt_ids) - 1, len(ids) - 1))
     assert [int(tokens[0, t + 1]) for t in np.flatnonzero(mask[0])] == response_ids
 
 
-def test_loss_is_computed_on_the_response_only(codec: TextCodec) -> None:
+def test_loss_is_computed_on_the_response_only(tokenizer: TextTokenizer) -> None:
     torch.manual_seed(0)
-    model = Transformer(ModelConfig(vocab_size=300, dim=32, num_layers=1, num_heads=2, num_kv_heads=2, ffn_dim=64, max_seq_len=64))
+    model = Transformer(
+        ModelConfig(vocab_size=300, dim=32, num_layers=1, num_heads=2, num_kv_heads=2, ffn_dim=64, max_seq_len=64)
+    )
     ex = Example(id="a", prompt="What is two plus two?", response="Four.")
-    tokens, mask, _ = encode_instruct([ex], codec, seq_len=63, prompt_format="chat")
+    tokens, mask, _ = encode_instruct([ex], tokenizer, seq_len=63, prompt_format="chat")
     tok, msk = torch.from_numpy(tokens), torch.from_numpy(mask)
     got = masked_loss_sum(model, tok, msk, device=torch.device("cpu"), dtype="fp32")
     with torch.no_grad():
         logits = model(tok[:, :-1])
     per_target = F.cross_entropy(logits.reshape(-1, 300), tok[:, 1:].reshape(-1), reduction="none")
     assert torch.allclose(got, per_target[msk.reshape(-1)].sum())
-    assert not msk[0, 0] and int(msk.sum()) == len(codec.encode("Four.", add_bos=False)) + 1
+    assert not msk[0, 0] and int(msk.sum()) == len(tokenizer.encode("Four.", add_bos=False)) + 1
 
 
-def test_chat_prompt_format_wraps_the_prompt_as_a_user_turn(codec: TextCodec) -> None:
-    tokens, _, _ = encode_instruct([Example(id="a", prompt="hi", response="ok")], codec, seq_len=64, prompt_format="chat")
-    text = codec.decode(tokens[0].tolist())
+def test_chat_prompt_format_wraps_the_prompt_as_a_user_turn(tokenizer: TextTokenizer) -> None:
+    tokens, _, _ = encode_instruct(
+        [Example(id="a", prompt="hi", response="ok")], tokenizer, seq_len=64, prompt_format="chat"
+    )
+    text = tokenizer.decode(tokens[0].tolist())
     assert text.startswith("<|user|>\nhi\n<|assistant|>\nok")
 
 
-def test_long_prompts_are_dropped_and_long_responses_cut(codec: TextCodec) -> None:
+def test_long_prompts_are_dropped_and_long_responses_cut(tokenizer: TextTokenizer) -> None:
     long = Example(id="a", prompt="packet " * 80, response="x")
     fits = Example(id="b", prompt="hi", response="routed " * 80)
-    tokens, mask, dropped = encode_instruct([long, fits], codec, seq_len=16, prompt_format="plain")
+    tokens, mask, dropped = encode_instruct([long, fits], tokenizer, seq_len=16, prompt_format="plain")
     assert dropped == 1 and tokens.shape == (1, 17) and mask[0, -1]
 
 
-def test_text_windows_mask_real_tokens_and_end_documents(codec: TextCodec) -> None:
+def test_text_windows_mask_real_tokens_and_end_documents(tokenizer: TextTokenizer) -> None:
     docs = [Example(id=str(i), text="The packet is routed by the kernel. " * (i + 1)) for i in range(3)]
-    tokens, mask = encode_text(docs, codec, seq_len=16)
-    stream = [codec.bos_id] + [t for d in docs for t in codec.encode(d.text, add_bos=False) + [codec.eos_id]]
+    tokens, mask = encode_text(docs, tokenizer, seq_len=16)
+    stream = [tokenizer.bos_id] + [
+        t for d in docs for t in tokenizer.encode(d.text, add_bos=False) + [tokenizer.eos_id]
+    ]
     assert tokens.shape[1] == 17 and int(mask.sum()) == len(stream) - 1
-    assert tokens[0, 0] == codec.bos_id and tokens[1, 0] == tokens[0, 16]  # windows overlap by one token
+    assert tokens[0, 0] == tokenizer.bos_id and tokens[1, 0] == tokens[0, 16]  # windows overlap by one token
     last_real = (len(stream) - 1) - 16 * (len(tokens) - 1)
     assert mask[-1, :last_real].all() and not mask[-1, last_real:].any()
 
@@ -116,7 +129,9 @@ def test_split_holds_out_at_least_one_and_honours_explicit_validation() -> None:
 def test_read_text_gz_jsonl_and_errors(tmp_path: Path) -> None:
     (tmp_path / "d").mkdir()
     (tmp_path / "d" / "a.txt").write_text("plain text\n")
-    (tmp_path / "d" / "b.rst.gz").write_bytes(gzip.compress(b".. SPDX-License-Identifier: GPL-2.0\n\nTitle\n=====\n\nSee :ref:`the docs <x>` and ``code``.\n"))
+    (tmp_path / "d" / "b.rst.gz").write_bytes(
+        gzip.compress(b".. SPDX-License-Identifier: GPL-2.0\n\nTitle\n=====\n\nSee :ref:`the docs <x>` and ``code``.\n")
+    )
     (tmp_path / "d" / "skip.txt").write_text("excluded\n")
     cfg = FinetuneDataSection(paths=[tmp_path / "d"], exclude=["skip*"], markup="rst")
     examples, sources = read_examples(cfg.paths, cfg)
@@ -134,7 +149,10 @@ def test_read_text_gz_jsonl_and_errors(tmp_path: Path) -> None:
 
 
 def test_strip_rst_and_chunking() -> None:
-    assert strip_rst(".. toctree::\n   :maxdepth: 2\n\nIntro\n-----\nText\n\n.. code-block:: c\n\n   int x;\n") == "Intro\nText\n\n   int x;\n"
+    assert (
+        strip_rst(".. toctree::\n   :maxdepth: 2\n\nIntro\n-----\nText\n\n.. code-block:: c\n\n   int x;\n")
+        == "Intro\nText\n\n   int x;\n"
+    )
     doc = Example(id="d", text="\n\n".join(f"paragraph {i} " * 5 for i in range(10)))
     pieces = chunk_examples([doc], max_chars=200)
     assert len(pieces) > 2 and all(len(p.text) <= 260 for p in pieces)
@@ -186,6 +204,8 @@ def test_documents_are_recovered_from_pretraining_shards_for_the_overlap_check(t
     held = load_heldout("general", tiny_data)
     assert held.hashes() == {content_hash(d.text) for d in val}
     assert not held.hashes() & {content_hash(d.text) for d in train}
-    assert parse_data_arg("net=runs/x") == ("net", Path("runs/x")) and parse_data_arg("data/netlink.jsonl")[0] == "netlink"
+    assert (
+        parse_data_arg("net=runs/x") == ("net", Path("runs/x")) and parse_data_arg("data/netlink.jsonl")[0] == "netlink"
+    )
     with pytest.raises(AtollError, match="NAME=PATH"):
         parse_data_arg("=x")

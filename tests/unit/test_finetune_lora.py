@@ -11,9 +11,9 @@ from safetensors.torch import save_file
 
 from atoll.errors import AtollError
 from atoll.finetune.config import LoraSection
-from atoll.finetune.lora import adapter_config, load_adapter, merge_adapter, to_hf_adapter
 from atoll.finetune.setup import lora_param_count
 from atoll.model import ModelConfig, Transformer
+from atoll.rundir.adapter import adapter_config, load_adapter, merge_adapter, to_hf_adapter
 
 CFG = ModelConfig(vocab_size=64, dim=16, num_layers=2, num_heads=4, num_kv_heads=2, ffn_dim=24, max_seq_len=32)
 
@@ -41,7 +41,10 @@ def test_merge_adds_scaled_b_times_a_to_the_right_weights() -> None:
     state = Transformer(CFG).state_dict()
     before = {k: v.clone() for k, v in state.items()}
     a, b = torch.randn(4, 16), torch.randn(8, 4)  # v_proj: out = kv heads * head dim = 8
-    tensors = {"base_model.model.model.layers.1.self_attn.v_proj.lora_A.weight": a, "base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight": b}
+    tensors = {
+        "base_model.model.model.layers.1.self_attn.v_proj.lora_A.weight": a,
+        "base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight": b,
+    }
     config = adapter_config(LoraSection(rank=4, alpha=8.0, target_modules=["v_proj"]), base_model="x")
     merged = merge_adapter(state, config, tensors)
     assert torch.allclose(merged["layers.1.attn.v_proj.weight"], before["layers.1.attn.v_proj.weight"] + 2.0 * b @ a)
@@ -53,13 +56,25 @@ def test_merge_adds_scaled_b_times_a_to_the_right_weights() -> None:
 def test_merge_refuses_adapters_of_another_base() -> None:
     state = Transformer(CFG).state_dict()
     config = adapter_config(LoraSection(rank=2), base_model="x")
-    wrong = {"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.ones(2, 99), "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": torch.ones(16, 2)}
+    wrong = {
+        "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.ones(2, 99),
+        "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": torch.ones(16, 2),
+    }
     with pytest.raises(AtollError, match="another base"):
         merge_adapter(state, config, wrong)
     with pytest.raises(AtollError, match="lacks lora_B"):
-        merge_adapter(state, config, {"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.ones(2, 16)})
+        merge_adapter(
+            state, config, {"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.ones(2, 16)}
+        )
     with pytest.raises(AtollError, match="does not have"):
-        merge_adapter(state, config, {"base_model.model.model.layers.9.self_attn.q_proj.lora_A.weight": torch.ones(2, 16), "base_model.model.model.layers.9.self_attn.q_proj.lora_B.weight": torch.ones(16, 2)})
+        merge_adapter(
+            state,
+            config,
+            {
+                "base_model.model.model.layers.9.self_attn.q_proj.lora_A.weight": torch.ones(2, 16),
+                "base_model.model.model.layers.9.self_attn.q_proj.lora_B.weight": torch.ones(16, 2),
+            },
+        )
 
 
 def test_load_adapter_checks_its_files(tmp_path: Path) -> None:

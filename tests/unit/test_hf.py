@@ -100,9 +100,7 @@ def test_atoll_to_transformers_logits_match(case: str, tmp_path: Path) -> None:
     assert generation["eos_token_id"] == 2
 
 
-@pytest.mark.parametrize(
-    ("arch", "tie"), [("llama", False), ("llama", True), ("qwen2", False), ("qwen2", True)]
-)
+@pytest.mark.parametrize(("arch", "tie"), [("llama", False), ("llama", True), ("qwen2", False), ("qwen2", True)])
 def test_transformers_to_atoll_logits_match(arch: str, tie: bool, tmp_path: Path) -> None:
     config_cls = transformers.LlamaConfig if arch == "llama" else transformers.Qwen2Config
     hf_cfg = config_cls(

@@ -14,7 +14,10 @@ def test_site_links_follow_the_topology() -> None:
     topo = Topology.model_construct(
         name="t",
         sites=[SiteSpec.model_construct(name="bj", devices=[]), SiteSpec.model_construct(name="sh", devices=[])],
-        links=[LinkSpec(site="sh", uplink_mbps=40, downlink_mbps=20, latency_ms=15), LinkSpec(site="bj", uplink_mbps=100)],
+        links=[
+            LinkSpec(site="sh", uplink_mbps=40, downlink_mbps=20, latency_ms=15),
+            LinkSpec(site="bj", uplink_mbps=100),
+        ],
     )
     assert site_links(topo) == [SiteLink("bj", 100, 100, 0.0), SiteLink("sh", 40, 20, 15)]
 

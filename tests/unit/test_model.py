@@ -253,9 +253,7 @@ def test_stop_tokens_and_max_seq_len(gen_model: Transformer) -> None:
     greedy = list(generate(gen_model, [1, 2], max_new_tokens=10, temperature=0))
     stop_at = greedy[3]
     first = greedy.index(stop_at)
-    stopped = list(
-        generate(gen_model, [1, 2], max_new_tokens=10, temperature=0, stop_token_ids={stop_at})
-    )
+    stopped = list(generate(gen_model, [1, 2], max_new_tokens=10, temperature=0, stop_token_ids={stop_at}))
     assert stopped == greedy[: first + 1]
     # 48 - 44 = 4 positions left.
     assert len(list(generate(gen_model, [1] * 44, max_new_tokens=10, temperature=0))) == 4
@@ -281,9 +279,7 @@ def test_generate_leaves_mode_and_grad_untouched(gen_model: Transformer) -> None
         ({"repetition_penalty": 0.0}, "repetition_penalty"),
     ],
 )
-def test_generate_rejects_bad_arguments(
-    gen_model: Transformer, kwargs: dict[str, object], match: str
-) -> None:
+def test_generate_rejects_bad_arguments(gen_model: Transformer, kwargs: dict[str, object], match: str) -> None:
     args: dict[str, object] = {"prompt_ids": [1], "max_new_tokens": 2} | kwargs
     with pytest.raises(AtollError, match=match):
         generate(gen_model, **args)  # type: ignore[arg-type]

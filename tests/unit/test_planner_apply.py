@@ -10,12 +10,19 @@ REPO = Path(__file__).resolve().parents[2]
 def make_plan(**site_b: object) -> Plan:
     site = {"name": "east", "devices": [{"kind": "cpu", "count": 1}], "batch": 8, "inner_steps": 20}
     other = {"name": "west", "devices": [{"kind": "cpu", "count": 1}], "batch": 8, "inner_steps": 30, **site_b}
-    return Plan.model_validate({
-        "model": "demo", "model_params": 5_245_184, "topology": "t.yaml", "tokens": 1e6, "seq_len": 128,
-        "global_batch": 8 + int(other["batch"]), "steps": 200,
-        "sync": {"strategy": "delayed", "inner_steps": 20, "codec": "int4", "quant_block": 64},
-        "sites": [site, other],
-    })
+    return Plan.model_validate(
+        {
+            "model": "demo",
+            "model_params": 5_245_184,
+            "topology": "t.yaml",
+            "tokens": 1e6,
+            "seq_len": 128,
+            "global_batch": 8 + int(other["batch"]),
+            "steps": 200,
+            "sync": {"strategy": "delayed", "inner_steps": 20, "codec": "int4", "quant_block": 64},
+            "sites": [site, other],
+        }
+    )
 
 
 def test_plan_settings_become_config_overrides() -> None:

@@ -11,8 +11,9 @@ from atoll.planner.shape import shape_from_config
 
 
 def _config(num_layers: int) -> ModelConfig:
-    return ModelConfig(vocab_size=512, dim=128, num_layers=num_layers, num_heads=4, num_kv_heads=4, ffn_dim=384,
-                       max_seq_len=128)
+    return ModelConfig(
+        vocab_size=512, dim=128, num_layers=num_layers, num_heads=4, num_kv_heads=4, ffn_dim=384, max_seq_len=128
+    )
 
 
 def _saved_activation_bytes(cfg: ModelConfig, *, batch: int, seq: int) -> int:
@@ -37,8 +38,10 @@ def _saved_activation_bytes(cfg: ModelConfig, *, batch: int, seq: int) -> int:
 
 def test_activations_per_layer_match_autograd() -> None:
     batch, seq = 4, 64
-    per_layer = (_saved_activation_bytes(_config(4), batch=batch, seq=seq)
-                 - _saved_activation_bytes(_config(2), batch=batch, seq=seq)) / 2
+    per_layer = (
+        _saved_activation_bytes(_config(4), batch=batch, seq=seq)
+        - _saved_activation_bytes(_config(2), batch=batch, seq=seq)
+    ) / 2
     shape = shape_from_config(_config(2), name="t")
     predicted = activation_bytes_per_layer(shape, seq_len=seq, micro_batch=batch, element_bytes=4, eager=True)
     assert predicted == pytest.approx(per_layer, rel=0.10)
@@ -64,6 +67,17 @@ def test_whole_model_estimate_bounds_the_measurement() -> None:
     batch, seq = 4, 64
     measured = _saved_activation_bytes(cfg, batch=batch, seq=seq)
     shape = shape_from_config(cfg, name="t")
-    est = estimate_memory(shape, seq_len=seq, micro_batch=batch, micro_batches=1, tp=1, pp=1, dp=1, zero=0,
-                          element_bytes=4, eager=True, capacity_bytes=1e12)
+    est = estimate_memory(
+        shape,
+        seq_len=seq,
+        micro_batch=batch,
+        micro_batches=1,
+        tp=1,
+        pp=1,
+        dp=1,
+        zero=0,
+        element_bytes=4,
+        eager=True,
+        capacity_bytes=1e12,
+    )
     assert est.activations + est.transient == pytest.approx(measured, rel=0.15)

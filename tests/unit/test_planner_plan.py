@@ -8,24 +8,34 @@ import pytest
 
 from atoll.config.topology import Topology
 from atoll.errors import AtollError
+from atoll.planner.candidates import PlanRequest
 from atoll.planner.plan import load_plan, plan_from_candidate, plan_settings, unhonored, write_plan
-from atoll.planner.search import PlanRequest, plan
+from atoll.planner.search import plan
 from atoll.planner.shape import ModelShape
 
-SHAPE = ModelShape(name="small", num_layers=8, dim=1024, num_heads=8, num_kv_heads=8, ffn_dim=2816, vocab_size=32000,
-                   max_seq_len=2048)
-TOPO = Topology.model_validate({
-    "name": "t",
-    "sites": [{"name": "a", "devices": [{"kind": "h100", "count": 8}]},
-              {"name": "b", "devices": [{"kind": "a100-80g", "count": 4}, {"kind": "a800", "count": 4}]}],
-    "links": [{"site": "a", "uplink_mbps": 200}, {"site": "b", "uplink_mbps": 200}],
-})
+SHAPE = ModelShape(
+    name="small", num_layers=8, dim=1024, num_heads=8, num_kv_heads=8, ffn_dim=2816, vocab_size=32000, max_seq_len=2048
+)
+TOPO = Topology.model_validate(
+    {
+        "name": "t",
+        "sites": [
+            {"name": "a", "devices": [{"kind": "h100", "count": 8}]},
+            {"name": "b", "devices": [{"kind": "a100-80g", "count": 4}, {"kind": "a800", "count": 4}]},
+        ],
+        "links": [{"site": "a", "uplink_mbps": 200}, {"site": "b", "uplink_mbps": 200}],
+    }
+)
 
 
 @pytest.fixture(scope="module")
 def written(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    res = plan(TOPO, SHAPE, PlanRequest(tokens=5e9, global_batch=64, seq_len=2048, strategies=("diloco",), all_sites=True))
-    p = plan_from_candidate(res.recommended, model=SHAPE.name, model_params=SHAPE.num_params(), topology="t.yaml", tokens=5e9)
+    res = plan(
+        TOPO, SHAPE, PlanRequest(tokens=5e9, global_batch=64, seq_len=2048, strategies=("diloco",), all_sites=True)
+    )
+    p = plan_from_candidate(
+        res.recommended, model=SHAPE.name, model_params=SHAPE.num_params(), topology="t.yaml", tokens=5e9
+    )
     path = tmp_path_factory.mktemp("plan") / "plan.yaml"
     write_plan(p, path)
     return path

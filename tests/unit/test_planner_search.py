@@ -8,19 +8,32 @@ import pytest
 
 from atoll.config.topology import Topology
 from atoll.errors import AtollError
-from atoll.planner.search import RISK_BUDGETS, PlanRequest, plan
+from atoll.planner.candidates import PlanRequest
+from atoll.planner.search import RISK_BUDGETS, plan
 from atoll.planner.shape import PLANNER_PRESETS, ModelShape
 
-SMALL = ModelShape(name="small-1b", num_layers=16, dim=2048, num_heads=16, num_kv_heads=8, ffn_dim=5632,
-                   vocab_size=32000, max_seq_len=2048)
+SMALL = ModelShape(
+    name="small-1b",
+    num_layers=16,
+    dim=2048,
+    num_heads=16,
+    num_kv_heads=8,
+    ffn_dim=5632,
+    vocab_size=32000,
+    max_seq_len=2048,
+)
 
 
 def topo(sites: list[tuple[str, list[tuple[str, int]], float]]) -> Topology:
-    return Topology.model_validate({
-        "name": "t",
-        "sites": [{"name": n, "devices": [{"kind": k, "count": c} for k, c in devs]} for n, devs, _ in sites],
-        "links": [{"site": n, "uplink_mbps": mbps, "latency_ms": 10} for n, _, mbps in sites] if len(sites) > 1 else [],
-    })
+    return Topology.model_validate(
+        {
+            "name": "t",
+            "sites": [{"name": n, "devices": [{"kind": k, "count": c} for k, c in devs]} for n, devs, _ in sites],
+            "links": [{"site": n, "uplink_mbps": mbps, "latency_ms": 10} for n, _, mbps in sites]
+            if len(sites) > 1
+            else [],
+        }
+    )
 
 
 def test_every_candidate_fits_and_uses_the_budget() -> None:
@@ -68,7 +81,9 @@ def test_slow_wan_moves_away_from_ddp_and_low_risk_bounds_h() -> None:
 
 def test_model_that_fits_nowhere_says_how_many_devices_it_needs() -> None:
     t = topo([("a", [("a100-80g", 32)], 1000), ("b", [("a100-80g", 16)], 1000)])
-    with pytest.raises(AtollError, match=r"gpt-1t .* fits on no site: .*needs? at least \d+ x 80 GB a100-80g \(site a has 32\)"):
+    with pytest.raises(
+        AtollError, match=r"gpt-1t .* fits on no site: .*needs? at least \d+ x 80 GB a100-80g \(site a has 32\)"
+    ):
         plan(t, PLANNER_PRESETS["gpt-1t"], PlanRequest(tokens=1e12))
 
 
@@ -90,9 +105,11 @@ def test_topology_with_zero_bandwidth_is_refused(tmp_path: Path) -> None:
     from atoll.config.topology import load_topology
 
     f = tmp_path / "t.yaml"
-    f.write_text("name: t\nsites:\n  - {name: a, devices: [{kind: h100, count: 8}]}\n"
-                 "  - {name: b, devices: [{kind: h100, count: 8}]}\n"
-                 "links:\n  - {site: a, uplink_mbps: 0}\n  - {site: b, uplink_mbps: 100}\n")
+    f.write_text(
+        "name: t\nsites:\n  - {name: a, devices: [{kind: h100, count: 8}]}\n"
+        "  - {name: b, devices: [{kind: h100, count: 8}]}\n"
+        "links:\n  - {site: a, uplink_mbps: 0}\n  - {site: b, uplink_mbps: 100}\n"
+    )
     with pytest.raises(AtollError, match="uplink_mbps"):
         load_topology(f)
 
@@ -113,6 +130,12 @@ def test_planner_needs_no_torch() -> None:
     )
     from tests.conftest import REPO
 
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env={"PYTHONPATH": str(REPO / "src")},
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=REPO,
+        env={"PYTHONPATH": str(REPO / "src")},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr

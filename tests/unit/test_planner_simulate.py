@@ -9,9 +9,10 @@ import pytest
 from atoll.planner.montecarlo import time_to_train
 from atoll.planner.simulate import Disturbances, SimSite, SimSync, simulate
 from atoll.planner.timeline import draw_timeline, merged_spans
-from atoll.planner.wan import SiteLink, exchange_latency, exchange_seconds, exposed_per_round, per_site_bytes
+from atoll.planner.wan import exposed_per_round
+from atoll.sync.link_model import WanLink, allgather_bytes, allgather_latency, allgather_seconds
 
-LINKS = [SiteLink("a", 1e8, 1e8, 0.01), SiteLink("b", 5e7, 1e8, 0.02), SiteLink("c", 1e8, 2e8, 0.005)]
+LINKS = [WanLink("a", 1e8, 1e8, 0.01), WanLink("b", 5e7, 1e8, 0.02), WanLink("c", 1e8, 2e8, 0.005)]
 STEP = {"a": 1.0, "b": 0.8, "c": 1.0}
 PAYLOAD = 2e9  # bytes per site of a full exchange
 
@@ -21,26 +22,43 @@ def sites() -> list[SimSite]:
 
 
 def sync(strategy: str, h: int, *, fragments: int = 1, tau: int = 0) -> tuple[SimSync, float]:
-    volume = per_site_bytes(PAYLOAD, 3)
-    full = exchange_seconds(PAYLOAD, LINKS)
+    volume = allgather_bytes(PAYLOAD, 3)
+    full = allgather_seconds(PAYLOAD, LINKS)
     return SimSync(strategy, h, volume, LATENCY, fragments, tau), full  # type: ignore[arg-type]
 
 
-LATENCY = exchange_latency(LINKS)
+LATENCY = allgather_latency(LINKS)
 
 
 @pytest.mark.parametrize(
     ("strategy", "h", "fragments", "tau", "rel"),
-    [("ddp", 1, 1, 0, 1e-9), ("diloco", 10, 1, 0, 1e-9), ("delayed", 100, 1, 0, 1e-9), ("streaming", 20, 4, 2, 1e-9),
-     ("streaming", 40, 4, 1, 1e-9),
-     # Rounds shorter than the exchange: the next exchange starts before the last one ends and the
-     # two share the links, which the analytic model does not see.
-     ("delayed", 10, 1, 0, 0.01)],
+    [
+        ("ddp", 1, 1, 0, 1e-9),
+        ("diloco", 10, 1, 0, 1e-9),
+        ("delayed", 100, 1, 0, 1e-9),
+        ("streaming", 20, 4, 2, 1e-9),
+        ("streaming", 40, 4, 1, 1e-9),
+        # Rounds shorter than the exchange: the next exchange starts before the last one ends and the
+        # two share the links, which the analytic model does not see.
+        ("delayed", 10, 1, 0, 0.01),
+    ],
 )
-def test_event_simulator_matches_the_analytic_model(strategy: str, h: int, fragments: int, tau: int, rel: float) -> None:
+def test_event_simulator_matches_the_analytic_model(
+    strategy: str, h: int, fragments: int, tau: int, rel: float
+) -> None:
     s, full = sync(strategy, h, fragments=fragments, tau=tau)
-    per_round = exposed_per_round(strategy, inner_steps=h, step_s=1.0, sync_s=full, fragments=fragments,  # type: ignore[arg-type]
-                                  overlap_steps=tau, latency_s=LATENCY) + h * 1.0
+    per_round = (
+        exposed_per_round(
+            strategy,
+            inner_steps=h,
+            step_s=1.0,
+            sync_s=full,
+            fragments=fragments,  # type: ignore[arg-type]
+            overlap_steps=tau,
+            latency_s=LATENCY,
+        )
+        + h * 1.0
+    )
     # Rounds 11..20 are steady state for every strategy (delayed waits from round 2 on).
     r10 = simulate(sites(), s, num_steps=10 * h).wall_s
     r20 = simulate(sites(), s, num_steps=20 * h).wall_s
@@ -57,11 +75,26 @@ def test_monte_carlo_without_disturbances_is_the_analytic_time() -> None:
 def test_jitter_stragglers_and_failures_slow_the_run_down() -> None:
     _, full = sync("diloco", 50)
     calm = time_to_train(sites(), strategy="diloco", inner_steps=50, sync_s=full, total_steps=5000, trials=5)
-    rough = time_to_train(sites(), strategy="diloco", inner_steps=50, sync_s=full, total_steps=5000, trials=5,
-                          disturbances=Disturbances(jitter=0.1, straggler_prob=0.02, failures=True, seed=3))
+    rough = time_to_train(
+        sites(),
+        strategy="diloco",
+        inner_steps=50,
+        sync_s=full,
+        total_steps=5000,
+        trials=5,
+        disturbances=Disturbances(jitter=0.1, straggler_prob=0.02, failures=True, seed=3),
+    )
     assert rough.days_p50 > calm.days_p50 and rough.failures > 0
-    ddp = time_to_train(sites()[:1], strategy="ddp", inner_steps=1, sync_s=0.0, total_steps=20000, trials=5,
-                        disturbances=Disturbances(failures=True, recovery_s=600, seed=1), checkpoint_interval_s=3600)
+    ddp = time_to_train(
+        sites()[:1],
+        strategy="ddp",
+        inner_steps=1,
+        sync_s=0.0,
+        total_steps=20000,
+        trials=5,
+        disturbances=Disturbances(failures=True, recovery_s=600, seed=1),
+        checkpoint_interval_s=3600,
+    )
     assert ddp.days_p50 > 20000 / 86400
 
 
@@ -83,8 +116,12 @@ def test_link_sharing_splits_bandwidth() -> None:
 def test_ddp_failure_redoes_work_since_checkpoint() -> None:
     s, _ = sync("ddp", 1)
     base = simulate(sites(), s, num_steps=20)
-    hit = simulate(sites(), s, num_steps=20, disturbances=Disturbances(fail_at=(("b", base.wall_s / 2),), recovery_s=30.0,
-                                                                       checkpoint_steps=5))
+    hit = simulate(
+        sites(),
+        s,
+        num_steps=20,
+        disturbances=Disturbances(fail_at=(("b", base.wall_s / 2),), recovery_s=30.0, checkpoint_steps=5),
+    )
     # Failing mid-way through step 10's sync rolls back to step 5: 30 s down plus 5 steps redone.
     assert hit.wall_s > base.wall_s + 30.0 + 4 * 1.0
     assert hit.tokens == base.tokens  # the redone steps replace the lost ones

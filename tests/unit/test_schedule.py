@@ -12,7 +12,9 @@ def test_warmup_is_linear_then_cosine_reaches_floor() -> None:
     assert f[-1] == pytest.approx(0.1)
     assert all(a >= b for a, b in zip(f[4:], f[5:])), "decay must be monotone"
     mid = 4 + (20 - 4 - 1) / 2
-    assert warmup_cosine(int(mid), warmup_steps=4, total_steps=20, min_ratio=0.0) == pytest.approx(0.5 * (1 + math.cos(math.pi * (int(mid) - 4) / 15)))
+    assert warmup_cosine(int(mid), warmup_steps=4, total_steps=20, min_ratio=0.0) == pytest.approx(
+        0.5 * (1 + math.cos(math.pi * (int(mid) - 4) / 15))
+    )
 
 
 def test_no_warmup() -> None:

@@ -11,8 +11,8 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from atoll.finetune.text import load_text_codec
 from atoll.model import ModelConfig, Transformer
+from atoll.rundir.tokenizer import load_text_tokenizer
 from atoll.serve.api import Limits, create_app
 from atoll.serve.engine import Choice, Engine, EngineBusy, Job
 from atoll.serve.textgen import SamplingParams, complete
@@ -20,23 +20,43 @@ from atoll.serve.textgen import SamplingParams, complete
 
 @pytest.fixture(scope="module")
 def engine(tiny_data: Path) -> Iterator[Engine]:
-    codec = load_text_codec(tiny_data)
+    tokenizer = load_text_tokenizer(tiny_data)
     torch.manual_seed(0)
-    model = Transformer(ModelConfig(vocab_size=codec.vocab_size, dim=64, num_layers=2, num_heads=4, num_kv_heads=2, ffn_dim=128, max_seq_len=128)).eval()
-    eng = Engine(model, codec, max_queue=8)
+    model = Transformer(
+        ModelConfig(
+            vocab_size=tokenizer.vocab_size,
+            dim=64,
+            num_layers=2,
+            num_heads=4,
+            num_kv_heads=2,
+            ffn_dim=128,
+            max_seq_len=128,
+        )
+    ).eval()
+    eng = Engine(model, tokenizer, max_queue=8)
     yield eng
     eng.close()
 
 
 @pytest.fixture(scope="module")
 def client(engine: Engine) -> Iterator[TestClient]:
-    app = create_app(engine, model_name="tiny", limits=Limits(max_prompt_tokens=80, max_tokens=20, max_choices=3, max_body_bytes=4096), api_key="sekrit")
+    app = create_app(
+        engine,
+        model_name="tiny",
+        limits=Limits(max_prompt_tokens=80, max_tokens=20, max_choices=3, max_body_bytes=4096),
+        api_key="sekrit",
+    )
     with TestClient(app, headers={"Authorization": "Bearer sekrit"}) as c:
         yield c
 
 
 def greedy(engine: Engine, prompt: str, n: int) -> str:
-    return complete(engine.model, engine.codec, engine.codec.encode(prompt), SamplingParams(max_new_tokens=n, temperature=0.0)).text()
+    return complete(
+        engine.model,
+        engine.tokenizer,
+        engine.tokenizer.encode(prompt),
+        SamplingParams(max_new_tokens=n, temperature=0.0),
+    ).text()
 
 
 def test_models_and_health(client: TestClient) -> None:
@@ -49,8 +69,10 @@ def test_completion_is_the_greedy_text_with_usage(client: TestClient, engine: En
     body = r.json()
     assert r.status_code == 200 and body["object"] == "text_completion"
     assert body["choices"][0]["text"] == greedy(engine, "the site", 8)
-    assert body["usage"]["prompt_tokens"] == len(engine.codec.encode("the site"))
-    echo = client.post("/v1/completions", json={"prompt": "the site", "max_tokens": 8, "temperature": 0, "echo": True}).json()
+    assert body["usage"]["prompt_tokens"] == len(engine.tokenizer.encode("the site"))
+    echo = client.post(
+        "/v1/completions", json={"prompt": "the site", "max_tokens": 8, "temperature": 0, "echo": True}
+    ).json()
     assert echo["choices"][0]["text"] == "the site" + body["choices"][0]["text"]
 
 
@@ -63,7 +85,17 @@ def _sse(client: TestClient, url: str, payload: dict[str, object]) -> list[dict[
 
 
 def test_streaming_gives_the_same_text_as_a_single_answer(client: TestClient, engine: Engine) -> None:
-    chunks = _sse(client, "/v1/completions", {"prompt": "the site", "max_tokens": 8, "temperature": 0, "stream": True, "stream_options": {"include_usage": True}})
+    chunks = _sse(
+        client,
+        "/v1/completions",
+        {
+            "prompt": "the site",
+            "max_tokens": 8,
+            "temperature": 0,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        },
+    )
     text = "".join(c["choices"][0]["text"] for c in chunks if c["choices"])  # type: ignore[index]
     assert text == greedy(engine, "the site", 8)
     assert chunks[-1]["usage"]["completion_tokens"] >= 1  # type: ignore[index]
@@ -72,12 +104,14 @@ def test_streaming_gives_the_same_text_as_a_single_answer(client: TestClient, en
 
 def test_chat_streams_role_then_content(client: TestClient, engine: Engine) -> None:
     messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
-    chunks = _sse(client, "/v1/chat/completions", {"messages": messages, "max_tokens": 6, "temperature": 0, "stream": True})
+    chunks = _sse(
+        client, "/v1/chat/completions", {"messages": messages, "max_tokens": 6, "temperature": 0, "stream": True}
+    )
     assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}  # type: ignore[index]
     streamed = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)  # type: ignore[index,union-attr]
     whole = client.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 6, "temperature": 0}).json()
     assert whole["choices"][0]["message"] == {"role": "assistant", "content": streamed}
-    prompt = engine.codec.render_chat(messages)
+    prompt = engine.tokenizer.render_chat(messages)
     assert streamed == greedy(engine, prompt, 6)
 
 
@@ -103,7 +137,9 @@ def test_several_choices_are_seeded_and_reproducible(client: TestClient) -> None
         ({"prompt": "the", "logprobs": 2}, 400, "logprobs"),
     ],
 )
-def test_bad_requests_get_4xx_with_an_openai_error_body(client: TestClient, payload: dict[str, object], status: int, param: str) -> None:
+def test_bad_requests_get_4xx_with_an_openai_error_body(
+    client: TestClient, payload: dict[str, object], status: int, param: str
+) -> None:
     r = client.post("/v1/completions", json=payload)
     assert r.status_code == status, r.text
     error = r.json()["error"]
@@ -151,7 +187,9 @@ def test_concurrent_jobs_each_get_exactly_their_own_text(engine: Engine) -> None
             elif event[0] == "end":
                 finished.set()
 
-        engine.submit(Job([Choice(0, engine.codec.encode(prompt), SamplingParams(max_new_tokens=10, temperature=0.0))], emit))
+        engine.submit(
+            Job([Choice(0, engine.tokenizer.encode(prompt), SamplingParams(max_new_tokens=10, temperature=0.0))], emit)
+        )
         assert finished.wait(60)
         results[prompt] = "".join(pieces)
         done.wait()

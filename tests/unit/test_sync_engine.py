@@ -69,7 +69,9 @@ class FakeTransport:
             bad = hub.poison[index]
             body, w = out[bad]
             out[bad] = (torch.full((body.numel() // 4,), float("nan")).view(torch.uint8), w)
-        self.counter.add(sent=payload.numel() * (hub.num_sites - 1), received=payload.numel() * (hub.num_sites - 1), seconds=0.0)
+        self.counter.add(
+            sent=payload.numel() * (hub.num_sites - 1), received=payload.numel() * (hub.num_sites - 1), seconds=0.0
+        )
         return out
 
     def close(self) -> None:
@@ -103,7 +105,9 @@ def params_of(model: nn.Module) -> list[torch.Tensor]:
 
 def make_sync(model: nn.Module, hub: Hub, site: int, cfg: SyncSection, *, inner_steps: int) -> CrossSiteSync:
     transport = FakeTransport(hub, site)
-    return CrossSiteSync(model, cfg, transport=transport, site_name=f"s{site}", local_rank=0, local_world_size=1, inner_steps=inner_steps)
+    return CrossSiteSync(
+        model, cfg, transport=transport, site_name=f"s{site}", local_rank=0, local_world_size=1, inner_steps=inner_steps
+    )
 
 
 @dataclass
@@ -157,7 +161,9 @@ def run_steps(
             future.result()
 
 
-def weighted_avg_by_hand(theta: list[torch.Tensor], locals_: list[list[torch.Tensor]], weights: list[float]) -> list[torch.Tensor]:
+def weighted_avg_by_hand(
+    theta: list[torch.Tensor], locals_: list[list[torch.Tensor]], weights: list[float]
+) -> list[torch.Tensor]:
     """Σ (w_s / W) (θ − x_s), accumulated in site order from zero."""
     total = float(sum(weights))
     out = [torch.zeros_like(t) for t in theta]

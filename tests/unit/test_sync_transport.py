@@ -42,14 +42,20 @@ def test_byte_counter_adds_up_exchanges() -> None:
     c.add(sent=100, received=200, seconds=0.5)
     c.add(sent=1, received=2, seconds=0.25)
     c.failed += 1
-    assert c.as_dict() == {"wan_bytes_sent": 101, "wan_bytes_received": 202, "wan_exchanges": 2, "wan_seconds": 0.75, "wan_failed": 1}
+    assert c.as_dict() == {
+        "wan_bytes_sent": 101,
+        "wan_bytes_received": 202,
+        "wan_exchanges": 2,
+        "wan_seconds": 0.75,
+        "wan_failed": 1,
+    }
 
 
 def test_emulated_wan_costs_bytes_over_the_slowest_link_plus_the_longest_path() -> None:
     wan = WanModel(topology(("a", 2.0, 5.0), ("b", 8.0, 20.0), ("c", 4.0, 1.0)), mode="emulated")
     # Each site sends its payload to the two others over its uplink: 2 x 1000 bytes at 2 Mbit/s
-    # on the slowest; the longest path is b-a (25 ms).
-    assert wan.extra_seconds(1000, num_sites=3) == pytest.approx(8 * 1000 * 2 / 2e6 + 0.025)
+    # on the slowest; the ring all-gather's S-1 = 2 hops each cost the longest path, b-a (25 ms).
+    assert wan.extra_seconds(1000, num_sites=3) == pytest.approx(8 * 1000 * 2 / 2e6 + 2 * 0.025)
     assert wan.extra_seconds(1000, num_sites=1) == 0.0
 
 
@@ -63,7 +69,9 @@ def test_netns_wan_adds_latency_only_and_none_adds_nothing() -> None:
 def test_wan_model_refuses_unknown_modes_and_missing_links() -> None:
     with pytest.raises(AtollError, match="unknown WAN mode"):
         WanModel(topology(("a", 1.0, 0.0), ("b", 1.0, 0.0)), mode="satellite")
-    one_site = Topology.model_validate({"name": "t", "sites": [{"name": "a", "devices": [{"kind": "cpu", "count": 1}]}]})
+    one_site = Topology.model_validate(
+        {"name": "t", "sites": [{"name": "a", "devices": [{"kind": "cpu", "count": 1}]}]}
+    )
     with pytest.raises(AtollError, match="needs a topology with links"):
         WanModel(one_site, mode="emulated")
 
@@ -75,3 +83,18 @@ def test_all_gather_chunks_cover_the_bandwidth_delay_product_of_the_links() -> N
     assert chunk_bytes_for(topology(("a", 4.08, 15.0), ("b", 4.08, 15.0))) == MIN_CHUNK_BYTES
     assert chunk_bytes_for(None) == MIN_CHUNK_BYTES
     assert chunk_bytes_for(topology(("a", 1000.0, 40.0), ("b", 1000.0, 40.0)), minimum=2**30) == 2**30
+
+
+def test_the_emulation_and_the_planner_share_one_link_model() -> None:
+    from atoll.planner.wan import WAN_GOODPUT, link_from_mbps
+    from atoll.sync.link_model import WanLink, allgather_latency, allgather_seconds
+
+    sites = (("a", 2.0, 5.0), ("b", 8.0, 20.0), ("c", 4.0, 1.0))
+    nominal = [WanLink.from_mbps(n, up_mbps=mbps, down_mbps=mbps, latency_ms=ms) for n, mbps, ms in sites]
+    wan = WanModel(topology(*sites), mode="emulated")
+    assert wan.extra_seconds(10**6, num_sites=3) == pytest.approx(allgather_seconds(10**6, nominal))
+    assert WanModel(topology(*sites), mode="netns").extra_seconds(10**6, num_sites=3) == allgather_latency(nominal)
+    # The planner uses the same function on links at the goodput TCP achieves.
+    planned = [link_from_mbps(n, up_mbps=mbps, down_mbps=mbps, latency_ms=ms) for n, mbps, ms in sites]
+    assert planned[0].up_bytes_per_s == pytest.approx(WAN_GOODPUT * nominal[0].up_bytes_per_s)
+    assert allgather_latency(planned) == allgather_latency(nominal)

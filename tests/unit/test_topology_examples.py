@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from atoll.config.topology import load_topology
-from atoll.planner.search import PlanRequest, plan
+from atoll.planner.candidates import PlanRequest
+from atoll.planner.search import plan
 from atoll.planner.shape import resolve_model
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "topologies"
@@ -43,8 +44,20 @@ def test_lab_topology_plans_the_demo_model_away_from_ddp() -> None:
     from atoll.planner.shape import ModelShape
 
     # The demo preset's shape, written out so that this test needs no torch.
-    demo = ModelShape(name="demo", num_layers=4, dim=256, num_heads=8, num_kv_heads=4, ffn_dim=768, vocab_size=8192,
-                      max_seq_len=256, tie_embeddings=True)
-    res = plan(load_topology(EXAMPLES / "lab-two-sites.yaml"), demo,
-               PlanRequest(tokens=2e6, global_batch=16, seq_len=256, all_sites=True))
+    demo = ModelShape(
+        name="demo",
+        num_layers=4,
+        dim=256,
+        num_heads=8,
+        num_kv_heads=4,
+        ffn_dim=768,
+        vocab_size=8192,
+        max_seq_len=256,
+        tie_embeddings=True,
+    )
+    res = plan(
+        load_topology(EXAMPLES / "lab-two-sites.yaml"),
+        demo,
+        PlanRequest(tokens=2e6, global_batch=16, seq_len=256, all_sites=True),
+    )
     assert res.recommended.sync.strategy != "ddp"

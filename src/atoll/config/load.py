@@ -1,14 +1,19 @@
-"""YAML loading, dotted command-line overrides and one-line validation errors."""
+"""YAML loading, dotted command-line overrides, one-line validation errors, and warnings for
+keys that the rest of the config leaves unread."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from atoll.config.schema import ignored_settings
 from atoll.errors import AtollError
+
+log = logging.getLogger(__name__)
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -28,7 +33,9 @@ def read_yaml(path: Path) -> dict[str, Any]:
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise AtollError(f"config file {path} must hold a mapping of sections (run:, model:, ...), not {type(data).__name__}")
+        raise AtollError(
+            f"config file {path} must hold a mapping of sections (run:, model:, ...), not {type(data).__name__}"
+        )
     return data
 
 
@@ -42,7 +49,9 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
     while i < len(args):
         arg = args[i]
         if not arg.startswith("--") or "." not in arg.split("=", 1)[0]:
-            raise AtollError(f"unexpected argument {arg!r}: config overrides look like --section.key=value (e.g. --train.steps=100)")
+            raise AtollError(
+                f"unexpected argument {arg!r}: config overrides look like --section.key=value (e.g. --train.steps=100)"
+            )
         key, sep, value = arg[2:].partition("=")
         if not sep:
             if i + 1 >= len(args):
@@ -78,12 +87,21 @@ def _deep_copy(data: dict[str, Any]) -> dict[str, Any]:
     return {k: _deep_copy(v) if isinstance(v, dict) else v for k, v in data.items()}
 
 
-def validate(schema: type[M], data: dict[str, Any], *, source: str) -> M:
-    """Validate `data` against `schema`; the first problem becomes a one-line AtollError."""
+def validate(schema: type[M], data: dict[str, Any], *, source: str, warn_ignored: bool = True) -> M:
+    """Validate `data` against `schema`; the first problem becomes a one-line AtollError.
+
+    A key that validates but that the config's other settings leave unread (see
+    `atoll.config.schema.ignored_settings`) is logged as a warning naming `source`, unless
+    `warn_ignored` is False (a process whose launcher already warned about the same config).
+    """
     try:
-        return schema.model_validate(data)
+        config = schema.model_validate(data)
     except ValidationError as exc:
         raise AtollError(f"{source}: {describe_error(schema, exc)}") from None
+    if warn_ignored:
+        for message in ignored_settings(config):
+            log.warning("%s: %s", source, message)
+    return config
 
 
 def describe_error(schema: type[BaseModel], exc: ValidationError) -> str:
@@ -116,10 +134,14 @@ def _known_keys(schema: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
     return sorted(getattr(model, "model_fields", {}).keys())
 
 
-def load_config(schema: type[M], path: Path, overrides: list[str] | None = None) -> M:
-    """Read `path`, apply ``--section.key=value`` overrides, validate against `schema`."""
+def load_config(schema: type[M], path: Path, overrides: list[str] | None = None, *, warn_ignored: bool = True) -> M:
+    """Read `path`, apply ``--section.key=value`` overrides, validate against `schema`.
+
+    Raises AtollError for a missing file, bad YAML or an invalid config (one line naming the
+    key and the fix); logs a warning per key that the config leaves unread (see `validate`).
+    """
     data = apply_overrides(read_yaml(path), parse_overrides(overrides or []))
-    return validate(schema, data, source=f"config {path}")
+    return validate(schema, data, source=f"config {path}", warn_ignored=warn_ignored)
 
 
 def dump_config(config: BaseModel) -> str:

@@ -1,21 +1,73 @@
 """The run configuration: one small, documented section per concern.
 
 Every section forbids unknown keys, so a typo (``train.stpes``) is an error instead of a
-silently ignored setting. Leaf functions receive only the section they need.
+silently ignored setting. Checks across fields are the sections' model validators (a
+`ValueError` that `atoll.config.load` turns into one line). A key that is valid but that the
+section's other settings leave unread (``sync.fragments`` with strategy diloco) is named by
+`ignored_settings`, which the loader logs as a warning. Leaf functions receive only the
+section they need.
 """
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from atoll.sync.codec_specs import (
+    CODEC_NAMES,
+    CODEC_SYNC_KEYS,
+    DEFAULT_BLOCK_SIZE,
+    DEFAULT_LOWRANK_RANK,
+    DEFAULT_TOPK_FRACTION,
+    CodecName,
+)
 
 
 class Section(BaseModel):
     """Base for config sections: unknown keys and bad types are errors."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    def ignored_keys(self, path: str) -> list[str]:
+        """One message per key set in this section that its other settings leave unread.
+
+        Only keys the user set count (pydantic's `model_fields_set`: written in the YAML or
+        given as ``--section.key=value``), never a default. `path` is the section's dotted
+        place in the config (``sync``), for the messages. Nested sections are not included:
+        `ignored_settings` walks them. Sections whose keys apply only under some setting
+        override this; the base reports nothing.
+        """
+        return []
+
+    def _unread(self, path: str, *, setting: str, readers: dict[str, Collection[object]]) -> list[str]:
+        """Messages for the keys of `readers` that were set while `setting` has a value that
+        does not read them (`readers`: key -> the values of `setting` under which it is read)."""
+        value = getattr(self, setting)
+        return [
+            f"{path}.{key} is ignored: it applies only when {path}.{setting} is "
+            f"{' or '.join(str(v) for v in readers[key])} (it is {value}); "
+            f"remove {path}.{key} or change {path}.{setting}"
+            for key in type(self).model_fields  # in the order the section documents them
+            if key in readers and key in self.model_fields_set and value not in readers[key]
+        ]
+
+
+def ignored_settings(config: BaseModel, *, path: str = "") -> list[str]:
+    """Messages naming every key set in `config` and its sections that no setting reads.
+
+    Pure; `atoll.config.load.validate` calls it after validation and logs the messages. An
+    empty list means every key the user wrote takes effect, as far as the config alone can
+    tell: the `sync` section, for one, is only read when a run spans several sites.
+    """
+    found = config.ignored_keys(path) if isinstance(config, Section) else []
+    for name in type(config).model_fields:
+        value = getattr(config, name)
+        if isinstance(value, BaseModel):
+            found += ignored_settings(value, path=f"{path}.{name}" if path else name)
+    return found
 
 
 class RunSection(Section):
@@ -44,10 +96,31 @@ class ModelSection(Section):
     qkv_bias: bool | None = Field(None, description="Override: bias on q/k/v (Qwen2 style).")
     tie_embeddings: bool | None = Field(None, description="Override: tie input and output embeddings.")
 
+    @model_validator(mode="after")
+    def _check(self) -> ModelSection:
+        if self.init_from is not None and self.overrides():
+            raise ValueError(
+                f"init_from is set, so the shape comes from {self.init_from}: "
+                f"remove model.{', model.'.join(self.overrides())}"
+            )
+        if self.init_from is None and self.preset is None:
+            raise ValueError(
+                "preset is empty and init_from is not set: name a preset (tiny, demo, ...) or a model to start from"
+            )
+        return self
+
     def overrides(self) -> dict[str, object]:
         """The shape fields the user set explicitly."""
         skip = {"preset", "init_from"}
         return {k: v for k, v in self.model_dump().items() if k not in skip and v is not None}
+
+    def ignored_keys(self, path: str) -> list[str]:
+        if self.init_from is not None and self.preset is not None and "preset" in self.model_fields_set:
+            return [
+                f"{path}.preset is ignored: {path}.init_from is set, so the shape comes from {self.init_from}; "
+                f"remove {path}.preset (or set it to null)"
+            ]
+        return []
 
 
 class DataSection(Section):
@@ -60,6 +133,10 @@ class DataSection(Section):
     tokenizer: Path | None = Field(
         None, description="A tokenizer.json that must match the shards (default: the data directory's own)."
     )
+
+    def ignored_keys(self, path: str) -> list[str]:
+        # Without preparation the vocabulary is the prepared data's (its manifest says it).
+        return self._unread(path, setting="prepare", readers={"vocab_size": ("demo",)})
 
 
 class TrainSection(Section):
@@ -75,24 +152,66 @@ class TrainSection(Section):
     grad_clip: float = Field(1.0, ge=0, description="Max global gradient norm; 0 disables clipping.")
     log_every: int = Field(10, gt=0, description="Steps between metric records.")
     eval_every: int = Field(100, ge=0, description="Steps between validation passes; 0: only at the end.")
-    eval_batches: int = Field(4, gt=0, description="Validation batches of global_batch sequences (the same samples whatever the rank count).")
+    eval_batches: int = Field(
+        4, gt=0, description="Validation batches of global_batch sequences (the same samples whatever the rank count)."
+    )
     checkpoint_every: int = Field(100, ge=0, description="Steps between checkpoints; 0: only at the end.")
     keep_checkpoints: int = Field(2, gt=0, description="Complete checkpoints kept on disk (oldest removed).")
 
     @model_validator(mode="after")
-    def _check(self) -> "TrainSection":
+    def _check(self) -> TrainSection:
         if self.warmup_steps >= self.steps and self.steps > 1:
             raise ValueError(f"warmup_steps ({self.warmup_steps}) must be below steps ({self.steps})")
+        if self.micro_batch > self.global_batch:
+            raise ValueError(
+                f"micro_batch ({self.micro_batch}) exceeds global_batch ({self.global_batch}): lower micro_batch"
+            )
         return self
 
 
 class ParallelSection(Section):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="`auto`: CUDA when present.")
-    backend: Literal["auto", "gloo", "nccl"] = Field("auto", description="Collective library: gloo on CPU, NCCL on CUDA.")
-    shard: Literal["ddp", "fsdp"] = Field("ddp", description="Replicate (DDP) or shard (FSDP2 fully_shard) inside a site.")
-    dtype: Literal["auto", "fp32", "bf16"] = Field("auto", description="Compute dtype; `auto`: bf16 autocast on CUDA, fp32 on CPU.")
+    backend: Literal["auto", "gloo", "nccl"] = Field(
+        "auto", description="Collective library: gloo on CPU, NCCL on CUDA."
+    )
+    shard: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="Replicate (DDP) or shard (FSDP2 fully_shard) inside a site."
+    )
+    dtype: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="Compute dtype; `auto`: bf16 autocast on CUDA, fp32 on CPU."
+    )
     threads: int = Field(0, ge=0, description="CPU threads per rank; 0: cores divided by local ranks.")
     timeout_seconds: float = Field(600.0, gt=0, description="Timeout of every collective in the site.")
+
+
+# Sync keys that only some strategies read: key -> the strategies that read it. ddp exchanges
+# gradients every step: it has no rounds and no outer optimizer.
+_ROUNDS = ("diloco", "streaming", "delayed")
+SYNC_STRATEGY_KEYS: dict[str, tuple[str, ...]] = {
+    "inner_steps": _ROUNDS,
+    "site_inner_steps": _ROUNDS,
+    "outer_lr": _ROUNDS,
+    "outer_momentum": _ROUNDS,
+    "nesterov": _ROUNDS,
+    "fragments": ("streaming",),
+    "overlap_steps": ("streaming",),
+}
+# Sync keys that only some codecs read: key -> the codecs that read it. The codecs' options
+# come from the codec table; error feedback carries a lossy codec's residual, and codec none
+# leaves none.
+SYNC_CODEC_KEYS: dict[str, tuple[str, ...]] = {
+    **{
+        key: tuple(codec for codec, keys in CODEC_SYNC_KEYS.items() if key in keys)
+        for key in sorted({key for keys in CODEC_SYNC_KEYS.values() for key in keys})
+    },
+    "error_feedback": tuple(codec for codec in CODEC_NAMES if codec != "none"),
+}
+
+
+def sync_key_applies(key: str, *, strategy: str, codec: str) -> bool:
+    """Whether a run with `strategy` and `codec` reads the `sync` key `key` (keys that every
+    strategy and codec read always apply). The planner asks it to leave unread keys out."""
+    return strategy in SYNC_STRATEGY_KEYS.get(key, (strategy,)) and codec in SYNC_CODEC_KEYS.get(key, (codec,))
 
 
 class SyncSection(Section):
@@ -103,34 +222,54 @@ class SyncSection(Section):
     )
     inner_steps: int = Field(50, gt=0, description="H: inner steps between outer synchronizations.")
     site_inner_steps: dict[str, int] = Field(
-        default_factory=dict, description="Per-site H (faster sites run more inner steps per round); default inner_steps."
+        default_factory=dict,
+        description="Per-site H (faster sites run more inner steps per round); default inner_steps.",
     )
     round_seconds: float | None = Field(
         None, gt=0, description="Wall-clock budget per round instead of a step count (diloco and delayed only)."
     )
-    codec: Literal["none", "fp16", "bf16", "int8", "int4", "topk", "lowrank"] = Field("none", description="Compression of what crosses the WAN.")
-    block_size: int = Field(128, gt=0, description="int8/int4: elements per absmax block.")
-    topk_fraction: float = Field(0.01, gt=0, le=1, description="topk: fraction of entries sent.")
-    rank: int = Field(4, gt=0, description="lowrank: rank r.")
+    codec: CodecName = Field("none", description="Compression of what crosses the WAN.")
+    block_size: int = Field(DEFAULT_BLOCK_SIZE, gt=0, description="int8/int4: elements per absmax block.")
+    topk_fraction: float = Field(DEFAULT_TOPK_FRACTION, gt=0, le=1, description="topk: fraction of entries sent.")
+    rank: int = Field(DEFAULT_LOWRANK_RANK, gt=0, description="lowrank: rank r.")
     error_feedback: bool = Field(True, description="Carry the lossy codecs' residual into the next exchange.")
     fragments: int = Field(4, gt=0, description="streaming: number of model fragments.")
-    overlap_steps: int = Field(1, ge=0, description="streaming: tau, inner steps an exchange overlaps before it is applied.")
+    overlap_steps: int = Field(
+        1, ge=0, description="streaming: tau, inner steps an exchange overlaps before it is applied."
+    )
     outer_lr: float = Field(0.7, gt=0, description="Outer SGD learning rate.")
     outer_momentum: float = Field(0.9, ge=0, lt=1, description="Outer SGD momentum.")
     nesterov: bool = Field(True, description="Nesterov momentum in the outer step.")
-    timeout_seconds: float = Field(1800.0, gt=0, description="Timeout of one cross-site exchange (slow links need long ones).")
+    timeout_seconds: float = Field(
+        1800.0, gt=0, description="Timeout of one cross-site exchange (slow links need long ones)."
+    )
     min_sites: int | None = Field(None, gt=0, description="Quorum size below which sites wait (default: all sites).")
     chunk_kib: int | None = Field(
-        None, gt=0, description="Chunk of the pipelined WAN all-gather, KiB (default: the links' bandwidth-delay product, at least 256 KiB)."
+        None,
+        gt=0,
+        description=(
+            "Chunk of the pipelined WAN all-gather, KiB (default: the links' bandwidth-delay "
+            "product, at least 256 KiB)."
+        ),
     )
 
     @model_validator(mode="after")
-    def _check(self) -> "SyncSection":
+    def _check(self) -> SyncSection:
         if self.strategy == "streaming" and self.overlap_steps >= self.inner_steps:
             raise ValueError(f"overlap_steps ({self.overlap_steps}) must be below inner_steps ({self.inner_steps})")
         if self.round_seconds is not None and self.strategy not in ("diloco", "delayed"):
             raise ValueError("round_seconds works with the diloco and delayed strategies only")
         return self
+
+    def ignored_keys(self, path: str) -> list[str]:
+        found = self._unread(path, setting="strategy", readers=SYNC_STRATEGY_KEYS)
+        found += self._unread(path, setting="codec", readers=SYNC_CODEC_KEYS)
+        if self.round_seconds is not None:
+            found.append(
+                f"{path}.round_seconds is ignored: the trainer does not run wall-clock rounds yet "
+                f"(a round is {path}.inner_steps steps); remove {path}.round_seconds"
+            )
+        return found
 
     def inner_steps_for(self, site: str) -> int:
         return self.site_inner_steps.get(site, self.inner_steps)

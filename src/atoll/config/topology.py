@@ -24,7 +24,8 @@ from pathlib import Path
 from pydantic import Field, field_validator, model_validator
 
 from atoll.config.load import read_yaml, validate
-from atoll.config.schema import Section
+from atoll.config.schema import ParallelSection, Section, SyncSection
+from atoll.errors import AtollError
 
 _NAME = re.compile(r"^[a-z][a-z0-9-]{0,30}$")
 
@@ -33,7 +34,9 @@ class DeviceGroup(Section):
     kind: str = Field(description="Hardware catalog key, e.g. a100-80g, a800, h20, ascend-910b, cpu.")
     count: int = Field(gt=0, description="Number of devices of this kind in the site.")
     per_node: int = Field(8, gt=0, description="Devices per node (sets the intra-node / inter-node split).")
-    slowdown: float = Field(1.0, ge=1.0, description="Lab only: emulate a chip this many times slower (compute, then sleep).")
+    slowdown: float = Field(
+        1.0, ge=1.0, description="Lab only: emulate a chip this many times slower (compute, then sleep)."
+    )
 
     @field_validator("kind")
     @classmethod
@@ -52,7 +55,9 @@ class SiteSpec(Section):
     @classmethod
     def _valid_name(cls, name: str) -> str:
         if not _NAME.match(name):
-            raise ValueError(f"site name {name!r} must be lowercase letters, digits and dashes (at most 31, starting with a letter)")
+            raise ValueError(
+                f"site name {name!r} must be lowercase letters, digits and dashes (at most 31, starting with a letter)"
+            )
         return name
 
     @property
@@ -63,7 +68,9 @@ class SiteSpec(Section):
 class LinkSpec(Section):
     site: str = Field(description="The site this uplink belongs to.")
     uplink_mbps: float = Field(gt=0, description="Bandwidth from the site to the WAN, Mbit/s.")
-    downlink_mbps: float | None = Field(None, gt=0, description="Bandwidth from the WAN to the site (default: the uplink's).")
+    downlink_mbps: float | None = Field(
+        None, gt=0, description="Bandwidth from the WAN to the site (default: the uplink's)."
+    )
     latency_ms: float = Field(0.0, ge=0, description="One-way latency from the site to the WAN core, ms.")
 
     @property
@@ -73,10 +80,12 @@ class LinkSpec(Section):
 
 class LighthouseSpec(Section):
     site: str | None = Field(None, description="Run the Lighthouse inside this site (local and lab runs).")
-    address: str | None = Field(None, description="host:port of a Lighthouse that is already running (real deployments).")
+    address: str | None = Field(
+        None, description="host:port of a Lighthouse that is already running (real deployments)."
+    )
 
     @model_validator(mode="after")
-    def _one_of(self) -> "LighthouseSpec":
+    def _one_of(self) -> LighthouseSpec:
         if self.address is not None and ":" not in self.address:
             raise ValueError(f"lighthouse.address {self.address!r} must be host:port")
         return self
@@ -90,7 +99,7 @@ class Topology(Section):
     lighthouse: LighthouseSpec = Field(default_factory=LighthouseSpec)
 
     @model_validator(mode="after")
-    def _consistent(self) -> "Topology":
+    def _consistent(self) -> Topology:
         names = [s.name for s in self.sites]
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
@@ -105,7 +114,10 @@ class Topology(Section):
         if len(self.sites) > 1:
             missing = [n for n in names if n not in linked]
             if missing:
-                raise ValueError(f"links: sites without an uplink: {', '.join(missing)} (add `- {{site: {missing[0]}, uplink_mbps: ...}}`)")
+                raise ValueError(
+                    f"links: sites without an uplink: {', '.join(missing)} (add `- {{site: {missing[0]}, "
+                    "uplink_mbps: ...}`)"
+                )
         if self.lighthouse.site is not None and self.lighthouse.site not in names:
             raise ValueError(f"lighthouse.site {self.lighthouse.site!r} is not one of the sites ({', '.join(names)})")
         return self
@@ -137,3 +149,20 @@ class Topology(Section):
 def load_topology(path: Path) -> Topology:
     """Read and validate a topology YAML; raises AtollError naming the problem."""
     return validate(Topology, read_yaml(Path(path)), source=f"topology {path}")
+
+
+def check_sites(topology: Topology, *, sync: SyncSection, parallel: ParallelSection, topology_path: Path | str) -> None:
+    """Check a run config against the topology its sites will train on: where the two meet.
+
+    Called by the multi-site verbs (`atoll train --topology`, `atoll lab run`) before they
+    launch anything. Raises `AtollError` naming the key and the fix: FSDP2 inside a site (not
+    supported across sites yet), or `sync.site_inner_steps` naming a site `topology_path` lacks.
+    """
+    if parallel.shard != "ddp":
+        raise AtollError(
+            "multi-site training uses parallel.shard=ddp inside each site (FSDP2 sites are not supported yet)"
+        )
+    names = [s.name for s in topology.sites]
+    for name in sync.site_inner_steps:
+        if name not in names:
+            raise AtollError(f"sync.site_inner_steps names {name!r}, which is not a site of {topology_path}")

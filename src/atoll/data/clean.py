@@ -32,7 +32,9 @@ _BLANK_RUNS = re.compile(r"\n{3,}")
 
 _HTML_DROP_BLOCKS = re.compile(r"<(script|style|noscript)\b[^>]*>.*?</\1\s*>", flags=re.IGNORECASE | re.DOTALL)
 _HTML_COMMENT = re.compile(r"<!--.*?-->", flags=re.DOTALL)
-_HTML_BLOCK_TAG = re.compile(r"</?(p|div|br|li|ul|ol|h[1-6]|tr|table|section|article|pre|blockquote)\b[^>]*>", flags=re.IGNORECASE)
+_HTML_BLOCK_TAG = re.compile(
+    r"</?(p|div|br|li|ul|ol|h[1-6]|tr|table|section|article|pre|blockquote)\b[^>]*>", flags=re.IGNORECASE
+)
 _HTML_TAG = re.compile(r"</?[A-Za-z][^<>]*>")
 
 _RST_ROLE = re.compile(r":[A-Za-z][\w:+.-]*:`~?!?([^`<]*?)(?:\s*<[^`>]*>)?`")
@@ -41,9 +43,29 @@ _RST_STRONG = re.compile(r"\*\*([^*\n]+)\*\*")
 _RST_ADORNMENT = re.compile(r"^([=\-~^\"'`#*+:.<>_])\1{2,}\s*$", flags=re.MULTILINE)
 # Directives whose whole block is metadata for the typesetter, not text.
 _RST_META_DIRECTIVES = {
-    "index", "toctree", "raw", "highlight", "module", "currentmodule", "sectionauthor", "moduleauthor",
-    "only", "include", "literalinclude", "image", "figure", "contents", "tabularcolumns", "kernel-doc",
-    "kernel-feat", "kernel-abi", "kernel-include", "testsetup", "testcleanup", "audit-event", "opcode",
+    "index",
+    "toctree",
+    "raw",
+    "highlight",
+    "module",
+    "currentmodule",
+    "sectionauthor",
+    "moduleauthor",
+    "only",
+    "include",
+    "literalinclude",
+    "image",
+    "figure",
+    "contents",
+    "tabularcolumns",
+    "kernel-doc",
+    "kernel-feat",
+    "kernel-abi",
+    "kernel-include",
+    "testsetup",
+    "testcleanup",
+    "audit-event",
+    "opcode",
 }
 _RST_DIRECTIVE = re.compile(r"^(\s*)\.\.\s+([\w:-]+)::\s*(.*)$")
 # After directives are handled, any other ".. " line is a comment, a link target or a
@@ -88,7 +110,7 @@ def strip_rst(text: str) -> str:
     skip_indent: int | None = None  # inside a dropped block: lines indented deeper than this go
     for line in text.split("\n"):
         stripped = line.lstrip()
-        if skip_indent is None and not stripped.startswith((".." , ":")):
+        if skip_indent is None and not stripped.startswith(("..", ":")):
             out.append(line)  # the common case: an ordinary line, no regex needed
             continue
         indent = len(line) - len(stripped)
@@ -176,7 +198,9 @@ def _bounded(text: str, m: re.Match[str], *, before: str, after: str) -> bool:
     return not (end < len(text) and (text[end].isalnum() or text[end] in after))
 
 
-def _substitute(pattern: re.Pattern[str], text: str, token: str, ok: Callable[[re.Match[str]], bool]) -> tuple[str, int]:
+def _substitute(
+    pattern: re.Pattern[str], text: str, token: str, ok: Callable[[re.Match[str]], bool]
+) -> tuple[str, int]:
     count = 0
 
     def repl(m: re.Match[str]) -> str:
@@ -194,7 +218,9 @@ def _valid_ipv4(text: str, m: re.Match[str]) -> bool:
     if not all(int(octet) <= 255 and (octet == "0" or not octet.startswith("0")) for octet in address.split(".")):
         return False
     # "1.2.3.4.5" (a version) and "v1.2.3.4" are not addresses.
-    return _bounded(text, m, before="._", after="_") and not (m.end() + 1 < len(text) and text[m.end()] == "." and text[m.end() + 1].isdigit())
+    return _bounded(text, m, before="._", after="_") and not (
+        m.end() + 1 < len(text) and text[m.end()] == "." and text[m.end() + 1].isdigit()
+    )
 
 
 def mask_pii(text: str, cfg: PiiSection, counts: Counter[str]) -> str:
@@ -210,7 +236,12 @@ def mask_pii(text: str, cfg: PiiSection, counts: Counter[str]) -> str:
             counts["ip"] += n
         if _IPV6_HINT.search(text):
             current = text
-            text, n = _substitute(_IPV6, text, "<ip>", lambda m: any(c.isdigit() for c in m.group(0)) and _bounded(current, m, before=":_", after=":_"))
+            text, n = _substitute(
+                _IPV6,
+                text,
+                "<ip>",
+                lambda m: any(c.isdigit() for c in m.group(0)) and _bounded(current, m, before=":_", after=":_"),
+            )
             counts["ip"] += n
     if cfg.phone:
         current = text

@@ -1,19 +1,19 @@
 """`atoll data prepare DATA.yaml` and `atoll data report DIR`: the data verbs of the CLI.
 
 `register(sub)` adds them to `atoll`'s sub-parsers. Handlers return an exit code; a user's
-mistake raises `AtollError`, which `atoll.cli` prints as one line (exit 2).
+mistake raises `AtollError`, which `atoll.console.guarded` prints as one line (exit 2).
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from atoll.console import want_progress
 from atoll.errors import AtollError
 
 
@@ -22,7 +22,12 @@ class RichStageProgress:
 
     def __init__(self, console: Console) -> None:
         self._progress = Progress(
-            TextColumn("[bold]{task.description:<10}"), BarColumn(), MofNCompleteColumn(), TextColumn("units"), TimeElapsedColumn(), console=console
+            TextColumn("[bold]{task.description:<10}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("units"),
+            TimeElapsedColumn(),
+            console=console,
         )
         self._task: TaskID | None = None
 
@@ -42,10 +47,6 @@ class RichStageProgress:
         self._progress.stop()
 
 
-def _want_progress(args: argparse.Namespace) -> bool:
-    return not args.no_progress and os.environ.get("ATOLL_NO_PROGRESS", "") in ("", "0")
-
-
 def _cmd_prepare(args: argparse.Namespace, extra: list[str]) -> int:
     from atoll.config.load import load_config
     from atoll.data.config import DataConfig
@@ -63,14 +64,16 @@ def _cmd_prepare(args: argparse.Namespace, extra: list[str]) -> int:
     if updates:
         cfg = cfg.model_copy(update=updates)
     err = Console(stderr=True)
-    progress = RichStageProgress(err) if _want_progress(args) else None
+    progress = RichStageProgress(err) if want_progress(args) else None
     try:
         result = prepare(cfg, progress=progress)
     finally:
         if progress is not None:
             progress.close()
     _print_tables(result.report)
-    Console().print(f"wrote {cfg.output} (manifest.json, {REPORT_MD}); train on it with --data.dir={cfg.output} --data.prepare=none")
+    Console().print(
+        f"wrote {cfg.output} (manifest.json, {REPORT_MD}); train on it with --data.dir={cfg.output} --data.prepare=none"
+    )
     return 0
 
 
@@ -84,7 +87,10 @@ def _resolve_data_dir(path: Path) -> Path:
         data_dir = read_yaml(config).get("data", {}).get("dir")
         if data_dir:
             return Path(data_dir)
-    raise AtollError(f"{path} is neither a prepared data directory (manifest.json) nor a run directory (config.yaml with data.dir): give one of those")
+    raise AtollError(
+        f"{path} is neither a prepared data directory (manifest.json) nor a run directory (config.yaml "
+        "with data.dir): give one of those"
+    )
 
 
 def _cmd_report(args: argparse.Namespace, extra: list[str]) -> int:
@@ -131,7 +137,13 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     p.set_defaults(func=_cmd_prepare, allow_overrides=True)
 
-    p = verbs.add_parser("report", help="print a data directory's report (input, filters, duplicates, tokens per split and site) and write it as Markdown")
+    p = verbs.add_parser(
+        "report",
+        help=(
+            "print a data directory's report (input, filters, duplicates, tokens per split and site) and "
+            "write it as Markdown"
+        ),
+    )
     p.add_argument("path", type=Path, help="a data directory, or a run directory (its config's data.dir)")
     p.add_argument("--out", type=Path, default=None, help="Markdown file to write (default: DATA_DIR/report.md)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")

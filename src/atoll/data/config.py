@@ -18,9 +18,20 @@ from atoll.config.schema import Section
 
 
 class _SourceBase(Section):
-    name: str = Field(..., min_length=1, pattern=r"^[A-Za-z0-9_.-]+$", description="Source name: counted in the manifest and report; used by placement.")
-    markup: Literal["none", "auto", "html", "markdown", "rst"] = Field("auto", description="Markup to clean up; `auto` guesses from the file name or the text.")
-    max_documents: int | None = Field(None, gt=0, description="Read at most this many documents, for trials (text and hf sources: in all; others: per file).")
+    name: str = Field(
+        ...,
+        min_length=1,
+        pattern=r"^[A-Za-z0-9_.-]+$",
+        description="Source name: counted in the manifest and report; used by placement.",
+    )
+    markup: Literal["none", "auto", "html", "markdown", "rst"] = Field(
+        "auto", description="Markup to clean up; `auto` guesses from the file name or the text."
+    )
+    max_documents: int | None = Field(
+        None,
+        gt=0,
+        description="Read at most this many documents, for trials (text and hf sources: in all; others: per file).",
+    )
 
 
 class IambicSource(_SourceBase):
@@ -35,8 +46,12 @@ class TextSource(_SourceBase):
 
     kind: Literal["text"]
     path: Path = Field(..., description="Directory to read.")
-    patterns: list[str] = Field(["**/*.txt", "**/*.md"], min_length=1, description="Glob patterns under `path` (e.g. **/*.rst.gz).")
-    optional: bool = Field(False, description="Skip this source with a warning when `path` is missing (demo corpora from Debian packages).")
+    patterns: list[str] = Field(
+        ["**/*.txt", "**/*.md"], min_length=1, description="Glob patterns under `path` (e.g. **/*.rst.gz)."
+    )
+    optional: bool = Field(
+        False, description="Skip this source with a warning when `path` is missing (demo corpora from Debian packages)."
+    )
 
 
 class JsonlSource(_SourceBase):
@@ -44,7 +59,11 @@ class JsonlSource(_SourceBase):
 
     kind: Literal["jsonl"]
     path: Path = Field(..., description="A file or a directory of files.")
-    patterns: list[str] = Field(["**/*.jsonl", "**/*.jsonl.gz", "**/*.jsonl.zst"], min_length=1, description="Glob patterns when `path` is a directory.")
+    patterns: list[str] = Field(
+        ["**/*.jsonl", "**/*.jsonl.gz", "**/*.jsonl.zst"],
+        min_length=1,
+        description="Glob patterns when `path` is a directory.",
+    )
     text_field: str = Field("text", description="Key of the text in each object.")
     id_field: str | None = Field("id", description="Key of the document id (default: file:line).")
 
@@ -63,7 +82,13 @@ class HfSource(_SourceBase):
     """A Hugging Face `datasets` dataset: saved with `save_to_disk`, local data files, or the hub."""
 
     kind: Literal["hf"]
-    mode: Literal["disk", "files", "hub"] = Field("disk", description="`disk`: load_from_disk(path); `files`: load_dataset(format, data_files=path); `hub`: load_dataset(path) (needs network).")
+    mode: Literal["disk", "files", "hub"] = Field(
+        "disk",
+        description=(
+            "`disk`: load_from_disk(path); `files`: load_dataset(format, data_files=path); `hub`: "
+            "load_dataset(path) (needs network)."
+        ),
+    )
     path: str = Field(..., min_length=1, description="Directory, file glob, or hub dataset name.")
     format: Literal["json", "parquet", "text", "csv"] = Field("json", description="Builder for mode `files`.")
     split: str = Field("train", description="Split to read when the dataset has several.")
@@ -83,7 +108,9 @@ class PiiSection(Section):
 
 
 class CleanSection(Section):
-    normalize: Literal["NFC", "NFKC", "none"] = Field("NFC", description="Unicode normalization form (NFKC also folds full-width characters).")
+    normalize: Literal["NFC", "NFKC", "none"] = Field(
+        "NFC", description="Unicode normalization form (NFKC also folds full-width characters)."
+    )
     pii: PiiSection = Field(default_factory=PiiSection)
 
 
@@ -94,11 +121,17 @@ class GopherQualitySection(Section):
     enabled: bool = True
     min_words: int = Field(50, ge=0, description="Fewer words: removed.")
     max_words: int = Field(100_000, gt=0, description="More words: removed.")
-    min_mean_word_length: float = Field(3.0, ge=0, description="Shorter mean word length (space-delimited languages only): removed.")
+    min_mean_word_length: float = Field(
+        3.0, ge=0, description="Shorter mean word length (space-delimited languages only): removed."
+    )
     max_mean_word_length: float = Field(10.0, gt=0, description="Longer mean word length: removed.")
     max_symbol_word_ratio: float = Field(0.1, ge=0, description="More '#' and '...' per word: removed.")
-    max_bullet_lines: float = Field(0.9, ge=0, le=1, description="Larger fraction of lines starting with a bullet: removed.")
-    max_ellipsis_lines: float = Field(0.3, ge=0, le=1, description="Larger fraction of lines ending with an ellipsis: removed.")
+    max_bullet_lines: float = Field(
+        0.9, ge=0, le=1, description="Larger fraction of lines starting with a bullet: removed."
+    )
+    max_ellipsis_lines: float = Field(
+        0.3, ge=0, le=1, description="Larger fraction of lines ending with an ellipsis: removed."
+    )
     min_alpha_words: float = Field(0.8, ge=0, le=1, description="Smaller fraction of words with a letter: removed.")
     min_stop_words: int = Field(2, ge=0, description="Fewer stop words of the document's language: removed.")
 
@@ -110,15 +143,24 @@ class GopherRepetitionSection(Section):
     documentation repeats phrases ("Return a new reference") and is still clean."""
 
     enabled: bool = True
-    min_line_chars: int = Field(20, ge=0, description="Shorter lines and paragraphs are ignored by the repetition rules for lines and paragraphs.")
+    min_line_chars: int = Field(
+        20,
+        ge=0,
+        description="Shorter lines and paragraphs are ignored by the repetition rules for lines and paragraphs.",
+    )
     max_dup_line_frac: float = Field(0.3, ge=0, le=1, description="Fraction of lines that repeat an earlier line.")
     max_dup_para_frac: float = Field(0.3, ge=0, le=1, description="Fraction of paragraphs that repeat an earlier one.")
     max_dup_line_char_frac: float = Field(0.3, ge=0, le=1, description="Fraction of characters in repeated lines.")
     max_dup_para_char_frac: float = Field(0.3, ge=0, le=1, description="Fraction of characters in repeated paragraphs.")
-    max_top_ngram_char_frac: dict[int, float] = Field({2: 0.2, 3: 0.18, 4: 0.16}, description="n -> largest fraction of word characters in the most frequent n-gram.")
+    max_top_ngram_char_frac: dict[int, float] = Field(
+        {2: 0.2, 3: 0.18, 4: 0.16}, description="n -> largest fraction of word characters in the most frequent n-gram."
+    )
     max_dup_ngram_char_frac: dict[int, float] = Field(
         {5: 0.35, 6: 0.34, 7: 0.33, 8: 0.32, 9: 0.31, 10: 0.30},
-        description="n -> largest fraction of word characters covered by repeated n-grams (Gopher: 0.15 down to 0.10, which removes a quarter of reference documentation).",
+        description=(
+            "n -> largest fraction of word characters covered by repeated n-grams (Gopher: 0.15 "
+            "down to 0.10, which removes a quarter of reference documentation)."
+        ),
     )
 
 
@@ -128,7 +170,9 @@ class C4Section(Section):
 
     enabled: bool = True
     drop_lorem_ipsum: bool = Field(True, description="Remove documents containing 'lorem ipsum'.")
-    drop_curly_brace: bool = Field(False, description="Remove documents containing '{' (C4's rule; off because it removes all code documentation).")
+    drop_curly_brace: bool = Field(
+        False, description="Remove documents containing '{' (C4's rule; off because it removes all code documentation)."
+    )
     drop_javascript_lines: bool = Field(True, description="Drop lines asking to enable JavaScript.")
     drop_policy_lines: bool = Field(True, description="Drop lines about terms of use, privacy and cookie policies.")
     min_words_per_line: int = Field(0, ge=0, description="Drop lines with fewer words (C4: 3; 0 keeps verse).")
@@ -154,9 +198,18 @@ class FiltersSection(Section):
 
 class NearDedupSection(Section):
     enabled: bool = True
-    threshold: float = Field(0.6, gt=0, lt=1, description="Estimated Jaccard similarity of word n-gram sets at or above which a later document is a duplicate.")
+    threshold: float = Field(
+        0.6,
+        gt=0,
+        lt=1,
+        description=(
+            "Estimated Jaccard similarity of word n-gram sets at or above which a later document is a duplicate."
+        ),
+    )
     num_perm: int = Field(128, ge=16, le=1024, description="MinHash permutations (signature length).")
-    ngram: int = Field(3, ge=1, le=20, description="Words per shingle (short shingles keep lightly edited short documents similar).")
+    ngram: int = Field(
+        3, ge=1, le=20, description="Words per shingle (short shingles keep lightly edited short documents similar)."
+    )
     seed: int = Field(1, description="Seed of the hash permutations.")
 
 
@@ -169,11 +222,23 @@ class DedupSection(Section):
 class TokenizerSection(Section):
     path: Path | None = Field(None, description="Use this tokenizer.json instead of training one.")
     vocab_size: int = Field(8192, gt=258, description="Vocabulary of the trained BPE (and the model's embedding size).")
-    train_max_mb: float = Field(64.0, gt=0, description="Train the BPE on at most this much text (a deterministic sample of the train split).")
+    train_max_mb: float = Field(
+        64.0, gt=0, description="Train the BPE on at most this much text (a deterministic sample of the train split)."
+    )
+
+    def ignored_keys(self, path: str) -> list[str]:
+        if self.path is not None and "train_max_mb" in self.model_fields_set:
+            return [
+                f"{path}.train_max_mb is ignored: {path}.path names a tokenizer, so none is trained; "
+                "remove one of the two"
+            ]
+        return []
 
 
 class SplitSection(Section):
-    validation_fraction: float = Field(0.02, gt=0, lt=1, description="Share of documents (chosen by a hash of their id) held out for validation.")
+    validation_fraction: float = Field(
+        0.02, gt=0, lt=1, description="Share of documents (chosen by a hash of their id) held out for validation."
+    )
 
 
 class PackSection(Section):
@@ -207,6 +272,10 @@ class PlacementSection(Section):
                 raise ValueError(f"{', '.join(repeated)} assigned to more than one site: each goes to one site")
         return self
 
+    def ignored_keys(self, path: str) -> list[str]:
+        readers = {"sites": ("all",), "assign": ("by_source", "by_language"), "shares": ("by_share",)}
+        return self._unread(path, setting="mode", readers=readers)
+
     def site_names(self) -> list[str]:
         """Sites in a stable order (as written in the config)."""
         if self.mode == "all":
@@ -217,7 +286,9 @@ class PlacementSection(Section):
 
 
 class ErrorsSection(Section):
-    max_rate: float = Field(0.05, ge=0, le=1, description="Stop when more than this fraction of input records cannot be read.")
+    max_rate: float = Field(
+        0.05, ge=0, le=1, description="Stop when more than this fraction of input records cannot be read."
+    )
     min_records: int = Field(100, ge=0, description="Only judge the rate once this many records were read.")
 
 
@@ -248,7 +319,9 @@ class DataConfig(Section):
             assigned = {n for ns in self.placement.assign.values() for n in ns}
             unknown = sorted(assigned - set(names))
             if unknown:
-                raise ValueError(f"placement.assign names unknown sources {', '.join(unknown)}: known are {', '.join(names)}")
+                raise ValueError(
+                    f"placement.assign names unknown sources {', '.join(unknown)}: known are {', '.join(names)}"
+                )
             missing = sorted(set(names) - assigned)
             if missing:
                 raise ValueError(f"placement.assign puts sources {', '.join(missing)} on no site: assign every source")

@@ -18,7 +18,15 @@ from atoll.data.text import CHINESE_STOP_WORDS, CJK_LANGUAGES, GOPHER_STOP_WORDS
 
 _BULLETS = ("-", "*", "\u2022", "\u2023", "\u25cf", "\u25e6", "\u2043", "\u2219", "\u00b7")
 _JS_HINTS = ("enable", "browser", "disabled", "turn on", "support")
-_POLICY = ("terms of use", "terms of service", "privacy policy", "cookie policy", "uses cookies", "use of cookies", "use cookies")
+_POLICY = (
+    "terms of use",
+    "terms of service",
+    "privacy policy",
+    "cookie policy",
+    "uses cookies",
+    "use of cookies",
+    "use cookies",
+)
 _TERMINAL = (".", "!", "?", '"', "'", "\u201d", "\u2019", "\u3002", "\uff01", "\uff1f")
 _SENTENCE_END = re.compile(r"[.!?\u3002\uff01\uff1f](?:\s|$)")
 _MIX = np.uint64(0x9E3779B97F4A7C15)
@@ -29,7 +37,10 @@ def c4_lines(text: str, cfg: C4Section, line_counts: Counter[str]) -> str:
     if not (cfg.min_words_per_line or cfg.require_terminal_punct):
         # Only keyword rules are on: skip the line loop when no keyword is in the document.
         lower_doc = text.lower()
-        if not ((cfg.drop_javascript_lines and "javascript" in lower_doc) or (cfg.drop_policy_lines and any(p in lower_doc for p in _POLICY))):
+        if not (
+            (cfg.drop_javascript_lines and "javascript" in lower_doc)
+            or (cfg.drop_policy_lines and any(p in lower_doc for p in _POLICY))
+        ):
             return text
     kept = []
     for line in text.split("\n"):
@@ -188,7 +199,9 @@ def gopher_repetition(view: TextView, cfg: GopherRepetitionSection) -> str | Non
     return None
 
 
-def apply_filters(view: TextView, lang: str, score: float, cfg: FiltersSection, line_counts: Counter[str]) -> tuple[TextView, str | None]:
+def apply_filters(
+    view: TextView, lang: str, score: float, cfg: FiltersSection, line_counts: Counter[str]
+) -> tuple[TextView, str | None]:
     """Run every enabled filter in order: length, language, C4 (lines, then document), Gopher
     quality, Gopher repetition. Returns the document's view (a new one if C4 dropped lines)
     and the removing rule's name, or None if it is kept."""

@@ -39,7 +39,9 @@ class TokenDataset:
     `seq_len`.
     """
 
-    def __init__(self, data_dir: Path | str, split: str, *, seq_len: int, site: str | None = None, verify_hashes: bool = True) -> None:
+    def __init__(
+        self, data_dir: Path | str, split: str, *, seq_len: int, site: str | None = None, verify_hashes: bool = True
+    ) -> None:
         if seq_len < 1:
             raise AtollError(f"seq_len must be positive, got {seq_len}")
         self.data_dir = Path(data_dir)
@@ -55,17 +57,16 @@ class TokenDataset:
         shards = self.manifest.site_shards(split, site)
         self.shards: tuple[ShardInfo, ...] = shards
         self._verified = [not verify_hashes] * len(shards)
-        self._shards = [
-            np.memmap(self.manifest.shard_path(self.data_dir, s), dtype=dtype, mode="r")
-            for s in shards
-        ]
+        self._shards = [np.memmap(self.manifest.shard_path(self.data_dir, s), dtype=dtype, mode="r") for s in shards]
         counts = np.array([max(0, (s.num_tokens - 1) // seq_len) for s in shards], dtype=np.int64)
         # _starts[k] is the index of shard k's first sample; searchsorted maps index -> shard.
         self._starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         self._len = int(self._starts[-1])
         where = f"split {split!r}" + (f" at site {site!r}" if site is not None else "")
         if not shards:
-            raise AtollError(f"{where} in {self.data_dir} has no shard: place data on this site (placement in the data config)")
+            raise AtollError(
+                f"{where} in {self.data_dir} has no shard: place data on this site (placement in the data config)"
+            )
         if self._len == 0:
             longest = max(s.num_tokens for s in shards)
             raise AtollError(
@@ -171,7 +172,11 @@ class BatchStream:
             # A site's stream mixes in the site name, so sites that read the same shards
             # (all-to-all placement) still see different orders; site None keeps the
             # single-site order of earlier versions.
-            key = (self.seed, epoch) if self.dataset.site is None else (self.seed, zlib.crc32(self.dataset.site.encode()), epoch)
+            key = (
+                (self.seed, epoch)
+                if self.dataset.site is None
+                else (self.seed, zlib.crc32(self.dataset.site.encode()), epoch)
+            )
             self._perm = np.random.default_rng(key).permutation(len(self.dataset))
             self._perm_epoch = epoch
         return self._perm
@@ -222,8 +227,7 @@ class BatchStream:
             epoch, offset, steps = int(state["epoch"]), int(state["offset"]), int(state["steps"])
         except (KeyError, TypeError, ValueError) as exc:
             raise AtollError(
-                f"batch stream state {state!r} is malformed ({exc!r}): resume from a checkpoint "
-                "written by atoll"
+                f"batch stream state {state!r} is malformed ({exc!r}): resume from a checkpoint written by atoll"
             ) from exc
         if state.get("site") is not None and state["site"] != self.dataset.site:
             raise AtollError(
@@ -241,10 +245,7 @@ class BatchStream:
                 f"{len(self.dataset)}: resume with the same data directory and seq_len"
             )
         if epoch < 0 or steps < 0 or not 0 <= offset < len(self.dataset):
-            raise AtollError(
-                f"batch stream state {state!r} is out of range: resume from a checkpoint "
-                "written by atoll"
-            )
+            raise AtollError(f"batch stream state {state!r} is out of range: resume from a checkpoint written by atoll")
         self.epoch, self.offset, self.steps = epoch, offset, steps
 
 
@@ -264,13 +265,10 @@ def eval_batches(
     used (at most `max_batches`). Raises `AtollError` if the split cannot fill even one.
     """
     if global_batch < 1 or max_batches < 1:
-        raise AtollError(
-            f"eval global_batch ({global_batch}) and max_batches ({max_batches}) must be positive"
-        )
+        raise AtollError(f"eval global_batch ({global_batch}) and max_batches ({max_batches}) must be positive")
     if rank_count < 1 or rank_start < 0 or rank_start + rank_count > global_batch:
         raise AtollError(
-            f"rank slice [{rank_start}, {rank_start + rank_count}) is not inside a global batch "
-            f"of {global_batch}"
+            f"rank slice [{rank_start}, {rank_start + rank_count}) is not inside a global batch of {global_batch}"
         )
     num_batches = min(max_batches, len(dataset) // global_batch)
     if num_batches == 0:

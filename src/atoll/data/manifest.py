@@ -33,6 +33,7 @@ SPLITS = ("train", "validation")
 # How a user re-creates a data directory; every "prepare the data" message ends with it.
 PREPARE_HINT = "re-run data preparation (atoll data prepare DATA.yaml, or atoll.data.prepare_demo_data)"
 
+
 def token_dtype(vocab_size: int) -> str:
     """The shard dtype name for a vocabulary: "uint16" while every id fits, else "uint32"."""
     if vocab_size < 1:
@@ -103,7 +104,12 @@ class Manifest:
         """The JSON object written to `manifest.json` (optional fields only when set)."""
 
         def shard(s: ShardInfo) -> dict[str, Any]:
-            out: dict[str, Any] = {"file": s.file, "sha256": s.sha256, "num_tokens": s.num_tokens, "num_documents": s.num_documents}
+            out: dict[str, Any] = {
+                "file": s.file,
+                "sha256": s.sha256,
+                "num_tokens": s.num_tokens,
+                "num_documents": s.num_documents,
+            }
             if s.sources:
                 out["sources"] = dict(s.sources)
             return out
@@ -224,9 +230,7 @@ class Manifest:
         """
         path = Path(data_dir) / MANIFEST_FILE
         if not path.is_file():
-            raise AtollError(
-                f"no {MANIFEST_FILE} in {data_dir}: prepare the data first ({PREPARE_HINT})"
-            )
+            raise AtollError(f"no {MANIFEST_FILE} in {data_dir}: prepare the data first ({PREPARE_HINT})")
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -254,9 +258,7 @@ class Manifest:
         data_dir = Path(data_dir)
         own_tokenizer = data_dir / self.tokenizer_file
         if not own_tokenizer.is_file():
-            raise AtollError(
-                f"tokenizer {own_tokenizer} is missing: {PREPARE_HINT} into {data_dir}"
-            )
+            raise AtollError(f"tokenizer {own_tokenizer} is missing: {PREPARE_HINT} into {data_dir}")
         own_sha = file_sha256(own_tokenizer)
         if own_sha != self.tokenizer_sha256:
             raise AtollError(
@@ -267,8 +269,7 @@ class Manifest:
             other = Path(tokenizer_path)
             if not other.is_file():
                 raise AtollError(
-                    f"tokenizer {other} does not exist: pass an existing tokenizer.json "
-                    f"or use {own_tokenizer}"
+                    f"tokenizer {other} does not exist: pass an existing tokenizer.json or use {own_tokenizer}"
                 )
             other_sha = file_sha256(other)
             if other_sha != self.tokenizer_sha256:
@@ -282,10 +283,7 @@ class Manifest:
             for shard in split.shards:
                 path = self.shard_path(data_dir, shard)
                 if not path.is_file():
-                    raise AtollError(
-                        f"shard {path} of split {split_name!r} is missing: "
-                        f"{PREPARE_HINT} into {data_dir}"
-                    )
+                    raise AtollError(f"shard {path} of split {split_name!r} is missing: {PREPARE_HINT} into {data_dir}")
                 size = path.stat().st_size
                 expected = shard.num_tokens * itemsize
                 if size != expected:

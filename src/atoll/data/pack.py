@@ -4,8 +4,9 @@ Each document's split comes from a hash of its source and id (so adding document
 moves existing ones across splits), and its site from the placement: by source, by language,
 by a hash in proportion to shares, or every site reads everything. A stream is the documents
 of one (split, group) in the corpus' order, each followed by its end-of-text token, cut into
-shards of `pack.shard_tokens`. Training windows of seq_len + 1 tokens are taken from a shard's
-stream (`atoll.data.loader`), so packing is concatenation with document boundaries marked.
+shards of `pack.shard_tokens` by `atoll.data.shard_writer.ShardWriter`. Training windows of
+seq_len + 1 tokens are taken from a shard's stream (`atoll.data.loader`), so packing is
+concatenation with document boundaries marked.
 
 Resume: every written shard is recorded in `work/pack/shards.jsonl`; a re-run with the same
 fingerprint re-derives the streams (cheap) but skips writing and hashing recorded shards.
@@ -13,26 +14,24 @@ fingerprint re-derives the streams (cheap) but skips writing and hashing recorde
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from atoll.data.config import DataConfig
-from atoll.data.manifest import MANIFEST_FILE, SPLITS, TOKENIZER_FILE, Manifest, ShardInfo, SplitInfo
+from atoll.data.manifest import MANIFEST_FILE, SPLITS, TOKENIZER_FILE, Manifest, SplitInfo
 from atoll.data.progress import StageProgress
 from atoll.data.readers import Unit
+from atoll.data.shard_writer import ALL, ShardRecord, ShardWriter, merge_mixes
 from atoll.data.stages import PIPELINE_VERSION, fingerprint, load_unit_meta, write_json_atomic
 from atoll.errors import AtollError
-
-ALL = ""  # the group of an all-to-all placement
 
 
 @dataclass
@@ -44,77 +43,6 @@ class _Doc:
     split: str
     group: str
     draw: float
-
-
-@dataclass
-class _Writer:
-    """One (split, group) stream being cut into shards."""
-
-    split: str
-    group: str
-    out: Path
-    dtype: np.dtype
-    shard_tokens: int
-    done: dict[str, dict[str, Any]]  # file -> record of shards already written in an earlier run
-    record: Callable[[dict[str, Any]], None]
-    shards: list[ShardInfo] = field(default_factory=list)
-    sources: dict[str, Counter[str]] = field(default_factory=dict)
-    languages: dict[str, Counter[str]] = field(default_factory=dict)
-    written: int = 0
-    skipped: int = 0
-
-    def __post_init__(self) -> None:
-        self._buf = np.empty(self.shard_tokens, dtype=self.dtype)
-        self._fill = 0
-        self._docs: Counter[str] = Counter()
-
-    def add(self, ids: np.ndarray, source: str, lang: str) -> None:
-        for name, mix in ((source, self.sources), (lang, self.languages)):
-            entry = mix.setdefault(name, Counter())
-            entry["documents"] += 1
-            entry["tokens"] += len(ids)
-        pos = 0
-        while pos < len(ids):
-            take = min(len(self._buf) - self._fill, len(ids) - pos)
-            self._buf[self._fill : self._fill + take] = ids[pos : pos + take]
-            self._fill += take
-            pos += take
-            if pos == len(ids):
-                self._docs[source] += 1  # its end-of-text token landed in this shard
-            if self._fill == len(self._buf):
-                self.flush()
-
-    def flush(self) -> None:
-        if not self._fill:
-            return
-        middle = f"_{self.group}" if self.group != ALL else ""
-        name = f"{self.split}{middle}_{len(self.shards):05d}.bin"
-        path = self.out / name
-        prior = self.done.get(name)
-        itemsize = self.dtype.itemsize
-        if prior is not None and prior["num_tokens"] == self._fill and path.is_file() and path.stat().st_size == self._fill * itemsize:
-            info = ShardInfo(file=name, sha256=prior["sha256"], num_tokens=self._fill, num_documents=sum(self._docs.values()), sources=dict(sorted(self._docs.items())))
-            self.skipped += 1
-        else:
-            data = self._buf[: self._fill].tobytes()
-            tmp = path.with_name(name + ".tmp")
-            tmp.write_bytes(data)
-            tmp.replace(path)
-            info = ShardInfo(file=name, sha256=hashlib.sha256(data).hexdigest(), num_tokens=self._fill, num_documents=sum(self._docs.values()), sources=dict(sorted(self._docs.items())))
-            self.record({"file": name, "sha256": info.sha256, "num_tokens": info.num_tokens})
-            self.written += 1
-        self.shards.append(info)
-        self._fill = 0
-        self._docs = Counter()
-
-    def split_info(self) -> SplitInfo:
-        return SplitInfo(
-            num_documents=sum(s.num_documents for s in self.shards),
-            num_tokens=sum(s.num_tokens for s in self.shards),
-            shards=tuple(self.shards),
-            sources=_merge([self.sources]),
-            languages=_merge([self.languages]),
-        )
 
 
 def _assign(cfg: DataConfig, docs: list[_Doc]) -> None:
@@ -133,7 +61,9 @@ def _assign(cfg: DataConfig, docs: list[_Doc]) -> None:
             d.group = site_of[d.source]
         elif placement.mode == "by_language":
             if d.lang not in site_of:
-                raise AtollError(f"document {d.source}/{d.index} has language {d.lang!r}, which placement.assign gives to no site")
+                raise AtollError(
+                    f"document {d.source}/{d.index} has language {d.lang!r}, which placement.assign gives to no site"
+                )
             d.group = site_of[d.lang]
         else:
             acc = 0.0
@@ -214,10 +144,10 @@ def pack_shards(
     _assign(cfg, docs)
 
     records = records_path.open("a", encoding="utf-8")
-    writers: dict[tuple[str, str], _Writer] = {}
+    writers: dict[tuple[str, str], ShardWriter] = {}
     written_total = 0
 
-    def record(rec: dict[str, Any]) -> None:
+    def record(rec: ShardRecord) -> None:
         nonlocal written_total
         records.write(json.dumps(rec) + "\n")
         records.flush()
@@ -225,10 +155,12 @@ def pack_shards(
         if fault is not None:
             fault("pack", written_total)
 
-    def writer(split: str, group: str) -> _Writer:
+    def writer(split: str, group: str) -> ShardWriter:
         key = (split, group)
         if key not in writers:
-            writers[key] = _Writer(split, group, out, dtype, cfg.pack.shard_tokens, done, record)
+            writers[key] = ShardWriter(
+                out, split, group=group, dtype=dtype, shard_tokens=cfg.pack.shard_tokens, done=done, record=record
+            )
         return writers[key]
 
     progress.start("pack", total=len(units))
@@ -242,7 +174,9 @@ def pack_shards(
                 d = docs[cursor]
                 cursor += 1
                 assert d.unit == u.name and d.index == index
-                writer(d.split, d.group).add(tokens[ends[index] - lengths[index] : ends[index]], d.source, d.lang)
+                writer(d.split, d.group).add(
+                    tokens[ends[index] - lengths[index] : ends[index]], source=d.source, lang=d.lang
+                )
             progress.advance()
         for w in writers.values():
             w.flush()
@@ -250,7 +184,10 @@ def pack_shards(
         records.close()
         progress.finish()
 
-    groups = sorted({g for _, g in writers}, key=lambda g: (cfg.placement.site_names().index(g) if g in cfg.placement.site_names() else -1, g))
+    groups = sorted(
+        {g for _, g in writers},
+        key=lambda g: (cfg.placement.site_names().index(g) if g in cfg.placement.site_names() else -1, g),
+    )
     splits: dict[str, SplitInfo] = {}
     for split in SPLITS:
         parts = [writers[(split, g)] for g in groups if (split, g) in writers]
@@ -259,13 +196,16 @@ def pack_shards(
             num_documents=sum(i.num_documents for i in infos),
             num_tokens=sum(i.num_tokens for i in infos),
             shards=tuple(s for i in infos for s in i.shards),
-            sources=_merge([i.sources for i in infos]),
-            languages=_merge([i.languages for i in infos]),
+            sources=merge_mixes([i.sources for i in infos]),
+            languages=merge_mixes([i.languages for i in infos]),
         )
     sites: dict[str, dict[str, tuple[str, ...]]] = {}
     for site in cfg.placement.site_names():
         group = ALL if cfg.placement.mode == "all" else site
-        sites[site] = {split: tuple(s.file for s in writers[(split, group)].shards) if (split, group) in writers else () for split in SPLITS}
+        sites[site] = {
+            split: tuple(s.file for s in writers[(split, group)].shards) if (split, group) in writers else ()
+            for split in SPLITS
+        }
     manifest = Manifest(
         dtype=dtype.name,
         seq_len=cfg.pack.seq_len,
@@ -281,12 +221,3 @@ def pack_shards(
         "skipped": sum(w.skipped for w in writers.values()),
         "seconds": time.perf_counter() - started,
     }
-
-
-def _merge(mixes: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
-    """Sum {name: {"documents": n, "tokens": n}} mixes, names sorted."""
-    total: dict[str, Counter[str]] = {}
-    for mix in mixes:
-        for name, counts in mix.items():
-            total.setdefault(name, Counter()).update(counts)
-    return {k: dict(v) for k, v in sorted(total.items())}

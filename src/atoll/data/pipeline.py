@@ -151,7 +151,15 @@ class _Run:
         path.mkdir(parents=True, exist_ok=True)
         return path
 
-    def run_units(self, stage: str, fn: Callable[[Any], dict[str, Any]], tasks: list[Any], done: list[dict[str, Any]], *, on_result: Callable[[list[dict[str, Any]]], None] | None = None) -> list[dict[str, Any]]:
+    def run_units(
+        self,
+        stage: str,
+        fn: Callable[[Any], dict[str, Any]],
+        tasks: list[Any],
+        done: list[dict[str, Any]],
+        *,
+        on_result: Callable[[list[dict[str, Any]]], None] | None = None,
+    ) -> list[dict[str, Any]]:
         """Run `tasks` (the units not yet done), calling the fault hook after each completes."""
         run = self.stages.setdefault(stage, StageRun())
         run.units_skipped = len(done)
@@ -183,7 +191,12 @@ class _Run:
         out = self.stage_dir("clean")
         specs = {s.name: s for s in cfg.sources}
         near = cfg.dedup.near
-        settings = [PIPELINE_VERSION, cfg.clean.model_dump(mode="json"), cfg.filters.model_dump(mode="json"), near.model_dump(mode="json")]
+        settings = [
+            PIPELINE_VERSION,
+            cfg.clean.model_dump(mode="json"),
+            cfg.filters.model_dump(mode="json"),
+            near.model_dump(mode="json"),
+        ]
         tasks, done = [], []
         for unit in units:
             fp = fingerprint(settings, unit.fingerprint(specs[unit.source]))
@@ -191,7 +204,17 @@ class _Run:
             if stats is not None:
                 done.append(stats)
             else:
-                tasks.append(CleanTask(unit=unit, spec=specs[unit.source], clean=cfg.clean, filters=cfg.filters, near=near, out_dir=str(out), fingerprint=fp))
+                tasks.append(
+                    CleanTask(
+                        unit=unit,
+                        spec=specs[unit.source],
+                        clean=cfg.clean,
+                        filters=cfg.filters,
+                        near=near,
+                        out_dir=str(out),
+                        fingerprint=fp,
+                    )
+                )
         logged = 0
 
         def on_result(results: list[dict[str, Any]]) -> None:
@@ -212,7 +235,9 @@ class _Run:
         cfg = self.cfg
         out = self.stage_dir("dedup")
         clean_dir = self.work / "clean"
-        fp = fingerprint(PIPELINE_VERSION, cfg.dedup.model_dump(mode="json"), [clean_stats[u.name]["fingerprint"] for u in units])
+        fp = fingerprint(
+            PIPELINE_VERSION, cfg.dedup.model_dump(mode="json"), [clean_stats[u.name]["fingerprint"] for u in units]
+        )
         result = read_done(out / "result.json", fp)
         run = self.stages.setdefault("dedup", StageRun())
         if result is not None:
@@ -267,11 +292,18 @@ class _Run:
             return {"id": ids[row], "unit": unit_name, "start": " ".join(texts[row][:120].split())}
 
         return [
-            {"kind": outcome.removed[p], "similarity": round(outcome.similarity[p], 3), "removed": doc(p), "kept": doc(outcome.matches[p])}
+            {
+                "kind": outcome.removed[p],
+                "similarity": round(outcome.similarity[p], 3),
+                "removed": doc(p),
+                "kept": doc(outcome.matches[p]),
+            }
             for p in chosen
         ]
 
-    def tokenizer(self, units: list[Unit], clean_stats: dict[str, dict[str, Any]], dedup: dict[str, Any]) -> tuple[Path, str, int]:
+    def tokenizer(
+        self, units: list[Unit], clean_stats: dict[str, dict[str, Any]], dedup: dict[str, Any]
+    ) -> tuple[Path, str, int]:
         """(path, sha256, manifest vocab size) of the tokenizer the shards are encoded with.
 
         A given tokenizer is copied and its own vocabulary size recorded. Otherwise a BPE is
@@ -291,7 +323,13 @@ class _Run:
                 shutil.copyfile(cfg.tokenizer.path, path)
             run.units_done = 1
             return path, given_sha, tokenizer.get_vocab_size()
-        fp = fingerprint(PIPELINE_VERSION, cfg.tokenizer.model_dump(mode="json"), cfg.split.model_dump(mode="json"), cfg.seed, dedup["fingerprint"])
+        fp = fingerprint(
+            PIPELINE_VERSION,
+            cfg.tokenizer.model_dump(mode="json"),
+            cfg.split.model_dump(mode="json"),
+            cfg.seed,
+            dedup["fingerprint"],
+        )
         done = read_done(out / "done.json", fp)
         if done is not None and path.is_file() and file_sha256(path) == done["sha256"]:
             run.units_skipped = 1
@@ -325,11 +363,21 @@ class _Run:
         run.seconds = self.timing["tokenizer"] = time.perf_counter() - started
         return path, sha, cfg.tokenizer.vocab_size
 
-    def tokenize(self, units: list[Unit], clean_stats: dict[str, dict[str, Any]], dedup: dict[str, Any], tokenizer_path: Path, tokenizer_sha: str, dtype: str) -> dict[str, dict[str, Any]]:
+    def tokenize(
+        self,
+        units: list[Unit],
+        clean_stats: dict[str, dict[str, Any]],
+        dedup: dict[str, Any],
+        tokenizer_path: Path,
+        tokenizer_sha: str,
+        dtype: str,
+    ) -> dict[str, dict[str, Any]]:
         out = self.stage_dir("tokenize")
         tasks, done = [], []
         for unit in units:
-            fp = fingerprint(PIPELINE_VERSION, tokenizer_sha, dedup["fingerprint"], clean_stats[unit.name]["fingerprint"], dtype)
+            fp = fingerprint(
+                PIPELINE_VERSION, tokenizer_sha, dedup["fingerprint"], clean_stats[unit.name]["fingerprint"], dtype
+            )
             stats = read_done(out / f"{unit.name}.json", fp)
             if stats is not None:
                 done.append(stats)
@@ -395,10 +443,23 @@ def prepare(cfg: DataConfig, *, progress: StageProgress | None = None, fault: Fa
         )
     finally:
         run.executor.close()
-    run.stages["pack"] = StageRun(units_done=pack_stats["written"], units_skipped=pack_stats["skipped"], seconds=pack_stats["seconds"])
+    run.stages["pack"] = StageRun(
+        units_done=pack_stats["written"], units_skipped=pack_stats["skipped"], seconds=pack_stats["seconds"]
+    )
     run.timing["pack"] = pack_stats["seconds"]
-    report = build_report(cfg, units=units, clean_stats=clean_stats, dedup=dedup, token_stats=token_stats, manifest=manifest, timing=run.timing, total_seconds=time.perf_counter() - started)
+    report = build_report(
+        cfg,
+        units=units,
+        clean_stats=clean_stats,
+        dedup=dedup,
+        token_stats=token_stats,
+        manifest=manifest,
+        timing=run.timing,
+        total_seconds=time.perf_counter() - started,
+    )
     write_report(cfg.output, report)
     write_manifest(cfg.output, manifest)
-    logger.info("prepared %s: %s", cfg.output, ", ".join(f"{n} {s.num_tokens:,} tokens" for n, s in manifest.splits.items()))
+    logger.info(
+        "prepared %s: %s", cfg.output, ", ".join(f"{n} {s.num_tokens:,} tokens" for n, s in manifest.splits.items())
+    )
     return PrepareResult(manifest=manifest, report=report, stages=run.stages)

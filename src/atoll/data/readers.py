@@ -122,7 +122,9 @@ def plan_units(cfg: DataConfig) -> list[Unit]:
     sorted). Raises `AtollError` for a missing path or a pattern that matches nothing."""
     units: list[Unit] = []
 
-    def add(source: str, files: tuple[tuple[str, int, int], ...] = (), rows: tuple[int, int] | None = None, size: int = 0) -> None:
+    def add(
+        source: str, files: tuple[tuple[str, int, int], ...] = (), rows: tuple[int, int] | None = None, size: int = 0
+    ) -> None:
         units.append(Unit(index=len(units), source=source, files=files, rows=rows, input_bytes=size))
 
     for spec in cfg.sources:
@@ -241,7 +243,9 @@ def _read_parquet(spec: ParquetSource, unit: Unit, errors: ReadErrors) -> Iterat
     path = Path(unit.files[0][0])
     try:
         pf = pq.ParquetFile(path)
-        columns = [spec.text_field] + ([spec.id_field] if spec.id_field and spec.id_field in pf.schema_arrow.names else [])
+        columns = [spec.text_field] + (
+            [spec.id_field] if spec.id_field and spec.id_field in pf.schema_arrow.names else []
+        )
         if spec.text_field not in pf.schema_arrow.names:
             errors.add(path.name, f"no column {spec.text_field!r} (columns: {', '.join(pf.schema_arrow.names)})")
             return
@@ -254,7 +258,9 @@ def _read_parquet(spec: ParquetSource, unit: Unit, errors: ReadErrors) -> Iterat
                     errors.add(f"{path.name}:{row + i}", "text is not a string")
                     continue
                 doc_id = ids[i] if ids is not None else None
-                yield RawDocument(id=str(doc_id) if doc_id is not None else f"{path.name}:{row + i}", text=text, name=path.name)
+                yield RawDocument(
+                    id=str(doc_id) if doc_id is not None else f"{path.name}:{row + i}", text=text, name=path.name
+                )
             row += batch.num_rows
     except Exception as exc:  # pyarrow raises ArrowInvalid/OSError for a damaged file
         errors.add(path.name, f"unreadable parquet ({exc})")
@@ -278,10 +284,15 @@ def load_hf(spec: HfSource) -> Any:
         raise AtollError(f"source {spec.name}: cannot load {spec.mode} dataset {spec.path!r} ({exc})") from exc
     if isinstance(loaded, datasets.DatasetDict):
         if spec.split not in loaded:
-            raise AtollError(f"source {spec.name}: dataset {spec.path} has no split {spec.split!r}: use one of {', '.join(loaded)}")
+            raise AtollError(
+                f"source {spec.name}: dataset {spec.path} has no split {spec.split!r}: use one of {', '.join(loaded)}"
+            )
         loaded = loaded[spec.split]
     if spec.text_field not in loaded.column_names:
-        raise AtollError(f"source {spec.name}: dataset {spec.path} has no column {spec.text_field!r} (columns: {', '.join(loaded.column_names)})")
+        raise AtollError(
+            f"source {spec.name}: dataset {spec.path} has no column {spec.text_field!r} (columns: "
+            f"{', '.join(loaded.column_names)})"
+        )
     return loaded
 
 

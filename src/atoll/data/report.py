@@ -29,7 +29,10 @@ def _mb(num_bytes: int) -> float:
 
 def output_section(manifest: Manifest) -> dict[str, Any]:
     """Tokens, documents and shards per split and per site, from a manifest alone."""
-    splits = {name: {"documents": s.num_documents, "tokens": s.num_tokens, "shards": len(s.shards)} for name, s in manifest.splits.items()}
+    splits = {
+        name: {"documents": s.num_documents, "tokens": s.num_tokens, "shards": len(s.shards)}
+        for name, s in manifest.splits.items()
+    }
     sites: dict[str, dict[str, int]] = {}
     for site in manifest.sites:
         sites[site] = {name: sum(s.num_tokens for s in manifest.site_shards(name, site)) for name in manifest.splits}
@@ -41,7 +44,15 @@ def output_section(manifest: Manifest) -> dict[str, Any]:
     for name, split in manifest.splits.items():
         for lang, mix in split.languages.items():
             languages.setdefault(lang, {})[name] = mix.get("tokens", 0)
-    return {"splits": splits, "sites": sites, "sources": sources, "languages": languages, "placement": manifest.placement, "vocab_size": manifest.vocab_size, "dtype": manifest.dtype}
+    return {
+        "splits": splits,
+        "sites": sites,
+        "sources": sources,
+        "languages": languages,
+        "placement": manifest.placement,
+        "vocab_size": manifest.vocab_size,
+        "dtype": manifest.dtype,
+    }
 
 
 def build_report(
@@ -90,13 +101,40 @@ def build_report(
             "mb": _mb(sum(c["bytes"] for c in by_source.values())),
             "errors": sum(c["errors"] for c in by_source.values()),
             "error_samples": samples[:10],
-            "by_source": {name: {"documents": c["documents"], "mb": _mb(c["bytes"]), "errors": c["errors"], "kept_after_filters": c["kept"]} for name, c in by_source.items()},
+            "by_source": {
+                name: {
+                    "documents": c["documents"],
+                    "mb": _mb(c["bytes"]),
+                    "errors": c["errors"],
+                    "kept_after_filters": c["kept"],
+                }
+                for name, c in by_source.items()
+            },
         },
-        "cleaning": {"pii_replaced": dict(sorted(pii.items())), "lines_removed": dict(sorted(lines.items())), "languages_seen": dict(languages.most_common())},
-        "filters": {reason: {"documents": c["documents"], "mb": _mb(c["bytes"])} for reason, c in sorted(removed.items(), key=lambda kv: -kv[1]["documents"])},
-        "dedup": {"documents_in": dedup["documents"], "exact": dedup["exact"], "near": dedup["near"], "kept": dedup["documents"] - dedup_removed_docs, "threshold": cfg.dedup.near.threshold, "examples": dedup["examples"]},
+        "cleaning": {
+            "pii_replaced": dict(sorted(pii.items())),
+            "lines_removed": dict(sorted(lines.items())),
+            "languages_seen": dict(languages.most_common()),
+        },
+        "filters": {
+            reason: {"documents": c["documents"], "mb": _mb(c["bytes"])}
+            for reason, c in sorted(removed.items(), key=lambda kv: -kv[1]["documents"])
+        },
+        "dedup": {
+            "documents_in": dedup["documents"],
+            "exact": dedup["exact"],
+            "near": dedup["near"],
+            "kept": dedup["documents"] - dedup_removed_docs,
+            "threshold": cfg.dedup.near.threshold,
+            "examples": dedup["examples"],
+        },
         "output": output_section(manifest),
-        "timing": {"stages_seconds": {k: round(v, 3) for k, v in timing.items()}, "cpu_seconds": {k: round(v, 3) for k, v in sorted(cpu.items())}, "total_seconds": round(total_seconds, 3), "workers": cfg.workers},
+        "timing": {
+            "stages_seconds": {k: round(v, 3) for k, v in timing.items()},
+            "cpu_seconds": {k: round(v, 3) for k, v in sorted(cpu.items())},
+            "total_seconds": round(total_seconds, 3),
+            "workers": cfg.workers,
+        },
     }
 
 
@@ -120,12 +158,17 @@ def report_tables(report: dict[str, Any]) -> list[Table]:
     tables: list[Table] = []
     inputs = report.get("inputs")
     if inputs:
-        rows = [[name, f"{c['documents']:,}", f"{c['mb']:.2f}", f"{c['errors']:,}", f"{c['kept_after_filters']:,}"] for name, c in inputs["by_source"].items()]
+        rows = [
+            [name, f"{c['documents']:,}", f"{c['mb']:.2f}", f"{c['errors']:,}", f"{c['kept_after_filters']:,}"]
+            for name, c in inputs["by_source"].items()
+        ]
         rows.append(["total", f"{inputs['documents']:,}", f"{inputs['mb']:.2f}", f"{inputs['errors']:,}", ""])
         tables.append(("Input", ["source", "documents", "MB", "unreadable", "kept by filters"], rows))
     filters = report.get("filters")
     if filters is not None:
-        rows = [[reason, f"{c['documents']:,}", f"{c['mb']:.2f}"] for reason, c in filters.items()] or [["(none)", "0", "0"]]
+        rows = [[reason, f"{c['documents']:,}", f"{c['mb']:.2f}"] for reason, c in filters.items()] or [
+            ["(none)", "0", "0"]
+        ]
         tables.append(("Removed by filters", ["filter", "documents", "MB"], rows))
     cleaning = report.get("cleaning")
     if cleaning:
@@ -135,14 +178,23 @@ def report_tables(report: dict[str, Any]) -> list[Table]:
         tables.append(("Cleaning (replacements, lines dropped, documents by language)", ["what", "count"], rows))
     dedup = report.get("dedup")
     if dedup:
-        rows = [["documents in", f"{dedup['documents_in']:,}"], ["exact duplicates", f"{dedup['exact']:,}"], [f"near duplicates (Jaccard >= {dedup['threshold']})", f"{dedup['near']:,}"], ["kept", f"{dedup['kept']:,}"]]
+        rows = [
+            ["documents in", f"{dedup['documents_in']:,}"],
+            ["exact duplicates", f"{dedup['exact']:,}"],
+            [f"near duplicates (Jaccard >= {dedup['threshold']})", f"{dedup['near']:,}"],
+            ["kept", f"{dedup['kept']:,}"],
+        ]
         tables.append(("Deduplication", ["", "documents"], rows))
         if dedup["examples"]:
-            rows = [[e["kind"], f"{e['similarity']:.2f}", e["removed"]["id"], e["kept"]["id"]] for e in dedup["examples"]]
+            rows = [
+                [e["kind"], f"{e['similarity']:.2f}", e["removed"]["id"], e["kept"]["id"]] for e in dedup["examples"]
+            ]
             tables.append(("Duplicate examples", ["kind", "similarity", "removed", "kept (earlier)"], rows))
     out = report["output"]
     rows = [[name, f"{s['documents']:,}", f"{s['tokens']:,}", f"{s['shards']:,}"] for name, s in out["splits"].items()]
-    tables.append((f"Output (vocab {out['vocab_size']:,}, {out['dtype']})", ["split", "documents", "tokens", "shards"], rows))
+    tables.append(
+        (f"Output (vocab {out['vocab_size']:,}, {out['dtype']})", ["split", "documents", "tokens", "shards"], rows)
+    )
     if out["sites"]:
         names = list(out["splits"])
         rows = [[site, *[f"{tokens.get(n, 0):,}" for n in names]] for site, tokens in out["sites"].items()]
@@ -153,8 +205,16 @@ def report_tables(report: dict[str, Any]) -> list[Table]:
         tables.append(("Tokens per source", ["source", *names], rows))
     timing = report.get("timing")
     if timing:
-        rows = [[k, f"{v:.2f}"] for k, v in timing["stages_seconds"].items()] + [["total", f"{timing['total_seconds']:.2f}"]]
-        tables.append((f"Wall time this run, seconds ({timing['workers']} workers; resumed stages take ~0)", ["stage", "seconds"], rows))
+        rows = [[k, f"{v:.2f}"] for k, v in timing["stages_seconds"].items()] + [
+            ["total", f"{timing['total_seconds']:.2f}"]
+        ]
+        tables.append(
+            (
+                f"Wall time this run, seconds ({timing['workers']} workers; resumed stages take ~0)",
+                ["stage", "seconds"],
+                rows,
+            )
+        )
     return tables
 
 

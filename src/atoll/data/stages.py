@@ -58,7 +58,9 @@ def read_done(path: Path, fingerprint: str) -> dict[str, Any] | None:
     return stats if stats.get("fingerprint") == fingerprint else None
 
 
-def write_unit_docs(out: Path, name: str, *, ids: list[str], langs: list[str], texts: list[str], hashes: list[bytes], sigs: np.ndarray) -> None:
+def write_unit_docs(
+    out: Path, name: str, *, ids: list[str], langs: list[str], texts: list[str], hashes: list[bytes], sigs: np.ndarray
+) -> None:
     """Store a unit's kept documents: `<name>.txt.zst` (the UTF-8 texts end to end, zstd),
     `<name>.npz` (text offsets, 16-byte content hashes, MinHash signatures) and
     `<name>.meta.json` (ids and languages). Plain formats that any process reads quickly."""
@@ -70,7 +72,9 @@ def write_unit_docs(out: Path, name: str, *, ids: list[str], langs: list[str], t
     blob = zstandard.ZstdCompressor(level=3).compress(b"".join(encoded))
     _write_bytes_atomic(out / f"{name}.txt.zst", blob)
     buf = io.BytesIO()
-    np.savez(buf, offsets=offsets, hashes=np.frombuffer(b"".join(hashes), dtype=np.uint8).reshape(len(hashes), 16), sigs=sigs)
+    np.savez(
+        buf, offsets=offsets, hashes=np.frombuffer(b"".join(hashes), dtype=np.uint8).reshape(len(hashes), 16), sigs=sigs
+    )
     _write_bytes_atomic(out / f"{name}.npz", buf.getvalue())
     write_json_atomic(out / f"{name}.meta.json", {"ids": ids, "langs": langs})
 
@@ -233,12 +237,10 @@ def _load(path: str) -> tuple[Any, Any]:
     return _TOKENIZERS[path]
 
 
-def _tokenizer(path: str) -> Any:
-    return _load(path)[0]
-
-
-def _fast_encoder(path: str) -> Any:
-    return _load(path)[1]
+def cached_encoders(path: str) -> tuple[Any, Any]:
+    """The tokenizer at `path` and its fast encoder (None when it cannot reproduce it), loaded
+    once per worker process: what the tokenize stage encodes with (the data benchmark too)."""
+    return _load(path)
 
 
 def _encode_ids(tokenizer: Any, fast: Any, texts: list[str]) -> tuple[list[list[int]], Any]:
@@ -250,11 +252,15 @@ def _encode_ids(tokenizer: Any, fast: Any, texts: list[str]) -> tuple[list[list[
         reference = tokenizer.encode_batch_fast([texts[i] for i in sample])
         if all(ids[i] == ref.ids for i, ref in zip(sample, reference)):
             return ids, fast
-        logger.warning("the fast BPE encoder disagreed with tokenizers on a document: encoding with tokenizers from here on")
+        logger.warning(
+            "the fast BPE encoder disagreed with tokenizers on a document: encoding with tokenizers from here on"
+        )
     return [e.ids for e in tokenizer.encode_batch_fast(texts)], None
 
 
-def encode_texts(tokenizer: Any, texts: list[str], *, eos_id: int, dtype: str, fast: Any = None) -> tuple[np.ndarray, np.ndarray]:
+def encode_texts(
+    tokenizer: Any, texts: list[str], *, eos_id: int, dtype: str, fast: Any = None
+) -> tuple[np.ndarray, np.ndarray]:
     """(token stream, tokens per document): each text's ids followed by `eos_id`, end to end.
 
     `fast` (`atoll.data.tokenizer.fast_encoder`) encodes in its place, checked against
@@ -282,14 +288,14 @@ def tokenize_unit(task: TokenizeTask) -> dict[str, Any]:
     from atoll.data.tokenizer import EOS_TOKEN, token_id
 
     t0 = time.perf_counter()
-    tokenizer = _tokenizer(task.tokenizer_path)
+    tokenizer, fast = cached_encoders(task.tokenizer_path)
     eos = token_id(tokenizer, EOS_TOKEN)
     texts = load_unit_texts(Path(task.clean_dir), task.unit_name)
     removed = set(task.removed_rows)
     rows = np.array([i for i in range(len(texts)) if i not in removed], dtype=np.int64)
     kept = [texts[i] for i in rows]
     t1 = time.perf_counter()
-    stream, lengths = encode_texts(tokenizer, kept, eos_id=eos, dtype=task.dtype, fast=_fast_encoder(task.tokenizer_path))
+    stream, lengths = encode_texts(tokenizer, kept, eos_id=eos, dtype=task.dtype, fast=fast)
     t2 = time.perf_counter()
     out = Path(task.out_dir)
     with (out / f"{task.unit_name}.npz.tmp").open("wb") as f:

@@ -69,8 +69,7 @@ def token_id(tokenizer: Tokenizer, token: str) -> int:
     found = tokenizer.token_to_id(token)
     if found is None:
         raise AtollError(
-            f"tokenizer has no {token!r} token: use a tokenizer trained by atoll "
-            "(atoll.data.tokenizer.train_bpe)"
+            f"tokenizer has no {token!r} token: use a tokenizer trained by atoll (atoll.data.tokenizer.train_bpe)"
         )
     return found
 
@@ -93,8 +92,7 @@ def load_tokenizer(path: Path | str) -> Tokenizer:
     for token in SPECIAL_TOKENS:
         if tokenizer.token_to_id(token) is None:
             raise AtollError(
-                f"tokenizer file {path} has no {token!r} token: "
-                "use a tokenizer trained by atoll's data preparation"
+                f"tokenizer file {path} has no {token!r} token: use a tokenizer trained by atoll's data preparation"
             )
     return tokenizer
 
@@ -153,9 +151,20 @@ def fast_encoder(tokenizer: Tokenizer) -> FastEncoder | None:
         return None
     spec = json.loads(tokenizer.to_str())
     pre, model = spec.get("pre_tokenizer") or {}, spec.get("model") or {}
-    if spec.get("normalizer") is not None or pre.get("type") != "ByteLevel" or pre.get("add_prefix_space") or not pre.get("use_regex", True):
+    if (
+        spec.get("normalizer") is not None
+        or pre.get("type") != "ByteLevel"
+        or pre.get("add_prefix_space")
+        or not pre.get("use_regex", True)
+    ):
         return None
-    if model.get("type") != "BPE" or model.get("dropout") or model.get("unk_token") is not None or model.get("byte_fallback") or model.get("ignore_merges"):
+    if (
+        model.get("type") != "BPE"
+        or model.get("dropout")
+        or model.get("unk_token") is not None
+        or model.get("byte_fallback")
+        or model.get("ignore_merges")
+    ):
         return None
     if model.get("continuing_subword_prefix") or model.get("end_of_word_suffix"):
         return None
@@ -182,7 +191,9 @@ def fast_encoder(tokenizer: Tokenizer) -> FastEncoder | None:
     if len(ranks) + len(specials) != len(vocab) or any(bytes([b]) not in ranks for b in range(NUM_BYTES)):
         return None
     try:
-        encoding = tiktoken.Encoding("atoll-bpe", pat_str=_BYTE_LEVEL_PATTERN, mergeable_ranks=ranks, special_tokens=specials)
+        encoding = tiktoken.Encoding(
+            "atoll-bpe", pat_str=_BYTE_LEVEL_PATTERN, mergeable_ranks=ranks, special_tokens=specials
+        )
     except ValueError:
         return None
     fast = FastEncoder(encoding, set(specials))

@@ -12,8 +12,8 @@ import torch
 from atoll.errors import AtollError
 from atoll.eval.heldout import load_heldout, overlap, training_hashes
 from atoll.eval.perplexity import encode_heldout, score
-from atoll.finetune.stage import classify_stage, load_stage_model, model_config_of, stage_record
-from atoll.finetune.text import load_text_codec
+from atoll.rundir.lineage import classify_stage, model_config_of, stage_record
+from atoll.rundir.load import load_stage
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,8 @@ def evaluate_stages(
             found = overlap(s, trained)
             if found and not allow_overlap:
                 raise AtollError(
-                    f"held-out set {s.name!r} ({s.source}): {found} of its {len(s.examples)} documents were trained on by {run} or its ancestors; "
+                    f"held-out set {s.name!r} ({s.source}): {found} of its {len(s.examples)} documents "
+                    f"were trained on by {run} or its ancestors; "
                     "evaluate on text none of them saw (or pass --allow-overlap to measure anyway)"
                 )
             if found:
@@ -62,22 +63,33 @@ def evaluate_stages(
         "command": command,
         "seq_len": seq,
         "max_tokens": max_tokens,
-        "sets": {s.name: {"source": s.source, "documents": len(s.examples), "overlap_checked_against": checked[s.name]} for s in sets},
+        "sets": {
+            s.name: {"source": s.source, "documents": len(s.examples), "overlap_checked_against": checked[s.name]}
+            for s in sets
+        },
         "stages": [],
     }
     for run in runs:
-        codec = load_text_codec(run)
-        model = load_stage_model(run, device=device)
+        model, tokenizer = load_stage(run, device=device)
         full = stage_record(run)
-        rec: dict[str, Any] = {k: full.get(k) for k in ("stage", "method", "parent", "trainable_params", "tokens", "steps", "path")}
+        rec: dict[str, Any] = {
+            k: full.get(k) for k in ("stage", "method", "parent", "trainable_params", "tokens", "steps", "path")
+        }
         rec.update(ppl={}, loss={}, scored_tokens={})
         for s in sets:
-            tokens, mask = encode_heldout(s.examples, codec, seq_len=seq, max_tokens=max_tokens)
+            tokens, mask = encode_heldout(s.examples, tokenizer, seq_len=seq, max_tokens=max_tokens)
             result = score(model, tokens, mask, num_documents=len(s.examples), batch_size=batch_size)
             rec["ppl"][s.name] = result.ppl
             rec["loss"][s.name] = result.loss
             rec["scored_tokens"][s.name] = result.tokens
-            log.info("%s on %s: loss %.4f, perplexity %.2f (%d tokens)", rec["stage"], s.name, result.loss, result.ppl, result.tokens)
+            log.info(
+                "%s on %s: loss %.4f, perplexity %.2f (%d tokens)",
+                rec["stage"],
+                s.name,
+                result.loss,
+                result.ppl,
+                result.tokens,
+            )
         results["stages"].append(rec)
         del model
         gc.collect()

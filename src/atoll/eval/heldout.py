@@ -22,11 +22,12 @@ from pathlib import Path
 import numpy as np
 
 from atoll.data import EOS_TOKEN, Manifest, load_tokenizer
-from atoll.data.manifest import numpy_dtype
+from atoll.data.manifest import MANIFEST_FILE, numpy_dtype
 from atoll.errors import AtollError
 from atoll.finetune.config import FinetuneDataSection
-from atoll.finetune.data import DATA_DIR, HELDOUT_JSONL, Example, content_hash, read_examples, read_hashes, read_heldout
-from atoll.finetune.stage import Stage, classify_stage, parent_of, run_config
+from atoll.finetune.data import HELDOUT_JSONL, Example, content_hash, read_examples, read_hashes, read_heldout
+from atoll.rundir.layout import DATA_DIR, read_run_config
+from atoll.rundir.lineage import Stage, classify_stage, parent_of
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +63,11 @@ def shard_documents(data_dir: Path, split: str) -> list[str]:
         raise AtollError(f"{data_dir} has no {split!r} split")
     shards = manifest.splits[split].shards
     dtype = numpy_dtype(manifest.dtype)
-    ids = np.concatenate([np.fromfile(manifest.shard_path(data_dir, s), dtype=dtype) for s in shards]) if shards else np.empty(0, dtype=dtype)
+    ids = (
+        np.concatenate([np.fromfile(manifest.shard_path(data_dir, s), dtype=dtype) for s in shards])
+        if shards
+        else np.empty(0, dtype=dtype)
+    )
     tokenizer = load_tokenizer(data_dir / manifest.tokenizer_file)
     eos = tokenizer.token_to_id(EOS_TOKEN)
     bounds = np.flatnonzero(ids == eos).tolist()
@@ -78,9 +83,11 @@ def shard_documents(data_dir: Path, split: str) -> list[str]:
 
 def load_heldout(name: str, path: Path) -> HeldoutSet:
     """The held-out set at `path` (see the module docstring). Raises AtollError."""
-    if path.is_dir() and (path / "manifest.json").is_file():
+    if path.is_dir() and (path / MANIFEST_FILE).is_file():
         docs = shard_documents(path, "validation")
-        return HeldoutSet(name, f"{path} (validation split)", [Example(id=f"validation:{i}", text=d) for i, d in enumerate(docs)])
+        return HeldoutSet(
+            name, f"{path} (validation split)", [Example(id=f"validation:{i}", text=d) for i, d in enumerate(docs)]
+        )
     if path.is_dir() and (path / DATA_DIR / HELDOUT_JSONL).is_file():
         return HeldoutSet(name, f"{path} (held out by the stage)", read_heldout(path / DATA_DIR / HELDOUT_JSONL))
     if path.is_file() and path.name.endswith((".jsonl", ".jsonl.gz")):
@@ -104,7 +111,7 @@ _PRETRAIN_CACHE: dict[tuple[str, float], set[str]] = {}
 
 
 def _pretrain_hashes(data_dir: Path) -> set[str] | None:
-    manifest_path = data_dir / "manifest.json"
+    manifest_path = data_dir / MANIFEST_FILE
     if not manifest_path.is_file():
         return None
     key = (str(manifest_path.resolve()), manifest_path.stat().st_mtime)
@@ -125,7 +132,7 @@ def training_hashes(path: Path) -> TrainingHashes:
             out.hashes |= read_hashes(stage.path / DATA_DIR, "train")
             out.checked.append(str(stage.path))
         elif stage.kind == "pretrain":
-            data_dir = Path(run_config(stage.path).get("data", {}).get("dir", ""))
+            data_dir = Path(read_run_config(stage.path).get("data", {}).get("dir", ""))
             found = _pretrain_hashes(data_dir)
             if found is None:
                 out.unknown.append(f"{stage.path} (data {data_dir} missing or too large to hash)")

@@ -17,8 +17,8 @@ from torch import nn
 
 from atoll.errors import AtollError
 from atoll.finetune.data import Example, encode_instruct, encode_text
-from atoll.finetune.loss import masked_loss_sum
-from atoll.finetune.text import TextCodec
+from atoll.model.loss import masked_loss_sum
+from atoll.rundir.tokenizer import TextTokenizer
 
 
 @dataclass(frozen=True)
@@ -29,15 +29,17 @@ class SetScore:
     documents: int
 
 
-def encode_heldout(examples: list[Example], codec: TextCodec, *, seq_len: int, max_tokens: int, prompt_format: str = "chat") -> tuple[np.ndarray, np.ndarray]:
+def encode_heldout(
+    examples: list[Example], tokenizer: TextTokenizer, *, seq_len: int, max_tokens: int, prompt_format: str = "chat"
+) -> tuple[np.ndarray, np.ndarray]:
     """Token windows and loss masks of a held-out set, cut to the first `max_tokens` targets."""
     parts = []
     text = [e for e in examples if not e.is_instruct]
     instruct = [e for e in examples if e.is_instruct]
     if text:
-        parts.append(encode_text(text, codec, seq_len=seq_len))
+        parts.append(encode_text(text, tokenizer, seq_len=seq_len))
     if instruct:
-        tokens, mask, _ = encode_instruct(instruct, codec, seq_len=seq_len, prompt_format=prompt_format)
+        tokens, mask, _ = encode_instruct(instruct, tokenizer, seq_len=seq_len, prompt_format=prompt_format)
         parts.append((tokens, mask))
     if not parts:
         raise AtollError("the held-out set is empty")
@@ -54,7 +56,9 @@ def encode_heldout(examples: list[Example], codec: TextCodec, *, seq_len: int, m
 
 
 @torch.no_grad()
-def score(model: nn.Module, tokens: np.ndarray, mask: np.ndarray, *, num_documents: int, batch_size: int = 8) -> SetScore:
+def score(
+    model: nn.Module, tokens: np.ndarray, mask: np.ndarray, *, num_documents: int, batch_size: int = 8
+) -> SetScore:
     """Mean masked loss of `model` (eval mode, on its device) over the windows."""
     device = next(model.parameters()).device
     total, count = 0.0, 0

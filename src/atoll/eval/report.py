@@ -27,11 +27,18 @@ def results_table(results: dict[str, Any]) -> Table:
 
 def markdown_table(results: dict[str, Any]) -> str:
     sets = list(results["sets"])
-    lines = ["| stage | method | trainable params | " + " | ".join(f"ppl {s}" for s in sets) + " |", "|" + "---|" * (3 + len(sets))]
+    lines = [
+        "| stage | method | trainable params | " + " | ".join(f"ppl {s}" for s in sets) + " |",
+        "|" + "---|" * (3 + len(sets)),
+    ]
     for rec in results["stages"]:
         trainable = rec.get("trainable_params")
         cells = " | ".join(f"{rec['ppl'][s]:.2f}" for s in sets)
-        lines.append(f"| {rec['stage']} | {rec['method']} | {trainable:,} | {cells} |" if isinstance(trainable, int) else f"| {rec['stage']} | {rec['method']} | - | {cells} |")
+        lines.append(
+            f"| {rec['stage']} | {rec['method']} | {trainable:,} | {cells} |"
+            if isinstance(trainable, int)
+            else f"| {rec['stage']} | {rec['method']} | - | {cells} |"
+        )
     return "\n".join(lines) + "\n"
 
 

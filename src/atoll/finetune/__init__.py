@@ -1,10 +1,9 @@
 """Adapting a model to a domain: LoRA (PEFT) and full fine-tuning in chains of stages.
 
 `config` is FINETUNE.yaml; `data` turns documents or prompt/response pairs into masked token
-windows; `setup` prepares a stage's run directory and lineage; `loop` trains it (one site or
-several); `stage` reads any stage (Hugging Face directory, pre-training run, fine-tuning run)
-and its lineage, and gives its weights with adapters merged; `lora` converts adapters to and
-from PEFT's format on Hugging Face names; `merge` writes a stage as a plain Hugging Face model;
-`text` is a stage's tokenizer and chat template. `commands` adds `atoll finetune`, `atoll
-lineage` and `atoll merge`.
+windows; `setup` prepares a stage's run directory and lineage; `trainer` trains it (one site
+or several); `lora` wraps a model with PEFT adapters for training. What a stage's directory
+holds (lineage, tokenizer and chat template, adapters in PEFT's format, merged weights) is
+`atoll.rundir`'s; `atoll.export.merge_stage` writes a stage as a plain Hugging Face model.
+`commands` adds `atoll finetune`, `atoll lineage` and `atoll merge`.
 """

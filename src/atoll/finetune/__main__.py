@@ -7,4 +7,4 @@ What `atoll finetune --nproc N`, the multi-site launcher or torchrun start, e.g.
 from atoll.finetune.commands import worker_main
 
 if __name__ == "__main__":
-    worker_main()
+    raise SystemExit(worker_main())

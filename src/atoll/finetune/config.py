@@ -22,43 +22,99 @@ class LoraSection(Section):
     alpha: float = Field(16.0, gt=0, description="lora_alpha: the update is scaled by alpha / rank.")
     dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the adapter's input during training.")
     target_modules: list[LoraModule] = Field(
-        list(LORA_MODULES), min_length=1, description="Linear layers that get adapters (attention q/k/v/o, MLP gate/up/down)."
+        list(LORA_MODULES),
+        min_length=1,
+        description="Linear layers that get adapters (attention q/k/v/o, MLP gate/up/down).",
     )
 
 
 class FinetuneSection(Section):
     parent: Path = Field(
         ...,
-        description="The stage to start from: an atoll run (pre-training or an earlier fine-tuning stage) or a Hugging Face directory (Llama/Qwen2).",
+        description=(
+            "The stage to start from: an atoll run (pre-training or an earlier fine-tuning stage) "
+            "or a Hugging Face directory (Llama/Qwen2)."
+        ),
     )
-    method: Literal["lora", "full"] = Field("lora", description="`lora`: train adapters (PEFT) on a frozen parent; `full`: train every weight.")
+    method: Literal["lora", "full"] = Field(
+        "lora", description="`lora`: train adapters (PEFT) on a frozen parent; `full`: train every weight."
+    )
     lora: LoraSection = Field(default_factory=LoraSection)
-    chat_template: Path | None = Field(None, description="A Jinja chat template for this stage (default: the parent's, else atoll's).")
+    chat_template: Path | None = Field(
+        None, description="A Jinja chat template for this stage (default: the parent's, else atoll's)."
+    )
+
+    def ignored_keys(self, path: str) -> list[str]:
+        return self._unread(path, setting="method", readers={"lora": ("lora",)})
+
+
+# Data keys that only one format reads: key -> the formats that read it. Instructions are
+# JSON Lines records kept whole; only plain text is cleaned of markup and cut into chunks.
+FORMAT_KEYS: dict[str, tuple[str, ...]] = {
+    "text_field": ("text",),
+    "markup": ("text",),
+    "chunk_chars": ("text",),
+    "prompt_field": ("instruct",),
+    "response_field": ("instruct",),
+    "prompt_format": ("instruct",),
+}
 
 
 class FinetuneDataSection(Section):
     format: Literal["text", "instruct"] = Field(
-        "text", description="`text`: plain documents, loss on every token; `instruct`: JSON Lines with prompt/response, loss on the response only."
+        "text",
+        description=(
+            "`text`: plain documents, loss on every token; `instruct`: JSON Lines with "
+            "prompt/response, loss on the response only."
+        ),
     )
-    paths: list[Path] = Field(..., min_length=1, description="Files or directories to train on (.txt/.md/.rst, .gz, .jsonl).")
+    paths: list[Path] = Field(
+        ..., min_length=1, description="Files or directories to train on (.txt/.md/.rst, .gz, .jsonl)."
+    )
     patterns: list[str] = Field(
         ["**/*.txt", "**/*.md", "**/*.rst", "**/*.jsonl", "**/*.txt.gz", "**/*.md.gz", "**/*.rst.gz", "**/*.jsonl.gz"],
         min_length=1,
         description="Glob patterns for files under a directory in `paths`.",
     )
     exclude: list[str] = Field([], description="Glob patterns (relative to the directory) of files to leave out.")
-    markup: Literal["none", "rst"] = Field("none", description="`rst`: drop reStructuredText directives, comments and heading underlines.")
-    chunk_chars: int = Field(0, ge=0, description="Cut text documents at paragraph breaks into pieces of about this many characters before the split (0: whole documents).")
-    validation_paths: list[Path] = Field([], description="Held-out files; default: documents chosen by a hash of their text.")
-    validation_fraction: float = Field(0.05, gt=0, lt=1, description="Share of documents held out when validation_paths is empty.")
+    markup: Literal["none", "rst"] = Field(
+        "none", description="`rst`: drop reStructuredText directives, comments and heading underlines."
+    )
+    chunk_chars: int = Field(
+        0,
+        ge=0,
+        description=(
+            "Cut text documents at paragraph breaks into pieces of about this many characters "
+            "before the split (0: whole documents)."
+        ),
+    )
+    validation_paths: list[Path] = Field(
+        [], description="Held-out files; default: documents chosen by a hash of their text."
+    )
+    validation_fraction: float = Field(
+        0.05, gt=0, lt=1, description="Share of documents held out when validation_paths is empty."
+    )
     seq_len: int = Field(256, gt=0, description="Tokens per training sequence (at most the parent's context).")
     text_field: str = Field("text", description="JSON Lines key of a text document.")
     prompt_field: str = Field("prompt", description="JSON Lines key of an instruction's prompt.")
     response_field: str = Field("response", description="JSON Lines key of an instruction's response.")
     prompt_format: Literal["chat", "plain"] = Field(
-        "chat", description="instruct: `chat` wraps the prompt in the chat template as a user turn (as `atoll serve` does); `plain` uses it as is."
+        "chat",
+        description=(
+            "instruct: `chat` wraps the prompt in the chat template as a user turn "
+            "(as `atoll serve` does); `plain` uses it as is."
+        ),
     )
     max_documents: int | None = Field(None, gt=0, description="Read at most this many documents (for trials).")
+
+    def ignored_keys(self, path: str) -> list[str]:
+        found = self._unread(path, setting="format", readers=FORMAT_KEYS)
+        if "validation_fraction" in self.model_fields_set and self.validation_paths:
+            found.append(
+                f"{path}.validation_fraction is ignored: {path}.validation_paths names the held-out files; "
+                f"remove one of the two"
+            )
+        return found
 
 
 class FinetuneConfig(Section):
@@ -74,5 +130,8 @@ class FinetuneConfig(Section):
     @model_validator(mode="after")
     def _check(self) -> FinetuneConfig:
         if self.parallel.shard != "ddp":
-            raise ValueError("parallel.shard: fine-tuning replicates the model in a site (ddp); fsdp is not supported for fine-tuning yet")
+            raise ValueError(
+                "parallel.shard: fine-tuning replicates the model in a site (ddp); fsdp is not supported "
+                "for fine-tuning yet"
+            )
         return self

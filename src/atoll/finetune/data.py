@@ -34,11 +34,10 @@ import numpy as np
 from atoll.data import file_sha256
 from atoll.errors import AtollError
 from atoll.finetune.config import FinetuneDataSection
-from atoll.finetune.text import TextCodec
+from atoll.rundir.tokenizer import TextTokenizer
 
 log = logging.getLogger(__name__)
 
-DATA_DIR = "data"
 DATA_JSON = "data.json"
 HASHES_JSON = "hashes.json"
 HELDOUT_JSONL = "heldout.jsonl"
@@ -112,7 +111,9 @@ def _read_text(path: Path) -> str:
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise AtollError(f"{path} is not valid UTF-8 ({exc.reason} at byte {exc.start}): convert it or exclude it (data.exclude)") from None
+        raise AtollError(
+            f"{path} is not valid UTF-8 ({exc.reason} at byte {exc.start}): convert it or exclude it (data.exclude)"
+        ) from None
 
 
 def _is_jsonl(path: Path) -> bool:
@@ -131,7 +132,10 @@ def _files(path: Path, *, patterns: Sequence[str], exclude: Sequence[str]) -> li
     skipped = {p for pattern in exclude for p in path.glob(pattern)}
     files = sorted(found - skipped)
     if not files:
-        raise AtollError(f"no files in {path} match {list(patterns)} (after excluding {list(exclude)}): check data.paths and data.patterns")
+        raise AtollError(
+            f"no files in {path} match {list(patterns)} (after excluding {list(exclude)}): check "
+            "data.paths and data.patterns"
+        )
     return [(f, f.relative_to(path).as_posix()) for f in files]
 
 
@@ -151,7 +155,10 @@ def _jsonl_records(path: Path, text: str) -> Iterable[tuple[int, dict[str, Any]]
 def _field(record: dict[str, Any], key: str, *, where: str) -> str:
     value = record.get(key)
     if not isinstance(value, str):
-        raise AtollError(f"{where} has no string field {key!r} (keys: {', '.join(record) or 'none'}): set data.*_field to the right key")
+        raise AtollError(
+            f"{where} has no string field {key!r} (keys: {', '.join(record) or 'none'}): set data.*_field "
+            "to the right key"
+        )
     return value
 
 
@@ -180,9 +187,14 @@ def read_examples(paths: Sequence[Path], cfg: FinetuneDataSection) -> tuple[list
                         response = _field(record, cfg.response_field, where=where)
                         examples.append(Example(id=f"{rel}:{number}", prompt=prompt, response=response))
                     else:
-                        examples.append(Example(id=f"{rel}:{number}", text=_clean(_field(record, cfg.text_field, where=where), cfg)))
+                        examples.append(
+                            Example(id=f"{rel}:{number}", text=_clean(_field(record, cfg.text_field, where=where), cfg))
+                        )
             elif cfg.format == "instruct":
-                raise AtollError(f"{file}: instruct data must be JSON Lines (.jsonl) with {cfg.prompt_field!r} and {cfg.response_field!r}")
+                raise AtollError(
+                    f"{file}: instruct data must be JSON Lines (.jsonl) with {cfg.prompt_field!r} and "
+                    f"{cfg.response_field!r}"
+                )
             else:
                 examples.append(Example(id=rel, text=_clean(text, cfg)))
             if cfg.max_documents is not None and len(examples) >= cfg.max_documents:
@@ -250,7 +262,10 @@ def split_examples(
             train = [ex for ex in train if ex is not pick]
             val = [pick]
     if not train:
-        raise AtollError(f"no training documents left ({len(examples)} read, {len(val)} held out): add data or lower data.validation_fraction")
+        raise AtollError(
+            f"no training documents left ({len(examples)} read, {len(val)} held out): add data or lower "
+            "data.validation_fraction"
+        )
     if not val:
         raise AtollError("no held-out documents: add data.validation_paths or more documents")
     return train, val, dropped
@@ -259,15 +274,17 @@ def split_examples(
 # ---------------------------------------------------------------- tokenizing
 
 
-def encode_text(examples: Sequence[Example], codec: TextCodec, *, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+def encode_text(
+    examples: Sequence[Example], tokenizer: TextTokenizer, *, seq_len: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Documents as one stream (each followed by end-of-text), cut into windows of `seq_len + 1`
     at stride `seq_len`; the last window is padded and its padding masked out."""
-    stream: list[int] = [codec.bos_id] if codec.bos_id is not None else []
+    stream: list[int] = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
     for ex in examples:
-        stream.extend(codec.encode(ex.text, add_bos=False))
-        stream.append(codec.eos_id)
+        stream.extend(tokenizer.encode(ex.text, add_bos=False))
+        stream.append(tokenizer.eos_id)
     num = max(1, -(-(len(stream) - 1) // seq_len))
-    tokens = np.full((num, seq_len + 1), codec.pad_id, dtype=np.int64)
+    tokens = np.full((num, seq_len + 1), tokenizer.pad_id, dtype=np.int64)
     mask = np.zeros((num, seq_len), dtype=np.bool_)
     for i in range(num):
         window = stream[i * seq_len : i * seq_len + seq_len + 1]
@@ -276,15 +293,15 @@ def encode_text(examples: Sequence[Example], codec: TextCodec, *, seq_len: int) 
     return tokens, mask
 
 
-def instruct_prompt(codec: TextCodec, prompt: str, *, prompt_format: str) -> str:
+def instruct_prompt(tokenizer: TextTokenizer, prompt: str, *, prompt_format: str) -> str:
     """The text the model sees before a response: the chat template's user turn, or the prompt."""
     if prompt_format == "chat":
-        return codec.render_chat([{"role": "user", "content": prompt}], add_generation_prompt=True)
+        return tokenizer.render_chat([{"role": "user", "content": prompt}], add_generation_prompt=True)
     return prompt
 
 
 def encode_instruct(
-    examples: Sequence[Example], codec: TextCodec, *, seq_len: int, prompt_format: str
+    examples: Sequence[Example], tokenizer: TextTokenizer, *, seq_len: int, prompt_format: str
 ) -> tuple[np.ndarray, np.ndarray, int]:
     """One padded row per instruction; loss only on the response and its end-of-text token.
 
@@ -294,13 +311,13 @@ def encode_instruct(
     rows: list[tuple[list[int], int]] = []
     dropped = 0
     for ex in examples:
-        prompt_ids = codec.encode(instruct_prompt(codec, ex.prompt, prompt_format=prompt_format))
+        prompt_ids = tokenizer.encode(instruct_prompt(tokenizer, ex.prompt, prompt_format=prompt_format))
         if len(prompt_ids) >= seq_len:
             dropped += 1
             continue
-        ids = prompt_ids + codec.encode(ex.response, add_bos=False) + [codec.eos_id]
+        ids = prompt_ids + tokenizer.encode(ex.response, add_bos=False) + [tokenizer.eos_id]
         rows.append((ids[: seq_len + 1], len(prompt_ids)))
-    tokens = np.full((len(rows), seq_len + 1), codec.pad_id, dtype=np.int64)
+    tokens = np.full((len(rows), seq_len + 1), tokenizer.pad_id, dtype=np.int64)
     mask = np.zeros((len(rows), seq_len), dtype=np.bool_)
     for i, (ids, prompt_len) in enumerate(rows):
         tokens[i, : len(ids)] = ids
@@ -309,10 +326,12 @@ def encode_instruct(
     return tokens, mask, dropped
 
 
-def encode_examples(examples: Sequence[Example], codec: TextCodec, cfg: FinetuneDataSection) -> tuple[np.ndarray, np.ndarray, int]:
+def encode_examples(
+    examples: Sequence[Example], tokenizer: TextTokenizer, cfg: FinetuneDataSection
+) -> tuple[np.ndarray, np.ndarray, int]:
     if cfg.format == "instruct":
-        return encode_instruct(examples, codec, seq_len=cfg.seq_len, prompt_format=cfg.prompt_format)
-    tokens, mask = encode_text(examples, codec, seq_len=cfg.seq_len)
+        return encode_instruct(examples, tokenizer, seq_len=cfg.seq_len, prompt_format=cfg.prompt_format)
+    tokens, mask = encode_text(examples, tokenizer, seq_len=cfg.seq_len)
     return tokens, mask, 0
 
 
@@ -323,7 +342,7 @@ def _token_dtype(vocab_size: int) -> type[np.unsignedinteger[Any]]:
     return np.uint16 if vocab_size <= 1 << 16 else np.uint32
 
 
-def prepare_data(cfg: FinetuneDataSection, codec: TextCodec, out_dir: Path) -> dict[str, Any]:
+def prepare_data(cfg: FinetuneDataSection, tokenizer: TextTokenizer, out_dir: Path) -> dict[str, Any]:
     """Read, split, tokenize and write the data of a stage into `out_dir`; returns data.json's content.
 
     Replaces `out_dir` atomically (written beside it, then renamed). Raises AtollError for
@@ -336,12 +355,14 @@ def prepare_data(cfg: FinetuneDataSection, codec: TextCodec, out_dir: Path) -> d
     if cfg.validation_paths:
         held, val_sources = read_examples(cfg.validation_paths, cfg)
         validation = chunk_examples(held, max_chars=cfg.chunk_chars)
-    train, val, duplicates = split_examples(examples, validation_fraction=cfg.validation_fraction, validation=validation)
+    train, val, duplicates = split_examples(
+        examples, validation_fraction=cfg.validation_fraction, validation=validation
+    )
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    dtype = _token_dtype(codec.vocab_size)
+    dtype = _token_dtype(tokenizer.vocab_size)
     summary: dict[str, Any] = {
         "format": cfg.format,
         "seq_len": cfg.seq_len,
@@ -351,9 +372,12 @@ def prepare_data(cfg: FinetuneDataSection, codec: TextCodec, out_dir: Path) -> d
         "files": {},
     }
     for split, items in (("train", train), ("validation", val)):
-        tokens, mask, too_long = encode_examples(items, codec, cfg)
+        tokens, mask, too_long = encode_examples(items, tokenizer, cfg)
         if len(tokens) == 0:
-            raise AtollError(f"no {split} example fits data.seq_len {cfg.seq_len} ({too_long} prompts are longer): raise data.seq_len or shorten the prompts")
+            raise AtollError(
+                f"no {split} example fits data.seq_len {cfg.seq_len} ({too_long} prompts are longer): "
+                "raise data.seq_len or shorten the prompts"
+            )
         np.save(tmp / f"{split}_tokens.npy", tokens.astype(dtype))
         np.save(tmp / f"{split}_mask.npy", mask)
         summary["splits"][split] = {
@@ -365,7 +389,10 @@ def prepare_data(cfg: FinetuneDataSection, codec: TextCodec, out_dir: Path) -> d
     with (tmp / HELDOUT_JSONL).open("w", encoding="utf-8") as f:
         for ex in val:
             f.write(json.dumps(ex.to_json(), ensure_ascii=False) + "\n")
-    hashes = {"train": sorted({content_hash(ex.content) for ex in train}), "validation": sorted({content_hash(ex.content) for ex in val})}
+    hashes = {
+        "train": sorted({content_hash(ex.content) for ex in train}),
+        "validation": sorted({content_hash(ex.content) for ex in val}),
+    }
     (tmp / HASHES_JSON).write_text(json.dumps(hashes), encoding="utf-8")
     for path in sorted(tmp.iterdir()):
         summary["files"][path.name] = file_sha256(path)
@@ -375,8 +402,16 @@ def prepare_data(cfg: FinetuneDataSection, codec: TextCodec, out_dir: Path) -> d
     os.replace(tmp, out_dir)
     t, v = summary["splits"]["train"], summary["splits"]["validation"]
     log.info(
-        "fine-tuning data: %d train documents (%d sequences, %d loss tokens), %d held out (%d loss tokens); %d duplicates dropped",
-        t["documents"], t["sequences"], t["tokens"], v["documents"], v["tokens"], duplicates,
+        (
+            "fine-tuning data: %d train documents (%d sequences, %d loss tokens), %d held out (%d loss "
+            "tokens); %d duplicates dropped"
+        ),
+        t["documents"],
+        t["sequences"],
+        t["tokens"],
+        v["documents"],
+        v["tokens"],
+        duplicates,
     )
     return summary
 
@@ -385,13 +420,19 @@ def read_data_summary(data_dir: Path, *, verify: bool = False) -> dict[str, Any]
     """data.json of a stage's data directory; with `verify`, every file is checked against its sha256."""
     path = data_dir / DATA_JSON
     if not path.is_file():
-        raise AtollError(f"{data_dir} holds no prepared fine-tuning data ({DATA_JSON} missing): start the stage again without --resume")
+        raise AtollError(
+            f"{data_dir} holds no prepared fine-tuning data ({DATA_JSON} missing): start the stage again "
+            "without --resume"
+        )
     summary: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
     if verify:
         for name, digest in summary["files"].items():
             f = data_dir / name
             if not f.is_file() or file_sha256(f) != digest:
-                raise AtollError(f"fine-tuning data file {f} is missing or changed since the stage started: start the stage again in a new run directory")
+                raise AtollError(
+                    f"fine-tuning data file {f} is missing or changed since the stage started: start the "
+                    "stage again in a new run directory"
+                )
     return summary
 
 
@@ -407,7 +448,13 @@ def read_heldout(path: Path) -> list[Example]:
         where = f"{path}:{number}"
         ident = str(record.get("id", f"{path.name}:{number}"))
         if "prompt" in record or "response" in record:
-            out.append(Example(id=ident, prompt=_field(record, "prompt", where=where), response=_field(record, "response", where=where)))
+            out.append(
+                Example(
+                    id=ident,
+                    prompt=_field(record, "prompt", where=where),
+                    response=_field(record, "response", where=where),
+                )
+            )
         else:
             out.append(Example(id=ident, text=_field(record, "text", where=where)))
     return out
@@ -477,5 +524,8 @@ class ExampleStream:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("seed") != self.seed or state.get("num_rows") != self.num_rows:
-            raise AtollError(f"the checkpoint's data order (seed {state.get('seed')}, {state.get('num_rows')} rows) is not this stage's: resume with the config the stage was started with")
+            raise AtollError(
+                f"the checkpoint's data order (seed {state.get('seed')}, {state.get('num_rows')} rows) is "
+                "not this stage's: resume with the config the stage was started with"
+            )
         self.epoch, self.offset, self._perm = int(state["epoch"]), int(state["offset"]), None

@@ -8,7 +8,6 @@ never overwrites a checkpoint.
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 import hashlib
 import json
@@ -22,11 +21,19 @@ from atoll import __version__
 from atoll.config import dump_config
 from atoll.errors import AtollError
 from atoll.finetune.config import FinetuneConfig, LoraSection
-from atoll.finetune.data import DATA_DIR, prepare_data, read_data_summary
-from atoll.finetune.stage import (
+from atoll.finetune.data import DATA_JSON, prepare_data, read_data_summary
+from atoll.model import ModelConfig
+from atoll.rundir.layout import (
+    CHAT_TEMPLATE_FILE,
+    CONFIG_YAML,
+    DATA_DIR,
+    TOKENIZER_JSON,
+    TOKENIZER_SIDE_FILES,
+    write_model_json,
+)
+from atoll.rundir.lineage import (
     LINEAGE_FORMAT,
     LINEAGE_VERSION,
-    MODEL_JSON,
     Stage,
     check_parent,
     classify_stage,
@@ -36,13 +43,10 @@ from atoll.finetune.stage import (
     read_lineage,
     write_lineage,
 )
-from atoll.finetune.text import CHAT_TEMPLATE_FILE, DEFAULT_CHAT_TEMPLATE, TOKENIZER_CONFIG, TOKENIZER_JSON, check_template, load_text_codec, read_chat_template
-from atoll.model import ModelConfig
+from atoll.rundir.tokenizer import DEFAULT_CHAT_TEMPLATE, check_template, load_text_tokenizer, read_chat_template
 from atoll.train.checkpoint import latest_checkpoint, verify_checkpoint
 
 log = logging.getLogger(__name__)
-
-_TOKENIZER_SIDE_FILES = (TOKENIZER_CONFIG, "special_tokens_map.json")
 
 
 def lora_param_count(mcfg: ModelConfig, lora: LoraSection) -> int:
@@ -72,7 +76,9 @@ def _check_parent_usable(parent: Stage) -> None:
             raise AtollError(f"finetune.parent {parent.path} has no complete checkpoint: train it first")
         verify_checkpoint(ckpt.path)
         if parent.kind == "full" and read_lineage(parent.path)["status"] != "finished":
-            log.warning("finetune.parent %s has not finished its steps; starting from its step %d", parent.path, ckpt.step)
+            log.warning(
+                "finetune.parent %s has not finished its steps; starting from its step %d", parent.path, ckpt.step
+            )
     if parent.kind == "lora" and read_lineage(parent.path)["status"] != "finished":
         log.warning("finetune.parent %s has not finished its steps; starting from its latest adapter", parent.path)
     fingerprint(parent)  # raises when weights or adapter are missing
@@ -92,9 +98,12 @@ def _chat_template(cfg: FinetuneConfig, parent: Stage) -> str:
 def _write_text_files(cfg: FinetuneConfig, parent: Stage, run_dir: Path) -> None:
     tokenizer = parent.path / TOKENIZER_JSON
     if not tokenizer.is_file():
-        raise AtollError(f"finetune.parent {parent.path} has no {TOKENIZER_JSON}: atoll needs a fast (tokenizers) tokenizer beside the weights")
+        raise AtollError(
+            f"finetune.parent {parent.path} has no {TOKENIZER_JSON}: "
+            "atoll needs a fast (tokenizers) tokenizer beside the weights"
+        )
     shutil.copyfile(tokenizer, run_dir / TOKENIZER_JSON)
-    for name in _TOKENIZER_SIDE_FILES:
+    for name in TOKENIZER_SIDE_FILES:
         if (parent.path / name).is_file():
             config = json.loads((parent.path / name).read_text(encoding="utf-8"))
             config.pop("chat_template", None)  # the stage's own template is chat_template.jinja
@@ -114,34 +123,44 @@ def prepare_finetune(cfg: FinetuneConfig, *, resume: bool) -> ModelConfig:
     parent = classify_stage(cfg.finetune.parent)
     mcfg = model_config_of(parent)
     if cfg.data.seq_len > mcfg.max_seq_len:
-        raise AtollError(f"data.seq_len {cfg.data.seq_len} exceeds the parent's context of {mcfg.max_seq_len} tokens: lower data.seq_len")
-    if cfg.train.micro_batch > cfg.train.global_batch:
-        raise AtollError(f"train.micro_batch ({cfg.train.micro_batch}) exceeds train.global_batch ({cfg.train.global_batch}): lower micro_batch")
+        raise AtollError(
+            f"data.seq_len {cfg.data.seq_len} exceeds the parent's context of {mcfg.max_seq_len} tokens: "
+            "lower data.seq_len"
+        )
     run_dir = cfg.run.path
     ckpt = latest_checkpoint(run_dir)
     if resume:
         if ckpt is None:
             raise AtollError(f"--resume: {run_dir} has no complete checkpoint: start without --resume")
         lineage = read_lineage(run_dir)
-        if Path(lineage["parent"]["path"]).resolve() != parent.path.resolve() or lineage["method"] != cfg.finetune.method:
-            raise AtollError(f"--resume: {run_dir} was started from {lineage['parent']['path']} with method {lineage['method']}: resume with the config it was started with ({run_dir}/config.yaml)")
+        started_from = Path(lineage["parent"]["path"])
+        if started_from.resolve() != parent.path.resolve() or lineage["method"] != cfg.finetune.method:
+            raise AtollError(
+                f"--resume: {run_dir} was started from {lineage['parent']['path']} with method {lineage['method']}: "
+                f"resume with the config it was started with ({run_dir}/{CONFIG_YAML})"
+            )
         check_parent(Stage(run_dir, lineage["method"]), parent)
         read_data_summary(run_dir / DATA_DIR, verify=True)
         verify_checkpoint(ckpt.path)
         return mcfg
     if ckpt is not None:
-        raise AtollError(f"{run_dir} already holds checkpoints: add --resume to continue it, or choose another --run.name")
+        raise AtollError(
+            f"{run_dir} already holds checkpoints: add --resume to continue it, or choose another --run.name"
+        )
     if run_dir.resolve() == parent.path.resolve():
         raise AtollError("run directory and finetune.parent are the same directory: choose another --run.name")
     _check_parent_usable(parent)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
-    (run_dir / MODEL_JSON).write_text(json.dumps(dataclasses.asdict(mcfg), indent=1), encoding="utf-8")
+    (run_dir / CONFIG_YAML).write_text(dump_config(cfg), encoding="utf-8")
+    write_model_json(run_dir, mcfg)
     _write_text_files(cfg, parent, run_dir)
-    codec = load_text_codec(run_dir)
-    if codec.vocab_size > mcfg.vocab_size:
-        raise AtollError(f"the tokenizer of {parent.path} has {codec.vocab_size} tokens but the model only {mcfg.vocab_size} embeddings: the parent is inconsistent")
-    summary = prepare_data(cfg.data, codec, run_dir / DATA_DIR)
+    tokenizer = load_text_tokenizer(run_dir)
+    if tokenizer.vocab_size > mcfg.vocab_size:
+        raise AtollError(
+            f"the tokenizer of {parent.path} has {tokenizer.vocab_size} tokens but the model only "
+            f"{mcfg.vocab_size} embeddings: the parent is inconsistent"
+        )
+    summary = prepare_data(cfg.data, tokenizer, run_dir / DATA_DIR)
     method = cfg.finetune.method
     trainable = lora_param_count(mcfg, cfg.finetune.lora) if method == "lora" else mcfg.num_params()
     record: dict[str, Any] = {
@@ -161,7 +180,7 @@ def prepare_finetune(cfg: FinetuneConfig, *, resume: bool) -> ModelConfig:
             "validation_paths": [str(p) for p in cfg.data.validation_paths],
             "sources": len(summary["sources"]),
             "sources_sha256": _sources_digest(summary["sources"]),
-            "data_json_sha256": hashlib.sha256((run_dir / DATA_DIR / "data.json").read_bytes()).hexdigest(),
+            "data_json_sha256": hashlib.sha256((run_dir / DATA_DIR / DATA_JSON).read_bytes()).hexdigest(),
             "documents": {k: v["documents"] for k, v in summary["splits"].items()},
             "tokens": {k: v["tokens"] for k, v in summary["splits"].items()},
         },
@@ -173,9 +192,16 @@ def prepare_finetune(cfg: FinetuneConfig, *, resume: bool) -> ModelConfig:
         "tokens": 0,
         "val_loss": None,
         "status": "prepared",
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "atoll_version": __version__,
     }
     write_lineage(run_dir, record)
-    log.info("stage %s: %s from %s (%s), %s trainable parameters", cfg.run.name, method, parent.path, parent.kind, f"{trainable:,}")
+    log.info(
+        "stage %s: %s from %s (%s), %s trainable parameters",
+        cfg.run.name,
+        method,
+        parent.path,
+        parent.kind,
+        f"{trainable:,}",
+    )
     return mcfg

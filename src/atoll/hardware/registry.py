@@ -101,7 +101,9 @@ def _merge_file(catalog: dict[str, DeviceSpec], path: Path, *, origin: str) -> N
 
 def _entry(catalog: dict[str, DeviceSpec], kind: str, fields: Any, *, path: Path) -> DeviceSpec:
     if not _KIND.match(kind):
-        raise AtollError(f"hardware file {path}: device kind {kind!r} must be lowercase letters, digits, dots and dashes")
+        raise AtollError(
+            f"hardware file {path}: device kind {kind!r} must be lowercase letters, digits, dots and dashes"
+        )
     if not isinstance(fields, dict):
         raise AtollError(f"hardware file {path}: devices.{kind} must be a mapping of fields")
     fields = dict(fields)
@@ -109,7 +111,10 @@ def _entry(catalog: dict[str, DeviceSpec], kind: str, fields: Any, *, path: Path
     if base_kind is not None:
         base_key = ALIASES.get(str(base_kind), str(base_kind))
         if base_key not in catalog:
-            raise AtollError(f"hardware file {path}: devices.{kind}.base {base_kind!r} is not a known kind ({', '.join(sorted(catalog))})")
+            raise AtollError(
+                f"hardware file {path}: devices.{kind}.base {base_kind!r} is not a known kind "
+                f"({', '.join(sorted(catalog))})"
+            )
         base = catalog[base_key]
     else:
         base = catalog.get(ALIASES.get(kind, kind))

@@ -1,8 +1,8 @@
-"""`atoll lab ...`: the WAN lab's verbs (registered by `atoll.cli` through COMMAND_MODULES).
+"""`atoll lab ...`: the WAN lab's verbs (registered through atoll.cli).
 
-    atoll lab run --topology T CONFIG.yaml [--section.key=value ...]   # sites in namespaces, shaped links
-    atoll lab check          # can the real (netns) lab be built here? if not, why
-    atoll lab clean [--all]  # remove namespaces/interfaces left by crashed lab runs
+atoll lab run --topology T CONFIG.yaml [--section.key=value ...]   # sites in namespaces, shaped links
+atoll lab check          # can the real (netns) lab be built here? if not, why
+atoll lab clean [--all]  # remove namespaces/interfaces left by crashed lab runs
 """
 
 from __future__ import annotations
@@ -49,10 +49,10 @@ def _cmd_run(args: argparse.Namespace, extra: list[str]) -> int:
     """Build the lab from the topology, run every site's ranks inside it, tear it down."""
     import logging
 
-    from atoll.cli import _train_sites
     from atoll.config import RunConfig, load_config
     from atoll.config.topology import load_topology
     from atoll.lab.netns import Lab, lab_available
+    from atoll.train.commands import train_sites
 
     log = logging.getLogger("atoll.lab")
     cfg = load_config(RunConfig, args.config, extra)
@@ -60,13 +60,18 @@ def _cmd_run(args: argparse.Namespace, extra: list[str]) -> int:
     ok, reason = lab_available()
     if not ok:
         log.warning("netns lab not available (%s): emulating the WAN in the transport instead", reason)
-        return _train_sites(cfg, args, extra, wan_mode="emulated")
+        return train_sites(cfg, args, extra, wan_mode="emulated")
     with Lab(topology) as lab:
         log.info("lab %s: %s", lab.run_id, ", ".join(f"{name} {lab.site_address(name)}" for name in lab.sites))
-        code = _train_sites(cfg, args, extra, host=lab, wan_mode="netns")
+        code = train_sites(cfg, args, extra, host=lab, wan_mode="netns")
         for name in lab.sites:
             tx, rx = lab.interface_bytes(name)
-            log.info("site %s: veth counted %.1f MB out, %.1f MB in (headers and retransmissions included)", name, tx / 1e6, rx / 1e6)
+            log.info(
+                "site %s: veth counted %.1f MB out, %.1f MB in (headers and retransmissions included)",
+                name,
+                tx / 1e6,
+                rx / 1e6,
+            )
         return code
 
 
@@ -75,14 +80,21 @@ def register(sub: Any) -> None:
     lab = sub.add_parser("lab", help="the WAN lab: sites in network namespaces joined by shaped links")
     verbs = lab.add_subparsers(dest="lab_verb", metavar="LAB_VERB", required=True)
 
-    p = verbs.add_parser("run", help="train on every site of a topology, each in its own namespace behind a shaped link")
+    p = verbs.add_parser(
+        "run", help="train on every site of a topology, each in its own namespace behind a shaped link"
+    )
     p.add_argument("config", type=Path, help="run config YAML (see examples/configs/)")
     p.add_argument("--topology", type=Path, required=True, help="topology YAML (see examples/topologies/)")
     p.add_argument("--ranks-per-site", type=int, default=1, help="local ranks per site")
     p.add_argument("--resume", action="store_true", help="continue every site from its latest checkpoint")
     p.add_argument("--stop-after", type=int, default=None, metavar="STEP", help="checkpoint and stop after STEP")
     p.add_argument("--no-progress", action="store_true", help="no progress display")
-    p.add_argument("--worker", default=None, metavar="MODULE", help="run this module on every rank instead of atoll.train (e.g. bench.torchft_peer)")
+    p.add_argument(
+        "--worker",
+        default=None,
+        metavar="MODULE",
+        help="run this module on every rank instead of atoll.train (e.g. bench.torchft_peer)",
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     p.set_defaults(func=_cmd_run, allow_overrides=True, wan="netns")
 

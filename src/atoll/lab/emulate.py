@@ -3,8 +3,9 @@
 The scenario helpers follow shared/REFERENCES.md, "Scaling a scenario down to the lab":
 R = (seconds to send the exchanged model once over the WAN) ÷ (seconds of compute per inner
 step); the lab picks the bandwidth that gives a small model the same R. What an exchange costs
-on a topology's links is modelled in one place, `atoll.sync.transport.WanModel` (bandwidth and
-latency when emulated, latency only in the netns lab where tbf shapes the rate).
+on a topology's links is modelled in one place, `atoll.sync.link_model`, which the planner and
+the transport's `WanModel` both use (bandwidth and latency when emulated, latency only in the
+netns lab where tbf shapes the rate).
 """
 
 from __future__ import annotations
@@ -70,7 +71,11 @@ class Scenario:
     def step_seconds(self) -> float:
         """Seconds of compute per inner step of one cluster."""
         return step_seconds_from_compute(
-            self.params, self.tokens_per_step, num_devices=self.devices_per_cluster, device_flops=self.device_flops, mfu=self.mfu
+            self.params,
+            self.tokens_per_step,
+            num_devices=self.devices_per_cluster,
+            device_flops=self.device_flops,
+            mfu=self.mfu,
         )
 
     @property
@@ -86,7 +91,8 @@ class Scenario:
         return (
             f"{self.name}: {self.params:.3g} parameters exchanged at {self.bytes_per_param:g} bytes each "
             f"({self.model_bytes / 1e9:,.0f} GB) over {self.link_mbps:,.0f} Mbit/s = {self.send_seconds:,.0f} s; "
-            f"{self.num_clusters} clusters x {self.devices_per_cluster} devices at {self.device_flops / 1e12:,.0f} TFLOP/s, "
+            f"{self.num_clusters} clusters x {self.devices_per_cluster} devices at "
+            f"{self.device_flops / 1e12:,.0f} TFLOP/s, "
             f"{self.mfu:.0%} MFU, {self.tokens_per_step:,.0f} tokens per cluster per inner step "
             f"(6·N·tokens FLOPs) = {self.step_seconds:,.1f} s per step; R = {self.ratio:,.1f} ({self.source})"
         )

@@ -6,8 +6,9 @@
 
 Layout, for site i (0-based, in topology order):
 
-    [atoll-<rid>-site-<name>]  atoll<rid>s<i> 10.213.<i+1>.2/24  --veth--  atoll<rid>w<i> 10.213.<i+1>.1/24  [atoll-<rid>-wan]
-      default via 10.213.<i+1>.1; tbf = uplink      tbf = downlink; ip_forward=1 (wan only)
+    [atoll-<rid>-site-<name>]                   [atoll-<rid>-wan]
+    atoll<rid>s<i> 10.213.<i+1>.2/24  --veth--  atoll<rid>w<i> 10.213.<i+1>.1/24
+    default via 10.213.<i+1>.1; tbf = uplink    tbf = downlink; ip_forward=1 (wan only)
 
 The veths are created directly inside the namespaces (never in the root namespace) and the wan
 namespace has no default route, so traffic can reach only addresses inside this lab. Latency is
@@ -201,7 +202,7 @@ def lab_available() -> tuple[bool, str]:
     is deleted again). Never raises; the caller falls back to emulation when False.
     """
     if os.geteuid() != 0:
-        return False, "needs root (network namespaces and tc); running as uid %d" % os.geteuid()
+        return False, f"needs root (network namespaces and tc); running as uid {os.geteuid()}"
     missing = [tool for tool in ("ip", "tc") if shutil.which(tool) is None]
     if missing:
         return False, f"{' and '.join(missing)} not found (install the iproute2 package)"
@@ -287,7 +288,9 @@ class Lab:
             raise AtollError(f"lab: site names must be unique: {', '.join(names)}")
         if run_id is not None and not _RID.fullmatch(run_id):
             raise AtollError(f"lab: run_id must be {_RID_LEN} lowercase letters or digits (got {run_id!r})")
-        if run_id is not None and (_record_path(run_id).exists() or any(_rid_of_namespace(n) == run_id for n in _list_namespaces())):
+        if run_id is not None and (
+            _record_path(run_id).exists() or any(_rid_of_namespace(n) == run_id for n in _list_namespaces())
+        ):
             raise AtollError(f"lab: run_id {run_id!r} is in use by another lab; leave run_id out to get a fresh one")
         self.run_id = run_id or _new_rid()
         self.wan_namespace = f"{NETNS_PREFIX}{self.run_id}-wan"
@@ -338,23 +341,59 @@ class Lab:
         wan = self.wan_namespace
         for s in self.sites.values():
             _run(
-                ["ip", "-n", wan, "link", "add", s.wan_interface, "type", "veth", "peer", "name", s.interface, "netns", s.namespace],
+                [
+                    "ip",
+                    "-n",
+                    wan,
+                    "link",
+                    "add",
+                    s.wan_interface,
+                    "type",
+                    "veth",
+                    "peer",
+                    "name",
+                    s.interface,
+                    "netns",
+                    s.namespace,
+                ],
                 what=f"creating the veth of site {s.name}",
             )
-            _run(["ip", "-n", s.namespace, "addr", "add", f"{s.address}/24", "dev", s.interface], what=f"addressing site {s.name}")
-            _run(["ip", "-n", wan, "addr", "add", f"{s.gateway}/24", "dev", s.wan_interface], what=f"addressing the wan end of {s.name}")
+            _run(
+                ["ip", "-n", s.namespace, "addr", "add", f"{s.address}/24", "dev", s.interface],
+                what=f"addressing site {s.name}",
+            )
+            _run(
+                ["ip", "-n", wan, "addr", "add", f"{s.gateway}/24", "dev", s.wan_interface],
+                what=f"addressing the wan end of {s.name}",
+            )
             _run(["ip", "-n", s.namespace, "link", "set", s.interface, "up"], what=f"bringing up {s.interface}")
             _run(["ip", "-n", wan, "link", "set", s.wan_interface, "up"], what=f"bringing up {s.wan_interface}")
             _run(["ip", "-n", s.namespace, "route", "add", "default", "via", s.gateway], what=f"routing site {s.name}")
             if s.link.uplink_mbps is not None:
-                _run(["tc", "-n", s.namespace, "qdisc", "add", "dev", s.interface, "root", *_tbf_args(s.link.uplink_mbps)],
-                     what=f"shaping the uplink of {s.name}")  # fmt: skip
+                _run(
+                    [
+                        "tc",
+                        "-n",
+                        s.namespace,
+                        "qdisc",
+                        "add",
+                        "dev",
+                        s.interface,
+                        "root",
+                        *_tbf_args(s.link.uplink_mbps),
+                    ],
+                    what=f"shaping the uplink of {s.name}",
+                )
             if s.link.downlink_mbps is not None:
-                _run(["tc", "-n", wan, "qdisc", "add", "dev", s.wan_interface, "root", *_tbf_args(s.link.downlink_mbps)],
-                     what=f"shaping the downlink of {s.name}")  # fmt: skip
+                _run(
+                    ["tc", "-n", wan, "qdisc", "add", "dev", s.wan_interface, "root", *_tbf_args(s.link.downlink_mbps)],
+                    what=f"shaping the downlink of {s.name}",
+                )
         # /proc/sys/net is per namespace: a process inside `wan` switches forwarding on there only.
-        _run(["ip", "netns", "exec", wan, sys.executable, "-c", "open('/proc/sys/net/ipv4/ip_forward', 'w').write('1')"],
-             what="enabling forwarding in the wan namespace")  # fmt: skip
+        _run(
+            ["ip", "netns", "exec", wan, sys.executable, "-c", "open('/proc/sys/net/ipv4/ip_forward', 'w').write('1')"],
+            what="enabling forwarding in the wan namespace",
+        )
 
     # -- queries
 
@@ -402,13 +441,18 @@ class Lab:
     def interface_bytes(self, name: str) -> tuple[int, int]:
         """(bytes sent, bytes received) on the site's veth as the kernel counts them (headers included)."""
         s = self._site(name)
-        proc = _run(["ip", "-n", s.namespace, "-s", "-j", "link", "show", "dev", s.interface], what=f"reading counters of {s.name}")
+        proc = _run(
+            ["ip", "-n", s.namespace, "-s", "-j", "link", "show", "dev", s.interface],
+            what=f"reading counters of {s.name}",
+        )
         stats = json.loads(proc.stdout)[0]["stats64"]
         return int(stats["tx"]["bytes"]), int(stats["rx"]["bytes"])
 
     # -- processes
 
-    def popen(self, site: str, argv: Sequence[str], *, env: Mapping[str, str] | None = None, **kw: Any) -> subprocess.Popen[Any]:
+    def popen(
+        self, site: str, argv: Sequence[str], *, env: Mapping[str, str] | None = None, **kw: Any
+    ) -> subprocess.Popen[Any]:
         """Start `argv` inside the site's namespace; returns at once. `close` kills it.
 
         The child's environment is `env` (default: this process's) plus `site_env(site)`. Other
@@ -511,7 +555,9 @@ class Lab:
     def __enter__(self) -> Lab:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.close()
 
     def __repr__(self) -> str:

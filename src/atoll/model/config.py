@@ -60,8 +60,7 @@ class ModelConfig:
                 raise AtollError(f"model.{name} must be a positive integer, got {value!r}")
         if self.dim % self.num_heads != 0:
             raise AtollError(
-                f"model.dim ({self.dim}) must be divisible by model.num_heads ({self.num_heads}); "
-                "change one of them"
+                f"model.dim ({self.dim}) must be divisible by model.num_heads ({self.num_heads}); change one of them"
             )
         if self.num_heads % self.num_kv_heads != 0:
             raise AtollError(
@@ -115,39 +114,94 @@ class ModelConfig:
 PRESETS: dict[str, ModelConfig] = {
     # For tests: builds and runs in milliseconds on a CPU.
     "tiny": ModelConfig(
-        vocab_size=512, dim=64, num_layers=2, num_heads=4, num_kv_heads=2, ffn_dim=128,
+        vocab_size=512,
+        dim=64,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        ffn_dim=128,
         max_seq_len=128,
     ),
     # 5,245,184 parameters: trains on a laptop CPU in minutes.
     "demo": ModelConfig(
-        vocab_size=8192, dim=256, num_layers=4, num_heads=8, num_kv_heads=4, ffn_dim=768,
-        max_seq_len=256, tie_embeddings=True,
+        vocab_size=8192,
+        dim=256,
+        num_layers=4,
+        num_heads=8,
+        num_kv_heads=4,
+        ffn_dim=768,
+        max_seq_len=256,
+        tie_embeddings=True,
     ),
     # Real shapes, from the published Hugging Face config.json files.
     "llama2-7b": ModelConfig(
-        vocab_size=32000, dim=4096, num_layers=32, num_heads=32, num_kv_heads=32,
-        ffn_dim=11008, max_seq_len=4096, rope_theta=10000.0, norm_eps=1e-5,
+        vocab_size=32000,
+        dim=4096,
+        num_layers=32,
+        num_heads=32,
+        num_kv_heads=32,
+        ffn_dim=11008,
+        max_seq_len=4096,
+        rope_theta=10000.0,
+        norm_eps=1e-5,
     ),
     "llama2-70b": ModelConfig(
-        vocab_size=32000, dim=8192, num_layers=80, num_heads=64, num_kv_heads=8,
-        ffn_dim=28672, max_seq_len=4096, rope_theta=10000.0, norm_eps=1e-5,
+        vocab_size=32000,
+        dim=8192,
+        num_layers=80,
+        num_heads=64,
+        num_kv_heads=8,
+        ffn_dim=28672,
+        max_seq_len=4096,
+        rope_theta=10000.0,
+        norm_eps=1e-5,
     ),
     "llama3-8b": ModelConfig(
-        vocab_size=128256, dim=4096, num_layers=32, num_heads=32, num_kv_heads=8,
-        ffn_dim=14336, max_seq_len=8192, rope_theta=500000.0, norm_eps=1e-5,
+        vocab_size=128256,
+        dim=4096,
+        num_layers=32,
+        num_heads=32,
+        num_kv_heads=8,
+        ffn_dim=14336,
+        max_seq_len=8192,
+        rope_theta=500000.0,
+        norm_eps=1e-5,
     ),
     "llama3-70b": ModelConfig(
-        vocab_size=128256, dim=8192, num_layers=80, num_heads=64, num_kv_heads=8,
-        ffn_dim=28672, max_seq_len=8192, rope_theta=500000.0, norm_eps=1e-5,
+        vocab_size=128256,
+        dim=8192,
+        num_layers=80,
+        num_heads=64,
+        num_kv_heads=8,
+        ffn_dim=28672,
+        max_seq_len=8192,
+        rope_theta=500000.0,
+        norm_eps=1e-5,
     ),
     # Qwen1.5-72B has no grouped-query attention (64 kv heads).
     "qwen1.5-72b": ModelConfig(
-        vocab_size=152064, dim=8192, num_layers=80, num_heads=64, num_kv_heads=64,
-        ffn_dim=24576, max_seq_len=32768, rope_theta=1000000.0, norm_eps=1e-6, qkv_bias=True,
+        vocab_size=152064,
+        dim=8192,
+        num_layers=80,
+        num_heads=64,
+        num_kv_heads=64,
+        ffn_dim=24576,
+        max_seq_len=32768,
+        rope_theta=1000000.0,
+        norm_eps=1e-6,
+        qkv_bias=True,
     ),
     "qwen2-72b": ModelConfig(
-        vocab_size=152064, dim=8192, num_layers=80, num_heads=64, num_kv_heads=8,
-        ffn_dim=29568, max_seq_len=32768, rope_theta=1000000.0, norm_eps=1e-6, qkv_bias=True,
+        vocab_size=152064,
+        dim=8192,
+        num_layers=80,
+        num_heads=64,
+        num_kv_heads=8,
+        ffn_dim=29568,
+        max_seq_len=32768,
+        rope_theta=1000000.0,
+        norm_eps=1e-6,
+        qkv_bias=True,
     ),
 }
 

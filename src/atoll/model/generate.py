@@ -78,8 +78,7 @@ def _check_args(
         raise AtollError("prompt_ids is empty; pass at least one token (e.g. the BOS id)")
     if len(prompt_ids) > max_seq_len:
         raise AtollError(
-            f"prompt has {len(prompt_ids)} tokens but model.max_seq_len is {max_seq_len}; "
-            "shorten the prompt"
+            f"prompt has {len(prompt_ids)} tokens but model.max_seq_len is {max_seq_len}; shorten the prompt"
         )
     bad = [t for t in prompt_ids if not 0 <= t < vocab_size]
     if bad:
@@ -93,9 +92,7 @@ def _check_args(
     if top_p is not None and not 0 < top_p <= 1:
         raise AtollError(f"top_p must be in (0, 1] or None, got {top_p}")
     if repetition_penalty <= 0:
-        raise AtollError(
-            f"repetition_penalty must be > 0 (1 disables it), got {repetition_penalty}"
-        )
+        raise AtollError(f"repetition_penalty must be > 0 (1 disables it), got {repetition_penalty}")
 
 
 def _generate(
@@ -125,9 +122,7 @@ def _generate(
         tokens = torch.tensor([pending], dtype=torch.long, device=device)
         logits = _last_logits(model, tokens, cache=cache)
         logits = _penalize_repeats(logits, ids, penalty=repetition_penalty)
-        token = _sample(
-            logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator
-        )
+        token = _sample(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
         ids.append(token)
         pending = [token] if cache is not None else ids
         yield token
@@ -135,9 +130,7 @@ def _generate(
             return
 
 
-def _last_logits(
-    model: Transformer, tokens: torch.Tensor, *, cache: KVCache | None
-) -> torch.Tensor:
+def _last_logits(model: Transformer, tokens: torch.Tensor, *, cache: KVCache | None) -> torch.Tensor:
     # Eval mode and no_grad only around the call: a generator must not leave global grad mode
     # (thread-local) or the model's mode changed while it is suspended at a yield.
     was_training = model.training

@@ -119,9 +119,7 @@ def model_config_from_hf(config: Mapping[str, Any]) -> ModelConfig:
         archs = config.get("architectures") or []
         arch = next((by_class[a] for a in archs if a in by_class), None) or (archs or [None])[0]
     if arch not in SUPPORTED_ARCHS:
-        raise AtollError(
-            f"unsupported Hugging Face model_type {arch!r}; supported: {', '.join(SUPPORTED_ARCHS)}"
-        )
+        raise AtollError(f"unsupported Hugging Face model_type {arch!r}; supported: {', '.join(SUPPORTED_ARCHS)}")
 
     def need(key: str) -> Any:
         if key not in config:
@@ -142,9 +140,7 @@ def model_config_from_hf(config: Mapping[str, Any]) -> ModelConfig:
     rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type != "default":
-        raise AtollError(
-            f"rope scaling {rope_type!r} is not supported; atoll implements plain RoPE only"
-        )
+        raise AtollError(f"rope scaling {rope_type!r} is not supported; atoll implements plain RoPE only")
     rope_theta = rope.get("rope_theta", config.get("rope_theta", 10000.0))
 
     if arch == "llama":
@@ -206,9 +202,7 @@ def _hf_key(key: str) -> str:
     return f"model.layers.{layer}.{_LAYER_KEYS[rest]}"
 
 
-def _check_keys(
-    found: Mapping[str, torch.Tensor], expected: Mapping[str, tuple[int, ...]], *, what: str
-) -> None:
+def _check_keys(found: Mapping[str, torch.Tensor], expected: Mapping[str, tuple[int, ...]], *, what: str) -> None:
     missing = [k for k in expected if k not in found]
     unexpected = [k for k in found if k not in expected]
     if missing or unexpected:
@@ -250,9 +244,7 @@ def to_hf_state_dict(
     return out
 
 
-def from_hf_state_dict(
-    hf_sd: Mapping[str, torch.Tensor], cfg: ModelConfig
-) -> dict[str, torch.Tensor]:
+def from_hf_state_dict(hf_sd: Mapping[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """Inverse of `to_hf_state_dict`: HF keys to atoll keys, ready for `load_state_dict`.
 
     Ignores `rotary_emb.inv_freq` buffers and, with tied embeddings, `lm_head.weight`. Drops
@@ -277,8 +269,7 @@ def from_hf_state_dict(
         if is_extra_bias:
             if torch.count_nonzero(tensor) > 0:
                 raise AtollError(
-                    f"{hf_key} is nonzero but atoll's model has no such bias; "
-                    "this checkpoint cannot be loaded exactly"
+                    f"{hf_key} is nonzero but atoll's model has no such bias; this checkpoint cannot be loaded exactly"
                 )
             continue
         unexpected[hf_key] = tensor
@@ -314,9 +305,7 @@ def save_hf_model(
     dtype = str(tensors["model.embed_tokens.weight"].dtype).removeprefix("torch.")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    config = hf_config(
-        cfg, arch=arch, bos_token_id=bos_token_id, eos_token_id=eos_token_id, torch_dtype=dtype
-    )
+    config = hf_config(cfg, arch=arch, bos_token_id=bos_token_id, eos_token_id=eos_token_id, torch_dtype=dtype)
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     generation: dict[str, Any] = {"_from_model_config": True}
     if bos_token_id is not None:
@@ -368,7 +357,6 @@ def load_hf_model(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor
         hf_sd = _load_shards(directory, "pytorch_model.bin.index.json")
     else:
         raise AtollError(
-            f"no weights in {directory}: expected model.safetensors, "
-            "model.safetensors.index.json or pytorch_model.bin"
+            f"no weights in {directory}: expected model.safetensors, model.safetensors.index.json or pytorch_model.bin"
         )
     return cfg, from_hf_state_dict(hf_sd, cfg)

@@ -54,9 +54,7 @@ class KVCache:
         self._keys: list[torch.Tensor | None] = [None] * num_layers
         self._values: list[torch.Tensor | None] = [None] * num_layers
 
-    def update(
-        self, layer: int, keys: torch.Tensor, values: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store `keys`/`values` (B, K, T, D) at positions [length, length+T) of `layer`.
 
         Returns all keys and values of that layer so far, (B, K, length+T, D). Does not advance
@@ -77,8 +75,7 @@ class KVCache:
             self._values[layer] = values.new_zeros(shape)
         elif cached_k.shape[0] != batch:
             raise AtollError(
-                f"KV cache was filled with batch size {cached_k.shape[0]}, got {batch}; "
-                "use one cache per batch"
+                f"KV cache was filled with batch size {cached_k.shape[0]}, got {batch}; use one cache per batch"
             )
         cached_v = self._values[layer]
         assert cached_v is not None
@@ -105,9 +102,7 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(x.dtype)
 
 
-def rotary_tables(
-    positions: torch.Tensor, *, head_dim: int, theta: float
-) -> tuple[torch.Tensor, torch.Tensor]:
+def rotary_tables(positions: torch.Tensor, *, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin tables, (T, D) in fp32, for the given integer positions (T,).
 
     Recomputed per forward rather than cached as buffers: it is tiny next to the matmuls, and it
@@ -232,9 +227,7 @@ class Transformer(nn.Module):
         self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.dim, eps=cfg.norm_eps)
-        self.lm_head: nn.Linear | None = (
-            None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
-        )
+        self.lm_head: nn.Linear | None = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.init_weights()
 
     @torch.no_grad()

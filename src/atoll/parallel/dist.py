@@ -61,6 +61,23 @@ def pick_device(requested: str, env: DistEnv) -> torch.device:
     return device
 
 
+def inference_device(requested: str, *, threads: int = 0) -> torch.device:
+    """The device of a single process that only runs the model (`atoll eval`, `generate`, `serve`).
+
+    `requested` is the verbs' ``--device`` (auto, cpu or cuda); `threads` > 0 also sets the CPU
+    threads torch uses. Raises `AtollError` for a negative `threads` or cuda without a CUDA device.
+    """
+    if threads < 0:
+        raise AtollError("--threads must be 0 (torch's default) or positive")
+    if threads:
+        torch.set_num_threads(threads)
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise AtollError("--device cuda but no CUDA device is visible: use --device cpu")
+    return torch.device(requested)
+
+
 def pick_backend(requested: str, device: torch.device) -> str:
     if requested == "auto":
         return "nccl" if device.type == "cuda" else "gloo"

@@ -27,7 +27,9 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
-def launch_local(module_args: list[str], *, nproc: int, module: str = "atoll.train", env: dict[str, str] | None = None) -> int:
+def launch_local(
+    module_args: list[str], *, nproc: int, module: str = "atoll.train", env: dict[str, str] | None = None
+) -> int:
     """Run `nproc` ranks of ``python -m module module_args`` on this machine; blocks; returns an exit code."""
     base = dict(os.environ if env is None else env)
     base.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -35,7 +37,9 @@ def launch_local(module_args: list[str], *, nproc: int, module: str = "atoll.tra
     base["WORLD_SIZE"] = base["LOCAL_WORLD_SIZE"] = str(nproc)
     base["ATOLL_LAUNCHED"] = "1"  # the launcher, not rank 0, reports the outcome
     procs = [
-        subprocess.Popen([sys.executable, "-m", module, *module_args], env=dict(base, RANK=str(rank), LOCAL_RANK=str(rank)))
+        subprocess.Popen(
+            [sys.executable, "-m", module, *module_args], env=dict(base, RANK=str(rank), LOCAL_RANK=str(rank))
+        )
         for rank in range(nproc)
     ]
     return wait_all(procs)
@@ -49,7 +53,7 @@ def wait_all(procs: list[subprocess.Popen[bytes]], *, tick: Callable[[], None] |
     try:
         return _wait_all(procs, tick)
     except KeyboardInterrupt:
-        _stop(procs)
+        stop_processes(procs)
         raise
 
 
@@ -60,14 +64,18 @@ def _wait_all(procs: list[subprocess.Popen[bytes]], tick: Callable[[], None] | N
         codes = [p.poll() for p in procs]
         failed = [c for c in codes if c not in (None, 0)]
         if failed:
-            _stop(procs)
+            stop_processes(procs)
             return int(failed[0])
         if all(c == 0 for c in codes):
             return 0
         time.sleep(0.25)
 
 
-def _stop(procs: list[subprocess.Popen[bytes]], *, grace_seconds: float = 10.0) -> None:
+def stop_processes(procs: list[subprocess.Popen[bytes]], *, grace_seconds: float = 10.0) -> None:
+    """SIGTERM every process still running, wait up to `grace_seconds` in all, then SIGKILL the rest.
+
+    Blocks until every process has exited; processes that already ended are left alone.
+    """
     for p in procs:
         if p.poll() is None:
             p.send_signal(signal.SIGTERM)

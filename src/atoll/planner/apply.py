@@ -9,6 +9,7 @@ different batches per site) is listed, never silently dropped.
 
 from __future__ import annotations
 
+from atoll.config.schema import sync_key_applies
 from atoll.planner.plan import Plan, plan_settings
 
 _SYNC_KEYS = {
@@ -31,7 +32,11 @@ def plan_overrides(plan: Plan) -> tuple[list[str], list[str]]:
     overrides: list[str] = []
     unhonored: list[str] = []
     for key, value in plan.sync.model_dump().items():
-        overrides.append(f"--{_SYNC_KEYS[key]}={value}")
+        target = _SYNC_KEYS[key]
+        # A plan holds every key; the ones its strategy and codec do not read would only be
+        # reported as ignored by the config.
+        if sync_key_applies(target.removeprefix("sync."), strategy=plan.sync.strategy, codec=plan.sync.codec):
+            overrides.append(f"--{target}={value}")
     overrides += [f"--data.seq_len={plan.seq_len}", f"--train.steps={plan.steps}"]
     batches = {s.batch for s in plan.sites}
     if len(batches) == 1:

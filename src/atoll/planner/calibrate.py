@@ -1,4 +1,4 @@
-"""Calibrating the planner on this machine: `atoll calibrate`.
+"""Calibrating the planner on this machine (what `atoll calibrate` runs, see atoll.planner.commands).
 
 The planner predicts a step from a device's peak FLOP/s and its sustained efficiencies. The
 catalog's efficiencies are typical figures; a measurement replaces them. `calibrate` measures
@@ -12,35 +12,50 @@ planner's estimate of that step equals the measurement. The result is a hardware
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import logging
 import statistics
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
-
-import yaml
 
 from atoll.errors import AtollError
 from atoll.hardware import DeviceSpec, get_device
 from atoll.planner.shape import ModelShape
-from atoll.planner.step import ATOLL_ENGINE, Layout, StepEstimate, estimate_step
+from atoll.planner.step import ATOLL_RUNTIME, Layout, StepEstimate, estimate_step
 
 log = logging.getLogger(__name__)
 
 EFFICIENCY_RANGE = (0.005, 1.0)
 
 
-def predict_step(shape: ModelShape, device: DeviceSpec, *, seq_len: int, micro_batch: int, micro_batches: int = 1, ranks: int = 1) -> StepEstimate:
+def predict_step(
+    shape: ModelShape, device: DeviceSpec, *, seq_len: int, micro_batch: int, micro_batches: int = 1, ranks: int = 1
+) -> StepEstimate:
     """The planner's step on `ranks` data-parallel devices of one node (fp32 gradients on CPU)."""
-    engine = dataclasses.replace(ATOLL_ENGINE, grad_bytes=device.compute_bytes)
+    runtime = dataclasses.replace(ATOLL_RUNTIME, grad_bytes=device.compute_bytes)
     layout = Layout(tp=1, pp=1, dp=ranks, micro_batch=micro_batch, zero=0)
-    return estimate_step(shape, seq_len=seq_len, layout=layout, micro_batches=micro_batches, device=device, per_node=ranks, engine=engine)
+    return estimate_step(
+        shape,
+        seq_len=seq_len,
+        layout=layout,
+        micro_batches=micro_batches,
+        device=device,
+        per_node=ranks,
+        runtime=runtime,
+    )
 
 
-def fit_efficiency(shape: ModelShape, device: DeviceSpec, *, measured_step_s: float, seq_len: int, micro_batch: int, micro_batches: int = 1, ranks: int = 1) -> float:
+def fit_efficiency(
+    shape: ModelShape,
+    device: DeviceSpec,
+    *,
+    measured_step_s: float,
+    seq_len: int,
+    micro_batch: int,
+    micro_batches: int = 1,
+    ranks: int = 1,
+) -> float:
     """The matmul (= attention) efficiency at which the planner predicts `measured_step_s`.
 
     Bisection: the predicted time falls as the efficiency rises. Raises `AtollError` when no
@@ -51,30 +66,38 @@ def fit_efficiency(shape: ModelShape, device: DeviceSpec, *, measured_step_s: fl
 
     def seconds(eff: float) -> float:
         dev = dataclasses.replace(device, matmul_efficiency=eff, attention_efficiency=eff)
-        return predict_step(shape, dev, seq_len=seq_len, micro_batch=micro_batch, micro_batches=micro_batches, ranks=ranks).seconds
+        return predict_step(
+            shape, dev, seq_len=seq_len, micro_batch=micro_batch, micro_batches=micro_batches, ranks=ranks
+        ).seconds
 
     lo, hi = EFFICIENCY_RANGE
     if seconds(hi) > measured_step_s:
         raise AtollError(
-            f"a step measured at {measured_step_s:.4g} s is faster than {device.peak_tflops:.4g} TFLOP/s could run it at 100% "
+            f"a step measured at {measured_step_s:.4g} s is faster than {device.peak_tflops:.4g} TFLOP/s "
+            "could run it at 100% "
             "efficiency: the peak is too low (measure it again, or give the device's real peak)"
         )
     if seconds(lo) < measured_step_s:
-        raise AtollError(f"a step measured at {measured_step_s:.4g} s is below {lo:.1%} efficiency: the device was busy, or the peak is wrong")
+        raise AtollError(
+            f"a step measured at {measured_step_s:.4g} s is below {lo:.1%} efficiency: the device was "
+            "busy, or the peak is wrong"
+        )
     for _ in range(60):
         mid = (lo + hi) / 2
         lo, hi = (lo, mid) if seconds(mid) < measured_step_s else (mid, hi)
     return (lo + hi) / 2
 
 
-def time_train_steps(model_preset: str, *, seq_len: int, micro_batch: int, steps: int, warmup: int = 2, seed: int = 0) -> list[float]:
+def time_train_steps(
+    model_preset: str, *, seq_len: int, micro_batch: int, steps: int, warmup: int = 2, seed: int = 0
+) -> list[float]:
     """Seconds of `steps` training steps (forward, backward, AdamW) of a preset on the CPU, on
     random tokens, after `warmup` untimed ones. Uses torch's current thread count."""
     import torch
 
     from atoll.model import Transformer
     from atoll.model.config import get_preset
-    from atoll.train.trainer import token_loss_sum
+    from atoll.model.loss import token_loss_sum
 
     torch.manual_seed(seed)
     mcfg = get_preset(model_preset)
@@ -123,7 +146,9 @@ class Calibration:
         }
 
 
-def calibrate_cpu(*, model: str, seq_len: int, micro_batch: int, steps: int, threads: int, kind: str = "cpu") -> Calibration:
+def calibrate_cpu(
+    *, model: str, seq_len: int, micro_batch: int, steps: int, threads: int, kind: str = "cpu"
+) -> Calibration:
     """Measure this CPU: matmul peak with `threads` threads, a training step of `model`, the fit."""
     import torch
 
@@ -142,50 +167,15 @@ def calibrate_cpu(*, model: str, seq_len: int, micro_batch: int, steps: int, thr
     shape = shape_from_config(get_preset(model), name=model)
     eff = fit_efficiency(shape, device, measured_step_s=step_s, seq_len=seq_len, micro_batch=micro_batch)
     catalog_s = predict_step(shape, device, seq_len=seq_len, micro_batch=micro_batch).seconds
-    return Calibration(kind=kind, base="cpu", peak_flops=peak, step_s=step_s, efficiency=eff, catalog_step_s=catalog_s,
-                       model=model, seq_len=seq_len, micro_batch=micro_batch, threads=threads)
-
-
-# ---------------------------------------------------------------- command line
-
-
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    """Add the ``calibrate`` verb to the `atoll` command's sub-parsers."""
-    import os
-
-    p = sub.add_parser(
-        "calibrate",
-        help="measure this machine for the planner (peak, step time, efficiency) and write a hardware YAML",
-        description="Measure the CPU's matmul peak, time training steps of a model, fit the efficiency that makes the "
-        "planner predict that step, and write a hardware file for `atoll plan --hardware`.",
+    return Calibration(
+        kind=kind,
+        base="cpu",
+        peak_flops=peak,
+        step_s=step_s,
+        efficiency=eff,
+        catalog_step_s=catalog_s,
+        model=model,
+        seq_len=seq_len,
+        micro_batch=micro_batch,
+        threads=threads,
     )
-    p.add_argument("--model", default="demo", help="model preset to time (default: demo)")
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--micro-batch", type=int, default=8)
-    p.add_argument("--steps", type=int, default=6, help="timed steps (median), after 2 untimed")
-    p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads (default: all cores)")
-    p.add_argument("--kind", default="cpu", help="device kind to write (default: cpu, overriding the catalog's)")
-    p.add_argument("--out", type=Path, default=Path("hardware.yaml"), help="hardware YAML to write (default: hardware.yaml)")
-    p.set_defaults(func=_cmd_calibrate, allow_overrides=False)
-
-
-def _cmd_calibrate(args: argparse.Namespace, extra: list[str]) -> int:
-    from rich.console import Console
-
-    if extra:
-        raise AtollError(f"unexpected arguments {' '.join(extra)}")
-    for name in ("seq_len", "micro_batch", "steps", "threads"):
-        if getattr(args, name) < 1:
-            raise AtollError(f"--{name.replace('_', '-')} must be at least 1")
-    cal = calibrate_cpu(model=args.model, seq_len=args.seq_len, micro_batch=args.micro_batch, steps=args.steps, threads=args.threads, kind=args.kind)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(yaml.safe_dump(cal.hardware_yaml(), sort_keys=False), encoding="utf-8")
-    console = Console()
-    console.print(
-        f"matmul peak {cal.peak_flops / 1e9:,.1f} GFLOP/s ({cal.threads} threads); {cal.model} step ({cal.micro_batch} x {cal.seq_len} tokens) "
-        f"{cal.step_s:.3f} s measured, {cal.catalog_step_s:.3f} s predicted with the catalog's efficiencies; "
-        f"fitted efficiency {cal.efficiency:.3f}",
-        highlight=False,
-    )
-    console.print(f"wrote {args.out} (use: atoll plan --hardware {args.out} ..., or ATOLL_HARDWARE={args.out})", highlight=False)
-    return 0

@@ -56,8 +56,8 @@ def megatron_flops_per_iteration(*, batch: int, seq_len: int, layers: int, hidde
     96·B·s·l·h²·(1 + s/(6h) + V/(16·l·h)). The paper's TFLOP/s per GPU are this divided by
     (iteration seconds x GPUs).
     """
-    b, s, l, h, v = batch, seq_len, layers, hidden, vocab
-    return 96.0 * b * s * l * h * h * (1.0 + s / (6.0 * h) + v / (16.0 * l * h))
+    b, s, h, v = batch, seq_len, hidden, vocab
+    return 96.0 * b * s * layers * h * h * (1.0 + s / (6.0 * h) + v / (16.0 * layers * h))
 
 
 # ---------------------------------------------------------------- collectives (ring algorithms)
@@ -77,7 +77,9 @@ def allgather_bytes_per_rank(size_bytes: float, num_ranks: int) -> float:
     return (num_ranks - 1) / num_ranks * size_bytes
 
 
-def ring_allreduce_seconds(size_bytes: float, num_ranks: int, *, bus_bytes_per_s: float, latency_s: float = 0.0) -> float:
+def ring_allreduce_seconds(
+    size_bytes: float, num_ranks: int, *, bus_bytes_per_s: float, latency_s: float = 0.0
+) -> float:
     """Time of a ring all-reduce: 2(n-1)/n · size / bus bandwidth + 2(n-1) hops of latency.
 
     `bus_bytes_per_s` is the bandwidth of the slowest link of the ring, as nccl-tests' "busbw".
@@ -87,7 +89,9 @@ def ring_allreduce_seconds(size_bytes: float, num_ranks: int, *, bus_bytes_per_s
     return allreduce_bytes_per_rank(size_bytes, num_ranks) / bus_bytes_per_s + 2 * (num_ranks - 1) * latency_s
 
 
-def ring_allgather_seconds(size_bytes: float, num_ranks: int, *, bus_bytes_per_s: float, latency_s: float = 0.0) -> float:
+def ring_allgather_seconds(
+    size_bytes: float, num_ranks: int, *, bus_bytes_per_s: float, latency_s: float = 0.0
+) -> float:
     """Time of a ring all-gather or reduce-scatter of a `size_bytes` (full) buffer."""
     if num_ranks <= 1:
         return 0.0

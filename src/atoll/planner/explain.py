@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from atoll.planner.candidates import Candidate, PlanRequest
 from atoll.planner.cost import matmul_params, training_flops_per_token
-from atoll.planner.search import Candidate, PlanRequest
 from atoll.planner.shape import ModelShape
 from atoll.planner.wan import codec_bytes, exposed_per_round
 
@@ -23,17 +23,31 @@ def explain(c: Candidate, shape: ModelShape, req: PlanRequest) -> list[tuple[str
     n = matmul_params(shape)
     attn = shape.num_layers * shape.num_heads * shape.head_dim * s
     fpt = training_flops_per_token(shape, seq_len=s)
-    out.append(("model", [
-        f"{shape.name}: {shape.num_params():,} parameters ({shape.num_layers} layers, dim {shape.dim}, "
-        f"{shape.num_heads} heads / {shape.num_kv_heads} kv, ffn {shape.ffn_dim} {shape.mlp}, vocab {shape.vocab_size})",
-        f"FLOPs per token = 6N + 12·L·H·Q·T = 6 x {n:,} + 12 x {attn:,} = {fpt:.4g} (N: matmul parameters incl. the head)",
-        f"steps = ceil(tokens / (batch x seq)) = ceil({req.tokens:.4g} / ({c.global_batch} x {s})) = {c.steps:,}",
-    ]))
+    out.append(
+        (
+            "model",
+            [
+                f"{shape.name}: {shape.num_params():,} parameters ({shape.num_layers} layers, dim {shape.dim}, "
+                f"{shape.num_heads} heads / {shape.num_kv_heads} kv, ffn {shape.ffn_dim} {shape.mlp}, "
+                f"vocab {shape.vocab_size})",
+                (
+                    f"FLOPs per token = 6N + 12·L·H·Q·T = 6 x {n:,} + 12 x {attn:,} = {fpt:.4g} (N: matmul "
+                    "parameters incl. the head)"
+                ),
+                (
+                    f"steps = ceil(tokens / (batch x seq)) = ceil({req.tokens:.4g} / ({c.global_batch} x {s})) "
+                    f"= {c.steps:,}"
+                ),
+            ],
+        )
+    )
     for sp in c.sites:
         est = sp.estimate
         lay = est.layout
         lines = [f"layout {lay.describe()}; {est.batch} sequences per step"]
-        for g, r, m, seq, step, mem in zip(est.groups, est.replicas, est.micro_batches, est.sequences, est.steps, est.memory):
+        for g, r, m, seq, step, mem in zip(
+            est.groups, est.replicas, est.micro_batches, est.sequences, est.steps, est.memory
+        ):
             dev = g.device
             lines.append(
                 f"{g.count} x {dev.kind}: {r} replicas x {m} micro-batches of {lay.micro_batch} "
@@ -42,7 +56,9 @@ def explain(c: Candidate, shape: ModelShape, req: PlanRequest) -> list[tuple[str
             )
             lines.append("  one block, one micro-batch (forward | backward):")
             for op in step.ops:
-                lines.append(f"    {op.name:<26} {_t(op.seconds):>12} | {_t(op.backward_seconds):>12}  ({op.bound}-bound)")
+                lines.append(
+                    f"    {op.name:<26} {_t(op.seconds):>12} | {_t(op.backward_seconds):>12}  ({op.bound}-bound)"
+                )
             lines += [
                 f"  stage time per micro-batch (fwd + bwd + recompute + TP + p2p) = {_t(step.stage_seconds)}",
                 f"  pipeline = (m + (p-1)/v) x stage = ({m} + {lay.pp - 1}/{lay.vp}) x {_t(step.stage_seconds)} = "
@@ -50,7 +66,10 @@ def explain(c: Candidate, shape: ModelShape, req: PlanRequest) -> list[tuple[str
                 f"p2p {_t(step.p2p_seconds)})",
                 f"  data-parallel reduction {_t(step.dp_total_seconds)}, exposed {_t(step.dp_seconds)}; "
                 f"optimizer {_t(step.optimizer_seconds)}",
-                f"  step = {_t(step.pipeline_seconds)} + {_t(step.dp_seconds)} + {_t(step.optimizer_seconds)} = {_t(step.seconds)}",
+                (
+                    f"  step = {_t(step.pipeline_seconds)} + {_t(step.dp_seconds)} + "
+                    f"{_t(step.optimizer_seconds)} = {_t(step.seconds)}"
+                ),
                 f"  memory per device: model states {mem.model_states / 1e9:.1f} GB + activations "
                 f"{mem.activations / 1e9:.1f} GB + transient {mem.transient / 1e9:.1f} GB + workspace "
                 f"{mem.workspace / 1e9:.1f} GB = {mem.total / 1e9:.1f} of {mem.capacity / 1e9:.0f} GB",
@@ -60,39 +79,71 @@ def explain(c: Candidate, shape: ModelShape, req: PlanRequest) -> list[tuple[str
         sync = c.sync
         lines = []
         if sync.strategy == "ddp":
-            payload = shape.num_params() * req.engine.grad_bytes
-            lines.append(f"payload = gradients in {req.engine.grad_bytes} bytes x {shape.num_params():,} = {payload / 1e9:.2f} GB, every step")
+            payload = shape.num_params() * req.runtime.grad_bytes
+            lines.append(
+                f"payload = gradients in {req.runtime.grad_bytes} bytes x {shape.num_params():,} = "
+                f"{payload / 1e9:.2f} GB, every step"
+            )
         else:
             payload = codec_bytes(sync.codec, shape)
             lines.append(f"payload = {sync.codec}({shape.num_params():,} parameters) = {payload / 1e9:.3f} GB per site")
         k = len(c.sites)
-        lines.append(f"each site sends (all-gather) (S-1) x payload = {k - 1} x {payload / 1e9:.3f} GB = {c.wan_bytes_per_sync / 1e9:.3f} GB per sync")
+        lines.append(
+            f"each site sends (all-gather) (S-1) x payload = {k - 1} x {payload / 1e9:.3f} GB = "
+            f"{c.wan_bytes_per_sync / 1e9:.3f} GB per sync"
+        )
         for sp in c.sites:
             if sp.link:
                 lines.append(
-                    f"  {sp.name}: up {sp.link.up_bytes_per_s * 8 / 1e6:,.0f} Mbit/s, down {sp.link.down_bytes_per_s * 8 / 1e6:,.0f} Mbit/s "
+                    f"  {sp.name}: up {sp.link.up_bytes_per_s * 8 / 1e6:,.0f} Mbit/s, down "
+                    f"{sp.link.down_bytes_per_s * 8 / 1e6:,.0f} Mbit/s "
                     f"-> {c.wan_bytes_per_sync / min(sp.link.up_bytes_per_s, sp.link.down_bytes_per_s):,.1f} s"
                 )
         lines.append(f"sync time = slowest site + latency hops = {_t(c.sync_s)}")
-        exposed = exposed_per_round(sync.strategy, inner_steps=sync.inner_steps, step_s=c.compute_step_s, sync_s=c.sync_s,
-                                    fragments=sync.fragments, overlap_steps=sync.overlap_steps, latency_s=c.sync_latency_s)
+        exposed = exposed_per_round(
+            sync.strategy,
+            inner_steps=sync.inner_steps,
+            step_s=c.compute_step_s,
+            sync_s=c.sync_s,
+            fragments=sync.fragments,
+            overlap_steps=sync.overlap_steps,
+            latency_s=c.sync_latency_s,
+        )
         rule = {
             "ddp": "exposed = sync time, every step",
             "diloco": "exposed per round = sync time",
-            "delayed": f"exposed per round = max(0, sync - H x step) = max(0, {_t(c.sync_s)} - {sync.inner_steps} x {_t(c.compute_step_s)})",
-            "streaming": f"exposed per round = max(F x max(0, frag - tau x step), F x frag - H x step), frag = transfer/F + latency, F={sync.fragments}, tau={sync.overlap_steps}",
+            "delayed": (
+                f"exposed per round = max(0, sync - H x step) = max(0, {_t(c.sync_s)} - "
+                f"{sync.inner_steps} x {_t(c.compute_step_s)})"
+            ),
+            "streaming": (
+                "exposed per round = max(F x max(0, frag - tau x step), F x frag - H x step), "
+                f"frag = transfer/F + latency, F={sync.fragments}, tau={sync.overlap_steps}"
+            ),
         }[sync.strategy]
         lines.append(f"{rule} = {_t(exposed)}")
         lines.append(
-            f"wall step = slowest site {_t(c.compute_step_s)} + {_t(exposed)} / {sync.inner_steps} = {_t(c.wall_step_s)}"
+            f"wall step = slowest site {_t(c.compute_step_s)} + {_t(exposed)} / {sync.inner_steps} = "
+            f"{_t(c.wall_step_s)}"
         )
         out.append(("WAN exchange", lines))
-    out.append(("time to train", [
-        f"utilization = sum(devices x site step) / (devices x wall step) = {c.utilization:.4f}",
-        f"failures: expected overhead {c.failure_overhead:.4f} (rate = devices / MTBF; cost per failure = recovery "
-        + ("+ half a checkpoint interval, everyone waits)" if c.sync.strategy == "ddp" or len(c.sites) == 1 else "+ heal + half a round, that site's tokens only)"),
-        f"time = steps x wall step x (1 + overhead) = {c.steps:,} x {_t(c.wall_step_s)} x {1 + c.failure_overhead:.4f} = "
-        f"{c.time_to_train_s / 86400:,.2f} days",
-        f"cost = hours x sum(devices x $/h) = ${c.cost_usd:,.0f} (catalog prices are illustrative)",
-    ]))
+    out.append(
+        (
+            "time to train",
+            [
+                f"utilization = sum(devices x site step) / (devices x wall step) = {c.utilization:.4f}",
+                f"failures: expected overhead {c.failure_overhead:.4f} (rate = devices / MTBF; cost per "
+                "failure = recovery "
+                + (
+                    "+ half a checkpoint interval, everyone waits)"
+                    if c.sync.strategy == "ddp" or len(c.sites) == 1
+                    else "+ heal + half a round, that site's tokens only)"
+                ),
+                f"time = steps x wall step x (1 + overhead) = {c.steps:,} x {_t(c.wall_step_s)} x "
+                f"{1 + c.failure_overhead:.4f} = "
+                f"{c.time_to_train_s / 86400:,.2f} days",
+                f"cost = hours x sum(devices x $/h) = ${c.cost_usd:,.0f} (catalog prices are illustrative)",
+            ],
+        )
+    )
     return out

@@ -126,8 +126,16 @@ def estimate_memory(
     stage_params += shape.vocab_size * shape.dim / tp  # embedding (first stage) or head (last)
     states = stage_params * model_state_bytes_per_param(zero=zero, dp=dp)
     per_layer = activation_bytes_per_layer(
-        shape, seq_len=seq_len, micro_batch=micro_batch, tp=tp, sequence_parallel=sequence_parallel,
-        recompute=recompute, attention=attention, dropout=dropout, element_bytes=element_bytes, eager=eager,
+        shape,
+        seq_len=seq_len,
+        micro_batch=micro_batch,
+        tp=tp,
+        sequence_parallel=sequence_parallel,
+        recompute=recompute,
+        attention=attention,
+        dropout=dropout,
+        element_bytes=element_bytes,
+        eager=eager,
     )
     in_flight = min(micro_batches, pp)
     interleave = 1.0 + (pp - 1) / (pp * vp) if pp > 1 and vp > 1 else 1.0
@@ -135,13 +143,27 @@ def estimate_memory(
     logits = seq_len * micro_batch * shape.vocab_size / tp * (element_bytes + 4)
     transient = logits
     if recompute == "full":
-        transient = max(transient, activation_bytes_per_layer(
-            shape, seq_len=seq_len, micro_batch=micro_batch, tp=tp, sequence_parallel=sequence_parallel,
-            recompute="none", attention=attention, dropout=dropout, element_bytes=element_bytes, eager=eager,
-        ))
+        transient = max(
+            transient,
+            activation_bytes_per_layer(
+                shape,
+                seq_len=seq_len,
+                micro_batch=micro_batch,
+                tp=tp,
+                sequence_parallel=sequence_parallel,
+                recompute="none",
+                attention=attention,
+                dropout=dropout,
+                element_bytes=element_bytes,
+                eager=eager,
+            ),
+        )
     if zero == 3 and dp > 1:
         transient += 2 * shape.layer_params() / tp * element_bytes  # this block's and the prefetched one's
     return MemoryEstimate(
-        model_states=states, activations=activations, transient=transient, workspace=WORKSPACE_BYTES,
+        model_states=states,
+        activations=activations,
+        transient=transient,
+        workspace=WORKSPACE_BYTES,
         capacity=capacity_bytes,
     )

@@ -59,7 +59,7 @@ def time_to_train(
     sync_latency_s: float = 0.0,
     fragments: int = 1,
     overlap_steps: int = 0,
-    disturbances: Disturbances = Disturbances(),
+    disturbances: Disturbances = Disturbances(),  # noqa: B008 -- frozen dataclass, a shared default is safe
     heal_s: dict[str, float] | None = None,
     checkpoint_interval_s: float = 3600.0,
     trials: int = 20,
@@ -88,10 +88,24 @@ def time_to_train(
             if single:
                 exposed = np.zeros(n)
             else:
-                exposed = np.array([
-                    exposed_per_round(strategy, inner_steps=h, step_s=s / h, sync_s=sync_s, fragments=fragments,
-                                      overlap_steps=overlap_steps, latency_s=sync_latency_s) for s in slowest
-                ]) if strategy in ("delayed", "streaming") else np.full(n, sync_s)
+                exposed = (
+                    np.array(
+                        [
+                            exposed_per_round(
+                                strategy,
+                                inner_steps=h,
+                                step_s=s / h,
+                                sync_s=sync_s,
+                                fragments=fragments,
+                                overlap_steps=overlap_steps,
+                                latency_s=sync_latency_s,
+                            )
+                            for s in slowest
+                        ]
+                    )
+                    if strategy in ("delayed", "streaming")
+                    else np.full(n, sync_s)
+                )
             round_s = slowest + exposed
             kept = np.ones_like(compute)
             stalls = np.zeros(n, dtype=np.int64)

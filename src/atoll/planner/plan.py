@@ -34,9 +34,10 @@ from pydantic import Field, model_validator
 from atoll.config.load import read_yaml, validate
 from atoll.config.schema import Section
 from atoll.errors import AtollError
+from atoll.sync.codec_specs import DEFAULT_BLOCK_SIZE, DEFAULT_LOWRANK_RANK, DEFAULT_TOPK_FRACTION, CodecName
 
 if TYPE_CHECKING:
-    from atoll.planner.search import Candidate
+    from atoll.planner.candidates import Candidate
 
 PLAN_VERSION = 1
 
@@ -44,19 +45,26 @@ PLAN_VERSION = 1
 class SyncSettings(Section):
     """The cross-site exchange."""
 
-    strategy: Literal["ddp", "diloco", "streaming", "delayed"] = Field(description="ddp: all-reduce gradients every step; diloco: outer step every H; streaming: fragments on staggered schedules; delayed: outer update applied one round late.")
+    strategy: Literal["ddp", "diloco", "streaming", "delayed"] = Field(
+        description=(
+            "ddp: all-reduce gradients every step; diloco: outer step every H; streaming: "
+            "fragments on staggered schedules; delayed: outer update applied one round late."
+        )
+    )
     inner_steps: int = Field(1, ge=1, description="H: inner steps between outer syncs (1 for ddp).")
-    codec: Literal["none", "fp16", "int8", "int4", "topk", "lowrank"] = Field("none", description="Compression of what crosses the WAN.")
+    codec: CodecName = Field("none", description="Compression of what crosses the WAN.")
     fragments: int = Field(1, ge=1, description="Streaming: model fragments synced on staggered schedules.")
-    overlap_steps: int = Field(0, ge=0, description="Streaming: inner steps an exchange may overlap before compute waits (tau).")
+    overlap_steps: int = Field(
+        0, ge=0, description="Streaming: inner steps an exchange may overlap before compute waits (tau)."
+    )
     outer_lr: float = Field(0.7, gt=0, description="Outer SGD learning rate (DiLoCo default).")
     outer_momentum: float = Field(0.9, ge=0, lt=1, description="Outer Nesterov momentum (DiLoCo default).")
-    quant_block: int = Field(256, gt=0, description="int8/int4: elements per absmax scale.")
-    topk_fraction: float = Field(0.01, gt=0, le=1, description="topk: fraction of entries sent.")
-    lowrank_rank: int = Field(64, gt=0, description="lowrank: rank of the factors.")
+    quant_block: int = Field(DEFAULT_BLOCK_SIZE, gt=0, description="int8/int4: elements per absmax scale.")
+    topk_fraction: float = Field(DEFAULT_TOPK_FRACTION, gt=0, le=1, description="topk: fraction of entries sent.")
+    lowrank_rank: int = Field(DEFAULT_LOWRANK_RANK, gt=0, description="lowrank: rank of the factors.")
 
     @model_validator(mode="after")
-    def _check(self) -> "SyncSettings":
+    def _check(self) -> SyncSettings:
         if self.strategy == "ddp" and self.inner_steps != 1:
             raise ValueError("sync.inner_steps must be 1 with strategy ddp")
         if self.strategy != "streaming" and (self.fragments != 1 or self.overlap_steps != 0):
@@ -78,7 +86,9 @@ class LayoutSettings(Section):
 class DeviceCount(Section):
     kind: str
     count: int = Field(gt=0)
-    sequences: int | None = Field(None, ge=0, description="Sequences per step on these devices (uneven split by speed).")
+    sequences: int | None = Field(
+        None, ge=0, description="Sequences per step on these devices (uneven split by speed)."
+    )
 
 
 class SitePredicted(Section):
@@ -125,7 +135,7 @@ class Plan(Section):
     reasons: list[str] = Field(default_factory=list)
 
     @model_validator(mode="after")
-    def _consistent(self) -> "Plan":
+    def _consistent(self) -> Plan:
         total = sum(s.batch for s in self.sites)
         if total != self.global_batch:
             raise ValueError(f"sites' batches add up to {total}, but global_batch is {self.global_batch}")
@@ -148,7 +158,9 @@ def load_plan(path: Path) -> Plan:
 
 def write_plan(plan: Plan, path: Path) -> None:
     """Write `plan` as YAML (the format `load_plan` reads)."""
-    Path(path).write_text(yaml.safe_dump(plan.model_dump(mode="json"), sort_keys=False, allow_unicode=True), encoding="utf-8")
+    Path(path).write_text(
+        yaml.safe_dump(plan.model_dump(mode="json"), sort_keys=False, allow_unicode=True), encoding="utf-8"
+    )
 
 
 def plan_settings(plan: Plan) -> dict[str, Any]:
@@ -196,26 +208,55 @@ def plan_from_candidate(candidate: Candidate, *, model: str, model_params: int, 
         site_mfu = sum(mfu[g.device.kind] * g.count * g.device.peak_flops for g in est.groups) / sum(
             g.count * g.device.peak_flops for g in est.groups
         )
-        sites.append(SiteSettings(
-            name=sp.name, devices=devices, batch=est.batch, inner_steps=c.sync.inner_steps,
-            layout=LayoutSettings(
-                tp=lay.tp, pp=lay.pp, dp=lay.dp, vp=lay.vp, micro_batch=lay.micro_batch, zero=lay.zero,
-                recompute=lay.recompute, sequence_parallel=lay.sequence_parallel,
-            ),
-            predicted=SitePredicted(step_s=round(est.seconds, 6), mfu=round(site_mfu, 4),
-                                    memory_gb=round(max(m.total for m in est.memory) / 1e9, 2)),
-        ))
+        sites.append(
+            SiteSettings(
+                name=sp.name,
+                devices=devices,
+                batch=est.batch,
+                inner_steps=c.sync.inner_steps,
+                layout=LayoutSettings(
+                    tp=lay.tp,
+                    pp=lay.pp,
+                    dp=lay.dp,
+                    vp=lay.vp,
+                    micro_batch=lay.micro_batch,
+                    zero=lay.zero,
+                    recompute=lay.recompute,
+                    sequence_parallel=lay.sequence_parallel,
+                ),
+                predicted=SitePredicted(
+                    step_s=round(est.seconds, 6),
+                    mfu=round(site_mfu, 4),
+                    memory_gb=round(max(m.total for m in est.memory) / 1e9, 2),
+                ),
+            )
+        )
     sync = SyncSettings(
-        strategy=c.sync.strategy, inner_steps=c.sync.inner_steps, codec=c.sync.codec if c.sync.strategy != "ddp" else "none",
-        fragments=c.sync.fragments, overlap_steps=c.sync.overlap_steps,
+        strategy=c.sync.strategy,
+        inner_steps=c.sync.inner_steps,
+        codec=c.sync.codec if c.sync.strategy != "ddp" else "none",
+        fragments=c.sync.fragments,
+        overlap_steps=c.sync.overlap_steps,
     )
     return Plan(
-        model=model, model_params=model_params, topology=topology, tokens=tokens, seq_len=c.seq_len,
-        global_batch=c.global_batch, steps=c.steps, sync=sync, sites=sites,
+        model=model,
+        model_params=model_params,
+        topology=topology,
+        tokens=tokens,
+        seq_len=c.seq_len,
+        global_batch=c.global_batch,
+        steps=c.steps,
+        sync=sync,
+        sites=sites,
         predicted=Predicted(
-            compute_step_s=round(c.compute_step_s, 6), wall_step_s=round(c.wall_step_s, 6), sync_s=round(c.sync_s, 3),
-            wan_bytes_per_sync=round(c.wan_bytes_per_sync), utilization=round(c.utilization, 4),
-            time_to_train_s=round(c.time_to_train_s, 1), days=round(c.days, 3), cost_usd=round(c.cost_usd, 2),
+            compute_step_s=round(c.compute_step_s, 6),
+            wall_step_s=round(c.wall_step_s, 6),
+            sync_s=round(c.sync_s, 3),
+            wan_bytes_per_sync=round(c.wan_bytes_per_sync),
+            utilization=round(c.utilization, 4),
+            time_to_train_s=round(c.time_to_train_s, 1),
+            days=round(c.days, 3),
+            cost_usd=round(c.cost_usd, 2),
             mfu_by_kind={k: round(v, 4) for k, v in mfu.items()},
         ),
         reasons=list(c.reasons),

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from atoll.planner.candidates import Candidate
 from atoll.planner.montecarlo import HorizonResult, time_to_train
-from atoll.planner.search import HEAL_STATE_FACTOR, Candidate
+from atoll.planner.search import HEAL_STATE_FACTOR
 from atoll.planner.shape import ModelShape
 from atoll.planner.simulate import Disturbances, SimResult, SimSite, SimSync, simulate
-from atoll.planner.wan import codec_bytes, exchange_latency, per_site_bytes
+from atoll.planner.wan import codec_bytes
+from atoll.sync.link_model import allgather_bytes, allgather_latency
 
 
 @dataclass(frozen=True)
@@ -24,8 +26,11 @@ def sim_inputs(c: Candidate, shape: ModelShape, *, grad_bytes: int = 2) -> tuple
     """The simulators' view of candidate `c`: sites, sync and the heal download (bytes)."""
     sites = [
         SimSite(
-            name=sp.name, step_s=sp.estimate.seconds, tokens_per_step=sp.estimate.tokens,
-            devices=sp.estimate.devices_total, link=sp.link,
+            name=sp.name,
+            step_s=sp.estimate.seconds,
+            tokens_per_step=sp.estimate.tokens,
+            devices=sp.estimate.devices_total,
+            link=sp.link,
             failure_rate_per_s=sum(g.count / (g.device.mtbf_hours * 3600.0) for g in sp.estimate.groups),
         )
         for sp in c.sites
@@ -33,18 +38,31 @@ def sim_inputs(c: Candidate, shape: ModelShape, *, grad_bytes: int = 2) -> tuple
     s = c.sync
     if len(sites) > 1:
         payload = shape.num_params() * grad_bytes if s.strategy == "ddp" else codec_bytes(s.codec, shape)
-        volume = per_site_bytes(payload, len(sites))
-        latency = exchange_latency([sp.link for sp in c.sites if sp.link is not None])
+        volume = allgather_bytes(payload, len(sites))
+        latency = allgather_latency([sp.link for sp in c.sites if sp.link is not None])
     else:
         volume, latency = 0.0, 0.0
-    sync = SimSync(strategy=s.strategy, inner_steps=s.inner_steps, payload_bytes=volume, latency_s=latency,
-                   fragments=s.fragments, overlap_steps=s.overlap_steps)
+    sync = SimSync(
+        strategy=s.strategy,
+        inner_steps=s.inner_steps,
+        payload_bytes=volume,
+        latency_s=latency,
+        fragments=s.fragments,
+        overlap_steps=s.overlap_steps,
+    )
     heal = HEAL_STATE_FACTOR * 4.0 * shape.num_params()
     return sites, sync, heal
 
 
-def play(c: Candidate, shape: ModelShape, *, disturbances: Disturbances, rounds: int = 3, trials: int = 20,
-         checkpoint_interval_s: float = 3600.0) -> Playback:
+def play(
+    c: Candidate,
+    shape: ModelShape,
+    *,
+    disturbances: Disturbances,
+    rounds: int = 3,
+    trials: int = 20,
+    checkpoint_interval_s: float = 3600.0,
+) -> Playback:
     """Simulate `rounds` rounds of `c` event by event, and the whole run `trials` times."""
     sites, sync, heal = sim_inputs(c, shape)
     steps = max(1, rounds * (sync.inner_steps if sync.strategy != "ddp" else 1))
@@ -57,9 +75,17 @@ def play(c: Candidate, shape: ModelShape, *, disturbances: Disturbances, rounds:
     window = simulate(sites, sync, num_steps=steps, disturbances=dist)
     heal_s = {sp.name: heal / sp.link.down_bytes_per_s for sp in c.sites if sp.link is not None}
     horizon = time_to_train(
-        sites, strategy=c.sync.strategy, inner_steps=c.sync.inner_steps, sync_s=c.sync_s, total_steps=c.steps,
+        sites,
+        strategy=c.sync.strategy,
+        inner_steps=c.sync.inner_steps,
+        sync_s=c.sync_s,
+        total_steps=c.steps,
         sync_latency_s=c.sync_latency_s,
-        fragments=c.sync.fragments, overlap_steps=c.sync.overlap_steps, disturbances=dist, heal_s=heal_s,
-        checkpoint_interval_s=checkpoint_interval_s, trials=trials,
+        fragments=c.sync.fragments,
+        overlap_steps=c.sync.overlap_steps,
+        disturbances=dist,
+        heal_s=heal_s,
+        checkpoint_interval_s=checkpoint_interval_s,
+        trials=trials,
     )
     return Playback(sites=sites, window=window, horizon=horizon)

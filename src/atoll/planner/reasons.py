@@ -3,21 +3,25 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING
 
+from atoll.planner.candidates import Candidate, PlanRequest, RiskBudget
 from atoll.planner.shape import ModelShape
 from atoll.planner.wan import codec_bytes
-
-if TYPE_CHECKING:
-    from atoll.planner.search import Candidate, PlanRequest, RiskBudget
 
 
 def _days(c: Candidate) -> str:
     return f"{c.days:,.1f} days"
 
 
-def explain_choice(chosen: Candidate, cands: list[Candidate], *, shape: ModelShape, budget: RiskBudget,
-                   req: PlanRequest, notes: list[str]) -> Candidate:
+def explain_choice(
+    chosen: Candidate,
+    cands: list[Candidate],
+    *,
+    shape: ModelShape,
+    budget: RiskBudget,
+    req: PlanRequest,
+    notes: list[str],
+) -> Candidate:
     """`chosen` with its `reasons` filled in, comparing it with the alternatives in `cands`."""
     r: list[str] = []
     tokens_per_step = chosen.global_batch * chosen.seq_len
@@ -34,8 +38,8 @@ def explain_choice(chosen: Candidate, cands: list[Candidate], *, shape: ModelSha
         idle = est.devices_total - est.devices_used
         r.append(
             f"site {sp.name} ({kinds}): {est.layout.describe()}, {est.batch} sequences per step "
-            f"({est.batch / total_batch:.0%} of the batch), {est.seconds:.3g} s per step, {mem:.1f} of {cap:.0f} GB per device"
-            + (f"; {idle} devices idle (the layout does not divide them)" if idle else "")
+            f"({est.batch / total_batch:.0%} of the batch), {est.seconds:.3g} s per step, {mem:.1f} of "
+            f"{cap:.0f} GB per device" + (f"; {idle} devices idle (the layout does not divide them)" if idle else "")
         )
         if len(est.groups) > 1:
             shares = ", ".join(f"{g.device.kind} {s}" for g, s in zip(est.groups, est.sequences))
@@ -52,7 +56,8 @@ def explain_choice(chosen: Candidate, cands: list[Candidate], *, shape: ModelSha
         slow = min(min(link.up_bytes_per_s, link.down_bytes_per_s) for link in links)
         fp32 = codec_bytes("none", shape)
         r.append(
-            f"WAN: the slowest link carries {slow * 8 / 1e6:,.0f} Mbit/s of payload; the fp32 model ({fp32 / 1e9:,.1f} GB) takes "
+            f"WAN: the slowest link carries {slow * 8 / 1e6:,.0f} Mbit/s of payload; the fp32 model "
+            f"({fp32 / 1e9:,.1f} GB) takes "
             f"{fp32 / slow:,.0f} s to send once, against {chosen.compute_step_s:.3g} s of compute per step "
             f"(R = {fp32 / slow / chosen.compute_step_s:,.0f})"
         )
@@ -66,7 +71,8 @@ def explain_choice(chosen: Candidate, cands: list[Candidate], *, shape: ModelSha
             )
         r.append(
             f"{chosen.sync.describe()}: {chosen.wan_bytes_per_sync / 1e9:,.2f} GB out of each site per sync, "
-            f"{chosen.sync_s:,.1f} s on the WAN; compute waits {chosen.exposed_per_step_s * chosen.sync.inner_steps:,.1f} s "
+            f"{chosen.sync_s:,.1f} s on the WAN; compute waits "
+            f"{chosen.exposed_per_step_s * chosen.sync.inner_steps:,.1f} s "
             f"per round of {chosen.sync.inner_steps} steps: utilization {chosen.utilization:.1%}"
         )
         if chosen.sync.strategy != "ddp":
@@ -77,9 +83,14 @@ def explain_choice(chosen: Candidate, cands: list[Candidate], *, shape: ModelSha
                 f"{req.time_tolerance:.0%} of the fastest ({fastest.sync.describe()}, {_days(fastest)})"
             )
     r.append(
-        f"failures: expected +{chosen.failure_overhead:.1%} time (device MTBF {chosen.sites[0].estimate.groups[0].device.mtbf_hours:,.0f} h, "
+        f"failures: expected +{chosen.failure_overhead:.1%} time (device MTBF "
+        f"{chosen.sites[0].estimate.groups[0].device.mtbf_hours:,.0f} h, "
         f"{req.recovery_s:.0f} s to recover"
-        + (", checkpoint every {:.0f} min)".format(req.checkpoint_interval_s / 60) if chosen.sync.strategy == "ddp" else ", a returning site heals from a peer)")
+        + (
+            f", checkpoint every {req.checkpoint_interval_s / 60:.0f} min)"
+            if chosen.sync.strategy == "ddp"
+            else ", a returning site heals from a peer)"
+        )
     )
     r += notes
     return dataclasses.replace(chosen, reasons=tuple(r))

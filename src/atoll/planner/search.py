@@ -12,35 +12,25 @@ from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import dataclass, field
-from typing import Literal
 
 from atoll.config.topology import Topology
 from atoll.errors import AtollError
 from atoll.hardware import get_device
-from atoll.planner.shape import ModelShape
-from atoll.planner.sites import DeviceGroup, SearchSpace, SiteEstimate, best_site_layout, min_devices_needed
-from atoll.planner.step import ATOLL_ENGINE, Engine
-from atoll.planner.wan import (
-    CODECS, STRATEGIES, Codec, SiteLink, Strategy, codec_bytes, exchange_latency, exchange_seconds, exposed_per_round,
-    link_from_mbps, per_site_bytes,
+from atoll.planner.candidates import (
+    Candidate,
+    Objective,
+    PlanRequest,
+    PlanResult,
+    RiskBudget,
+    SitePlan,
+    SyncChoice,
 )
-
-Objective = Literal["time", "cost"]
-RiskLevel = Literal["low", "medium", "high"]
-
-
-@dataclass(frozen=True)
-class RiskBudget:
-    """What the literature shows to be safe for the loss (sources: docs/decisions.md)."""
-
-    level: RiskLevel
-    max_inner_steps: int
-    codecs: tuple[Codec, ...]
-    strategies: tuple[Strategy, ...]
-    min_rounds: int
-    """At least this many outer rounds over the run (few rounds trail synchronous training)."""
-
+from atoll.planner.reasons import explain_choice
+from atoll.planner.shape import ModelShape
+from atoll.planner.sites import DeviceGroup, SiteEstimate, apportion, best_site_layout, min_devices_needed
+from atoll.planner.wan import STRATEGIES, codec_bytes, exposed_per_round, link_from_mbps
+from atoll.sync.codec_specs import CODEC_NAMES
+from atoll.sync.link_model import WanLink, allgather_bytes, allgather_latency, allgather_seconds
 
 RISK_BUDGETS: dict[str, RiskBudget] = {
     # INTELLECT-1: H=100 with int8; OpenDiLoCo: fp16; Streaming DiLoCo: H=100, equal loss.
@@ -49,134 +39,15 @@ RISK_BUDGETS: dict[str, RiskBudget] = {
     # DiLoCoX: one-step-delayed outer updates with negligible loss change.
     "medium": RiskBudget("medium", 500, ("none", "fp16", "int8", "int4"), STRATEGIES, 10),
     # SparseLoCo (top-k 1-3% + error feedback), DiLoCoX (low-rank + quantization); DiLoCo's
-    # ablation shows the loss gap growing with H past 500.
-    "high": RiskBudget("high", 1000, CODECS, STRATEGIES, 5),
+    # ablation shows the loss gap growing with H past 500. bf16 is left out of every budget: it
+    # sends fp16's bytes with less precision, so it could never be the safest of equals.
+    "high": RiskBudget("high", 1000, ("none", "fp16", "int8", "int4", "topk", "lowrank"), STRATEGIES, 5),
 }
 
 INNER_STEP_CHOICES = (10, 20, 50, 100, 200, 250, 500, 1000)
 FRAGMENT_CHOICES = (2, 4, 8)
 HEAL_STATE_FACTOR = 5.0
 """A returning site pulls ~5x the model's fp32 bytes (weights, AdamW, backup, outer momentum)."""
-
-
-@dataclass(frozen=True)
-class PlanRequest:
-    """What the user asks the planner; `None` fields get documented defaults."""
-
-    tokens: float
-    global_batch: int | None = None
-    """Sequences per (inner) step over all sites."""
-    seq_len: int | None = None
-    objective: Objective = "time"
-    risk: RiskLevel = "medium"
-    strategies: tuple[Strategy, ...] = STRATEGIES
-    engine: Engine = ATOLL_ENGINE
-    space: SearchSpace = SearchSpace()
-    recovery_s: float = 600.0
-    """Seconds from a failure to the failed site computing again (restart, reload)."""
-    checkpoint_interval_s: float = 3600.0
-    time_tolerance: float = 0.03
-    top: int = 5
-    all_sites: bool = False
-    """Only plans that use every site (otherwise the search may leave slow or costly sites out)."""
-
-
-@dataclass(frozen=True)
-class SyncChoice:
-    strategy: Strategy
-    inner_steps: int
-    codec: Codec
-    fragments: int = 1
-    overlap_steps: int = 0
-
-    def describe(self) -> str:
-        if self.strategy == "ddp":
-            return "ddp (every step)"
-        text = f"{self.strategy} H={self.inner_steps} {self.codec}"
-        if self.strategy == "streaming":
-            text += f" F={self.fragments} τ={self.overlap_steps}"
-        return text
-
-
-@dataclass(frozen=True)
-class SitePlan:
-    name: str
-    estimate: SiteEstimate
-    link: SiteLink | None
-
-
-@dataclass(frozen=True)
-class Candidate:
-    """One complete plan with its predictions."""
-
-    sites: tuple[SitePlan, ...]
-    sync: SyncChoice
-    global_batch: int
-    seq_len: int
-    steps: int
-    compute_step_s: float
-    """The slowest site's inner step."""
-    sync_s: float
-    """WAN seconds of one full exchange (0 for one site)."""
-    sync_latency_s: float
-    """The latency part of `sync_s`."""
-    wan_bytes_per_sync: float
-    """Bytes each site sends per sync (full model exchange; streaming: all fragments)."""
-    exposed_per_step_s: float
-    failure_overhead: float
-    """Expected fraction of extra time lost to failures."""
-    unused_sites: tuple[str, ...] = ()
-    reasons: tuple[str, ...] = field(default=())
-
-    @property
-    def wall_step_s(self) -> float:
-        return self.compute_step_s + self.exposed_per_step_s
-
-    @property
-    def time_to_train_s(self) -> float:
-        return self.steps * self.wall_step_s * (1.0 + self.failure_overhead)
-
-    @property
-    def days(self) -> float:
-        return self.time_to_train_s / 86400.0
-
-    @property
-    def utilization(self) -> float:
-        """Fraction of device-time spent computing (not waiting for the WAN or slower sites)."""
-        busy = sum(sp.estimate.devices_total * sp.estimate.seconds for sp in self.sites)
-        total = sum(sp.estimate.devices_total for sp in self.sites) * self.wall_step_s
-        return busy / total
-
-    @property
-    def cost_usd(self) -> float:
-        hours = self.time_to_train_s / 3600.0
-        return hours * sum(g.device.usd_per_hour * g.count for sp in self.sites for g in sp.estimate.groups)
-
-    def mfu_by_kind(self) -> dict[str, float]:
-        """Model FLOPs utilization of each device kind over the wall-clock step."""
-        flops: dict[str, float] = {}
-        peak: dict[str, float] = {}
-        for sp in self.sites:
-            est = sp.estimate
-            flops_per_token = est.steps[0].model_flops / max(est.steps[0].tokens, 1)
-            for i, g in enumerate(est.groups):
-                kind = g.device.kind
-                flops[kind] = flops.get(kind, 0.0) + flops_per_token * est.group_tokens(i)
-                peak[kind] = peak.get(kind, 0.0) + g.count * g.device.peak_flops
-        return {k: flops[k] / (self.wall_step_s * peak[k]) for k in flops}
-
-    def describe_sites(self) -> str:
-        return "; ".join(f"{sp.name}: {sp.estimate.layout.describe()}" for sp in self.sites)
-
-
-@dataclass(frozen=True)
-class PlanResult:
-    shape: ModelShape
-    request: PlanRequest
-    candidates: tuple[Candidate, ...]
-    """Sorted by the objective; the first is the fastest (or cheapest)."""
-    recommended: Candidate
-    notes: tuple[str, ...] = ()
 
 
 # ---------------------------------------------------------------- inputs
@@ -197,14 +68,15 @@ def site_groups(topology: Topology) -> dict[str, tuple[DeviceGroup, ...]]:
     return out
 
 
-def site_links(topology: Topology) -> dict[str, SiteLink]:
+def site_links(topology: Topology) -> dict[str, WanLink]:
     links = {}
     for site in topology.sites:
         spec = topology.link(site.name)
         if spec is None:
             continue
-        links[site.name] = link_from_mbps(site.name, up_mbps=spec.uplink_mbps, down_mbps=spec.down_mbps,
-                                          latency_ms=spec.latency_ms)
+        links[site.name] = link_from_mbps(
+            site.name, up_mbps=spec.uplink_mbps, down_mbps=spec.down_mbps, latency_ms=spec.latency_ms
+        )
     return links
 
 
@@ -225,19 +97,26 @@ def default_global_batch(shape: ModelShape, seq_len: int) -> int:
 # ---------------------------------------------------------------- search
 
 
-def _site_throughputs(shape: ModelShape, groups: dict[str, tuple[DeviceGroup, ...]], names: list[str], *,
-                      batch: int, seq_len: int, req: PlanRequest,
-                      weights: dict[str, float]) -> tuple[dict[str, SiteEstimate], list[str]]:
+def _site_throughputs(
+    shape: ModelShape,
+    groups: dict[str, tuple[DeviceGroup, ...]],
+    names: list[str],
+    *,
+    batch: int,
+    seq_len: int,
+    req: PlanRequest,
+    weights: dict[str, float],
+) -> tuple[dict[str, SiteEstimate], list[str]]:
     """Split `batch` across `names` in proportion to `weights` (throughputs) and find each site's
     layout; one refinement pass when the sites' step times still differ by more than 5%."""
     w = dict(weights)
     chosen: dict[str, SiteEstimate] = {}
     problems: list[str] = []
-    for attempt in range(2):
+    for _ in range(2):
         split = _apportion_positive(batch, [w[n] for n in names])
         chosen, problems = {}, []
         for n, b in zip(names, split):
-            found = best_site_layout(shape, groups[n], batch=b, seq_len=seq_len, space=req.space, engine=req.engine)
+            found = best_site_layout(shape, groups[n], batch=b, seq_len=seq_len, space=req.space, runtime=req.runtime)
             if not found:
                 problems.append(n)
                 continue
@@ -252,9 +131,7 @@ def _site_throughputs(shape: ModelShape, groups: dict[str, tuple[DeviceGroup, ..
 
 
 def _apportion_positive(total: int, weights: list[float]) -> list[int]:
-    from atoll.planner.sites import _apportion
-
-    parts = _apportion(total, weights)
+    parts = apportion(total, weights)
     # Every site gets at least one sequence (else it would not be in the subset).
     for i, p in enumerate(parts):
         if p == 0:
@@ -264,7 +141,9 @@ def _apportion_positive(total: int, weights: list[float]) -> list[int]:
     return parts
 
 
-def _sync_options(num_sites: int, budget: RiskBudget, req: PlanRequest, *, steps: int, num_layers: int) -> list[SyncChoice]:
+def _sync_options(
+    num_sites: int, budget: RiskBudget, req: PlanRequest, *, steps: int, num_layers: int
+) -> list[SyncChoice]:
     if num_sites == 1:
         return [SyncChoice("ddp", 1, "fp16")]
     out = []
@@ -291,11 +170,12 @@ def _risk_key(c: Candidate) -> tuple[int, int, int, int]:
     """Smaller is safer: codec loss (none < fp16 < int8 < int4 < topk < lowrank), then H, then
     staleness (ddp < diloco < streaming < delayed), then fragments."""
     strategy_rank = {"ddp": 0, "diloco": 1, "streaming": 2, "delayed": 3}[c.sync.strategy]
-    return (CODECS.index(c.sync.codec), c.sync.inner_steps, strategy_rank, c.sync.fragments)
+    return (CODEC_NAMES.index(c.sync.codec), c.sync.inner_steps, strategy_rank, c.sync.fragments)
 
 
-def _failure_overhead(sync: SyncChoice, sites: tuple[SitePlan, ...], *, shape: ModelShape, round_s: float,
-                      req: PlanRequest) -> float:
+def _failure_overhead(
+    sync: SyncChoice, sites: tuple[SitePlan, ...], *, shape: ModelShape, round_s: float, req: PlanRequest
+) -> float:
     rate = {sp.name: sum(g.count / (g.device.mtbf_hours * 3600.0) for g in sp.estimate.groups) for sp in sites}
     if sync.strategy == "ddp" or len(sites) == 1:
         # Synchronous: every failure stops everyone and rolls back half a checkpoint interval.
@@ -327,7 +207,9 @@ def plan(topology: Topology, shape: ModelShape, req: PlanRequest) -> PlanResult:
 
     fits_alone = {}
     for n in names:
-        fits_alone[n] = bool(best_site_layout(shape, groups[n], batch=batch, seq_len=seq_len, space=req.space, engine=req.engine))
+        fits_alone[n] = bool(
+            best_site_layout(shape, groups[n], batch=batch, seq_len=seq_len, space=req.space, runtime=req.runtime)
+        )
     if not any(fits_alone.values()):
         _raise_fits_nowhere(shape, groups, batch=batch, seq_len=seq_len, req=req)
     usable = [n for n in names if fits_alone[n]]
@@ -348,7 +230,7 @@ def plan(topology: Topology, shape: ModelShape, req: PlanRequest) -> PlanResult:
     peak = [sum(g.count * g.device.matmul_flops for g in groups[n]) for n in usable]
     weights = {}
     for n, b in zip(usable, _apportion_positive(batch, peak) if len(usable) <= batch else [1] * len(usable)):
-        found = best_site_layout(shape, groups[n], batch=b, seq_len=seq_len, space=req.space, engine=req.engine)
+        found = best_site_layout(shape, groups[n], batch=b, seq_len=seq_len, space=req.space, runtime=req.runtime)
         weights[n] = found[0].batch / found[0].seconds if found else peak[usable.index(n)] / 1e15
 
     candidates: list[Candidate] = []
@@ -356,11 +238,13 @@ def plan(topology: Topology, shape: ModelShape, req: PlanRequest) -> PlanResult:
     for subset in subsets:
         if len(subset) > batch:
             continue
-        if candidates and _cannot_win(subset, weights, groups, steps=steps, batch=batch, best=min(map(key, candidates)),
-                                      objective=req.objective):
+        if candidates and _cannot_win(
+            subset, weights, groups, steps=steps, batch=batch, best=min(map(key, candidates)), objective=req.objective
+        ):
             continue
-        chosen, problems = _site_throughputs(shape, groups, list(subset), batch=batch, seq_len=seq_len, req=req,
-                                             weights=weights)
+        chosen, problems = _site_throughputs(
+            shape, groups, list(subset), batch=batch, seq_len=seq_len, req=req, weights=weights
+        )
         if problems:
             continue
         site_plans = tuple(SitePlan(n, chosen[n], links.get(n)) for n in subset)
@@ -371,21 +255,41 @@ def plan(topology: Topology, shape: ModelShape, req: PlanRequest) -> PlanResult:
                 sync_s, wan_bytes, exposed, latency = 0.0, 0.0, 0.0, 0.0
             else:
                 if sync.strategy == "ddp":
-                    payload = shape.num_params() * req.engine.grad_bytes
+                    payload = shape.num_params() * req.runtime.grad_bytes
                 else:
                     payload = codec_bytes(sync.codec, shape)
-                sync_s = exchange_seconds(payload, sub_links)
-                wan_bytes = per_site_bytes(payload, len(subset))
-                exposed = exposed_per_round(sync.strategy, inner_steps=sync.inner_steps, step_s=compute, sync_s=sync_s,
-                                            fragments=sync.fragments, overlap_steps=sync.overlap_steps,
-                                            latency_s=exchange_latency(sub_links)) / sync.inner_steps
-                latency = exchange_latency(sub_links)
+                sync_s = allgather_seconds(payload, sub_links)
+                wan_bytes = allgather_bytes(payload, len(subset))
+                latency = allgather_latency(sub_links)
+                exposed = (
+                    exposed_per_round(
+                        sync.strategy,
+                        inner_steps=sync.inner_steps,
+                        step_s=compute,
+                        sync_s=sync_s,
+                        fragments=sync.fragments,
+                        overlap_steps=sync.overlap_steps,
+                        latency_s=latency,
+                    )
+                    / sync.inner_steps
+                )
             overhead = _failure_overhead(sync, site_plans, shape=shape, round_s=sync.inner_steps * compute, req=req)
-            candidates.append(Candidate(
-                sites=site_plans, sync=sync, global_batch=batch, seq_len=seq_len, steps=steps, compute_step_s=compute,
-                sync_s=sync_s, sync_latency_s=latency, wan_bytes_per_sync=wan_bytes, exposed_per_step_s=exposed, failure_overhead=overhead,
-                unused_sites=tuple(n for n in names if n not in subset),
-            ))
+            candidates.append(
+                Candidate(
+                    sites=site_plans,
+                    sync=sync,
+                    global_batch=batch,
+                    seq_len=seq_len,
+                    steps=steps,
+                    compute_step_s=compute,
+                    sync_s=sync_s,
+                    sync_latency_s=latency,
+                    wan_bytes_per_sync=wan_bytes,
+                    exposed_per_step_s=exposed,
+                    failure_overhead=overhead,
+                    unused_sites=tuple(n for n in names if n not in subset),
+                )
+            )
     if not candidates:
         raise AtollError(
             f"no plan: the global batch of {batch} sequences is too small to give every data-parallel replica "
@@ -395,15 +299,22 @@ def plan(topology: Topology, shape: ModelShape, req: PlanRequest) -> PlanResult:
     best = key(candidates[0])
     near = [c for c in candidates if key(c) <= best * (1 + req.time_tolerance)]
     recommended = min(near, key=lambda c: (_risk_key(c), key(c)))
-    from atoll.planner.reasons import explain_choice
-
     recommended = explain_choice(recommended, candidates, shape=shape, budget=budget, req=req, notes=notes)
     top = _distinct_top(candidates, recommended, req.top)
     return PlanResult(shape=shape, request=req, candidates=tuple(top), recommended=recommended, notes=tuple(notes))
 
 
-def _cannot_win(subset: tuple[str, ...], weights: dict[str, float], groups: dict[str, tuple[DeviceGroup, ...]], *,
-                steps: int, batch: int, best: float, objective: Objective, margin: float = 1.1) -> bool:
+def _cannot_win(
+    subset: tuple[str, ...],
+    weights: dict[str, float],
+    groups: dict[str, tuple[DeviceGroup, ...]],
+    *,
+    steps: int,
+    batch: int,
+    best: float,
+    objective: Objective,
+    margin: float = 1.1,
+) -> bool:
     """Whether even a free WAN could not bring `subset` within `margin` of the best plan so far.
 
     The bound uses each site's throughput (sequences/s) measured when all sites shared the batch."""
@@ -429,8 +340,9 @@ def _distinct_top(cands: list[Candidate], recommended: Candidate, n: int) -> lis
     return out
 
 
-def _raise_fits_nowhere(shape: ModelShape, groups: dict[str, tuple[DeviceGroup, ...]], *, batch: int, seq_len: int,
-                        req: PlanRequest) -> None:
+def _raise_fits_nowhere(
+    shape: ModelShape, groups: dict[str, tuple[DeviceGroup, ...]], *, batch: int, seq_len: int, req: PlanRequest
+) -> None:
     parts = []
     for name, gs in groups.items():
         for g in gs:

@@ -103,13 +103,26 @@ class ModelShape:
         """Parameters in a matmul per token: the blocks plus the output head (see cost.matmul_params)."""
         return self.num_params(include_embeddings=False) + self.vocab_size * self.dim
 
-    def matrices(self) -> list[tuple[int, int, int]]:
-        """(rows, cols, count) of every 2-D weight matrix, for low-rank codecs."""
-        h = self.dim
-        mats = [(h, h, 2 * self.num_layers), (self.kv_dim, h, 2 * self.num_layers)]
-        mats.append((self.ffn_dim, h, self.mlp_matrices * self.num_layers))
-        mats.append((self.vocab_size, h, 1 if self.tie_embeddings else 2))
-        return mats
+    def tensors(self) -> list[tuple[tuple[int, ...], int]]:
+        """(shape, count) of every parameter tensor, as `atoll.model` lays them out (weights are
+        (out, in)): what a WAN codec encodes one at a time. Their elements sum to `num_params()`."""
+        h, kv, f, layers = self.dim, self.kv_dim, self.ffn_dim, self.num_layers
+        out: list[tuple[tuple[int, ...], int]] = [
+            ((h, h), 2 * layers),  # query and output projections
+            ((kv, h), 2 * layers),  # key and value projections
+            ((f, h), (self.mlp_matrices - 1) * layers),  # gate and up (SwiGLU), up (GELU)
+            ((h, f), layers),  # down
+            ((self.vocab_size, h), 1 if self.tie_embeddings else 2),  # embedding and output head
+            ((h,), 2 * layers + 1),  # the two norms of each block and the final one
+        ]
+        if self.learned_positions:
+            out.append(((self.max_seq_len, h), 1))
+        if self.qkv_bias or self.linear_biases:
+            out += [((h,), layers), ((kv,), 2 * layers)]
+        if self.linear_biases:
+            # output and down-projection biases, up-projection biases, the norms' biases (2 per block, final)
+            out += [((h,), 2 * layers), ((f,), (self.mlp_matrices - 1) * layers), ((h,), 2 * layers + 1)]
+        return out
 
 
 @functools.lru_cache(maxsize=256)
@@ -120,9 +133,16 @@ def _layer_params(shape: ModelShape) -> int:
 def shape_from_config(cfg: ModelConfig, *, name: str) -> ModelShape:
     """The shape of an `atoll.model.ModelConfig` (duck-typed: no torch import needed here)."""
     return ModelShape(
-        name=name, num_layers=cfg.num_layers, dim=cfg.dim, num_heads=cfg.num_heads,
-        num_kv_heads=cfg.num_kv_heads, ffn_dim=cfg.ffn_dim, vocab_size=cfg.vocab_size,
-        max_seq_len=cfg.max_seq_len, mlp="swiglu", qkv_bias=cfg.qkv_bias,
+        name=name,
+        num_layers=cfg.num_layers,
+        dim=cfg.dim,
+        num_heads=cfg.num_heads,
+        num_kv_heads=cfg.num_kv_heads,
+        ffn_dim=cfg.ffn_dim,
+        vocab_size=cfg.vocab_size,
+        max_seq_len=cfg.max_seq_len,
+        mlp="swiglu",
+        qkv_bias=cfg.qkv_bias,
         tie_embeddings=cfg.tie_embeddings,
     )
 
@@ -130,8 +150,17 @@ def shape_from_config(cfg: ModelConfig, *, name: str) -> ModelShape:
 def gpt_shape(name: str, *, layers: int, dim: int, heads: int, vocab: int = 51200, seq_len: int = 2048) -> ModelShape:
     """A GPT-3-style model as Megatron-LM builds it (GELU MLP of 4h, biases, tied embeddings)."""
     return ModelShape(
-        name=name, num_layers=layers, dim=dim, num_heads=heads, num_kv_heads=heads, ffn_dim=4 * dim,
-        vocab_size=vocab, max_seq_len=seq_len, mlp="gelu", linear_biases=True, tie_embeddings=True,
+        name=name,
+        num_layers=layers,
+        dim=dim,
+        num_heads=heads,
+        num_kv_heads=heads,
+        ffn_dim=4 * dim,
+        vocab_size=vocab,
+        max_seq_len=seq_len,
+        mlp="gelu",
+        linear_biases=True,
+        tie_embeddings=True,
         learned_positions=True,
     )
 
@@ -141,13 +170,26 @@ PLANNER_PRESETS: dict[str, ModelShape] = {
     # DiLoCoX trained a "modified Qwen1.5-107B" whose exact shape is not published; this is
     # Qwen1.5-72B deepened from 80 to 120 layers, which has 107.1e9 parameters.
     "qwen1.5-107b": ModelShape(
-        name="qwen1.5-107b", num_layers=120, dim=8192, num_heads=64, num_kv_heads=64, ffn_dim=24576,
-        vocab_size=152064, max_seq_len=32768, qkv_bias=True,
+        name="qwen1.5-107b",
+        num_layers=120,
+        dim=8192,
+        num_heads=64,
+        num_kv_heads=64,
+        ffn_dim=24576,
+        vocab_size=152064,
+        max_seq_len=32768,
+        qkv_bias=True,
     ),
     # A 10B Llama-3-shaped model (llama3-8b deepened to 42 layers: 10.2e9), INTELLECT-1's size.
     "llama3-10b": ModelShape(
-        name="llama3-10b", num_layers=42, dim=4096, num_heads=32, num_kv_heads=8, ffn_dim=14336,
-        vocab_size=128256, max_seq_len=8192,
+        name="llama3-10b",
+        num_layers=42,
+        dim=4096,
+        num_heads=32,
+        num_kv_heads=8,
+        ffn_dim=14336,
+        vocab_size=128256,
+        max_seq_len=8192,
     ),
     **{
         s.name: s

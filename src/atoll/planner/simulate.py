@@ -29,7 +29,8 @@ import random
 from dataclasses import dataclass, field
 from typing import Literal
 
-from atoll.planner.wan import SiteLink, Strategy
+from atoll.planner.wan import Strategy
+from atoll.sync.link_model import WanLink
 
 Kind = Literal["compute", "wait", "exchange", "down", "heal"]
 
@@ -40,7 +41,7 @@ class SimSite:
     step_s: float
     tokens_per_step: int
     devices: int
-    link: SiteLink | None = None
+    link: WanLink | None = None
     failure_rate_per_s: float = 0.0
 
 
@@ -359,7 +360,9 @@ class Simulator:
     def _fail_everyone(self) -> None:
         # The last checkpoint: a multiple of checkpoint_steps whose sync has completed everywhere.
         ckpt = self.dist.checkpoint_steps
-        committed = min(self.state[n].last_commit_step if len(self.order) > 1 else self.state[n].step for n in self.order)
+        committed = min(
+            self.state[n].last_commit_step if len(self.order) > 1 else self.state[n].step for n in self.order
+        )
         back_to = (committed // ckpt) * ckpt if ckpt else 0
         for n in self.order:
             st = self.state[n]
@@ -393,7 +396,9 @@ class Simulator:
         if self.dist.heal_bytes > 0 and peers:
             st.state = "heal"
             self._advance_flows()
-            self.flows.append(_Flow(self.dist.heal_bytes, ((peers[0], "up"), (name, "down")), name, f"{name} WAN", self.now))
+            self.flows.append(
+                _Flow(self.dist.heal_bytes, ((peers[0], "up"), (name, "down")), name, f"{name} WAN", self.now)
+            )
             self._reschedule_flows()
         else:
             self._push(self.now, "heal_done", name)
@@ -459,15 +464,24 @@ class Simulator:
                 self._on_heal_done(data)  # type: ignore[arg-type]
             elif kind == "resume_all":
                 self._on_resume_all()
-        return SimResult(wall_s=self.now, steps=min(s.step for s in self.state.values() if s.alive) if any(
-            s.alive for s in self.state.values()) else 0, tokens=self.tokens, busy_s=self.busy,
-            segments=self.segments, failures=self.failures)
+        return SimResult(
+            wall_s=self.now,
+            steps=min(s.step for s in self.state.values() if s.alive)
+            if any(s.alive for s in self.state.values())
+            else 0,
+            tokens=self.tokens,
+            busy_s=self.busy,
+            segments=self.segments,
+            failures=self.failures,
+        )
 
     def _all_done(self) -> bool:
         return all(s.state == "finished" for s in self.state.values())
 
 
-def simulate(sites: list[SimSite], sync: SimSync, *, num_steps: int, disturbances: Disturbances = Disturbances()) -> SimResult:
+def simulate(
+    sites: list[SimSite], sync: SimSync, *, num_steps: int, disturbances: Disturbances = Disturbances()
+) -> SimResult:
     """Play `num_steps` inner steps of a plan; returns wall time, kept tokens and a timeline.
 
     Deterministic for a given `disturbances.seed`. Pure Python; a few rounds take milliseconds.

@@ -18,7 +18,7 @@ from atoll.errors import AtollError
 from atoll.hardware import DeviceSpec
 from atoll.planner.memory import MemoryEstimate, estimate_memory
 from atoll.planner.shape import ModelShape
-from atoll.planner.step import ATOLL_ENGINE, Engine, Layout, StepEstimate, estimate_step
+from atoll.planner.step import ATOLL_RUNTIME, Layout, RuntimeProfile, StepEstimate, estimate_step
 
 
 @dataclass(frozen=True)
@@ -88,7 +88,7 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def _apportion(total: int, weights: list[float]) -> list[int]:
+def apportion(total: int, weights: list[float]) -> list[int]:
     """Split `total` into integers proportional to `weights` (largest remainders get the rest)."""
     wsum = sum(weights)
     exact = [total * w / wsum for w in weights]
@@ -107,7 +107,7 @@ def evaluate_site(
     *,
     batch: int,
     seq_len: int,
-    engine: Engine = ATOLL_ENGINE,
+    runtime: RuntimeProfile = ATOLL_RUNTIME,
 ) -> SiteEstimate | None:
     """Step time and memory of `layout` on the site's groups, or None when it does not fit/apply.
 
@@ -120,65 +120,116 @@ def evaluate_site(
         return None
     if any(layout.tp > g.per_node and r > 0 for g, r in zip(groups, replicas)):
         return None
-    lay = Layout(tp=layout.tp, pp=layout.pp, dp=total_replicas, vp=layout.vp, micro_batch=layout.micro_batch,
-                 zero=layout.zero, recompute=layout.recompute, sequence_parallel=layout.sequence_parallel)
+    lay = Layout(
+        tp=layout.tp,
+        pp=layout.pp,
+        dp=total_replicas,
+        vp=layout.vp,
+        micro_batch=layout.micro_batch,
+        zero=layout.zero,
+        recompute=layout.recompute,
+        sequence_parallel=layout.sequence_parallel,
+    )
     b = lay.micro_batch
     if b * total_replicas > batch:
         return None
     # Cheap rejection first: memory with the micro-batches of an even split.
     even_micro = math.ceil(batch / (total_replicas * b))
     for g, r in zip(groups, replicas):
-        if r and not _memory(shape, g, lay, micro_batches=even_micro, seq_len=seq_len, engine=engine).fits:
+        if r and not _memory(shape, g, lay, micro_batches=even_micro, seq_len=seq_len, runtime=runtime).fits:
             return None
     if len(groups) == 1:
         sequences = [batch]
     else:
         # Speed of one replica of each group: one micro-batch through its stage.
         speeds = [
-            1.0 / estimate_step(shape, seq_len=seq_len, layout=lay, micro_batches=1, device=g.device,
-                                per_node=g.per_node, engine=engine).stage_seconds if r else 0.0
+            1.0
+            / estimate_step(
+                shape,
+                seq_len=seq_len,
+                layout=lay,
+                micro_batches=1,
+                device=g.device,
+                per_node=g.per_node,
+                runtime=runtime,
+            ).stage_seconds
+            if r
+            else 0.0
             for g, r in zip(groups, replicas)
         ]
-        sequences = _apportion(batch, [v * r for v, r in zip(speeds, replicas)])
+        sequences = apportion(batch, [v * r for v, r in zip(speeds, replicas)])
     micro = [math.ceil(sequences[i] / (replicas[i] * b)) if replicas[i] else 0 for i in range(len(groups))]
     steps, mems = [], []
     for i, g in enumerate(groups):
         if replicas[i] == 0:
             continue
         m = max(1, micro[i])
-        mem = _memory(shape, g, lay, micro_batches=m, seq_len=seq_len, engine=engine)
+        mem = _memory(shape, g, lay, micro_batches=m, seq_len=seq_len, runtime=runtime)
         if not mem.fits:
             return None
         mems.append(mem)
-        steps.append(estimate_step(shape, seq_len=seq_len, layout=lay, micro_batches=m, device=g.device,
-                                   per_node=g.per_node, engine=engine))
+        steps.append(
+            estimate_step(
+                shape,
+                seq_len=seq_len,
+                layout=lay,
+                micro_batches=m,
+                device=g.device,
+                per_node=g.per_node,
+                runtime=runtime,
+            )
+        )
     return SiteEstimate(
-        layout=lay, batch=batch, groups=tuple(g for i, g in enumerate(groups) if replicas[i] > 0),
-        replicas=tuple(r for r in replicas if r > 0), micro_batches=tuple(max(1, micro[i]) for i in range(len(groups)) if replicas[i] > 0),
-        steps=tuple(steps), memory=tuple(mems), seq_len=seq_len,
+        layout=lay,
+        batch=batch,
+        groups=tuple(g for i, g in enumerate(groups) if replicas[i] > 0),
+        replicas=tuple(r for r in replicas if r > 0),
+        micro_batches=tuple(max(1, micro[i]) for i in range(len(groups)) if replicas[i] > 0),
+        steps=tuple(steps),
+        memory=tuple(mems),
+        seq_len=seq_len,
         sequences=tuple(sequences[i] for i in range(len(groups)) if replicas[i] > 0),
     )
 
 
-def _memory(shape: ModelShape, group: DeviceGroup, lay: Layout, *, micro_batches: int, seq_len: int,
-            engine: Engine) -> MemoryEstimate:
+def _memory(
+    shape: ModelShape, group: DeviceGroup, lay: Layout, *, micro_batches: int, seq_len: int, runtime: RuntimeProfile
+) -> MemoryEstimate:
     return estimate_memory(
-        shape, seq_len=seq_len, micro_batch=lay.micro_batch, micro_batches=micro_batches, tp=lay.tp, pp=lay.pp,
-        dp=lay.dp, vp=lay.vp, zero=lay.zero, recompute=lay.recompute, sequence_parallel=lay.sequence_parallel,
-        attention=engine.attention, dropout=engine.dropout, element_bytes=group.device.compute_bytes,
-        eager=engine.eager_activations, capacity_bytes=group.device.memory_bytes,
+        shape,
+        seq_len=seq_len,
+        micro_batch=lay.micro_batch,
+        micro_batches=micro_batches,
+        tp=lay.tp,
+        pp=lay.pp,
+        dp=lay.dp,
+        vp=lay.vp,
+        zero=lay.zero,
+        recompute=lay.recompute,
+        sequence_parallel=lay.sequence_parallel,
+        attention=runtime.attention,
+        dropout=runtime.dropout,
+        element_bytes=group.device.compute_bytes,
+        eager=runtime.eager_activations,
+        capacity_bytes=group.device.memory_bytes,
     )
 
 
-def candidate_layouts(shape: ModelShape, groups: tuple[DeviceGroup, ...], *, space: SearchSpace,
-                      engine: Engine, divide_devices: bool = True) -> list[Layout]:
+def candidate_layouts(
+    shape: ModelShape,
+    groups: tuple[DeviceGroup, ...],
+    *,
+    space: SearchSpace,
+    runtime: RuntimeProfile,
+    divide_devices: bool = True,
+) -> list[Layout]:
     """Every layout the search space allows for these groups (before memory and batch checks).
 
     With `divide_devices`, tp x pp must divide every group's device count (no idle devices)."""
     max_devices = max(g.count for g in groups)
     per_node = min(g.per_node for g in groups)
     out = []
-    recomputes = [r for r in space.recompute if not (r == "selective" and engine.attention == "flash")]
+    recomputes = [r for r in space.recompute if not (r == "selective" and runtime.attention == "flash")]
     for tp in space.tp:
         if tp > per_node or shape.num_heads % tp or (shape.num_kv_heads % tp and tp % shape.num_kv_heads):
             continue
@@ -192,8 +243,9 @@ def candidate_layouts(shape: ModelShape, groups: tuple[DeviceGroup, ...], *, spa
                     continue
                 sps = (True,) if (tp > 1 and space.sequence_parallel) else (False,)
                 for b, zero, rc, sp in itertools.product(space.micro_batch, space.zero, recomputes, sps):
-                    out.append(Layout(tp=tp, pp=pp, dp=1, vp=vp, micro_batch=b, zero=zero, recompute=rc,
-                                      sequence_parallel=sp))
+                    out.append(
+                        Layout(tp=tp, pp=pp, dp=1, vp=vp, micro_batch=b, zero=zero, recompute=rc, sequence_parallel=sp)
+                    )
     return out
 
 
@@ -205,7 +257,7 @@ def best_site_layout(
     batch: int,
     seq_len: int,
     space: SearchSpace = SearchSpace(),
-    engine: Engine = ATOLL_ENGINE,
+    runtime: RuntimeProfile = ATOLL_RUNTIME,
     top: int = 1,
 ) -> tuple[SiteEstimate, ...]:
     """The `top` fastest layouts (shortest step for `batch` sequences) that fit; () when none fits.
@@ -213,8 +265,8 @@ def best_site_layout(
     Cached: the cross-site search asks for the same site and batch many times."""
     results = []
     for divide in (True, False):  # idle devices only when no layout uses them all
-        for lay in candidate_layouts(shape, groups, space=space, engine=engine, divide_devices=divide):
-            est = evaluate_site(shape, groups, lay, batch=batch, seq_len=seq_len, engine=engine)
+        for lay in candidate_layouts(shape, groups, space=space, runtime=runtime, divide_devices=divide):
+            est = evaluate_site(shape, groups, lay, batch=batch, seq_len=seq_len, runtime=runtime)
             if est is not None:
                 results.append(est)
         if results:

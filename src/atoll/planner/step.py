@@ -67,8 +67,9 @@ class Layout:
 
 
 @dataclass(frozen=True)
-class Engine:
-    """How the training software executes a step (what the model shape does not say)."""
+class RuntimeProfile:
+    """How the training software executes a step (what the model shape does not say): the
+    efficiency profile of a training runtime, atoll's own or the one a published run used."""
 
     attention: Attention = "flash"
     """``flash``: fused attention, no T x T matrix in memory; ``materialized``: scores, softmax, dropout."""
@@ -90,10 +91,12 @@ class Engine:
     """Autograd keeps what an un-fused PyTorch model saves (see memory.activation_bytes_per_layer)."""
 
 
-ATOLL_ENGINE = Engine()
+ATOLL_RUNTIME = RuntimeProfile()
 """atoll's trainer on accelerators: SDPA (flash) attention, no dropout, DDP/FSDP2 overlap."""
 
-MEGATRON_2021 = Engine(attention="materialized", dropout=True, overlap_grad_reduce=False, eager_activations=False)
+MEGATRON_2021 = RuntimeProfile(
+    attention="materialized", dropout=True, overlap_grad_reduce=False, eager_activations=False
+)
 """Megatron-LM as run for SC'21 Table 1: fused softmax on a materialized score matrix,
 dropout 0.1, fp16 gradients; `overlap_grad_reduce` is True for its ``--DDP-impl torch`` rows."""
 
@@ -155,7 +158,9 @@ def _gemm(name: str, dev: DeviceSpec, e: int, m: float, n: float, k: float, batc
     flops = 2.0 * m * n * k * batch
     nbytes = e * (m * k + k * n + m * n) * batch
     t = max(flops / dev.matmul_flops, nbytes / dev.memory_bytes_per_s)
-    bound: Literal["compute", "memory"] = "compute" if flops / dev.matmul_flops >= nbytes / dev.memory_bytes_per_s else "memory"
+    bound: Literal["compute", "memory"] = (
+        "compute" if flops / dev.matmul_flops >= nbytes / dev.memory_bytes_per_s else "memory"
+    )
     # The backward runs two multiplies of the same size (input gradient and weight gradient).
     return OpCost(name, flops, nbytes, t, 2.0 * t, bound)
 
@@ -168,7 +173,14 @@ def _mem(name: str, dev: DeviceSpec, fwd_bytes: float, bwd_bytes: float | None =
 
 @functools.lru_cache(maxsize=4096)
 def block_ops(
-    shape: ModelShape, *, seq_len: int, micro_batch: int, tp: int, sequence_parallel: bool, engine: Engine, device: DeviceSpec
+    shape: ModelShape,
+    *,
+    seq_len: int,
+    micro_batch: int,
+    tp: int,
+    sequence_parallel: bool,
+    runtime: RuntimeProfile,
+    device: DeviceSpec,
 ) -> tuple[OpCost, ...]:
     """The operations of one decoder block for one micro-batch on one tensor-parallel rank (cached)."""
     s, b, h, t, e = seq_len, micro_batch, shape.dim, tp, device.compute_bytes
@@ -182,7 +194,7 @@ def block_ops(
     ]
     if not shape.learned_positions:
         ops.append(_mem("rotary embedding", device, 2 * e * rows * (h + shape.kv_dim) / t))
-    if engine.attention == "flash":
+    if runtime.attention == "flash":
         # Causal: the kernel skips the masked half. Backward: 5 multiplies against 2 forward.
         flops = 4.0 * b * s * s * heads * shape.head_dim * 0.5
         fwd = flops / (device.peak_flops * device.attention_efficiency)
@@ -190,16 +202,25 @@ def block_ops(
     else:
         ops.append(_gemm("scores Q·Kᵀ", device, e, s, s, shape.head_dim, batch=b * heads))
         scores = b * heads * s * s
-        fwd_bytes = 2 * e + ((2 * e + 1) if engine.dropout else 0)
-        bwd_bytes = 3 * e + ((2 * e + 1) if engine.dropout else 0)
-        ops.append(_mem("softmax" + (" + dropout" if engine.dropout else ""), device, scores * fwd_bytes, scores * bwd_bytes))
+        fwd_bytes = 2 * e + ((2 * e + 1) if runtime.dropout else 0)
+        bwd_bytes = 3 * e + ((2 * e + 1) if runtime.dropout else 0)
+        ops.append(
+            _mem("softmax" + (" + dropout" if runtime.dropout else ""), device, scores * fwd_bytes, scores * bwd_bytes)
+        )
         ops.append(_gemm("scores·V", device, e, s, shape.head_dim, s, batch=b * heads))
-    residual_bytes = (3 * e + (1 if engine.dropout else 0)) * rows * h / repl
+    residual_bytes = (3 * e + (1 if runtime.dropout else 0)) * rows * h / repl
     ops += [
         _gemm("output projection", device, e, rows, h, h / t),
         _mem("residual add (attention)", device, residual_bytes),
         _mem("norm (MLP)", device, 2 * e * rows * h / repl),
-        _gemm("MLP up" + (" + gate" if shape.mlp == "swiglu" else ""), device, e, rows, (shape.mlp_matrices - 1) * f / t, h),
+        _gemm(
+            "MLP up" + (" + gate" if shape.mlp == "swiglu" else ""),
+            device,
+            e,
+            rows,
+            (shape.mlp_matrices - 1) * f / t,
+            h,
+        ),
         _mem("SwiGLU" if shape.mlp == "swiglu" else "GELU", device, (shape.mlp_matrices) * e * rows * f / t),
         _gemm("MLP down", device, e, rows, h, f / t),
         _mem("residual add (MLP)", device, residual_bytes),
@@ -207,10 +228,14 @@ def block_ops(
     return tuple(ops)
 
 
-def _tp_allreduce_seconds(shape: ModelShape, *, seq_len: int, micro_batch: int, tp: int, device: DeviceSpec, engine: Engine) -> float:
+def _tp_allreduce_seconds(
+    shape: ModelShape, *, seq_len: int, micro_batch: int, tp: int, device: DeviceSpec, runtime: RuntimeProfile
+) -> float:
     """One tensor-parallel all-reduce (or all-gather + reduce-scatter with SP) of the block output."""
     size = seq_len * micro_batch * shape.dim * device.compute_bytes
-    return ring_allreduce_seconds(size, tp, bus_bytes_per_s=device.intra_node_bytes_per_s, latency_s=engine.latency_intra_s)
+    return ring_allreduce_seconds(
+        size, tp, bus_bytes_per_s=device.intra_node_bytes_per_s, latency_s=runtime.latency_intra_s
+    )
 
 
 def dp_bus_bytes_per_s(layout: Layout, *, device: DeviceSpec, per_node: int) -> float:
@@ -234,7 +259,7 @@ def estimate_step(
     micro_batches: int,
     device: DeviceSpec,
     per_node: int = 8,
-    engine: Engine = ATOLL_ENGINE,
+    runtime: RuntimeProfile = ATOLL_RUNTIME,
 ) -> StepEstimate:
     """Predict one optimizer step of `layout` running `micro_batches` per data-parallel replica.
 
@@ -249,11 +274,13 @@ def estimate_step(
     if micro_batches < 1:
         raise AtollError("micro_batches must be >= 1")
     s, b, t, e = seq_len, lay.micro_batch, lay.tp, device.compute_bytes
-    ops = block_ops(shape, seq_len=s, micro_batch=b, tp=t, sequence_parallel=lay.sequence_parallel, engine=engine, device=device)
+    ops = block_ops(
+        shape, seq_len=s, micro_batch=b, tp=t, sequence_parallel=lay.sequence_parallel, runtime=runtime, device=device
+    )
     fwd = sum(op.seconds for op in ops)
     bwd = sum(op.backward_seconds for op in ops)
     core = sum(op.seconds for op in ops if op.name.startswith(("scores", "softmax", "flash")))
-    ar = _tp_allreduce_seconds(shape, seq_len=s, micro_batch=b, tp=t, device=device, engine=engine)
+    ar = _tp_allreduce_seconds(shape, seq_len=s, micro_batch=b, tp=t, device=device, runtime=runtime)
     tp_fwd, tp_bwd = 2 * ar, 2 * ar
     recompute = {"none": 0.0, "selective": core, "full": fwd + tp_fwd}[lay.recompute]
     layer_s = fwd + bwd + recompute + tp_fwd + tp_bwd
@@ -263,8 +290,12 @@ def estimate_step(
     rows = b * s
     embed = _mem("embedding", device, 2 * e * rows * shape.dim, (e + 4) * rows * shape.dim)
     head = _gemm("output head", device, e, rows, shape.vocab_size / t, shape.dim)
-    loss = _mem("loss", device, rows * shape.vocab_size / t * engine.loss_bytes_per_logit / 3,
-                rows * shape.vocab_size / t * engine.loss_bytes_per_logit * 2 / 3)
+    loss = _mem(
+        "loss",
+        device,
+        rows * shape.vocab_size / t * runtime.loss_bytes_per_logit / 3,
+        rows * shape.vocab_size / t * runtime.loss_bytes_per_logit * 2 / 3,
+    )
     first_extra = embed.seconds + embed.backward_seconds
     last_extra = head.seconds + head.backward_seconds + loss.seconds + loss.backward_seconds
     if lay.pp == 1:
@@ -277,9 +308,9 @@ def estimate_step(
         act = rows * shape.dim * e / t  # scatter-gather (or SP): each TP rank sends its 1/t
         crosses_nodes = lay.tp * lay.pp > per_node
         bw = device.nic_bytes_per_s if crosses_nodes else device.intra_node_bytes_per_s
-        lat = engine.latency_inter_s if crosses_nodes else engine.latency_intra_s
+        lat = runtime.latency_inter_s if crosses_nodes else runtime.latency_intra_s
         one = act / bw + lat
-        p2p = 0.0 if engine.overlap_p2p else 2 * lay.vp * one
+        p2p = 0.0 if runtime.overlap_p2p else 2 * lay.vp * one
     stage_total = stage + p2p
     m = micro_batches
     pipeline = (m + (lay.pp - 1) / lay.vp) * stage_total
@@ -288,7 +319,7 @@ def estimate_step(
     # Data-parallel traffic of the first stage (it holds the embedding: the most parameters).
     stage_params = layers_per_stage * shape.layer_params() / t + shape.vocab_size * shape.dim / t
     bus = dp_bus_bytes_per_s(lay, device=device, per_node=per_node)
-    lat = engine.latency_inter_s
+    lat = runtime.latency_inter_s
     d = lay.dp
     last_backward = layers_per_stage * (bwd + tp_bwd + recompute)
     if lay.zero == 3 and d > 1:
@@ -297,7 +328,7 @@ def estimate_step(
         compute_per_micro = stage
         dp_exposed = per_micro / 3 + m * max(0.0, per_micro - compute_per_micro)
     else:
-        grads = stage_params * engine.grad_bytes
+        grads = stage_params * runtime.grad_bytes
         if lay.zero == 2:
             reduce = ring_allgather_seconds(grads, d, bus_bytes_per_s=bus, latency_s=lat)
             gather = ring_allgather_seconds(stage_params * e, d, bus_bytes_per_s=bus, latency_s=lat)
@@ -305,20 +336,29 @@ def estimate_step(
             reduce = ring_allreduce_seconds(grads, d, bus_bytes_per_s=bus, latency_s=lat)
             gather = 0.0
         dp_total = reduce + gather
-        if engine.overlap_grad_reduce and d > 1:
+        if runtime.overlap_grad_reduce and d > 1:
             # Buckets go out as the backward produces them; the last bucket (~ one block) cannot hide.
             dp_exposed = max(0.0, reduce - last_backward) + reduce / max(1, layers_per_stage) + gather
         else:
             dp_exposed = dp_total
     opt_params = stage_params / (d if lay.zero >= 1 else 1)
-    optimizer = opt_params * engine.optimizer_bytes_per_param / device.memory_bytes_per_s
+    optimizer = opt_params * runtime.optimizer_bytes_per_param / device.memory_bytes_per_s
 
     tokens = lay.dp * b * m * s
     model_flops = training_flops_per_token(shape, seq_len=s) * tokens
     return StepEstimate(
-        layout=lay, micro_batches=m, stage_seconds=stage_total, pipeline_seconds=pipeline, bubble_seconds=bubble,
+        layout=lay,
+        micro_batches=m,
+        stage_seconds=stage_total,
+        pipeline_seconds=pipeline,
+        bubble_seconds=bubble,
         tp_seconds=(m + (lay.pp - 1) / lay.vp) * layers_per_stage * layer_tp,
-        p2p_seconds=(m + (lay.pp - 1) / lay.vp) * p2p, dp_seconds=dp_exposed, dp_total_seconds=dp_total,
-        optimizer_seconds=optimizer, tokens=tokens, model_flops=model_flops,
-        peak_flops=lay.devices * device.peak_flops, ops=tuple([*ops, embed, head, loss]),
+        p2p_seconds=(m + (lay.pp - 1) / lay.vp) * p2p,
+        dp_seconds=dp_exposed,
+        dp_total_seconds=dp_total,
+        optimizer_seconds=optimizer,
+        tokens=tokens,
+        model_flops=model_flops,
+        peak_flops=lay.devices * device.peak_flops,
+        ops=tuple([*ops, embed, head, loss]),
     )

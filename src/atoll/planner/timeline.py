@@ -36,15 +36,21 @@ def draw_timeline(result: SimResult, sites: list[str], path: Path, *, title: str
         if lane not in lanes:
             continue
         y = len(lanes) - 1 - lanes.index(lane)
-        ax.broken_barh([(a / scale, (b - a) / scale) for a, b in spans], (y - 0.35, 0.7),
-                       facecolors=COLORS[kind], edgecolor="none")
+        ax.broken_barh(
+            [(a / scale, (b - a) / scale) for a, b in spans], (y - 0.35, 0.7), facecolors=COLORS[kind], edgecolor="none"
+        )
     ax.set_yticks(range(len(lanes)))
     ax.set_yticklabels(list(reversed(lanes)))
     ax.set_xlabel(f"time ({unit})")
     ax.set_xlim(0, result.wall_s / scale)
     ax.set_title(title or "simulated timeline")
-    ax.legend(handles=[Patch(color=c, label=k) for k, c in COLORS.items()], loc="upper center",
-              bbox_to_anchor=(0.5, -0.18 if len(lanes) < 5 else -0.1), ncol=len(COLORS), frameon=False)
+    ax.legend(
+        handles=[Patch(color=c, label=k) for k, c in COLORS.items()],
+        loc="upper center",
+        bbox_to_anchor=(0.5, -0.18 if len(lanes) < 5 else -0.1),
+        ncol=len(COLORS),
+        frameon=False,
+    )
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -80,7 +80,11 @@ def predict_row(row: MegatronRow, *, device: DeviceSpec | None = None, layout: L
     shape: ModelShape = PLANNER_PRESETS[row.model]
     lay = layout or megatron_layout(row)
     micro_batches = row.batch // (lay.dp * lay.micro_batch)
-    engine = dataclasses.replace(MEGATRON_2021, overlap_grad_reduce=row.torch_ddp)
-    step = estimate_step(shape, seq_len=SEQ_LEN, layout=lay, micro_batches=micro_batches, device=dev, per_node=8, engine=engine)
-    flops = megatron_flops_per_iteration(batch=row.batch, seq_len=SEQ_LEN, layers=shape.num_layers, hidden=shape.dim, vocab=shape.vocab_size)
+    runtime = dataclasses.replace(MEGATRON_2021, overlap_grad_reduce=row.torch_ddp)
+    step = estimate_step(
+        shape, seq_len=SEQ_LEN, layout=lay, micro_batches=micro_batches, device=dev, per_node=8, runtime=runtime
+    )
+    flops = megatron_flops_per_iteration(
+        batch=row.batch, seq_len=SEQ_LEN, layers=shape.num_layers, hidden=shape.dim, vocab=shape.vocab_size
+    )
     return RowPrediction(row=row, layout=lay, step=step, tflops_per_gpu=flops / (step.seconds * lay.devices) / 1e12)

@@ -33,7 +33,9 @@ class MetricsWriter:
             from torch.utils.tensorboard import SummaryWriter
 
             # purge_step drops events a crashed run logged past the checkpoint we resume from.
-            self._tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=(resume_step + 1) if resume_step is not None else None)
+            self._tb = SummaryWriter(
+                log_dir=str(run_dir / "tensorboard"), purge_step=(resume_step + 1) if resume_step is not None else None
+            )
         except ImportError:  # tensorboard is a dependency; this only guards a broken install
             log.warning("tensorboard is not importable: metrics go to metrics.jsonl only")
 

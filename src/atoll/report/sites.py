@@ -33,14 +33,17 @@ class SiteWatch:
             console=console or Console(stderr=True),
         )
         self._tasks = {
-            name: self._progress.add_task(name, total=total_steps[name], loss="-", tps="-", wan="0.0", util="-") for name in sites
+            name: self._progress.add_task(name, total=total_steps[name], loss="-", tps="-", wan="0.0", util="-")
+            for name in sites
         }
 
-    def __enter__(self) -> "SiteWatch":
+    def __enter__(self) -> SiteWatch:
         self._progress.start()
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.refresh()
         self._progress.stop()
 

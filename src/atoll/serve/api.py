@@ -46,7 +46,15 @@ class Limits:
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None, code: str | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ) -> None:
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
 
@@ -54,7 +62,9 @@ class ApiError(Exception):
         return error_response(self.status, self.message, type=self.type, param=self.param, code=self.code)
 
 
-def error_response(status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None, code: str | None = None) -> JSONResponse:
+def error_response(
+    status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None, code: str | None = None
+) -> JSONResponse:
     return JSONResponse({"error": {"message": message, "type": type, "param": param, "code": code}}, status_code=status)
 
 
@@ -69,7 +79,9 @@ class _Body(BaseModel):
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int | None = Field(None, ge=1, description="atoll extension: sample among the k most likely tokens")
-    repetition_penalty: float = Field(1.0, gt=0, le=10, description="atoll extension: CTRL-style penalty on repeated tokens")
+    repetition_penalty: float = Field(
+        1.0, gt=0, le=10, description="atoll extension: CTRL-style penalty on repeated tokens"
+    )
     n: int = Field(1, ge=1)
     stream: bool = False
     stream_options: dict[str, Any] | None = None
@@ -163,7 +175,7 @@ class Server:
 
     def __init__(self, engine: Engine, *, model_name: str, limits: Limits, api_key: str | None) -> None:
         self.engine = engine
-        self.codec = engine.codec
+        self.tokenizer = engine.tokenizer
         self.model_name = model_name
         self.limits = limits
         self.api_key = api_key
@@ -181,14 +193,27 @@ class Server:
     def check_common(self, body: _Body, *, num_prompts: int) -> None:
         lim = self.limits
         if body.model is not None and body.model != self.model_name:
-            raise ApiError(404, f"model {body.model!r} is not served here; this server has {self.model_name!r}", param="model", code="model_not_found")
+            raise ApiError(
+                404,
+                f"model {body.model!r} is not served here; this server has {self.model_name!r}",
+                param="model",
+                code="model_not_found",
+            )
         if num_prompts * body.n > lim.max_choices:
-            raise ApiError(400, f"{num_prompts * body.n} completions asked for (prompts x n); at most {lim.max_choices}", param="n")
+            raise ApiError(
+                400, f"{num_prompts * body.n} completions asked for (prompts x n); at most {lim.max_choices}", param="n"
+            )
         stops = body.stops()
         if len(stops) > lim.max_stop or any(len(s) > lim.max_stop_chars for s in stops):
-            raise ApiError(400, f"at most {lim.max_stop} stop strings of at most {lim.max_stop_chars} characters", param="stop")
+            raise ApiError(
+                400, f"at most {lim.max_stop} stop strings of at most {lim.max_stop_chars} characters", param="stop"
+            )
         if body.frequency_penalty or body.presence_penalty:
-            raise ApiError(400, "frequency_penalty and presence_penalty are not supported; use repetition_penalty", param="frequency_penalty")
+            raise ApiError(
+                400,
+                "frequency_penalty and presence_penalty are not supported; use repetition_penalty",
+                param="frequency_penalty",
+            )
         if body.logprobs not in (None, False):
             raise ApiError(400, "logprobs are not supported", param="logprobs")
 
@@ -197,16 +222,26 @@ class Server:
         ids = []
         for prompt in prompts:
             try:
-                ids.append(encode_prompt(self.codec, prompt, max_tokens=lim.max_prompt_tokens))
+                ids.append(encode_prompt(self.tokenizer, prompt, max_tokens=lim.max_prompt_tokens))
             except AtollError as exc:
                 raise ApiError(400, str(exc), param="prompt", code="context_length_exceeded") from None
         room = self.context - max(len(i) for i in ids)
         if max_tokens is None:
             max_tokens = min(lim.max_tokens, room)
         if max_tokens > lim.max_tokens:
-            raise ApiError(400, f"max_tokens is {max_tokens}; this server allows at most {lim.max_tokens}", param="max_tokens")
+            raise ApiError(
+                400, f"max_tokens is {max_tokens}; this server allows at most {lim.max_tokens}", param="max_tokens"
+            )
         if max_tokens > room:
-            raise ApiError(400, f"the prompt ({self.context - room} tokens) plus max_tokens ({max_tokens}) exceeds the model's context of {self.context}", param="max_tokens", code="context_length_exceeded")
+            raise ApiError(
+                400,
+                (
+                    f"the prompt ({self.context - room} tokens) plus max_tokens ({max_tokens}) exceeds the "
+                    f"model's context of {self.context}"
+                ),
+                param="max_tokens",
+                code="context_length_exceeded",
+            )
         base_seed = body.seed if body.seed is not None else secrets.randbits(62)
         choices = []
         for p, prompt_ids in enumerate(ids):
@@ -238,7 +273,12 @@ class Server:
         try:
             self.engine.submit(job)
         except EngineBusy:
-            raise ApiError(429, "the server is busy: too many requests are waiting; retry later", type="server_busy", code="queue_full") from None
+            raise ApiError(
+                429,
+                "the server is busy: too many requests are waiting; retry later",
+                type="server_busy",
+                code="queue_full",
+            ) from None
         return job, events
 
 
@@ -279,7 +319,9 @@ def _event_stream(
         finally:
             job.cancelled.set()
 
-    return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return StreamingResponse(
+        stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    )
 
 
 async def _collect(job: Job, events: asyncio.Queue[Event], num_choices: int) -> tuple[list[str], list[str], int]:
@@ -301,7 +343,11 @@ async def _collect(job: Job, events: asyncio.Queue[Event], num_choices: int) -> 
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens}
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
 
 
 def create_app(engine: Engine, *, model_name: str, limits: Limits | None = None, api_key: str | None = None) -> FastAPI:
@@ -325,7 +371,10 @@ def create_app(engine: Engine, *, model_name: str, limits: Limits | None = None,
     @app.get("/v1/models")
     async def models(request: Request) -> dict[str, Any]:
         server.authorize(request)
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": server.created, "owned_by": "atoll"}]}
+        return {
+            "object": "list",
+            "data": [{"id": model_name, "object": "model", "created": server.created, "owned_by": "atoll"}],
+        }
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Any:
@@ -343,7 +392,10 @@ def create_app(engine: Engine, *, model_name: str, limits: Limits | None = None,
 
         if not body.stream:
             texts, reasons, used = await _collect(job, events, len(prepared.choices))
-            choices = [{"text": prefix(i) + t, "index": i, "logprobs": None, "finish_reason": r} for i, (t, r) in enumerate(zip(texts, reasons))]
+            choices = [
+                {"text": prefix(i) + t, "index": i, "logprobs": None, "finish_reason": r}
+                for i, (t, r) in enumerate(zip(texts, reasons))
+            ]
             return {**head, "choices": choices, "usage": _usage(prepared.prompt_tokens, used)}
 
         def chunk(index: int, text: str, reason: str | None) -> dict[str, Any]:
@@ -355,7 +407,11 @@ def create_app(engine: Engine, *, model_name: str, limits: Limits | None = None,
             opening=lambda i: chunk(i, prefix(i), None) if body.echo else None,
             delta=lambda i, text: chunk(i, text, None),
             finish=lambda i, reason: chunk(i, "", reason),
-            usage=lambda used: {**head, "choices": [], "usage": _usage(prepared.prompt_tokens, used)} if (body.stream_options or {}).get("include_usage") else None,
+            usage=lambda used: (
+                {**head, "choices": [], "usage": _usage(prepared.prompt_tokens, used)}
+                if (body.stream_options or {}).get("include_usage")
+                else None
+            ),
         )
 
     @app.post("/v1/chat/completions")
@@ -363,11 +419,13 @@ def create_app(engine: Engine, *, model_name: str, limits: Limits | None = None,
         server.authorize(request)
         body: ChatBody = _validate(ChatBody, await _read_json(request, server.limits.max_body_bytes))
         if len(body.messages) > server.limits.max_messages:
-            raise ApiError(400, f"{len(body.messages)} messages; at most {server.limits.max_messages}", param="messages")
+            raise ApiError(
+                400, f"{len(body.messages)} messages; at most {server.limits.max_messages}", param="messages"
+            )
         server.check_common(body, num_prompts=1)
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
         try:
-            prompt = server.codec.render_chat(messages, add_generation_prompt=True)
+            prompt = server.tokenizer.render_chat(messages, add_generation_prompt=True)
         except AtollError as exc:
             raise ApiError(400, str(exc), param="messages") from None
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
@@ -378,7 +436,10 @@ def create_app(engine: Engine, *, model_name: str, limits: Limits | None = None,
 
         if not body.stream:
             texts, reasons, used = await _collect(job, events, len(prepared.choices))
-            choices = [{"index": i, "message": {"role": "assistant", "content": t}, "logprobs": None, "finish_reason": r} for i, (t, r) in enumerate(zip(texts, reasons))]
+            choices = [
+                {"index": i, "message": {"role": "assistant", "content": t}, "logprobs": None, "finish_reason": r}
+                for i, (t, r) in enumerate(zip(texts, reasons))
+            ]
             return {**head, "choices": choices, "usage": _usage(prepared.prompt_tokens, used)}
 
         head = {**head, "object": "chat.completion.chunk"}
@@ -392,7 +453,11 @@ def create_app(engine: Engine, *, model_name: str, limits: Limits | None = None,
             opening=lambda i: chunk(i, {"role": "assistant", "content": ""}, None),
             delta=lambda i, text: chunk(i, {"content": text}, None),
             finish=lambda i, reason: chunk(i, {}, reason),
-            usage=lambda used: {**head, "choices": [], "usage": _usage(prepared.prompt_tokens, used)} if (body.stream_options or {}).get("include_usage") else None,
+            usage=lambda used: (
+                {**head, "choices": [], "usage": _usage(prepared.prompt_tokens, used)}
+                if (body.stream_options or {}).get("include_usage")
+                else None
+            ),
         )
 
     return app

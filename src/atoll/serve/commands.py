@@ -1,8 +1,8 @@
-"""`atoll generate` and `atoll serve` (registered through COMMAND_MODULES).
+"""`atoll generate` and `atoll serve` (registered through atoll.cli).
 
-    atoll generate RUN --prompt TEXT [--chat] [--max-new-tokens N] [--temperature T] [--top-k K]
-                   [--top-p P] [--repetition-penalty R] [--stop STR ...] [--seed S]
-    atoll serve RUN [--host 127.0.0.1] [--port 8000] [--api-key KEY | ATOLL_API_KEY=KEY]
+atoll generate RUN --prompt TEXT [--chat] [--max-new-tokens N] [--temperature T] [--top-k K]
+               [--top-p P] [--repetition-penalty R] [--stop STR ...] [--seed S]
+atoll serve RUN [--host 127.0.0.1] [--port 8000] [--api-key KEY | ATOLL_API_KEY=KEY]
 """
 
 from __future__ import annotations
@@ -22,30 +22,11 @@ from atoll.errors import AtollError
 log = logging.getLogger("atoll.serve")
 
 
-def _device(requested: str, *, threads: int = 0) -> Any:
-    """The torch device for `--device`; `threads` > 0 also sets the CPU threads torch uses."""
-    import torch
-
-    if threads < 0:
-        raise AtollError("--threads must be 0 (torch's default) or positive")
-    if threads:
-        torch.set_num_threads(threads)
-    if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise AtollError("--device cuda but no CUDA device is visible: use --device cpu")
-    return torch.device(requested)
-
-
 def _load(run: Path, device: str, *, threads: int = 0) -> tuple[Any, Any]:
-    from atoll.finetune.stage import load_stage_model
-    from atoll.finetune.text import load_text_codec
+    from atoll.parallel.dist import inference_device
+    from atoll.rundir.load import load_stage
 
-    codec = load_text_codec(run)
-    model = load_stage_model(run, device=_device(device, threads=threads))
-    if codec.vocab_size > model.cfg.vocab_size:
-        raise AtollError(f"the tokenizer in {run} has {codec.vocab_size} tokens, the model {model.cfg.vocab_size}: they do not belong together")
-    return model, codec
+    return load_stage(run, device=inference_device(device, threads=threads))
 
 
 # ---------------------------------------------------------------- generate
@@ -54,11 +35,11 @@ def _load(run: Path, device: str, *, threads: int = 0) -> tuple[Any, Any]:
 def _cmd_generate(args: argparse.Namespace, extra: list[str]) -> int:
     from atoll.serve.textgen import SamplingParams, complete, encode_prompt
 
-    model, codec = _load(args.run, args.device, threads=args.threads)
+    model, tokenizer = _load(args.run, args.device, threads=args.threads)
     prompt = args.prompt
     if args.chat:
-        prompt = codec.render_chat([{"role": "user", "content": prompt}], add_generation_prompt=True)
-    ids = encode_prompt(codec, prompt, max_tokens=model.cfg.max_seq_len)
+        prompt = tokenizer.render_chat([{"role": "user", "content": prompt}], add_generation_prompt=True)
+    ids = encode_prompt(tokenizer, prompt, max_tokens=model.cfg.max_seq_len)
     params = SamplingParams(
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
@@ -68,7 +49,7 @@ def _cmd_generate(args: argparse.Namespace, extra: list[str]) -> int:
         stop=tuple(args.stop),
         seed=args.seed,
     )
-    completion = complete(model, codec, ids, params)
+    completion = complete(model, tokenizer, ids, params)
     out = sys.stdout
     if not args.chat:
         out.write(args.prompt)
@@ -80,7 +61,11 @@ def _cmd_generate(args: argparse.Namespace, extra: list[str]) -> int:
     out.write("\n")
     out.flush()
     print(
-        f"[{completion.num_tokens} tokens in {seconds:.2f}s, {completion.num_tokens / max(seconds, 1e-9):.1f} tokens/s; finished by {completion.finish_reason}]",
+        (
+            f"[{completion.num_tokens} tokens in {seconds:.2f}s, "
+            f"{completion.num_tokens / max(seconds, 1e-9):.1f} tokens/s; finished by "
+            f"{completion.finish_reason}]"
+        ),
         file=sys.stderr,
     )
     return 0
@@ -106,7 +91,9 @@ def _bind(host: str, port: int) -> socket.socket:
         sock.bind((host, port))
     except OSError as exc:
         sock.close()
-        raise AtollError(f"cannot listen on {host}:{port} ({exc.strerror}): choose another --port (0 picks a free one)") from None
+        raise AtollError(
+            f"cannot listen on {host}:{port} ({exc.strerror}): choose another --port (0 picks a free one)"
+        ) from None
     sock.listen(128)  # accept connections from now on; uvicorn serves them once it starts
     return sock
 
@@ -121,7 +108,7 @@ def _cmd_serve(args: argparse.Namespace, extra: list[str]) -> int:
     for name in ("max_prompt_tokens", "max_tokens", "max_choices", "max_queue"):
         if getattr(args, name) < 1:
             raise AtollError(f"--{name.replace('_', '-')} must be at least 1")
-    model, codec = _load(args.run, args.device, threads=args.threads)
+    model, tokenizer = _load(args.run, args.device, threads=args.threads)
     limits = Limits(
         max_prompt_tokens=min(args.max_prompt_tokens, model.cfg.max_seq_len - 1),
         max_tokens=args.max_tokens,
@@ -129,15 +116,24 @@ def _cmd_serve(args: argparse.Namespace, extra: list[str]) -> int:
     )
     name = args.model_name or Path(args.run).resolve().name
     if not _is_loopback(args.host) and api_key is None:
-        log.warning("serving on %s without an API key: anyone who can reach this address can use the model (set ATOLL_API_KEY)", args.host)
-    if codec.template_is_default:
+        log.warning(
+            "serving on %s without an API key: anyone who can reach this address can use the model (set ATOLL_API_KEY)",
+            args.host,
+        )
+    if tokenizer.template_is_default:
         log.info("no chat template beside the tokenizer in %s: using atoll's default", args.run)
     sock = _bind(args.host, args.port)
     host, port = sock.getsockname()[:2]
-    engine = Engine(model, codec, max_queue=args.max_queue)
+    engine = Engine(model, tokenizer, max_queue=args.max_queue)
     app = create_app(engine, model_name=name, limits=limits, api_key=api_key)
     shown = f"[{host}]" if ":" in host else host
-    print(f"atoll serve: model {name!r} at http://{shown}:{port}/v1 (API key {'required' if api_key else 'not required'}); Ctrl-C stops", flush=True)
+    print(
+        (
+            f"atoll serve: model {name!r} at http://{shown}:{port}/v1 (API key "
+            f"{'required' if api_key else 'not required'}); Ctrl-C stops"
+        ),
+        flush=True,
+    )
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
     try:
         server.run(sockets=[sock])
@@ -151,7 +147,12 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate at most")
     p.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
     p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
-    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling: the smallest set of tokens with this much probability")
+    p.add_argument(
+        "--top-p",
+        type=float,
+        default=None,
+        help="nucleus sampling: the smallest set of tokens with this much probability",
+    )
     p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 makes tokens already present less likely")
     p.add_argument("--stop", action="append", default=[], metavar="STR", help="stop before this string (repeatable)")
     p.add_argument("--seed", type=int, default=None, help="make sampling reproducible")
@@ -175,7 +176,9 @@ def register(sub: Any) -> None:
     p.add_argument("--port", type=int, default=8000, help="TCP port (0: a free one, printed at start)")
     p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` (better: set ATOLL_API_KEY)")
     p.add_argument("--model-name", default=None, help="the model id clients use (default: the run directory's name)")
-    p.add_argument("--max-prompt-tokens", type=int, default=1024, help="longest prompt accepted (capped by the model's context)")
+    p.add_argument(
+        "--max-prompt-tokens", type=int, default=1024, help="longest prompt accepted (capped by the model's context)"
+    )
     p.add_argument("--max-tokens", type=int, default=256, help="largest max_tokens a request may ask for")
     p.add_argument("--max-choices", type=int, default=4, help="most completions per request (prompts x n)")
     p.add_argument("--max-queue", type=int, default=16, help="requests waiting at most; more get 429")

@@ -16,8 +16,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from atoll.finetune.text import TextCodec
 from atoll.model import Transformer
+from atoll.rundir.tokenizer import TextTokenizer
 from atoll.serve.textgen import SamplingParams, complete
 
 log = logging.getLogger(__name__)
@@ -49,9 +49,9 @@ class Job:
 class Engine:
     """Runs jobs on one worker thread. `submit` never blocks; `close` stops the worker."""
 
-    def __init__(self, model: Transformer, codec: TextCodec, *, max_queue: int = 16) -> None:
+    def __init__(self, model: Transformer, tokenizer: TextTokenizer, *, max_queue: int = 16) -> None:
         self.model = model
-        self.codec = codec
+        self.tokenizer = tokenizer
         self._jobs: queue.Queue[Job | None] = queue.Queue(maxsize=max_queue)
         self._thread = threading.Thread(target=self._work, name="atoll-engine", daemon=True)
         self._thread.start()
@@ -98,7 +98,9 @@ class Engine:
         for choice in job.choices:
             if job.cancelled.is_set():
                 return
-            completion = complete(self.model, self.codec, choice.prompt_ids, choice.params, cancelled=job.cancelled.is_set)
+            completion = complete(
+                self.model, self.tokenizer, choice.prompt_ids, choice.params, cancelled=job.cancelled.is_set
+            )
             for piece in completion:
                 job.emit(("delta", choice.index, piece))
             job.emit(("done", choice.index, completion.finish_reason, completion.num_tokens))

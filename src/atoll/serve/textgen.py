@@ -1,6 +1,6 @@
 """Text in, text out: a prompt's completion streamed as text, with stop strings.
 
-Wraps `atoll.model.generate` (token ids, KV cache) with a stage's `TextCodec`. Text is released
+Wraps `atoll.model.generate` (token ids, KV cache) with a stage's `TextTokenizer`. Text is released
 as soon as it is final: a token that ends inside a multi-byte character waits for the rest of
 it, and text that might be the start of a stop string waits until it is not. A stop string is
 never part of the output.
@@ -12,8 +12,8 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from atoll.errors import AtollError
-from atoll.finetune.text import TextCodec
 from atoll.model import Transformer, generate
+from atoll.rundir.tokenizer import TextTokenizer
 
 
 @dataclass(frozen=True)
@@ -32,8 +32,8 @@ class SamplingParams:
 class TextStream:
     """Turns generated token ids into final text, holding back what may still change."""
 
-    def __init__(self, codec: TextCodec, *, stop: Sequence[str] = ()) -> None:
-        self.codec = codec
+    def __init__(self, tokenizer: TextTokenizer, *, stop: Sequence[str] = ()) -> None:
+        self.tokenizer = tokenizer
         self.stop = tuple(s for s in stop if s)
         self.ids: list[int] = []
         self.emitted = 0  # characters of the decoded text already released
@@ -44,7 +44,7 @@ class TextStream:
         if self.stopped:
             return ""
         self.ids.append(token)
-        text = self.codec.decode(self.ids)
+        text = self.tokenizer.decode(self.ids)
         if text.endswith("\ufffd"):
             return ""  # the token ends inside a character: wait for its other bytes
         # A stop string cannot start before `emitted`: text that could begin one is held back.
@@ -65,7 +65,7 @@ class TextStream:
         """The held-back text, once generation ended without reaching a stop string."""
         if self.stopped:
             return ""
-        text = self.codec.decode(self.ids)
+        text = self.tokenizer.decode(self.ids)
         out = text[self.emitted :]
         self.emitted = len(text)
         return out
@@ -90,7 +90,7 @@ class Completion:
 
 def complete(
     model: Transformer,
-    codec: TextCodec,
+    tokenizer: TextTokenizer,
     prompt_ids: list[int],
     params: SamplingParams,
     *,
@@ -107,17 +107,17 @@ def complete(
         top_k=params.top_k,
         top_p=params.top_p,
         repetition_penalty=params.repetition_penalty,
-        stop_token_ids=codec.eos_ids,
+        stop_token_ids=tokenizer.eos_ids,
         seed=params.seed,
     )
     result = Completion(iter(()))
 
     def pieces() -> Iterator[str]:
-        stream = TextStream(codec, stop=params.stop)
+        stream = TextStream(tokenizer, stop=params.stop)
         reason = "length"
         for token in tokens:
             result.num_tokens += 1
-            if token in codec.eos_ids:
+            if token in tokenizer.eos_ids:
                 reason = "stop"
                 break
             piece = stream.push(token)
@@ -138,11 +138,11 @@ def complete(
     return result
 
 
-def encode_prompt(codec: TextCodec, prompt: str, *, max_tokens: int) -> list[int]:
+def encode_prompt(tokenizer: TextTokenizer, prompt: str, *, max_tokens: int) -> list[int]:
     """The ids of `prompt` (with the stage's BOS). Raises AtollError beyond `max_tokens`."""
-    ids = codec.encode(prompt)
+    ids = tokenizer.encode(prompt)
     if not ids:
-        ids = [codec.eos_id]  # an empty prompt starts a fresh document
+        ids = [tokenizer.eos_id]  # an empty prompt starts a fresh document
     if len(ids) > max_tokens:
         raise AtollError(f"the prompt has {len(ids)} tokens; at most {max_tokens} are allowed")
     return ids

@@ -1,43 +1,15 @@
 """Inter-site tier: what crosses the WAN between sites, and how often.
 
-Pure-tensor building blocks (no `torch.distributed`, unit-tested on CPU):
+Import the modules themselves; this package imports none of them, so that its torch-free
+modules (`codec_specs`, `link_model`) load without torch for the config and the planner.
 
+- `codec_specs`: codec names, options and defaults, and the exact bytes each codec sends (no torch).
+- `link_model`: what an all-gather costs on the sites' WAN links (no torch).
 - `codecs`: compression of pseudo-gradients (`none`, `fp16`, `bf16`, `int8`, `int4`, `topk`,
-  `lowrank`), error feedback, and byte buffers for the transport.
+  `lowrank`), error feedback, and the payload bytes the transport moves.
 - `fragments`: sharded outer exchange (each parameter owned by one local rank) and Streaming
   DiLoCo fragments with their staggered schedule.
 - `outer`: θ, pseudo-gradients, token-weighted averaging and the outer optimizer.
+- `transport`: quorum and the all-gather through torchft, byte counts, the WAN emulation.
+- `engine`: the cross-site half of a training step, for every strategy.
 """
-
-from atoll.sync.codecs import (
-    CODEC_NAMES,
-    Codec,
-    Encoded,
-    ErrorFeedback,
-    decode,
-    get_codec,
-    pack,
-    pack_payload,
-    unpack,
-    unpack_payload,
-)
-from atoll.sync.fragments import StreamingSchedule, assign_owners, split_fragments
-from atoll.sync.outer import OuterOptimizer, weighted_average
-
-__all__ = [
-    "CODEC_NAMES",
-    "Codec",
-    "Encoded",
-    "ErrorFeedback",
-    "OuterOptimizer",
-    "StreamingSchedule",
-    "assign_owners",
-    "decode",
-    "get_codec",
-    "pack",
-    "pack_payload",
-    "split_fragments",
-    "unpack",
-    "unpack_payload",
-    "weighted_average",
-]

@@ -6,20 +6,14 @@ peer's payload with the same codec before averaging. Pure tensor code: no `torch
 any device; nothing here blocks beyond the device's own kernels (a few small host syncs where
 noted).
 
-Codecs (`get_codec(name, **options)`), with n elements, b the block size, s the bytes of a scale
-(4 for fp32, 2 for fp16), v the bytes of a value, i the bytes of an index:
-
-    none      x as is (its own dtype)                          n · itemsize
-    fp16      x in float16, clamped to ±65504                  2n
-    bf16      x in bfloat16                                    2n
-    int8      blockwise absmax, codes in [-127, 127]            n + s · ceil(n / b)
-    int4      blockwise absmax, codes in [-7, 7], 2 per byte   ceil(n / 2) + s · ceil(n / b)
-    topk      the k largest |x|, sorted indices + values        k · (v + i)
-    lowrank   P (m×r, orthonormal) and Q (c×r), x ≈ P Qᵀ        v · r · (m + c)
-
-`Encoded.num_bytes` is exactly the sum of the payload tensors' `nbytes`. `pack_payload` puts
-those bytes and nothing else on the wire (the receiver knows the layout from its own encoding);
-`pack` adds a self-describing header (about 40 bytes per tensor) for when it does not.
+Codecs (`get_codec(name, **options)`, or `codec_from_config(sync_section)`): none (as is), fp16
+(clamped to ±65504), bf16, int8 and int4 (blockwise absmax), topk (the k largest |x|, sorted
+indices + values), lowrank (P (m×r, orthonormal) and Q (c×r), x ≈ P Qᵀ). Their names, option
+defaults and payload sizes live in `atoll.sync.codec_specs` (torch-free, so the config and the
+planner read the same table): `Codec.payload_bytes` gives the size for a shape before encoding,
+and `Encoded.num_bytes`, exactly the sum of the payload tensors' `nbytes`, is the same number.
+`pack_payload` puts those bytes and nothing else on the wire: the receiver knows the layout from
+its own encoding (the transport adds only a 16-byte header).
 
 Inputs are expected finite: a NaN or inf is not checked for here (the transport checks received
 updates) and propagates into the payload.
@@ -29,28 +23,43 @@ from __future__ import annotations
 
 import inspect
 import math
-import struct
 import zlib
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor
 
 from atoll.errors import AtollError
+from atoll.sync.codec_specs import (
+    CODEC_NAMES,
+    CODEC_SYNC_KEYS,
+    DEFAULT_BLOCK_SIZE,
+    DEFAULT_LOWRANK_RANK,
+    DEFAULT_TOPK_FRACTION,
+    SYNC_KEY_OPTIONS,
+    blockquant_bytes,
+    index_bytes,
+    lowrank_bytes,
+    lowrank_factored,
+    topk_bytes,
+    topk_kept,
+)
+
+if TYPE_CHECKING:
+    from atoll.config.schema import SyncSection
 
 __all__ = [
     "CODEC_NAMES",
     "Codec",
     "Encoded",
     "ErrorFeedback",
+    "codec_from_config",
     "decode",
     "get_codec",
-    "pack",
     "pack_payload",
-    "unpack",
     "unpack_payload",
 ]
 
@@ -115,6 +124,11 @@ class Codec(ABC):
         """Encode `x` (any shape, any float dtype, empty included); does not raise."""
 
     @abstractmethod
+    def payload_bytes(self, shape: Sequence[int], *, itemsize: int = 4) -> int:
+        """Bytes `encode` sends for a tensor of `shape` with `itemsize` bytes per element: exactly
+        the `num_bytes` of its `Encoded` (`atoll.sync.codec_specs` holds the formulas)."""
+
+    @abstractmethod
     def _decode(self, enc: Encoded) -> Tensor:
         """The decoded values, `enc.numel` of them in any shape and float dtype (a fresh tensor);
         `decode` casts and reshapes. Raises `AtollError` for a malformed payload."""
@@ -137,7 +151,7 @@ class Codec(ABC):
         """Codec state to checkpoint (empty for stateless codecs)."""
         return {}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:  # noqa: B027 -- no-op default, kept by stateless codecs
         """Restore what `state_dict` returned."""
 
     def _encoded(self, x: Tensor, payload: list[Tensor], **meta: int) -> Encoded:
@@ -152,6 +166,9 @@ class NoneCodec(Codec):
 
     def encode(self, x: Tensor, *, key: str | None = None) -> Encoded:
         return self._encoded(x, [x.detach().reshape(-1).clone()])
+
+    def payload_bytes(self, shape: Sequence[int], *, itemsize: int = 4) -> int:
+        return math.prod(shape) * itemsize
 
     def _decode(self, enc: Encoded) -> Tensor:
         _expect_numels(enc, [enc.numel])
@@ -169,6 +186,9 @@ class CastCodec(Codec):
         if self._target == torch.float16:
             flat = flat.float().clamp(-_FP16_MAX, _FP16_MAX)
         return self._encoded(x, [flat.to(self._target)])
+
+    def payload_bytes(self, shape: Sequence[int], *, itemsize: int = 4) -> int:
+        return math.prod(shape) * self._target.itemsize
 
     def _decode(self, enc: Encoded) -> Tensor:
         _expect_numels(enc, [enc.numel])
@@ -199,12 +219,18 @@ class BlockQuantCodec(Codec):
     """
 
     qmax: ClassVar[int]
+    bits: ClassVar[int]
 
-    def __init__(self, *, block_size: int = 128, scale_dtype: str = "fp32") -> None:
+    def __init__(self, *, block_size: int = DEFAULT_BLOCK_SIZE, scale_dtype: str = "fp32") -> None:
         if not isinstance(block_size, int) or block_size < 1:
             raise AtollError(f"codec option block_size={block_size!r} must be a positive integer (e.g. 128)")
         self.block_size = block_size
         self.scale_dtype = _float_dtype(scale_dtype, option="scale_dtype", allowed=("fp32", "fp16"))
+
+    def payload_bytes(self, shape: Sequence[int], *, itemsize: int = 4) -> int:
+        return blockquant_bytes(
+            math.prod(shape), bits=self.bits, block_size=self.block_size, scale_bytes=self.scale_dtype.itemsize
+        )
 
     def _quantize(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """int8 codes (n,) and scales (ceil(n / b),) of the flattened `x`."""
@@ -229,6 +255,7 @@ class BlockQuantCodec(Codec):
 class Int8Codec(BlockQuantCodec):
     name = "int8"
     qmax = 127
+    bits = 8
 
     def encode(self, x: Tensor, *, key: str | None = None) -> Encoded:
         codes, scales = self._quantize(x)
@@ -248,6 +275,7 @@ class Int4Codec(BlockQuantCodec):
 
     name = "int4"
     qmax = 7
+    bits = 4
 
     def encode(self, x: Tensor, *, key: str | None = None) -> Encoded:
         codes, scales = self._quantize(x)
@@ -268,13 +296,8 @@ class Int4Codec(BlockQuantCodec):
         return self._dequantize(enc, codes, scales)
 
 
-def _index_dtype(n: int, *, compact: bool) -> torch.dtype:
-    """Smallest integer dtype that holds every index below `n` (int32 unless `compact`)."""
-    if compact and n <= 2**8:
-        return torch.uint8
-    if compact and n <= 2**15:
-        return torch.int16
-    return torch.int32 if n <= 2**31 else torch.int64
+_INDEX_DTYPES = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+"""Index dtype by its width in bytes (`codec_specs.index_bytes` picks the width)."""
 
 
 class TopKCodec(Codec):
@@ -288,7 +311,7 @@ class TopKCodec(Codec):
     name = "topk"
 
     def __init__(
-        self, *, fraction: float = 0.01, value_dtype: str = "fp32", compact_indices: bool = True
+        self, *, fraction: float = DEFAULT_TOPK_FRACTION, value_dtype: str = "fp32", compact_indices: bool = True
     ) -> None:
         if not isinstance(fraction, (int, float)) or not 0.0 < fraction <= 1.0:
             raise AtollError(f"codec option fraction={fraction!r} must be in (0, 1], e.g. 0.01 for 1%")
@@ -298,7 +321,15 @@ class TopKCodec(Codec):
 
     def num_kept(self, n: int) -> int:
         """How many of `n` elements are sent."""
-        return 0 if n == 0 else min(n, max(1, int(self.fraction * n + 0.5)))
+        return topk_kept(n, self.fraction)
+
+    def payload_bytes(self, shape: Sequence[int], *, itemsize: int = 4) -> int:
+        return topk_bytes(
+            math.prod(shape),
+            fraction=self.fraction,
+            value_bytes=self.value_dtype.itemsize,
+            compact_indices=self.compact_indices,
+        )
 
     def encode(self, x: Tensor, *, key: str | None = None) -> Encoded:
         flat = x.detach().reshape(-1).float()
@@ -307,7 +338,7 @@ class TopKCodec(Codec):
         values = flat[picked]
         if self.value_dtype == torch.float16:
             values = values.clamp(-_FP16_MAX, _FP16_MAX)
-        indices = picked.to(_index_dtype(n, compact=self.compact_indices))
+        indices = picked.to(_INDEX_DTYPES[index_bytes(n, compact=self.compact_indices)])
         return self._encoded(x, [indices, values.to(self.value_dtype)])
 
     def _decode(self, enc: Encoded) -> Tensor:
@@ -335,7 +366,7 @@ class LowRankCodec(Codec):
 
     name = "lowrank"
 
-    def __init__(self, *, rank: int = 4, value_dtype: str = "fp32", seed: int = 0) -> None:
+    def __init__(self, *, rank: int = DEFAULT_LOWRANK_RANK, value_dtype: str = "fp32", seed: int = 0) -> None:
         if not isinstance(rank, int) or rank < 1:
             raise AtollError(f"codec option rank={rank!r} must be a positive integer (e.g. 4)")
         self.rank = rank
@@ -343,12 +374,15 @@ class LowRankCodec(Codec):
         self.seed = int(seed)
         self._warm: dict[str, Tensor] = {}
 
+    def payload_bytes(self, shape: Sequence[int], *, itemsize: int = 4) -> int:
+        return lowrank_bytes(shape, rank=self.rank, value_bytes=self.value_dtype.itemsize, itemsize=itemsize)
+
     def encode(self, x: Tensor, *, key: str | None = None) -> Encoded:
-        rows = x.shape[0] if x.dim() >= 2 else 0
-        cols = x.numel() // rows if rows else 0
-        r = self.rank
-        if x.dim() < 2 or r * (rows + cols) >= rows * cols:
+        factored = lowrank_factored(tuple(x.shape), self.rank)
+        if factored is None:
             return self._encoded(x, [x.detach().reshape(-1).clone()], rank=0)
+        rows, cols = factored
+        r = self.rank
         matrix = x.detach().reshape(rows, cols).float()
         q = self._start(key, cols, matrix.device)
         p, _ = torch.linalg.qr(matrix @ q)  # (m, r), orthonormal columns even if rank-deficient
@@ -399,10 +433,9 @@ def _expect_numels(enc: Encoded, numels: list[int]) -> None:
 
 
 _CODECS: dict[str, type[Codec]] = {
-    cls.name: cls
-    for cls in (NoneCodec, Fp16Codec, Bf16Codec, Int8Codec, Int4Codec, TopKCodec, LowRankCodec)
+    cls.name: cls for cls in (NoneCodec, Fp16Codec, Bf16Codec, Int8Codec, Int4Codec, TopKCodec, LowRankCodec)
 }
-CODEC_NAMES: tuple[str, ...] = tuple(_CODECS)
+assert tuple(_CODECS) == CODEC_NAMES, "every codec in codec_specs has one class here, in the same order"
 
 
 def _option_names(cls: type[Codec]) -> list[str]:
@@ -427,6 +460,13 @@ def get_codec(name: str, **options: Any) -> Codec:
         hint = f"valid options: {', '.join(valid)}" if valid else "it takes no options"
         raise AtollError(f"codec {name!r} has no option {unknown[0]!r}; {hint}")
     return cls(**options)
+
+
+def codec_from_config(cfg: SyncSection) -> Codec:
+    """A new codec for a run's `sync` section: `cfg.codec` with the keys of `cfg` that apply to it
+    (`codec_specs.CODEC_SYNC_KEYS`). Raises `AtollError` as `get_codec` does."""
+    options = {SYNC_KEY_OPTIONS[key]: getattr(cfg, key) for key in CODEC_SYNC_KEYS[cfg.codec]}
+    return get_codec(cfg.codec, **options)
 
 
 def decode(enc: Encoded) -> Tensor:
@@ -499,16 +539,8 @@ class ErrorFeedback:
         self.codec.load_state_dict(state["codec"])
 
 
-# Byte buffers. The transport moves one uint8 tensor per site and sync (all-gathered, lengths
-# may differ); tensor bytes are in the machine's native order (little-endian on every platform
-# atoll targets), header integers explicitly little-endian.
-
-_WIRE_DTYPES: tuple[torch.dtype, ...] = (
-    torch.float32, torch.float16, torch.bfloat16, torch.float64,
-    torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64,
-)  # fmt: skip
-_PREFIX = struct.Struct("<4sBII")  # magic, format version, number of records, header bytes
-_MAGIC, _VERSION = b"ATLC", 1
+# Byte buffers. The transport moves one uint8 tensor per site and sync (all-gathered); tensor
+# bytes are in the machine's native order (little-endian on every platform atoll targets).
 
 
 def _as_bytes(t: Tensor) -> Tensor:
@@ -560,99 +592,3 @@ def unpack_payload(buf: Tensor, *, like: Sequence[Encoded]) -> list[Encoded]:
             offset += t.nbytes
         out.append(replace(enc, payload=payload, meta=dict(enc.meta)))
     return out
-
-
-def pack(encoded: Sequence[Encoded]) -> Tensor:
-    """`encoded` as one self-describing uint8 tensor: a header, then `pack_payload`'s bytes.
-
-    The header is 13 bytes plus, per record, about 10 + 8 · ndim bytes for the tensor,
-    10 + len(key) per meta entry and 2 + 8 · ndim per payload tensor (~30-60 bytes in all).
-    The transport counts the buffer's length, header included.
-    """
-    header = bytearray()
-    for enc in encoded:
-        _put_str(header, enc.codec)
-        _put_tensor_spec(header, enc.dtype, enc.shape)
-        header += struct.pack("<B", len(enc.meta))
-        for key, value in enc.meta.items():
-            _put_str(header, key)
-            header += struct.pack("<q", value)
-        header += struct.pack("<B", len(enc.payload))
-        for t in enc.payload:
-            _put_tensor_spec(header, t.dtype, tuple(t.shape))
-    head = bytearray(_PREFIX.pack(_MAGIC, _VERSION, len(encoded), len(header))) + header
-    body = pack_payload(encoded)
-    return torch.cat([torch.frombuffer(head, dtype=torch.uint8).to(body.device), body])
-
-
-def unpack(buf: Tensor) -> list[Encoded]:
-    """The records of a `pack` buffer, payloads as fresh tensors on `buf`'s device.
-
-    Reads the header on the host (one small device-to-host copy). Raises `AtollError` if the
-    buffer is truncated, foreign, of another format version, or its sizes do not add up.
-    """
-    _check_buffer(buf)
-    try:
-        magic, version, num_records, header_len = _PREFIX.unpack(_host_bytes(buf, 0, _PREFIX.size))
-        if magic != _MAGIC or version != _VERSION:
-            raise AtollError(f"not an atoll payload buffer (magic {magic!r}, version {version})")
-        header = _host_bytes(buf, _PREFIX.size, header_len)
-        pos, specs = 0, []
-        for _ in range(num_records):
-            codec, pos = _get_str(header, pos)
-            dtype, shape, pos = _get_tensor_spec(header, pos)
-            (num_meta,), pos = struct.unpack_from("<B", header, pos), pos + 1
-            meta = {}
-            for _ in range(num_meta):
-                key, pos = _get_str(header, pos)
-                (meta[key],), pos = struct.unpack_from("<q", header, pos), pos + 8
-            (num_payload,), pos = struct.unpack_from("<B", header, pos), pos + 1
-            parts = []
-            for _ in range(num_payload):
-                part_dtype, part_shape, pos = _get_tensor_spec(header, pos)
-                parts.append((part_dtype, part_shape))
-            specs.append((codec, dtype, shape, meta, parts))
-    except struct.error as err:
-        raise AtollError(f"truncated atoll payload header ({buf.numel()} bytes): {err}") from err
-    offset = _PREFIX.size + header_len
-    body = sum(math.prod(s) * d.itemsize for *_, parts in specs for d, s in parts)
-    if pos != header_len or offset + body != buf.numel():
-        raise AtollError(f"atoll payload buffer of {buf.numel()} bytes does not match its header")
-    out = []
-    for codec, dtype, shape, meta, parts in specs:
-        payload = []
-        for part_dtype, part_shape in parts:
-            payload.append(_from_bytes(buf, offset, part_dtype, part_shape))
-            offset += payload[-1].nbytes
-        out.append(Encoded(codec, shape, dtype, payload, meta))
-    return out
-
-
-def _host_bytes(buf: Tensor, offset: int, length: int) -> bytes:
-    if offset + length > buf.numel():
-        raise struct.error(f"need {offset + length} bytes")
-    return buf[offset : offset + length].cpu().numpy().tobytes()
-
-
-def _put_str(out: bytearray, text: str) -> None:
-    raw = text.encode()
-    out += struct.pack("<B", len(raw)) + raw
-
-
-def _get_str(data: bytes, pos: int) -> tuple[str, int]:
-    (length,) = struct.unpack_from("<B", data, pos)
-    if pos + 1 + length > len(data):
-        raise struct.error("string runs past the header")
-    return data[pos + 1 : pos + 1 + length].decode(errors="replace"), pos + 1 + length
-
-
-def _put_tensor_spec(out: bytearray, dtype: torch.dtype, shape: tuple[int, ...]) -> None:
-    out += struct.pack(f"<BB{len(shape)}q", _WIRE_DTYPES.index(dtype), len(shape), *shape)
-
-
-def _get_tensor_spec(data: bytes, pos: int) -> tuple[torch.dtype, tuple[int, ...], int]:
-    code, ndim = struct.unpack_from("<BB", data, pos)
-    shape = struct.unpack_from(f"<{ndim}q", data, pos + 2)
-    if code >= len(_WIRE_DTYPES) or any(d < 0 for d in shape):
-        raise AtollError(f"atoll payload header names dtype code {code} or shape {list(shape)}")
-    return _WIRE_DTYPES[code], tuple(shape), pos + 2 + 8 * ndim

@@ -25,8 +25,10 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from collections import deque
+from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -37,10 +39,11 @@ from torch import nn
 
 from atoll.config.schema import SyncSection
 from atoll.errors import AtollError
-from atoll.sync.codecs import Codec, Encoded, ErrorFeedback, get_codec, pack_payload, unpack_payload
+from atoll.sync.codecs import Codec, Encoded, ErrorFeedback, codec_from_config, pack_payload, unpack_payload
 from atoll.sync.fragments import StreamingSchedule, assign_owners, split_fragments
 from atoll.sync.outer import OuterOptimizer, weighted_average
-from atoll.sync.transport import ByteCounter, SiteInfo
+from atoll.sync.site_env import SiteEnv
+from atoll.sync.transport import ByteCounter
 
 log = logging.getLogger(__name__)
 
@@ -111,9 +114,14 @@ class CrossSiteSync:
         for unit in self.units:
             unit.owned = [n for n in unit.params if self.owner[n] == local_rank]
             if unit.owned:
-                unit.outer = OuterOptimizer([self.params[n] for n in unit.owned], lr=cfg.outer_lr, momentum=cfg.outer_momentum, nesterov=nesterov)
+                unit.outer = OuterOptimizer(
+                    [self.params[n] for n in unit.owned],
+                    lr=cfg.outer_lr,
+                    momentum=cfg.outer_momentum,
+                    nesterov=nesterov,
+                )
         self.anchor = {n: self.params[n].detach().float().clone() for u in self.units for n in u.owned}
-        codec = get_codec(cfg.codec, **_codec_options(cfg))
+        codec = codec_from_config(cfg)
         self.codec: Codec | ErrorFeedback = ErrorFeedback(codec) if cfg.error_feedback else codec
         self.tokens_since = {u.name: 0 for u in self.units}
         self.pending: deque[Pending] = deque()
@@ -169,7 +177,15 @@ class CrossSiteSync:
         for n in unit.owned:
             self.anchor[n] = current[n]
         self.tokens_since[unit.name] = 0
-        pending = Pending(unit, apply_at=step + self.delay, sent=current, previous_anchor=previous, like=encoded, sent_step=step, weight=weight)
+        pending = Pending(
+            unit,
+            apply_at=step + self.delay,
+            sent=current,
+            previous_anchor=previous,
+            like=encoded,
+            sent_step=step,
+            weight=weight,
+        )
         if self.delay == 0:
             t0 = time.perf_counter()
             pending.result = self.transport.exchange(payload, weight=weight)
@@ -266,6 +282,16 @@ class CrossSiteSync:
 
     # ------------------------------------------------------------------ cross-site DDP
 
+    def commit_gradients(self, *, tokens: int) -> bool:
+        """Call after backward, before the inner optimizer step; False means: skip that step.
+
+        `ddp` averages the gradients across sites here; the other strategies leave the inner
+        step to the site and return True.
+        """
+        if self.cfg.strategy != "ddp":
+            return True
+        return self.reduce_gradients(tokens=tokens)
+
     @torch.no_grad()
     def reduce_gradients(self, *, tokens: int) -> bool:
         """`ddp` strategy: average the site-averaged gradients across sites (token-weighted).
@@ -307,7 +333,18 @@ class CrossSiteSync:
                 assert p.future is not None
                 p.result = p.future.result()
                 p.done = True
-            pending.append({"unit": p.unit.name, "apply_at": p.apply_at, "sent": p.sent, "previous_anchor": p.previous_anchor, "result": p.result, "like": p.like, "sent_step": p.sent_step, "weight": p.weight})
+            pending.append(
+                {
+                    "unit": p.unit.name,
+                    "apply_at": p.apply_at,
+                    "sent": p.sent,
+                    "previous_anchor": p.previous_anchor,
+                    "result": p.result,
+                    "like": p.like,
+                    "sent_step": p.sent_step,
+                    "weight": p.weight,
+                }
+            )
         return {
             "outer": {u.name: u.outer.state_dict() for u in self.units if u.outer is not None},
             "anchor": self.anchor,
@@ -328,42 +365,70 @@ class CrossSiteSync:
         units = {u.name: u for u in self.units}
         self.pending = deque()
         for p in state["pending"]:
-            self.pending.append(Pending(units[p["unit"]], p["apply_at"], p["sent"], p["previous_anchor"], p["like"], sent_step=p["sent_step"], weight=p.get("weight", 0.0), result=p["result"], done=True))
+            self.pending.append(
+                Pending(
+                    units[p["unit"]],
+                    p["apply_at"],
+                    p["sent"],
+                    p["previous_anchor"],
+                    p["like"],
+                    sent_step=p["sent_step"],
+                    weight=p.get("weight", 0.0),
+                    result=p["result"],
+                    done=True,
+                )
+            )
         c = self.transport.counter
         saved = state["counter"]
-        c.sent, c.received, c.exchanges, c.seconds, c.failed = int(saved["wan_bytes_sent"]), int(saved["wan_bytes_received"]), int(saved["wan_exchanges"]), float(saved["wan_seconds"]), int(saved["wan_failed"])
+        c.sent, c.received, c.exchanges, c.seconds, c.failed = (
+            int(saved["wan_bytes_sent"]),
+            int(saved["wan_bytes_received"]),
+            int(saved["wan_exchanges"]),
+            float(saved["wan_seconds"]),
+            int(saved["wan_failed"]),
+        )
         self.wait_seconds = float(state["wait_seconds"])
 
-    def metrics(self) -> dict[str, float]:
-        return {**self.transport.counter.as_dict(), "sync_wait_seconds": self.wait_seconds, "sync_rejected": self.rejected}
+    def metrics(self) -> dict[str, Any]:
+        """This rank's counters and a fingerprint of the synchronized parameters (to compare sites)."""
+        return {
+            **self.transport.counter.as_dict(),
+            "sync_wait_seconds": self.wait_seconds,
+            "sync_rejected": self.rejected,
+            "params_checksum": checksum(self.params.values()),
+        }
+
+    def final_metrics(self) -> dict[str, Any]:
+        """After `finish`: the metrics and which rounds were applied when ([step applied, step sent])."""
+        return {**self.metrics(), "sync_applied": self.applied_log}
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
         self.transport.close()
 
 
-def sync_from_environ(model: nn.Module, cfg: SyncSection, site: SiteInfo) -> CrossSiteSync:
-    """The cross-site sync of a rank started by the multi-site launcher (`atoll.sync.launch`).
+def sync_for_site(
+    model: nn.Module, cfg: SyncSection, site_env: SiteEnv, *, local_rank: int, local_world_size: int
+) -> CrossSiteSync:
+    """The cross-site sync of one rank of a site that a multi-site launcher started.
 
-    The launcher's environment names the topology (ATOLL_TOPOLOGY), the Lighthouse
-    (TORCHFT_LIGHTHOUSE), the site's store (MASTER_ADDR/MASTER_PORT), this site's address in the
-    lab (ATOLL_SITE_ADDR) and how the WAN is modelled (ATOLL_WAN_MODE). Pre-training and
-    fine-tuning both build their sync here.
+    `site_env` names the topology, the Lighthouse, this site's address in the lab and how the
+    WAN is modelled; MASTER_ADDR/MASTER_PORT name the site's own store (torchft's replica-group
+    store). `model` holds the parameters to synchronize (the trainable ones, under their base
+    names). Pre-training and fine-tuning both build their sync here.
     """
-    import os
-    from pathlib import Path
-
     from atoll.config.topology import load_topology
     from atoll.sync.transport import TorchftTransport, WanModel, chunk_bytes_for
 
-    topology = load_topology(Path(os.environ["ATOLL_TOPOLOGY"]))
+    topology = load_topology(site_env.topology)
+    site = site_env.site_info(local_rank=local_rank, local_world_size=local_world_size)
     transport = TorchftTransport(
         site,
-        lighthouse_addr=os.environ["TORCHFT_LIGHTHOUSE"],
+        lighthouse_addr=site_env.lighthouse,
         store_addr=os.environ.get("MASTER_ADDR", "127.0.0.1"),
         store_port=int(os.environ["MASTER_PORT"]),
-        hostname=os.environ.get("ATOLL_SITE_ADDR", "127.0.0.1"),
-        wan=WanModel(topology, mode=os.environ.get("ATOLL_WAN_MODE", "emulated")),
+        hostname=site_env.address,
+        wan=WanModel(topology, mode=site_env.wan_mode),
         timeout_seconds=cfg.timeout_seconds,
         min_sites=cfg.min_sites or site.num_sites,
         chunk_bytes=cfg.chunk_kib * 1024 if cfg.chunk_kib else chunk_bytes_for(topology),
@@ -379,16 +444,6 @@ def sync_from_environ(model: nn.Module, cfg: SyncSection, site: SiteInfo) -> Cro
     )
 
 
-def _codec_options(cfg: SyncSection) -> dict[str, Any]:
-    if cfg.codec in ("int8", "int4"):
-        return {"block_size": cfg.block_size}
-    if cfg.codec == "topk":
-        return {"fraction": cfg.topk_fraction}
-    if cfg.codec == "lowrank":
-        return {"rank": cfg.rank}
-    return {}
-
-
 def _num_layers(names: list[str]) -> int:
     return len({n.split(".")[1] for n in names if n.startswith("layers.")}) or 1
 
@@ -397,7 +452,12 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if hasattr(model, "module") else model
 
 
-def param_checksum(model: nn.Module) -> float:
-    """A cheap fingerprint of the parameters (sum of float64 sums), to compare sites."""
+def checksum(params: Iterable[torch.Tensor]) -> float:
+    """A cheap fingerprint of parameters (sum of float64 sums), to compare sites."""
     with torch.no_grad():
-        return math.fsum(float(p.detach().double().sum()) for p in _unwrap(model).parameters())
+        return math.fsum(float(p.detach().double().sum()) for p in params)
+
+
+def param_checksum(model: nn.Module) -> float:
+    """`checksum` of a model's parameters (DDP-wrapped or not)."""
+    return checksum(_unwrap(model).parameters())

@@ -20,7 +20,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-
 from atoll.errors import AtollError
 
 __all__ = ["StreamingSchedule", "assign_owners", "split_fragments"]
@@ -82,8 +81,7 @@ def split_fragments(
     num_layers = 1 + max((i for i in layer_of if i is not None), default=-1)
     if not isinstance(num_fragments, int) or not 1 <= num_fragments <= max(num_layers, 1):
         raise AtollError(
-            f"num_fragments={num_fragments!r} must be between 1 and the number of decoder layers "
-            f"({num_layers})"
+            f"num_fragments={num_fragments!r} must be between 1 and the number of decoder layers ({num_layers})"
         )
     if pattern not in ("sequential", "strided"):
         raise AtollError(f"fragment pattern {pattern!r} is not valid; use sequential or strided")

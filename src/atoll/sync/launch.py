@@ -3,8 +3,7 @@
 Sites run on loopback (the WAN emulated in the transport) or, in the lab, each inside its own
 network namespace behind a shaped link. Each rank gets the environment torchrun would give it for
 its *site* (RANK, WORLD_SIZE, MASTER_ADDR/PORT of the site's own store) plus where it sits in the
-network: ATOLL_SITE, ATOLL_SITE_INDEX, ATOLL_NUM_SITES, ATOLL_SITE_ADDR, ATOLL_TOPOLOGY,
-ATOLL_WAN_MODE and TORCHFT_LIGHTHOUSE.
+network (`atoll.sync.site_env.SiteEnv`).
 """
 
 from __future__ import annotations
@@ -18,8 +17,9 @@ from typing import Protocol
 
 from atoll.config.topology import Topology
 from atoll.errors import AtollError
-from atoll.parallel.launch import _stop, free_port, wait_all
+from atoll.parallel.launch import free_port, stop_processes, wait_all
 from atoll.report.sites import SiteWatch
+from atoll.sync.site_env import SiteEnv
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +30,9 @@ class SiteHost(Protocol):
     """Where a site's processes run: loopback, or a lab namespace."""
 
     def site_address(self, site: str) -> str: ...
-    def popen(self, site: str, argv: list[str], *, env: dict[str, str], **kwargs: object) -> subprocess.Popen[bytes]: ...
+    def popen(
+        self, site: str, argv: list[str], *, env: dict[str, str], **kwargs: object
+    ) -> subprocess.Popen[bytes]: ...
 
 
 class LoopbackHost:
@@ -43,7 +45,9 @@ class LoopbackHost:
         return subprocess.Popen(argv, env=env, **kwargs)  # type: ignore[call-overload,no-any-return]
 
 
-def start_lighthouse_process(host: SiteHost, *, site: str, min_sites: int, env: dict[str, str], loopback: bool) -> tuple[subprocess.Popen[bytes], str]:
+def start_lighthouse_process(
+    host: SiteHost, *, site: str, min_sites: int, env: dict[str, str], loopback: bool
+) -> tuple[subprocess.Popen[bytes], str]:
     """Run the Lighthouse as a child inside `site`; returns the process and its address."""
     addr = host.site_address(site)
     port = free_port(addr) if loopback else LIGHTHOUSE_PORT
@@ -70,7 +74,7 @@ def launch_sites(
     wan_mode: str,
     host: SiteHost,
     min_sites: int | None = None,
-    watch: "SiteWatch | None" = None,
+    watch: SiteWatch | None = None,
     module: str = "atoll.train",
 ) -> int:
     """Run every site's ranks of ``python -m MODULE CHILD_ARGS``; blocks; returns an exit code."""
@@ -85,10 +89,22 @@ def launch_sites(
     lighthouse = None
     try:
         if topology.lighthouse.address is not None:
-            lighthouse_addr = topology.lighthouse.address if "://" in topology.lighthouse.address else f"http://{topology.lighthouse.address}"
+            lighthouse_addr = (
+                topology.lighthouse.address
+                if "://" in topology.lighthouse.address
+                else f"http://{topology.lighthouse.address}"
+            )
         else:
-            lighthouse, lighthouse_addr = start_lighthouse_process(host, site=lighthouse_site, min_sites=min_sites or len(topology.sites), env=base, loopback=loopback)
-        log.info("lighthouse at %s; %d sites x %d rank(s); WAN %s", lighthouse_addr, len(topology.sites), ranks_per_site, wan_mode)
+            lighthouse, lighthouse_addr = start_lighthouse_process(
+                host, site=lighthouse_site, min_sites=min_sites or len(topology.sites), env=base, loopback=loopback
+            )
+        log.info(
+            "lighthouse at %s; %d sites x %d rank(s); WAN %s",
+            lighthouse_addr,
+            len(topology.sites),
+            ranks_per_site,
+            wan_mode,
+        )
         for index, site in enumerate(topology.sites):
             addr = host.site_address(site.name)
             site_env = dict(
@@ -97,13 +113,15 @@ def launch_sites(
                 MASTER_PORT=str(free_port(addr) if loopback else 29500),
                 WORLD_SIZE=str(ranks_per_site),
                 LOCAL_WORLD_SIZE=str(ranks_per_site),
-                ATOLL_SITE=site.name,
-                ATOLL_SITE_INDEX=str(index),
-                ATOLL_NUM_SITES=str(len(topology.sites)),
-                ATOLL_SITE_ADDR=addr,
-                ATOLL_TOPOLOGY=str(topology_path.resolve()),
-                ATOLL_WAN_MODE=wan_mode,
-                TORCHFT_LIGHTHOUSE=lighthouse_addr,
+                **SiteEnv(
+                    site=site.name,
+                    index=index,
+                    num_sites=len(topology.sites),
+                    topology=topology_path.resolve(),
+                    lighthouse=lighthouse_addr,
+                    address=addr,
+                    wan_mode=wan_mode,
+                ).to_environ(),
             )
             for rank in range(ranks_per_site):
                 env = dict(site_env, RANK=str(rank), LOCAL_RANK=str(rank))
@@ -113,6 +131,6 @@ def launch_sites(
         with watch:
             return wait_all(procs, tick=watch.refresh)
     finally:
-        _stop(procs)
+        stop_processes(procs)
         if lighthouse is not None:
-            _stop([lighthouse])
+            stop_processes([lighthouse])

@@ -5,14 +5,14 @@ group with rank r of the other sites (each site is one torchft replica group, an
 own TCPStore is its replica-group store). `exchange` all-gathers one byte payload per site and
 returns every site's payload; it counts the bytes it hands to the network, and adds what the
 emulated WAN would cost (bandwidth and latency without root, latency only when the kernel shapes
-bandwidth in the lab).
+bandwidth in the lab), as `atoll.sync.link_model` predicts it, the model the planner uses too.
 
 The all-gather is pipelined: the payload goes as chunks of `chunk_bytes`, all posted at once. One
 all-gather of a whole 2-5 MB payload moved only 0.6-0.7 of a shaped link's rate in the lab
 (likely because both directions fill their FIFO queues at once and each direction's
 acknowledgements wait behind the other's data), chunks of 256 KiB 0.85-0.89, about as much as
-gloo's ring all-reduce of the same bytes (docs/decisions.md). A chunk is never smaller than the link's bandwidth-delay product, so a real
-long-haul link stays full.
+gloo's ring all-reduce of the same bytes (docs/decisions.md). A chunk is never smaller than the
+link's bandwidth-delay product, so a real long-haul link stays full.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from torch._C._distributed_c10d import AllgatherOptions
 
 from atoll.config.topology import Topology
 from atoll.errors import AtollError
+from atoll.sync.link_model import WanLink, allgather_latency, allgather_seconds
 
 log = logging.getLogger(__name__)
 
@@ -57,15 +58,21 @@ class ByteCounter:
 
     def as_dict(self) -> dict[str, float]:
         with self._lock:
-            return {"wan_bytes_sent": self.sent, "wan_bytes_received": self.received, "wan_exchanges": self.exchanges, "wan_seconds": self.seconds, "wan_failed": self.failed}
+            return {
+                "wan_bytes_sent": self.sent,
+                "wan_bytes_received": self.received,
+                "wan_exchanges": self.exchanges,
+                "wan_seconds": self.seconds,
+                "wan_failed": self.failed,
+            }
 
 
 class WanModel:
     """What an exchange costs on the topology's links, beyond what this machine's network takes.
 
-    `emulated`: the whole cost, bytes / bandwidth (each site's uplink for what it sends, downlink
-    for what it receives; the slowest site sets the pace) plus the largest path latency.
-    `netns`: the kernel's tbf already limits bandwidth, so only latency is added. `none`: nothing.
+    `emulated`: the whole cost of the all-gather on the links at their nominal rates
+    (`link_model.allgather_seconds`: S-1 payloads over the slowest link, plus S-1 latency hops).
+    `netns`: the kernel's tbf already limits bandwidth, so only the latency is added. `none`: nothing.
     """
 
     def __init__(self, topology: Topology | None, *, mode: str) -> None:
@@ -80,14 +87,23 @@ class WanModel:
         """Seconds an all-gather of `payload_bytes` per site should take on the modelled WAN."""
         if self.mode == "none" or num_sites < 2:
             return 0.0
-        assert self.topology is not None
-        links = [self.topology.link(s.name) for s in self.topology.sites[:num_sites]]
-        latency = max(a.latency_ms + b.latency_ms for a in links for b in links if a is not b) / 1000.0  # type: ignore[union-attr]
+        links = self._links(num_sites)
         if self.mode == "netns":
-            return latency
-        volume_bits = 8.0 * payload_bytes * (num_sites - 1)
-        transfer = max(max(volume_bits / (link.uplink_mbps * 1e6), volume_bits / (link.down_mbps * 1e6)) for link in links)  # type: ignore[union-attr]
-        return transfer + latency
+            return allgather_latency(links)
+        return allgather_seconds(payload_bytes, links)
+
+    def _links(self, num_sites: int) -> list[WanLink]:
+        assert self.topology is not None
+        links = []
+        for site in self.topology.sites[:num_sites]:
+            spec = self.topology.link(site.name)
+            assert spec is not None  # the topology validates that links cover every site or none
+            links.append(
+                WanLink.from_mbps(
+                    site.name, up_mbps=spec.uplink_mbps, down_mbps=spec.down_mbps, latency_ms=spec.latency_ms
+                )
+            )
+        return links
 
 
 @dataclass(frozen=True)
@@ -191,13 +207,22 @@ class TorchftTransport:
             n = self._manager.num_participants()
             outputs = [torch.empty_like(buf) for _ in range(n)]
             works = [
-                self._pg.allgather([[o[lo : lo + self.chunk_bytes] for o in outputs]], [buf[lo : lo + self.chunk_bytes]], AllgatherOptions())
+                self._pg.allgather(
+                    [[o[lo : lo + self.chunk_bytes] for o in outputs]],
+                    [buf[lo : lo + self.chunk_bytes]],
+                    AllgatherOptions(),
+                )
                 for lo in range(0, buf.numel(), self.chunk_bytes)
             ]  # all posted before any is waited on: the chunks follow each other on the link
             for work in works:
                 work.wait()
             committed = self._manager.should_commit()
-        except (RuntimeError, TimeoutError, ConnectionError, OSError) as exc:  # a failed exchange leaves the round uncommitted
+        except (
+            RuntimeError,
+            TimeoutError,
+            ConnectionError,
+            OSError,
+        ) as exc:  # a failed exchange leaves the round uncommitted
             self._manager.report_error(exc)
             log.warning("site %s: exchange failed (%s); this round is not applied", self.site.name, exc)
             self.counter.failed += 1
@@ -228,4 +253,6 @@ def start_lighthouse(*, bind: str, min_sites: int) -> object:
     """Start a torchft Lighthouse in this process; `.address()` gives its URL, `.shutdown()` stops it."""
     from torchft._torchft import LighthouseServer
 
-    return LighthouseServer(bind=bind, min_replicas=min_sites, join_timeout_ms=1000, quorum_tick_ms=50, heartbeat_timeout_ms=10000)
+    return LighthouseServer(
+        bind=bind, min_replicas=min_sites, join_timeout_ms=1000, quorum_tick_ms=50, heartbeat_timeout_ms=10000
+    )

@@ -3,7 +3,7 @@
 This is what `torchrun` starts, e.g. ``torchrun --nproc-per-node 2 -m atoll.train cfg.yaml``.
 """
 
-from atoll.cli import worker_main
+from atoll.train.commands import worker_main
 
 if __name__ == "__main__":
-    worker_main()
+    raise SystemExit(worker_main())

@@ -27,10 +27,16 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict, set_model_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
 
 from atoll.errors import AtollError
 from atoll.parallel.dist import DistEnv, barrier, broadcast_object
+from atoll.rundir.layout import CHECKPOINTS_DIR
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +51,7 @@ class CheckpointInfo:
 
 
 def checkpoints_dir(run_dir: Path) -> Path:
-    return run_dir / "checkpoints"
+    return run_dir / CHECKPOINTS_DIR
 
 
 def list_checkpoints(run_dir: Path) -> list[CheckpointInfo]:
@@ -79,10 +85,14 @@ def read_meta(ckpt: Path) -> dict[str, Any]:
         meta = json.loads((ckpt / META).read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as exc:
         raise AtollError(
-            f"checkpoint {ckpt} is corrupt ({META} unreadable: {exc}): delete {ckpt} to resume from the previous checkpoint"
+            f"checkpoint {ckpt} is corrupt ({META} unreadable: {exc}): delete {ckpt} to resume from the "
+            "previous checkpoint"
         ) from None
     if not isinstance(meta, dict) or "step" not in meta or "files" not in meta:
-        raise AtollError(f"checkpoint {ckpt} is corrupt ({META} lacks step/files): delete {ckpt} to resume from the previous checkpoint")
+        raise AtollError(
+            f"checkpoint {ckpt} is corrupt ({META} lacks step/files): delete {ckpt} to resume from the "
+            "previous checkpoint"
+        )
     return meta
 
 
@@ -92,10 +102,14 @@ def verify_checkpoint(ckpt: Path) -> dict[str, Any]:
     for name, digest in meta["files"].items():
         f = ckpt / name
         if not f.is_file():
-            raise AtollError(f"checkpoint {ckpt} is incomplete ({name} is missing): delete {ckpt} to resume from the previous checkpoint")
+            raise AtollError(
+                f"checkpoint {ckpt} is incomplete ({name} is missing): delete {ckpt} to resume from the "
+                "previous checkpoint"
+            )
         if _sha256(f) != digest:
             raise AtollError(
-                f"checkpoint {ckpt} is corrupt ({name} does not match its sha256): delete {ckpt} to resume from the previous checkpoint"
+                f"checkpoint {ckpt} is corrupt ({name} does not match its sha256): delete {ckpt} to resume "
+                "from the previous checkpoint"
             )
     return meta
 
@@ -199,7 +213,10 @@ def load_checkpoint(
     try:
         dcp.load(state, checkpoint_id=str(ckpt))
     except Exception as exc:  # DCP raises many types for unreadable or mismatched files
-        raise AtollError(f"checkpoint {ckpt} cannot be loaded into this model ({type(exc).__name__}: {_first_line(exc)}): check model.* matches the run that wrote it") from None
+        raise AtollError(
+            f"checkpoint {ckpt} cannot be loaded into this model ({type(exc).__name__}: "
+            f"{_first_line(exc)}): check model.* matches the run that wrote it"
+        ) from None
     if optimizer is None:
         set_model_state_dict(model, state["model"])
     else:
@@ -210,7 +227,12 @@ def load_checkpoint(
             _set_rng_state(saved["rng"], device)
             meta["rank_state"] = saved["state"]
         elif env.is_main:
-            log.warning("checkpoint %s was written by %s ranks, this run has %d: RNG state not restored", ckpt, meta.get("world_size"), env.world_size)
+            log.warning(
+                "checkpoint %s was written by %s ranks, this run has %d: RNG state not restored",
+                ckpt,
+                meta.get("world_size"),
+                env.world_size,
+            )
     return meta
 
 
@@ -221,7 +243,9 @@ def load_model_weights(ckpt: Path, model: nn.Module) -> None:
     try:
         dcp.load({"model": sd}, checkpoint_id=str(ckpt), no_dist=not dist.is_initialized())
     except Exception as exc:
-        raise AtollError(f"checkpoint {ckpt} cannot be loaded into this model ({type(exc).__name__}: {_first_line(exc)})") from None
+        raise AtollError(
+            f"checkpoint {ckpt} cannot be loaded into this model ({type(exc).__name__}: {_first_line(exc)})"
+        ) from None
     model.load_state_dict(sd)
 
 

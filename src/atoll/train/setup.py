@@ -19,12 +19,18 @@ from atoll.data import Manifest, prepare_demo_data
 from atoll.errors import AtollError
 from atoll.model import ModelConfig, get_preset
 from atoll.model.hf import load_hf_model, model_config_from_hf
+from atoll.rundir.layout import (
+    CONFIG_YAML,
+    HF_CONFIG_JSON,
+    MODEL_JSON,
+    TOKENIZER_JSON,
+    read_model_json,
+    site_run_name,
+    write_model_json,
+)
 from atoll.train.checkpoint import latest_checkpoint, verify_checkpoint
 
 log = logging.getLogger(__name__)
-
-MODEL_JSON = "model.json"
-TOKENIZER_JSON = "tokenizer.json"
 
 
 @dataclass(frozen=True)
@@ -36,20 +42,15 @@ class InitSource:
 
 
 def classify_init(path: Path) -> InitSource:
-    if (path / "config.json").is_file():
+    """Where `model.init_from` points. Raises AtollError when it is neither kind of directory."""
+    if (path / HF_CONFIG_JSON).is_file():
         return InitSource("hf", path)
     if (path / MODEL_JSON).is_file():
         return InitSource("run", path)
     raise AtollError(
-        f"model.init_from {path} is neither a Hugging Face directory (config.json) nor an atoll run directory ({MODEL_JSON}): check the path"
+        f"model.init_from {path} is neither a Hugging Face directory ({HF_CONFIG_JSON}) "
+        f"nor an atoll run directory ({MODEL_JSON}): check the path"
     )
-
-
-def read_model_json(run_dir: Path) -> ModelConfig:
-    path = run_dir / MODEL_JSON
-    if not path.is_file():
-        raise AtollError(f"{run_dir} is not an atoll run directory (no {MODEL_JSON}): give the directory `atoll train` wrote")
-    return ModelConfig(**json.loads(path.read_text(encoding="utf-8")))
 
 
 def data_tokenizer_path(cfg: RunConfig) -> Path:
@@ -66,15 +67,11 @@ def data_tokenizer_path(cfg: RunConfig) -> Path:
 
 def resolve_model_config(cfg: RunConfig, manifest: Manifest) -> ModelConfig:
     """The model shape: from init_from when given, else the preset with overrides and the data's vocab."""
-    overrides = cfg.model.overrides()
+    overrides = cfg.model.overrides()  # none when init_from is set (ModelSection checks)
     if cfg.model.init_from is not None:
-        if overrides:
-            raise AtollError(
-                f"model.init_from is set, so the shape comes from {cfg.model.init_from}: remove model.{', model.'.join(overrides)}"
-            )
         src = classify_init(cfg.model.init_from)
         if src.kind == "hf":
-            config_path = src.path / "config.json"
+            config_path = src.path / HF_CONFIG_JSON
             try:
                 hf_cfg = json.loads(config_path.read_text(encoding="utf-8"))
             except json.JSONDecodeError as exc:
@@ -84,13 +81,15 @@ def resolve_model_config(cfg: RunConfig, manifest: Manifest) -> ModelConfig:
             mcfg = read_model_json(src.path)
         if mcfg.vocab_size < manifest.vocab_size:
             raise AtollError(
-                f"the model from {src.path} has {mcfg.vocab_size} token embeddings but the data's tokenizer has {manifest.vocab_size}: prepare the data with the model's tokenizer"
+                f"the model from {src.path} has {mcfg.vocab_size} token embeddings but the data's tokenizer has "
+                f"{manifest.vocab_size}: prepare the data with the model's tokenizer"
             )
         if cfg.data.seq_len > mcfg.max_seq_len:
-            raise AtollError(f"data.seq_len {cfg.data.seq_len} exceeds the model's context {mcfg.max_seq_len}: lower data.seq_len")
+            raise AtollError(
+                f"data.seq_len {cfg.data.seq_len} exceeds the model's context {mcfg.max_seq_len}: lower data.seq_len"
+            )
         return mcfg
-    if cfg.model.preset is None:
-        raise AtollError("model.preset is empty and model.init_from is not set: name a preset (tiny, demo, ...) or a model to start from")
+    assert cfg.model.preset is not None, "ModelSection requires a preset or init_from"
     base = get_preset(cfg.model.preset)
     fields = dict(overrides)
     fields["vocab_size"] = manifest.vocab_size
@@ -125,7 +124,6 @@ def prepare_run(cfg: RunConfig, *, resume: bool) -> ModelConfig:
         if ckpt is None:
             raise AtollError(f"model.init_from {cfg.model.init_from} has no complete checkpoint: train it first")
         verify_checkpoint(ckpt.path)
-    _check_parallel(cfg)
     run_dir = cfg.run.path
     ckpt = latest_checkpoint(run_dir)
     if resume:
@@ -133,27 +131,25 @@ def prepare_run(cfg: RunConfig, *, resume: bool) -> ModelConfig:
             raise AtollError(f"--resume: {run_dir} has no complete checkpoint: start without --resume")
         previous = read_model_json(run_dir)
         if previous != mcfg:
-            raise AtollError(f"--resume: the model in {run_dir} differs from this config's model: resume with the config the run was started with ({run_dir}/config.yaml)")
+            raise AtollError(
+                f"--resume: the model in {run_dir} differs from this config's model: "
+                f"resume with the config the run was started with ({run_dir}/{CONFIG_YAML})"
+            )
         verify_checkpoint(ckpt.path)
     elif ckpt is not None:
-        raise AtollError(f"{run_dir} already holds checkpoints: add --resume to continue it, or choose another --run.name")
+        raise AtollError(
+            f"{run_dir} already holds checkpoints: add --resume to continue it, or choose another --run.name"
+        )
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
-    (run_dir / MODEL_JSON).write_text(json.dumps(dataclasses.asdict(mcfg), indent=1), encoding="utf-8")
+    (run_dir / CONFIG_YAML).write_text(dump_config(cfg), encoding="utf-8")
+    write_model_json(run_dir, mcfg)
     tok = data_tokenizer_path(cfg)
     if tok.resolve() != (run_dir / TOKENIZER_JSON).resolve():
         shutil.copyfile(tok, run_dir / TOKENIZER_JSON)
     return mcfg
 
 
-def _check_parallel(cfg: RunConfig) -> None:
-    t = cfg.train
-    if t.micro_batch > t.global_batch:
-        raise AtollError(f"train.micro_batch ({t.micro_batch}) exceeds train.global_batch ({t.global_batch}): lower micro_batch")
-
-
-
 def site_config(cfg: RunConfig, site: str) -> RunConfig:
     """The config of one site of a multi-site run: its own run directory, RUN/sites/SITE."""
-    run = cfg.run.model_copy(update={"name": f"{cfg.run.name}/sites/{site}"})
+    run = cfg.run.model_copy(update={"name": site_run_name(cfg.run.name, site)})
     return cfg.model_copy(update={"run": run})

@@ -1,32 +1,27 @@
-"""The pre-training loop of one site: AdamW, warm-up + cosine, clipping, accumulation, eval, checkpoints.
+"""Pre-training of one site: the model, the token stream and the validation set for the one loop.
 
 Run by every rank (``python -m atoll.train`` under torchrun or `atoll.parallel.launch`). The
 global batch of each step is fixed by the data stream, independent of the number of ranks; each
 rank's loss is weighted by its share of the step's tokens, so the averaged gradient equals the
-global-batch mean exactly whatever the split.
+global-batch mean exactly whatever the split. The steps themselves are `atoll.train.loop`'s.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
-import statistics
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from atoll.config import RunConfig
-from atoll.config.topology import load_topology
-from atoll.data import BatchStream, TokenDataset, even_split, eval_batches
+from atoll.data import BatchStream, TokenDataset, eval_batches, even_split
 from atoll.errors import AtollError
 from atoll.model import ModelConfig, Transformer
 from atoll.model.hf import load_hf_model
+from atoll.model.loss import token_loss_sum
 from atoll.parallel.dist import (
     DistEnv,
     all_reduce_sum,
@@ -41,11 +36,21 @@ from atoll.parallel.dist import (
 )
 from atoll.report.metrics import MetricsWriter
 from atoll.report.progress import NullProgress, ProgressSink
-from atoll.sync.engine import CrossSiteSync, param_checksum, sync_from_environ
-from atoll.sync.transport import SiteInfo
-from atoll.train.checkpoint import latest_checkpoint, load_checkpoint, load_model_weights, save_checkpoint
-from atoll.train.schedule import warmup_cosine
-from atoll.train.setup import classify_init, prepare_run, read_model_json, site_config
+from atoll.rundir.layout import read_model_json
+from atoll.sync.site_env import SiteEnv
+from atoll.train.checkpoint import latest_checkpoint, load_model_weights
+from atoll.train.loop import (
+    LoopState,
+    StepBatch,
+    TrainingJob,
+    build_sync,
+    make_optimizer,
+    make_scheduler,
+    restore,
+    run_loop,
+    site_steps,
+)
+from atoll.train.setup import classify_init, prepare_run, site_config
 
 log = logging.getLogger(__name__)
 
@@ -76,63 +81,14 @@ def init_weights_from(model: Transformer, source: Path) -> None:
         _, state = load_hf_model(source)
         missing, unexpected = model.load_state_dict(state, strict=False)
         if missing or unexpected:
-            raise AtollError(f"weights in {source} do not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+            raise AtollError(
+                f"weights in {source} do not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})"
+            )
     else:
         ckpt = latest_checkpoint(source)
         if ckpt is None:
             raise AtollError(f"model.init_from {source} has no complete checkpoint: train it first")
         load_model_weights(ckpt.path, model)
-
-
-def make_optimizer(model: nn.Module, cfg: RunConfig, *, device: torch.device) -> torch.optim.AdamW:
-    """AdamW; matrices decay, norms and biases (1-D parameters) do not."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
-    t = cfg.train
-    return torch.optim.AdamW(
-        [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=t.lr,
-        betas=(t.beta1, t.beta2),
-        fused=device.type == "cuda",
-    )
-
-
-def _no_sync(model: nn.Module, skip_sync: bool) -> contextlib.AbstractContextManager[None]:
-    """Skip the gradient all-reduce on all but the last micro-batch of an accumulation."""
-    if not skip_sync:
-        return contextlib.nullcontext()
-    if hasattr(model, "no_sync"):  # DDP
-        return model.no_sync()
-    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
-        @contextlib.contextmanager
-        def fsdp_no_sync() -> Iterator[None]:
-            model.set_requires_gradient_sync(False)
-            try:
-                yield
-            finally:
-                model.set_requires_gradient_sync(True)
-
-        return fsdp_no_sync()
-    return contextlib.nullcontext()
-
-
-def _autocast(device: torch.device, dtype: str) -> contextlib.AbstractContextManager[Any]:
-    use_bf16 = dtype == "bf16" or (dtype == "auto" and device.type == "cuda")
-    if not use_bf16:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-
-
-def token_loss_sum(model: nn.Module, batch: torch.Tensor, *, device: torch.device, dtype: str) -> tuple[torch.Tensor, int]:
-    """Summed next-token cross-entropy of a (B, T+1) batch, and the number of predicted tokens."""
-    x = batch[:, :-1].to(device, non_blocking=True)
-    y = batch[:, 1:].to(device, non_blocking=True)
-    with _autocast(device, dtype):
-        logits = model(x)  # (B, T, V)
-    loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), reduction="sum")
-    return loss, y.numel()
 
 
 @torch.no_grad()
@@ -141,7 +97,13 @@ def evaluate(model: nn.Module, dataset: TokenDataset, cfg: RunConfig, *, env: Di
     model.eval()
     total, count = 0.0, 0
     start, count_here = even_split(cfg.train.global_batch, env.world_size, env.rank)
-    batches = eval_batches(dataset, global_batch=cfg.train.global_batch, max_batches=cfg.train.eval_batches, rank_start=start, rank_count=count_here)
+    batches = eval_batches(
+        dataset,
+        global_batch=cfg.train.global_batch,
+        max_batches=cfg.train.eval_batches,
+        rank_start=start,
+        rank_count=count_here,
+    )
     for batch in batches:
         for chunk in batch.split(cfg.train.micro_batch):
             loss, n = token_loss_sum(model, chunk, device=device, dtype=cfg.parallel.dtype)
@@ -152,21 +114,54 @@ def evaluate(model: nn.Module, dataset: TokenDataset, cfg: RunConfig, *, env: Di
     return total / max(count, 1.0)
 
 
-def run_training(cfg: RunConfig, *, resume: bool = False, stop_after: int | None = None, progress: ProgressSink | None = None) -> TrainResult:
+class TokenBatches:
+    """Pre-training's batch source: this rank's slice of each global batch of packed sequences."""
+
+    def __init__(self, stream: BatchStream, *, micro_batch: int, global_batch: int, seq_len: int) -> None:
+        self.stream = stream
+        self.micro_batch = micro_batch
+        self.tokens_per_step = global_batch * seq_len  # every position predicts a token
+
+    def next_batch(self) -> StepBatch:
+        batch = self.stream.next_batch()
+        targets = batch.size(0) * (batch.size(1) - 1)
+        return StepBatch(
+            list(batch.split(self.micro_batch)), local_targets=targets, global_targets=self.tokens_per_step
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.stream.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.stream.load_state_dict(state)
+
+
+def run_training(
+    cfg: RunConfig, *, resume: bool = False, stop_after: int | None = None, progress: ProgressSink | None = None
+) -> TrainResult:
     """Train to `cfg.train.steps` (or `stop_after`, writing a checkpoint there); collective over the site.
 
     Raises AtollError for a user's mistake, on every rank alike.
     """
     env = dist_env_from_environ()
-    site = site_from_environ(env)
-    if site is not None:
-        cfg = site_config(cfg, site.name)
+    site_env = SiteEnv.from_environ()
+    if site_env is not None:
+        cfg = site_config(cfg, site_env.site)
     device = pick_device(cfg.parallel.device, env)
     if device.type == "cpu":
         set_cpu_threads(cfg.parallel.threads, env)
-    init_process_group(env, device=device, backend=pick_backend(cfg.parallel.backend, device), timeout_seconds=cfg.parallel.timeout_seconds)
+    backend = pick_backend(cfg.parallel.backend, device)
+    init_process_group(env, device=device, backend=backend, timeout_seconds=cfg.parallel.timeout_seconds)
     try:
-        return _train(cfg, env=env, device=device, site=site, resume=resume, stop_after=stop_after, progress=progress or NullProgress())
+        return _train(
+            cfg,
+            env=env,
+            device=device,
+            site_env=site_env,
+            resume=resume,
+            stop_after=stop_after,
+            progress=progress or NullProgress(),
+        )
     finally:
         destroy_process_group()
 
@@ -185,183 +180,97 @@ def _prepare_everywhere(cfg: RunConfig, *, env: DistEnv, resume: bool) -> ModelC
     return read_model_json(cfg.run.path)
 
 
-def site_from_environ(env: DistEnv) -> SiteInfo | None:
-    """This rank's site, when the multi-site launcher started it (ATOLL_SITE and friends)."""
-    if "ATOLL_SITE" not in os.environ:
-        return None
-    return SiteInfo(
-        name=os.environ["ATOLL_SITE"],
-        index=int(os.environ["ATOLL_SITE_INDEX"]),
-        num_sites=int(os.environ["ATOLL_NUM_SITES"]),
-        local_rank=env.local_rank,
-        local_world_size=env.local_world_size,
-    )
-
-
-def _make_sync(cfg: RunConfig, model: nn.Module, site: SiteInfo) -> tuple[CrossSiteSync, float]:
-    """The cross-site half of the step, and the site's emulated slowdown factor."""
-    topology = load_topology(Path(os.environ["ATOLL_TOPOLOGY"]))
-    slowdown = max(d.slowdown for d in topology.site(site.name).devices)
-    return sync_from_environ(model, cfg.sync, site), slowdown
-
-
-def site_steps(cfg: RunConfig, site: str | None) -> int:
-    """Inner steps a site runs: the same number of rounds everywhere, each of the site's own H."""
-    if site is None or cfg.sync.strategy == "ddp":
-        return cfg.train.steps
-    rounds = max(1, cfg.train.steps // cfg.sync.inner_steps)
-    return rounds * cfg.sync.inner_steps_for(site)
-
-
-def _train(cfg: RunConfig, *, env: DistEnv, device: torch.device, site: SiteInfo | None, resume: bool, stop_after: int | None, progress: ProgressSink) -> TrainResult:
+def _train(
+    cfg: RunConfig,
+    *,
+    env: DistEnv,
+    device: torch.device,
+    site_env: SiteEnv | None,
+    resume: bool,
+    stop_after: int | None,
+    progress: ProgressSink,
+) -> TrainResult:
     t = cfg.train
     run_dir = cfg.run.path
+    site = site_env.site if site_env is not None else None
     mcfg = _prepare_everywhere(cfg, env=env, resume=resume)
-    total_steps = site_steps(cfg, site.name if site else None)
+    total_steps = site_steps(t.steps, cfg.sync, site)
 
     torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
     model = build_model(mcfg, device=device)
     if cfg.model.init_from is not None and not resume:
         init_weights_from(model, cfg.model.init_from)
     model = wrap_model(model, shard=cfg.parallel.shard, device=device, env=env)
-    optimizer = make_optimizer(model, cfg, device=device)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: warmup_cosine(s, warmup_steps=t.warmup_steps, total_steps=total_steps, min_ratio=t.min_lr_ratio)
-    )
+    optimizer = make_optimizer(model, t, device=device)
     # Each site trains on its own stream: the shards the data's placement gives it (all of them
     # without a site map), in an order of its own. Validation is the whole held-out split on
     # every site, so that the sites' losses measure the one model on the same data.
-    train_ds = TokenDataset(cfg.data.dir, "train", seq_len=cfg.data.seq_len, site=site.name if site else None)
+    train_ds = TokenDataset(cfg.data.dir, "train", seq_len=cfg.data.seq_len, site=site)
     val_ds = TokenDataset(cfg.data.dir, "validation", seq_len=cfg.data.seq_len)
     start, count = even_split(t.global_batch, env.world_size, env.rank)
     stream = BatchStream(train_ds, global_batch=t.global_batch, seed=cfg.run.seed, rank_start=start, rank_count=count)
+    sync, slowdown = build_sync(model, cfg.sync, site_env=site_env, env=env)
+    job = TrainingJob(
+        model=model,
+        optimizer=optimizer,
+        scheduler=make_scheduler(optimizer, t, total_steps=total_steps),
+        batches=TokenBatches(stream, micro_batch=t.micro_batch, global_batch=t.global_batch, seq_len=cfg.data.seq_len),
+        loss_fn=lambda m, chunk: token_loss_sum(m, chunk, device=device, dtype=cfg.parallel.dtype)[0],
+        evaluate=lambda: evaluate(model, val_ds, cfg, env=env, device=device),
+        sync=sync,
+        slowdown=slowdown,
+    )
 
-    sync: CrossSiteSync | None = None
-    slowdown = 1.0
-    if site is not None:
-        sync, slowdown = _make_sync(cfg, model, site)
-    global_tokens = t.global_batch * cfg.data.seq_len
-
-    step = 0
-    tokens_seen = 0
     if resume:
         ckpt = latest_checkpoint(run_dir)
         assert ckpt is not None  # prepare_run checked
-        meta = load_checkpoint(ckpt.path, model=model, optimizer=optimizer, env=env, device=device)
-        scheduler.load_state_dict(meta["scheduler"])
-        stream.load_state_dict(meta["data"])
-        step = int(meta["step"])
-        tokens_seen = int(meta.get("tokens_seen", 0))
-        if sync is not None:
-            sync.load_state_dict(meta["rank_state"]["sync"])
+        state = restore(job, ckpt.path, env=env, device=device)
         if env.is_main:
-            log.info("resumed %s from step %d", run_dir, step)
+            log.info("resumed %s from step %d", run_dir, state.step)
     else:
+        state = LoopState()
         # Seed again so the RNG stream after set-up does not depend on what set-up consumed.
         torch.manual_seed(cfg.run.seed + 1 + env.rank)
 
-    metrics = MetricsWriter(run_dir, enabled=env.is_main, resume_step=step if resume else None)
+    metrics = MetricsWriter(run_dir, enabled=env.is_main, resume_step=state.step if resume else None)
     end = min(total_steps, stop_after) if stop_after is not None else total_steps
     if env.is_main:
-        progress.start(total=total_steps, completed=step, description=site.name if site else cfg.run.name)
-        log.info("model %s: %.2fM parameters; %d rank(s) on %s; global batch %d x %d tokens", cfg.model.preset or "init", mcfg.num_params() / 1e6, env.world_size, device.type, t.global_batch, cfg.data.seq_len)
+        progress.start(total=total_steps, completed=state.step, description=site or cfg.run.name)
+        log.info(
+            "model %s: %.2fM parameters; %d rank(s) on %s; global batch %d x %d tokens",
+            cfg.model.preset or "init",
+            mcfg.num_params() / 1e6,
+            env.world_size,
+            device.type,
+            t.global_batch,
+            cfg.data.seq_len,
+        )
         if site is not None:
-            log.info("site %s reads %d train shard(s), %s tokens", site.name, len(train_ds.shards), f"{train_ds.num_tokens:,}")
+            log.info(
+                "site %s reads %d train shard(s), %s tokens", site, len(train_ds.shards), f"{train_ds.num_tokens:,}"
+            )
     if site is not None and not resume:  # which data this site trained on, for reports and tests
-        metrics.log(step, {"train_shards": [s.file for s in train_ds.shards], "train_tokens": train_ds.num_tokens})
-
-    def checkpoint() -> None:
-        save_checkpoint(
-            run_dir,
-            step=step,
-            model=model,
-            optimizer=optimizer,
-            extra={"scheduler": scheduler.state_dict(), "data": stream.state_dict(), "tokens_seen": tokens_seen},
-            env=env,
-            device=device,
-            keep=t.keep_checkpoints,
-            rank_state={"sync": sync.state_dict()} if sync is not None else None,
+        metrics.log(
+            state.step, {"train_shards": [s.file for s in train_ds.shards], "train_tokens": train_ds.num_tokens}
         )
 
-    speeds: list[float] = []
-    val_loss: float | None = None
-    compute_seconds = 0.0
-    wall_start = time.perf_counter()
-    model.train()
-    try:
-        while step < end:
-            t0 = time.perf_counter()
-            batch = stream.next_batch()
-            chunks = batch.split(t.micro_batch)
-            loss_sum = 0.0
-            for i, chunk in enumerate(chunks):
-                with _no_sync(model, skip_sync=i < len(chunks) - 1):
-                    loss, _ = token_loss_sum(model, chunk, device=device, dtype=cfg.parallel.dtype)
-                    (loss * (env.world_size / global_tokens)).backward()
-                loss_sum += loss.item()
-            compute = time.perf_counter() - t0
-            if slowdown > 1.0:  # emulate a slower chip: compute, then sleep
-                time.sleep((slowdown - 1.0) * compute)
-                compute *= slowdown
-            committed = True
-            if sync is not None and cfg.sync.strategy == "ddp":
-                committed = sync.reduce_gradients(tokens=global_tokens)
-            t1 = time.perf_counter()
-            if t.grad_clip > 0:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip))
-            else:
-                grad_norm = float(torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None]))
-            lr = optimizer.param_groups[0]["lr"]
-            if committed:
-                optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            compute += time.perf_counter() - t1
-            compute_seconds += compute
-            step += 1
-            tokens_seen += global_tokens
-            if sync is not None:
-                sync.after_step(step, tokens=global_tokens)
-                if step == total_steps:
-                    sync.finish(step)
-            elapsed = time.perf_counter() - t0
-            tps = global_tokens / elapsed
-            speeds.append(tps)
-
-            if step % t.log_every == 0 or step == end:
-                (total,) = all_reduce_sum([loss_sum], device=device)
-                train_loss = total / global_tokens
-                record = {"loss": train_loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tps, "tokens_seen": tokens_seen, "step_seconds": elapsed}
-                if sync is not None:
-                    wall = time.perf_counter() - wall_start
-                    record.update(sync.metrics())
-                    # Each rank sends only the parameters it owns: the site's traffic is the sum.
-                    sent, received = all_reduce_sum([record["wan_bytes_sent"], record["wan_bytes_received"]], device=device)
-                    record.update(wan_bytes_sent=int(sent), wan_bytes_received=int(received))
-                    record.update({"compute_seconds": compute_seconds, "wall_seconds": wall, "compute_utilization": compute_seconds / wall, "params_checksum": param_checksum(model)})
-                metrics.log(step, record)
-                if env.is_main:
-                    progress.update(completed=step, loss=train_loss, tokens_per_s=statistics.median(speeds[-20:]))
-            if (t.eval_every and step % t.eval_every == 0) or step == total_steps:
-                val_loss = evaluate(model, val_ds, cfg, env=env, device=device)
-                metrics.log(step, {"val_loss": val_loss})
-                if env.is_main:
-                    log.info("step %d: validation loss %.4f", step, val_loss)
-            if (t.checkpoint_every and step % t.checkpoint_every == 0) or step == end:
-                checkpoint()
-        if sync is not None and step == total_steps:
-            metrics.log(step, {"sync_applied": sync.applied_log, "params_checksum": param_checksum(model)})
-    finally:
-        if env.is_main:
-            progress.stop()
-        metrics.close()
-        if sync is not None:
-            sync.close()
+    state = run_loop(
+        job,
+        state,
+        t=t,
+        total_steps=total_steps,
+        end_step=end,
+        run_dir=run_dir,
+        env=env,
+        device=device,
+        metrics=metrics,
+        progress=progress,
+    )
     return TrainResult(
         run_dir=run_dir,
-        step=step,
-        val_loss=val_loss,
-        tokens_per_s=statistics.median(speeds) if speeds else None,
-        tokens_seen=tokens_seen,
-        stopped_early=step < total_steps,
+        step=state.step,
+        val_loss=state.val_loss,
+        tokens_per_s=state.median_tokens_per_s,
+        tokens_seen=state.tokens_seen,
+        stopped_early=state.step < total_steps,
     )

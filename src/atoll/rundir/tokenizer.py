@@ -1,9 +1,10 @@
-"""A stage's text interface: its tokenizer, its special ids, and its chat template.
+"""A run's text interface: its tokenizer, its special ids, and its chat template.
 
 Every directory a stage can live in (an atoll run, a fine-tuning run, a Hugging Face export)
 holds `tokenizer.json`; beside it may sit `tokenizer_config.json` (Hugging Face's special-token
 names, `add_bos_token`, maybe a `chat_template`) and `chat_template.jinja` (the template, as
-transformers writes it since 4.43). `load_text_codec` reads whatever is there.
+transformers writes it since 4.43). `load_text_tokenizer` reads whatever is there into a
+`TextTokenizer`; the raw `tokenizers.Tokenizer` is its `tokenizer` field.
 
 atoll's own tokenizers have `<|endoftext|>` after every document of the pre-training stream, so
 it also marks the start of one: prompts get it prepended as BOS, the way every document but the
@@ -24,12 +25,15 @@ from tokenizers import Tokenizer
 
 from atoll.data.tokenizer import EOS_TOKEN, PAD_TOKEN
 from atoll.errors import AtollError
+from atoll.rundir.layout import (
+    CHAT_TEMPLATE_FILE,
+    GENERATION_CONFIG_JSON,
+    HF_CONFIG_JSON,
+    TOKENIZER_CONFIG,
+    TOKENIZER_JSON,
+)
 
 log = logging.getLogger(__name__)
-
-TOKENIZER_JSON = "tokenizer.json"
-TOKENIZER_CONFIG = "tokenizer_config.json"
-CHAT_TEMPLATE_FILE = "chat_template.jinja"
 
 # Role-tagged turns; the assistant's turn ends with the end-of-text token, which stops
 # generation. Plain text tags, so any tokenizer can encode them.
@@ -46,7 +50,7 @@ CHAT_ROLES = ("system", "user", "assistant")
 
 
 @dataclass
-class TextCodec:
+class TextTokenizer:
     """Tokenizer plus what generation and training need to know about its special tokens."""
 
     tokenizer: Tokenizer
@@ -79,7 +83,9 @@ class TextCodec:
     def render_chat(self, messages: Sequence[dict[str, str]], *, add_generation_prompt: bool = True) -> str:
         """The prompt text for `messages` ({"role", "content"} dicts). Raises AtollError for a
         template that fails on them."""
-        return render_template(self.chat_template, messages, add_generation_prompt=add_generation_prompt, eos_token=self.eos_token)
+        return render_template(
+            self.chat_template, messages, add_generation_prompt=add_generation_prompt, eos_token=self.eos_token
+        )
 
 
 def _raise_exception(message: str) -> None:
@@ -97,12 +103,25 @@ def _compiled(template: str) -> Any:
     return env.from_string(template)
 
 
-def render_template(template: str, messages: Sequence[dict[str, str]], *, add_generation_prompt: bool, eos_token: str, bos_token: str = "") -> str:
+def render_template(
+    template: str,
+    messages: Sequence[dict[str, str]],
+    *,
+    add_generation_prompt: bool,
+    eos_token: str,
+    bos_token: str = "",
+) -> str:
     """Render a Hugging Face-style Jinja chat template in a sandbox (as transformers does)."""
     from jinja2 import TemplateError
 
     try:
-        return str(_compiled(template).render(messages=list(messages), add_generation_prompt=add_generation_prompt, eos_token=eos_token, bos_token=bos_token))
+        rendered = _compiled(template).render(
+            messages=list(messages),
+            add_generation_prompt=add_generation_prompt,
+            eos_token=eos_token,
+            bos_token=bos_token,
+        )
+        return str(rendered)
     except TemplateError as exc:
         raise AtollError(f"the chat template cannot render these messages: {exc}") from None
 
@@ -110,7 +129,9 @@ def render_template(template: str, messages: Sequence[dict[str, str]], *, add_ge
 def check_template(template: str, *, where: str) -> None:
     """Raise AtollError unless `template` renders a two-turn conversation."""
     try:
-        text = render_template(template, [{"role": "user", "content": "hi"}], add_generation_prompt=True, eos_token=EOS_TOKEN)
+        text = render_template(
+            template, [{"role": "user", "content": "hi"}], add_generation_prompt=True, eos_token=EOS_TOKEN
+        )
     except AtollError as exc:
         raise AtollError(f"chat template {where} does not work: {exc}") from None
     if "hi" not in text:
@@ -147,12 +168,15 @@ def read_chat_template(directory: Path) -> str | None:
     return None
 
 
-def load_text_codec(directory: Path) -> TextCodec:
-    """The codec of the stage stored in `directory`. Raises AtollError when it has no usable
+def load_text_tokenizer(directory: Path) -> TextTokenizer:
+    """The tokenizer of the stage stored in `directory`. Raises AtollError when it has no usable
     tokenizer or no end-of-text token can be found."""
     path = directory / TOKENIZER_JSON
     if not path.is_file():
-        raise AtollError(f"{directory} has no {TOKENIZER_JSON}: give a run directory or a Hugging Face directory with a fast tokenizer")
+        raise AtollError(
+            f"{directory} has no {TOKENIZER_JSON}: "
+            "give a run directory or a Hugging Face directory with a fast tokenizer"
+        )
     try:
         tokenizer = Tokenizer.from_file(str(path))
     except Exception as exc:  # the Rust side raises a bare Exception for any parse error
@@ -162,13 +186,16 @@ def load_text_codec(directory: Path) -> TextCodec:
     eos_token = _token_text(config.get("eos_token")) or EOS_TOKEN
     if (found := tokenizer.token_to_id(eos_token)) is not None:
         eos_ids.add(found)
-    for name in ("generation_config.json", "config.json"):
+    for name in (GENERATION_CONFIG_JSON, HF_CONFIG_JSON):
         value = _read_json(directory / name).get("eos_token_id")
         for item in value if isinstance(value, list) else [value]:
             if isinstance(item, int):
                 eos_ids.add(item)
     if not eos_ids:
-        raise AtollError(f"the tokenizer in {directory} has no end-of-text token ({eos_token!r} is unknown and no eos_token_id is configured)")
+        raise AtollError(
+            f"the tokenizer in {directory} has no end-of-text token "
+            f"({eos_token!r} is unknown and no eos_token_id is configured)"
+        )
     eos_id = min(eos_ids)
     eos_token = tokenizer.id_to_token(eos_id) or eos_token
     pad_token = _token_text(config.get("pad_token")) or PAD_TOKEN
@@ -182,7 +209,7 @@ def load_text_codec(directory: Path) -> TextCodec:
     elif bos_token and config.get("add_bos_token"):
         bos_id = tokenizer.token_to_id(bos_token)
     template = read_chat_template(directory)
-    return TextCodec(
+    return TextTokenizer(
         tokenizer=tokenizer,
         eos_ids=frozenset(eos_ids),
         pad_id=pad_id,

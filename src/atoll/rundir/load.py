@@ -1,0 +1,79 @@
+"""Weights, model and tokenizer of any stage, loaded in one process for using it.
+
+`load_stage_state` gives any stage's weights as a plain atoll state dict: a Hugging Face
+directory's converted, a pre-training or full fine-tuning run's from a DCP checkpoint, a LoRA
+stage's as its parent's weights (recursively) with its adapter merged in, so nothing but the
+adapter is stored per LoRA stage. `load_stage` adds the tokenizer, for generation, serving and
+evaluation. Training loads its starting weights through `load_stage_state` as well.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+
+from atoll.errors import AtollError
+from atoll.model import ModelConfig, Transformer, load_hf_model
+from atoll.rundir.adapter import load_adapter, merge_adapter
+from atoll.rundir.layout import ADAPTER_DIR
+from atoll.rundir.lineage import check_parent, checkpoint_at, classify_stage, model_config_of, parent_of
+from atoll.rundir.tokenizer import TextTokenizer, load_text_tokenizer
+from atoll.train.checkpoint import load_model_weights
+
+
+def load_stage_state(path: Path, *, step: int | None = None) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """A stage's weights as a plain atoll state dict on the CPU. Single process.
+
+    `step` picks a checkpoint of a pre-training or full fine-tuning run (default: the latest).
+    Raises AtollError for an unreadable stage, a missing checkpoint, or a changed parent.
+    """
+    stage = classify_stage(path)
+    if stage.kind == "hf":
+        return load_hf_model(stage.path)
+    mcfg = model_config_of(stage)
+    if stage.kind == "lora":
+        if step is not None:
+            raise AtollError(
+                f"{stage.path} is a LoRA stage: it keeps the adapter of its last checkpoint only; drop the step"
+            )
+        parent = parent_of(stage)
+        assert parent is not None  # a LoRA stage always records one; parent_of raises when it is gone
+        recorded = check_parent(stage, parent)
+        _, state = load_stage_state(parent.path, step=recorded.get("step"))
+        config, tensors = load_adapter(stage.path / ADAPTER_DIR)
+        return mcfg, merge_adapter(state, config, tensors)
+    ckpt = checkpoint_at(stage.path, step)
+    with torch.device("meta"):
+        model = Transformer(mcfg)
+    model.to_empty(device="cpu")
+    with warnings.catch_warnings():  # DCP says it loads in a single process: that is the intent
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        load_model_weights(ckpt.path, model)
+    return mcfg, model.state_dict()
+
+
+def load_stage_model(path: Path, *, device: torch.device | str = "cpu", step: int | None = None) -> Transformer:
+    """A stage as an eval-mode `Transformer` on `device`, ready for generation or evaluation."""
+    mcfg, state = load_stage_state(path, step=step)
+    with torch.device("meta"):
+        model = Transformer(mcfg)
+    model.load_state_dict(state, assign=True)
+    return model.to(device).eval()
+
+
+def load_stage(path: Path, *, device: torch.device | str = "cpu") -> tuple[Transformer, TextTokenizer]:
+    """A stage's latest model (eval mode, on `device`) and its tokenizer. Single process.
+
+    Raises AtollError for anything `load_stage_model` or `load_text_tokenizer` refuses, and for a
+    tokenizer with more tokens than the model has embeddings.
+    """
+    tokenizer = load_text_tokenizer(path)
+    model = load_stage_model(path, device=device)
+    if tokenizer.vocab_size > model.cfg.vocab_size:
+        raise AtollError(
+            f"the tokenizer in {path} has {tokenizer.vocab_size} tokens, the model {model.cfg.vocab_size}: "
+            "they do not belong together"
+        )
+    return model, tokenizer

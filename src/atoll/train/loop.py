@@ -1,0 +1,382 @@
+"""The one training loop of a site: pre-training and fine-tuning both run it.
+
+Run by every rank of a site. A caller (`atoll.train.trainer`, `atoll.finetune.trainer`) builds a
+`TrainingJob`: the wrapped model, its trainable parameters, optimizer and schedule, a batch
+source, a loss, an evaluation and the cross-site sync; `run_loop` then does the steps, the
+metrics, evaluation and checkpoints the same way for both.
+
+One step, on every rank:
+
+    forward/backward over the rank's micro-batches   (each summed loss scaled by
+                                                      world_size / targets in the global batch,
+                                                      so DDP's mean is the global-batch mean)
+    sync.commit_gradients(tokens)                     (`ddp` across sites averages gradients here;
+                                                      False: skip the inner step, as torchft does)
+    clip, optimizer.step, scheduler.step
+    sync.after_step(step, tokens)                     (outer rounds: send, apply; see atoll.sync)
+
+The loop never asks which strategy runs: a single site gets `NoSync`, several sites a
+`atoll.sync.engine.CrossSiteSync`, and both answer the same five calls.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple, Protocol
+
+import torch
+from torch import nn
+
+from atoll.config import SyncSection, TrainSection
+from atoll.parallel.dist import DistEnv, all_reduce_sum
+from atoll.report.metrics import MetricsWriter
+from atoll.report.progress import ProgressSink
+from atoll.sync.site_env import SiteEnv
+from atoll.train.checkpoint import load_checkpoint, save_checkpoint
+from atoll.train.schedule import warmup_cosine
+
+log = logging.getLogger(__name__)
+
+# Metrics that each rank counts for itself and the site reports as a sum: a rank sends only the
+# parameters it owns across the WAN.
+SUMMED_OVER_RANKS = ("wan_bytes_sent", "wan_bytes_received")
+
+
+class StepBatch(NamedTuple):
+    """This rank's share of one global step."""
+
+    micro_batches: list[Any]  # each handed to the loss function as is
+    local_targets: int  # loss-bearing targets in this rank's share
+    global_targets: int | None  # in the whole global batch when known up front; None: summed by the loop
+
+
+class BatchSource(Protocol):
+    """Where a step's data comes from; its position is checkpointed with the run."""
+
+    tokens_per_step: int  # tokens the whole site processes per step (for tokens/s)
+
+    def next_batch(self) -> StepBatch: ...
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+LossFn = Callable[[nn.Module, Any], torch.Tensor]  # (model, micro-batch) -> summed loss
+
+
+class SiteSync(Protocol):
+    """The cross-site half of a step, called the same way for every strategy."""
+
+    def commit_gradients(self, *, tokens: int) -> bool: ...
+    def after_step(self, step: int, *, tokens: int) -> None: ...
+    def finish(self, step: int) -> None: ...
+    def metrics(self) -> dict[str, Any]: ...
+    def final_metrics(self) -> dict[str, Any]: ...
+    def state_dict(self) -> dict[str, Any] | None: ...
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+    def close(self) -> None: ...
+
+
+class NoSync:
+    """A single site: nothing crosses a WAN, every step commits."""
+
+    def commit_gradients(self, *, tokens: int) -> bool:
+        return True
+
+    def after_step(self, step: int, *, tokens: int) -> None:
+        pass
+
+    def finish(self, step: int) -> None:
+        pass
+
+    def metrics(self) -> dict[str, Any]:
+        return {}
+
+    def final_metrics(self) -> dict[str, Any]:
+        return {}
+
+    def state_dict(self) -> dict[str, Any] | None:
+        return None
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class TrainableParameters(nn.Module):
+    """The trainable parameters of a model under their names in the base model: what the
+    cross-site sync exchanges (all of them in pre-training, the adapters of a LoRA stage).
+    Holds references, not copies."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        inner = model.module if hasattr(model, "module") else model
+        self._named = [(n.removeprefix("base_model.model."), p) for n, p in inner.named_parameters() if p.requires_grad]
+
+    def named_parameters(  # type: ignore[override]
+        self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True
+    ) -> Iterator[tuple[str, nn.Parameter]]:
+        return iter(self._named)
+
+    def parameters(self, recurse: bool = True) -> Iterator[nn.Parameter]:
+        return (p for _, p in self._named)
+
+
+def build_sync(model: nn.Module, cfg: SyncSection, *, site_env: SiteEnv | None, env: DistEnv) -> tuple[SiteSync, float]:
+    """The rank's sync (NoSync without a site environment) and the site's emulated slowdown.
+
+    Collective across sites for a multi-site rank (it joins the Lighthouse's quorum machinery).
+    """
+    if site_env is None:
+        return NoSync(), 1.0
+    from atoll.config.topology import load_topology
+    from atoll.sync.engine import sync_for_site
+
+    topology = load_topology(site_env.topology)
+    slowdown = max(d.slowdown for d in topology.site(site_env.site).devices)
+    sync = sync_for_site(
+        TrainableParameters(model),
+        cfg,
+        site_env,
+        local_rank=env.local_rank,
+        local_world_size=env.local_world_size,
+    )
+    return sync, slowdown
+
+
+def site_steps(steps: int, sync: SyncSection, site: str | None) -> int:
+    """Inner steps a site runs: the same number of rounds everywhere, each of the site's own H."""
+    if site is None or sync.strategy == "ddp":
+        return steps
+    rounds = max(1, steps // sync.inner_steps)
+    return rounds * sync.inner_steps_for(site)
+
+
+def make_optimizer(model: nn.Module, t: TrainSection, *, device: torch.device) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters; matrices decay, norms and biases (1-D) do not."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=t.lr,
+        betas=(t.beta1, t.beta2),
+        fused=device.type == "cuda",
+    )
+
+
+def make_scheduler(
+    optimizer: torch.optim.Optimizer, t: TrainSection, *, total_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up, then cosine decay to `min_lr_ratio` over the site's own step count."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda s: warmup_cosine(s, warmup_steps=t.warmup_steps, total_steps=total_steps, min_ratio=t.min_lr_ratio),
+    )
+
+
+def no_sync(model: nn.Module, *, skip: bool) -> contextlib.AbstractContextManager[None]:
+    """Skip the gradient all-reduce on all but the last micro-batch of an accumulation."""
+    if not skip:
+        return contextlib.nullcontext()
+    if hasattr(model, "no_sync"):  # DDP
+        return model.no_sync()  # type: ignore[no-any-return,operator]
+    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+        return _fsdp_no_sync(model)
+    return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _fsdp_no_sync(model: nn.Module) -> Iterator[None]:
+    model.set_requires_gradient_sync(False)  # type: ignore[operator]
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)  # type: ignore[operator]
+
+
+@dataclass
+class TrainingJob:
+    """Everything the loop trains with; built by pre-training or fine-tuning."""
+
+    model: nn.Module  # as wrapped for the site (DDP, FSDP2 or plain)
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    batches: BatchSource
+    loss_fn: LossFn
+    evaluate: Callable[[], float]  # mean validation loss; collective over the site
+    sync: SiteSync = field(default_factory=NoSync)
+    slowdown: float = 1.0  # emulate a slower chip: compute, then sleep (slowdown - 1) x as long
+
+    @property
+    def params(self) -> list[nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+
+@dataclass
+class LoopState:
+    """Where the loop is; what `on_checkpoint` and the caller's result read."""
+
+    step: int = 0
+    tokens_seen: int = 0  # loss-bearing targets trained on, summed over the site
+    val_loss: float | None = None
+    speeds: list[float] = field(default_factory=list)  # tokens/s of each step of this process
+
+    @property
+    def median_tokens_per_s(self) -> float | None:
+        return statistics.median(self.speeds) if self.speeds else None
+
+
+def restore(job: TrainingJob, ckpt: Path, *, env: DistEnv, device: torch.device) -> LoopState:
+    """Load a checkpoint into the job (weights, optimizer, schedule, data position, sync)."""
+    meta = load_checkpoint(ckpt, model=job.model, optimizer=job.optimizer, env=env, device=device)
+    job.scheduler.load_state_dict(meta["scheduler"])
+    job.batches.load_state_dict(meta["data"])
+    rank_state = meta.get("rank_state") or {}
+    if "sync" in rank_state:
+        job.sync.load_state_dict(rank_state["sync"])
+    return LoopState(step=int(meta["step"]), tokens_seen=int(meta.get("tokens_seen", 0)))
+
+
+def save(job: TrainingJob, state: LoopState, run_dir: Path, *, env: DistEnv, device: torch.device, keep: int) -> None:
+    """Write a complete checkpoint of the job at `state.step`; collective over the site."""
+    sync_state = job.sync.state_dict()
+    save_checkpoint(
+        run_dir,
+        step=state.step,
+        model=job.model,
+        optimizer=job.optimizer,
+        extra={
+            "scheduler": job.scheduler.state_dict(),
+            "data": job.batches.state_dict(),
+            "tokens_seen": state.tokens_seen,
+        },
+        env=env,
+        device=device,
+        keep=keep,
+        rank_state={"sync": sync_state} if sync_state is not None else None,
+    )
+
+
+def _sync_record(sync: SiteSync, values: dict[str, Any], *, device: torch.device) -> dict[str, Any]:
+    """The sync's metrics with the per-rank counters summed over the site (collective)."""
+    record = dict(values)
+    summed = [k for k in SUMMED_OVER_RANKS if k in record]
+    if summed:
+        totals = all_reduce_sum([float(record[k]) for k in summed], device=device)
+        record.update({k: int(v) for k, v in zip(summed, totals)})
+    return record
+
+
+def run_loop(
+    job: TrainingJob,
+    state: LoopState,
+    *,
+    t: TrainSection,
+    total_steps: int,
+    end_step: int,
+    run_dir: Path,
+    env: DistEnv,
+    device: torch.device,
+    metrics: MetricsWriter,
+    progress: ProgressSink,
+    on_checkpoint: Callable[[LoopState], None] | None = None,
+) -> LoopState:
+    """Train from `state.step` to `end_step` (≤ `total_steps`); collective over the site.
+
+    Checkpoints go to `run_dir` every `t.checkpoint_every` steps and at `end_step`; evaluation
+    runs every `t.eval_every` steps and at `total_steps`, where the sync also finishes (every
+    site then holds the same parameters). Closes the sync and the progress display on the way out.
+    """
+    model, sync = job.model, job.sync
+    params = job.params
+    compute_seconds = 0.0
+    wall_start = time.perf_counter()
+    model.train()
+    try:
+        while state.step < end_step:
+            t0 = time.perf_counter()
+            batch = job.batches.next_batch()
+            if batch.global_targets is not None:
+                global_targets = float(batch.global_targets)
+            else:
+                (global_targets,) = all_reduce_sum([float(batch.local_targets)], device=device)
+            scale = env.world_size / max(global_targets, 1.0)
+            loss_sum = 0.0
+            last = len(batch.micro_batches) - 1
+            for i, micro in enumerate(batch.micro_batches):
+                with no_sync(model, skip=i < last):
+                    loss = job.loss_fn(model, micro)
+                    (loss * scale).backward()
+                loss_sum += loss.item()
+            compute = time.perf_counter() - t0
+            if job.slowdown > 1.0:
+                time.sleep((job.slowdown - 1.0) * compute)
+                compute *= job.slowdown
+            tokens = int(global_targets)
+            committed = sync.commit_gradients(tokens=tokens)
+            t1 = time.perf_counter()
+            if t.grad_clip > 0:
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, t.grad_clip))
+            else:
+                grad_norm = float(torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
+            lr = job.optimizer.param_groups[0]["lr"]
+            if committed:
+                job.optimizer.step()
+            job.scheduler.step()
+            job.optimizer.zero_grad(set_to_none=True)
+            compute_seconds += compute + time.perf_counter() - t1
+            state.step += 1
+            state.tokens_seen += tokens
+            sync.after_step(state.step, tokens=tokens)
+            if state.step == total_steps:
+                sync.finish(state.step)
+            elapsed = time.perf_counter() - t0
+            state.speeds.append(job.batches.tokens_per_step / elapsed)
+
+            if state.step % t.log_every == 0 or state.step == end_step:
+                (total,) = all_reduce_sum([loss_sum], device=device)
+                train_loss = total / max(global_targets, 1.0)
+                wall = time.perf_counter() - wall_start
+                record: dict[str, Any] = {
+                    "loss": train_loss,
+                    "lr": lr,
+                    "grad_norm": grad_norm,
+                    "tokens_per_s": state.speeds[-1],
+                    "tokens_seen": state.tokens_seen,
+                    "step_seconds": elapsed,
+                    "compute_seconds": compute_seconds,
+                    "wall_seconds": wall,
+                    "compute_utilization": compute_seconds / wall,
+                }
+                record.update(_sync_record(sync, sync.metrics(), device=device))
+                metrics.log(state.step, record)
+                if env.is_main:
+                    progress.update(
+                        completed=state.step, loss=train_loss, tokens_per_s=statistics.median(state.speeds[-20:])
+                    )
+            if (t.eval_every and state.step % t.eval_every == 0) or state.step == total_steps:
+                state.val_loss = job.evaluate()
+                metrics.log(state.step, {"val_loss": state.val_loss})
+                if env.is_main:
+                    log.info("step %d: validation loss %.4f", state.step, state.val_loss)
+            if (t.checkpoint_every and state.step % t.checkpoint_every == 0) or state.step == end_step:
+                save(job, state, run_dir, env=env, device=device, keep=t.keep_checkpoints)
+                if on_checkpoint is not None:
+                    on_checkpoint(state)
+        if state.step == total_steps:
+            final = sync.final_metrics()
+            if final:  # every site now holds the same parameters: the record says which
+                metrics.log(state.step, _sync_record(sync, final, device=device))
+    finally:
+        if env.is_main:
+            progress.stop()
+        metrics.close()
+        sync.close()
+    return state
