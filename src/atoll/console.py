@@ -25,6 +25,8 @@ EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
 
 NO_PROGRESS_ENV = "ATOLL_NO_PROGRESS"
 
+_PATH_ADVICE = "check that the path is right and that you can create and write files there (e.g. --run.dir=runs)"
+
 Handler = Callable[[argparse.Namespace, list[str]], int]
 """A verb's implementation: parsed arguments and the unparsed rest (config overrides) -> exit code."""
 
@@ -55,7 +57,8 @@ def fail(message: str) -> int:
 def guarded(fn: Handler) -> Handler:
     """`fn` with a user's mistake turned into an exit code instead of a traceback.
 
-    `AtollError` becomes one line on stderr and `EXIT_USER_ERROR`; Ctrl-C becomes a note that the
+    `AtollError` becomes one line on stderr and `EXIT_USER_ERROR`, and so does a file-system
+    error about a path (a run directory that cannot be created, a full disk); Ctrl-C becomes a note that the
     last complete checkpoint is kept and `EXIT_INTERRUPTED`. Anything else is a bug in atoll and
     propagates with its traceback.
     """
@@ -65,6 +68,10 @@ def guarded(fn: Handler) -> Handler:
             return fn(args, extra)
         except AtollError as exc:
             return fail(str(exc))
+        except OSError as exc:
+            if exc.filename is None:  # not about a path the user gave: a bug, with its traceback
+                raise
+            return fail(f"{exc.filename}: {exc.strerror or exc}: {_PATH_ADVICE}")
         except KeyboardInterrupt:
             print("atoll: interrupted; the last complete checkpoint is kept", file=sys.stderr)
             return EXIT_INTERRUPTED

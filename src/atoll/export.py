@@ -16,16 +16,13 @@ from atoll.model.hf import arch_for, save_hf_model
 from atoll.rundir.layout import (
     CHAT_TEMPLATE_FILE,
     LINEAGE_JSON,
-    MODEL_JSON,
-    SITES_DIR,
     TOKENIZER_CONFIG,
     TOKENIZER_JSON,
     TOKENIZER_SIDE_FILES,
     read_model_json,
-    site_dirs,
 )
 from atoll.rundir.lineage import classify_stage, lineage_chain
-from atoll.rundir.load import load_stage_state
+from atoll.rundir.load import load_stage_state, refuse_nonfinite, shared_site
 from atoll.rundir.tokenizer import load_text_tokenizer
 from atoll.train.checkpoint import list_checkpoints, load_model_weights
 
@@ -44,7 +41,7 @@ def export_run(run_dir: Path, out_dir: Path, *, arch: str = "auto", step: int | 
     `merge_stage`). Raises AtollError for a directory that is not a run, a missing step or a
     corrupt checkpoint.
     """
-    run_dir = _one_site(run_dir)
+    run_dir = shared_site(run_dir)
     if (run_dir / LINEAGE_JSON).is_file():
         if step is not None:
             raise AtollError(
@@ -70,6 +67,7 @@ def export_run(run_dir: Path, out_dir: Path, *, arch: str = "auto", step: int | 
         raise AtollError(f"{run_dir} has no {TOKENIZER_JSON}: the run directory is incomplete")
     model = Transformer(mcfg)
     load_model_weights(ckpt.path, model)
+    refuse_nonfinite(model.state_dict(), f"{run_dir} step {ckpt.step}")
     eos_id = load_tokenizer(tokenizer).token_to_id(EOS_TOKEN)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_hf_model(
@@ -114,21 +112,6 @@ def merge_stage(path: Path, out_dir: Path, *, arch: str = "auto") -> Path:
     (out_dir / EXPORT_LINEAGE_JSON).write_text(chain + "\n", encoding="utf-8")
     log.info("merged %s (%s) into %s", stage.path, stage.kind, out_dir)
     return out_dir
-
-
-def _one_site(run_dir: Path) -> Path:
-    """`run_dir` itself, or for a multi-site run the first of its sites (sorted by name)."""
-    if (run_dir / MODEL_JSON).is_file() or (run_dir / LINEAGE_JSON).is_file() or not (run_dir / SITES_DIR).is_dir():
-        return run_dir
-    sites = site_dirs(run_dir)
-    if not sites:
-        return run_dir
-    log.info(
-        "%s is a multi-site run: exporting site %s (all sites hold the same weights after the last sync)",
-        run_dir,
-        sites[0].name,
-    )
-    return sites[0]
 
 
 def sample_with_transformers(hf_dir: Path, prompt: str, *, max_new_tokens: int, seed: int) -> str:

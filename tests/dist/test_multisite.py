@@ -379,6 +379,11 @@ def test_export_of_a_multisite_run_takes_the_shared_weights(runs: Runs, tmp_path
         load_model_weights(ckpt.path, model)
         ours = model.state_dict()
         assert all(torch.equal(exported[k], ours[k]) for k in ours)
+    # `atoll serve RUN` and `atoll generate RUN` load the run the same way: the shared weights.
+    from atoll.rundir.load import load_stage
+
+    served, tokenizer = load_stage(run_dir)
+    assert tokenizer.encode("the site") and all(torch.equal(served.state_dict()[k], exported[k]) for k in exported)
 
 
 @uses("placed-data")

@@ -122,6 +122,11 @@ def test_missing_config_file(tmp_path: Path) -> None:
     assert_user_error(run_atoll("train", str(tmp_path / "missing.yaml")), "does not exist")
 
 
+def test_run_directory_that_cannot_be_created(tmp_path: Path, tiny_data: Path) -> None:
+    cfg = tiny_config(tmp_path, tiny_data)
+    assert_user_error(run_atoll("train", str(cfg), "--run.dir=/proc/atoll"), "/proc/atoll", "--run.dir=runs")
+
+
 def test_missing_data_directory(tmp_path: Path, tiny_data: Path) -> None:
     cfg = tiny_config(tmp_path, tmp_path / "no-data")
     assert_user_error(run_atoll("train", str(cfg)), "manifest.json", "no-data")

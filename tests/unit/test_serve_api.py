@@ -201,3 +201,20 @@ def test_concurrent_jobs_each_get_exactly_their_own_text(engine: Engine) -> None
     for t in threads:
         t.join()
     assert results == expected
+
+
+@pytest.mark.parametrize(
+    ("url", "body", "field"),
+    [
+        ("/v1/completions", '{"prompt": "\\ud800", "max_tokens": 2}', "prompt"),
+        ("/v1/completions", '{"prompt": ["ok", "a\\udfffb"], "max_tokens": 2}', "prompt.1"),
+        ("/v1/chat/completions", '{"messages": [{"role": "user", "content": "\\ud83d"}]}', "messages.0.content"),
+    ],
+)
+def test_a_lone_surrogate_is_a_400_naming_the_field(client: TestClient, url: str, body: str, field: str) -> None:
+    r = client.post(url, content=body, headers={"Content-Type": "application/json"})
+    assert r.status_code == 400
+    error = r.json()["error"]
+    assert error["param"] == field and "surrogate" in error["message"]
+    paired = client.post(url.replace("chat/", ""), content='{"prompt": "\\ud83d\\ude00", "max_tokens": 2}')
+    assert paired.status_code == 200  # a surrogate pair is an ordinary character

@@ -157,11 +157,36 @@ class TrainSection(Section):
     )
     checkpoint_every: int = Field(100, ge=0, description="Steps between checkpoints; 0: only at the end.")
     keep_checkpoints: int = Field(2, gt=0, description="Complete checkpoints kept on disk (oldest removed).")
+    max_bad_steps: int = Field(
+        3,
+        gt=0,
+        description="Non-finite steps in a row (each skipped, never applied) before the run rolls back "
+        "to its last good checkpoint and skips the batches that led there.",
+    )
+    max_rollbacks: int = Field(
+        2, ge=0, description="Rollbacks before a run that keeps diverging stops with an error; 0: stop at once."
+    )
+    spike_steps: int = Field(
+        10,
+        ge=0,
+        description="Steps in a row whose loss spikes before the run rolls back; 0: spikes are only logged.",
+    )
+    spike_sigma: float = Field(
+        6.0, gt=0, description="A spike: loss above its running mean by this many running deviations ..."
+    )
+    spike_ratio: float = Field(0.25, gt=0, description="... and by this fraction of the running mean.")
+    skip_batches: list[int] = Field(
+        default_factory=list,
+        description="Batch indices (0-based, in the order the run draws them) never to train on: "
+        "known-bad data; rollbacks add to them.",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> TrainSection:
         if self.warmup_steps >= self.steps and self.steps > 1:
             raise ValueError(f"warmup_steps ({self.warmup_steps}) must be below steps ({self.steps})")
+        if any(b < 0 for b in self.skip_batches):
+            raise ValueError(f"skip_batches holds negative indices {[b for b in self.skip_batches if b < 0]}")
         if self.micro_batch > self.global_batch:
             raise ValueError(
                 f"micro_batch ({self.micro_batch}) exceeds global_batch ({self.global_batch}): lower micro_batch"

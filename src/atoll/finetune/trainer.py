@@ -52,17 +52,8 @@ from atoll.rundir.lineage import Stage, model_config_of, read_lineage, write_lin
 from atoll.rundir.load import load_stage_state
 from atoll.sync.site_env import SiteEnv
 from atoll.train.checkpoint import latest_checkpoint
-from atoll.train.loop import (
-    LoopState,
-    StepBatch,
-    TrainingJob,
-    build_sync,
-    make_optimizer,
-    make_scheduler,
-    restore,
-    run_loop,
-    site_steps,
-)
+from atoll.train.job import LoopState, StepBatch, TrainingJob, restore
+from atoll.train.loop import build_sync, make_optimizer, make_scheduler, run_loop, site_steps
 
 log = logging.getLogger(__name__)
 

@@ -9,6 +9,7 @@ evaluation. Training loads its starting weights through `load_stage_state` as we
 
 from __future__ import annotations
 
+import logging
 import warnings
 from pathlib import Path
 
@@ -17,10 +18,37 @@ import torch
 from atoll.errors import AtollError
 from atoll.model import ModelConfig, Transformer, load_hf_model
 from atoll.rundir.adapter import load_adapter, merge_adapter
-from atoll.rundir.layout import ADAPTER_DIR
+from atoll.rundir.layout import ADAPTER_DIR, LINEAGE_JSON, MODEL_JSON, SITES_DIR, site_dirs
 from atoll.rundir.lineage import check_parent, checkpoint_at, classify_stage, model_config_of, parent_of
 from atoll.rundir.tokenizer import TextTokenizer, load_text_tokenizer
 from atoll.train.checkpoint import load_model_weights
+
+log = logging.getLogger(__name__)
+
+
+def shared_site(run_dir: Path) -> Path:
+    """`run_dir` itself, or for a multi-site pre-training run (RUN/sites/NAME/) its first site by
+    name: after the final sync every site holds the same weights, so any of them is the run's model."""
+    if (run_dir / MODEL_JSON).is_file() or (run_dir / LINEAGE_JSON).is_file() or not (run_dir / SITES_DIR).is_dir():
+        return run_dir
+    sites = site_dirs(run_dir)
+    if not sites:
+        return run_dir
+    log.info("%s is a multi-site run: using site %s (every site holds the same weights)", run_dir, sites[0].name)
+    return sites[0]
+
+
+def refuse_nonfinite(state: dict[str, torch.Tensor], source: str) -> None:
+    """Raise AtollError when any weight in `state` is NaN or infinite: a diverged model is never
+    exported, served or built on."""
+    bad = {name: int((~torch.isfinite(t)).sum()) for name, t in state.items() if t.is_floating_point()}
+    bad = {name: n for name, n in bad.items() if n}
+    if bad:
+        first = next(iter(bad))
+        raise AtollError(
+            f"{source} holds non-finite weights ({sum(bad.values()):,} values in {len(bad)} tensors, e.g. {first}): "
+            "the run diverged; export an earlier checkpoint (--step) or retrain with a lower train.lr"
+        )
 
 
 def load_stage_state(path: Path, *, step: int | None = None) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
@@ -29,7 +57,7 @@ def load_stage_state(path: Path, *, step: int | None = None) -> tuple[ModelConfi
     `step` picks a checkpoint of a pre-training or full fine-tuning run (default: the latest).
     Raises AtollError for an unreadable stage, a missing checkpoint, or a changed parent.
     """
-    stage = classify_stage(path)
+    stage = classify_stage(shared_site(path))
     if stage.kind == "hf":
         return load_hf_model(stage.path)
     mcfg = model_config_of(stage)
@@ -51,7 +79,9 @@ def load_stage_state(path: Path, *, step: int | None = None) -> tuple[ModelConfi
     with warnings.catch_warnings():  # DCP says it loads in a single process: that is the intent
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         load_model_weights(ckpt.path, model)
-    return mcfg, model.state_dict()
+    state = model.state_dict()
+    refuse_nonfinite(state, f"{stage.path} step {ckpt.step}")
+    return mcfg, state
 
 
 def load_stage_model(path: Path, *, device: torch.device | str = "cpu", step: int | None = None) -> Transformer:
@@ -69,6 +99,7 @@ def load_stage(path: Path, *, device: torch.device | str = "cpu") -> tuple[Trans
     Raises AtollError for anything `load_stage_model` or `load_text_tokenizer` refuses, and for a
     tokenizer with more tokens than the model has embeddings.
     """
+    path = shared_site(path)
     tokenizer = load_text_tokenizer(path)
     model = load_stage_model(path, device=device)
     if tokenizer.vocab_size > model.cfg.vocab_size:

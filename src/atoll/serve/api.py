@@ -154,9 +154,43 @@ async def _read_json(request: Request, limit: int) -> Any:
             raise ApiError(413, f"the request body exceeds {limit} bytes", code="request_too_large")
         chunks.append(chunk)
     try:
-        return json.loads(b"".join(chunks))
+        data = json.loads(b"".join(chunks))
     except (ValueError, UnicodeDecodeError):
         raise ApiError(400, "the request body is not valid JSON") from None
+    where = _not_unicode(data)
+    if where is not None:
+        raise ApiError(
+            400,
+            f"{where or 'the body'} holds a lone surrogate escape (e.g. \\ud800) that is not Unicode text: "
+            "send text as UTF-8, with surrogate escapes only in pairs",
+            param=where or None,
+        )
+    return data
+
+
+def _not_unicode(value: Any, path: str = "") -> str | None:
+    """The dotted path of the first string in `value` that cannot be UTF-8 (JSON allows a lone
+    surrogate escape such as "\\ud800"; no tokenizer can take it), or None."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path
+        return None
+    if isinstance(value, dict):
+        items: Any = value.items()
+    elif isinstance(value, list):
+        items = enumerate(value)
+    else:
+        return None
+    for key, item in items:
+        where = _not_unicode(key, path) if isinstance(key, str) else None
+        if where is not None:
+            return where
+        found = _not_unicode(item, f"{path}.{key}" if path else str(key))
+        if found is not None:
+            return found
+    return None
 
 
 def _sse(data: Any) -> str:

@@ -162,6 +162,29 @@ class CrossSiteSync:
                     self._apply(self.pending.pop(), step)
         self._executor.shutdown(wait=True)
 
+    @property
+    def lockstep(self) -> bool:
+        """Cross-site ddp: every site applies the same averaged gradient at every step."""
+        return self.cfg.strategy == "ddp"
+
+    @torch.no_grad()
+    def reset_to_global(self) -> bool:
+        """A diverged site takes θ, the parameters the sites last agreed on (the training loop's
+        rollback where there are peers). Exchanges in flight then carry only the progress made
+        from θ. Collective over the site; False for `ddp`, which keeps no θ."""
+        if self.cfg.strategy == "ddp":
+            return False
+        for unit in self.units:
+            theta = {n: unit.outer.params[i].detach().float() for i, n in enumerate(unit.owned)}  # type: ignore[union-attr]
+            for n, value in theta.items():
+                self._staged[n] = value.clone()
+                self.anchor[n] = value.clone()
+            for pending in self.pending:
+                if pending.unit is unit:
+                    pending.sent.update({n: value.clone() for n, value in theta.items()})
+            self._gather_into_params(unit)
+        return True
+
     # ------------------------------------------------------------------ exchange
 
     def _encode(self, unit: Unit, tensors: dict[str, torch.Tensor]) -> list[Encoded]:

@@ -12,7 +12,11 @@ One step, on every rank:
                                                       so DDP's mean is the global-batch mean)
     sync.commit_gradients(tokens)                     (`ddp` across sites averages gradients here;
                                                       False: skip the inner step, as torchft does)
-    clip, optimizer.step, scheduler.step
+    clip; the guard judges the site's loss and gradient norm (atoll.train.guard):
+      apply -> optimizer.step;  skip (not finite) -> no optimizer step;
+      rollback -> back to the last good checkpoint (one site) or to the sites' shared
+      parameters (several), skipping the batches that led there
+    scheduler.step
     sync.after_step(step, tokens)                     (outer rounds: send, apply; see atoll.sync)
 
 The loop never asks which strategy runs: a single site gets `NoSync`, several sites a
@@ -23,12 +27,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import statistics
 import time
+import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple, Protocol
+from typing import Any
 
 import torch
 from torch import nn
@@ -38,7 +43,15 @@ from atoll.parallel.dist import DistEnv, all_reduce_sum
 from atoll.report.metrics import MetricsWriter
 from atoll.report.progress import ProgressSink
 from atoll.sync.site_env import SiteEnv
-from atoll.train.checkpoint import load_checkpoint, save_checkpoint
+from atoll.train.guard import StepGuard
+from atoll.train.job import (
+    LoopState,
+    NoSync,
+    SiteSync,
+    TrainingJob,
+    save,
+)
+from atoll.train.recovery import REMEMBERED_STEPS, draw, log_verdict, roll_back
 from atoll.train.schedule import warmup_cosine
 
 log = logging.getLogger(__name__)
@@ -46,68 +59,6 @@ log = logging.getLogger(__name__)
 # Metrics that each rank counts for itself and the site reports as a sum: a rank sends only the
 # parameters it owns across the WAN.
 SUMMED_OVER_RANKS = ("wan_bytes_sent", "wan_bytes_received")
-
-
-class StepBatch(NamedTuple):
-    """This rank's share of one global step."""
-
-    micro_batches: list[Any]  # each handed to the loss function as is
-    local_targets: int  # loss-bearing targets in this rank's share
-    global_targets: int | None  # in the whole global batch when known up front; None: summed by the loop
-
-
-class BatchSource(Protocol):
-    """Where a step's data comes from; its position is checkpointed with the run."""
-
-    tokens_per_step: int  # tokens the whole site processes per step (for tokens/s)
-
-    def next_batch(self) -> StepBatch: ...
-    def state_dict(self) -> dict[str, Any]: ...
-    def load_state_dict(self, state: dict[str, Any]) -> None: ...
-
-
-LossFn = Callable[[nn.Module, Any], torch.Tensor]  # (model, micro-batch) -> summed loss
-
-
-class SiteSync(Protocol):
-    """The cross-site half of a step, called the same way for every strategy."""
-
-    def commit_gradients(self, *, tokens: int) -> bool: ...
-    def after_step(self, step: int, *, tokens: int) -> None: ...
-    def finish(self, step: int) -> None: ...
-    def metrics(self) -> dict[str, Any]: ...
-    def final_metrics(self) -> dict[str, Any]: ...
-    def state_dict(self) -> dict[str, Any] | None: ...
-    def load_state_dict(self, state: dict[str, Any]) -> None: ...
-    def close(self) -> None: ...
-
-
-class NoSync:
-    """A single site: nothing crosses a WAN, every step commits."""
-
-    def commit_gradients(self, *, tokens: int) -> bool:
-        return True
-
-    def after_step(self, step: int, *, tokens: int) -> None:
-        pass
-
-    def finish(self, step: int) -> None:
-        pass
-
-    def metrics(self) -> dict[str, Any]:
-        return {}
-
-    def final_metrics(self) -> dict[str, Any]:
-        return {}
-
-    def state_dict(self) -> dict[str, Any] | None:
-        return None
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
 
 
 class TrainableParameters(nn.Module):
@@ -201,69 +152,6 @@ def _fsdp_no_sync(model: nn.Module) -> Iterator[None]:
         model.set_requires_gradient_sync(True)  # type: ignore[operator]
 
 
-@dataclass
-class TrainingJob:
-    """Everything the loop trains with; built by pre-training or fine-tuning."""
-
-    model: nn.Module  # as wrapped for the site (DDP, FSDP2 or plain)
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
-    batches: BatchSource
-    loss_fn: LossFn
-    evaluate: Callable[[], float]  # mean validation loss; collective over the site
-    sync: SiteSync = field(default_factory=NoSync)
-    slowdown: float = 1.0  # emulate a slower chip: compute, then sleep (slowdown - 1) x as long
-
-    @property
-    def params(self) -> list[nn.Parameter]:
-        return [p for p in self.model.parameters() if p.requires_grad]
-
-
-@dataclass
-class LoopState:
-    """Where the loop is; what `on_checkpoint` and the caller's result read."""
-
-    step: int = 0
-    tokens_seen: int = 0  # loss-bearing targets trained on, summed over the site
-    val_loss: float | None = None
-    speeds: list[float] = field(default_factory=list)  # tokens/s of each step of this process
-
-    @property
-    def median_tokens_per_s(self) -> float | None:
-        return statistics.median(self.speeds) if self.speeds else None
-
-
-def restore(job: TrainingJob, ckpt: Path, *, env: DistEnv, device: torch.device) -> LoopState:
-    """Load a checkpoint into the job (weights, optimizer, schedule, data position, sync)."""
-    meta = load_checkpoint(ckpt, model=job.model, optimizer=job.optimizer, env=env, device=device)
-    job.scheduler.load_state_dict(meta["scheduler"])
-    job.batches.load_state_dict(meta["data"])
-    rank_state = meta.get("rank_state") or {}
-    if "sync" in rank_state:
-        job.sync.load_state_dict(rank_state["sync"])
-    return LoopState(step=int(meta["step"]), tokens_seen=int(meta.get("tokens_seen", 0)))
-
-
-def save(job: TrainingJob, state: LoopState, run_dir: Path, *, env: DistEnv, device: torch.device, keep: int) -> None:
-    """Write a complete checkpoint of the job at `state.step`; collective over the site."""
-    sync_state = job.sync.state_dict()
-    save_checkpoint(
-        run_dir,
-        step=state.step,
-        model=job.model,
-        optimizer=job.optimizer,
-        extra={
-            "scheduler": job.scheduler.state_dict(),
-            "data": job.batches.state_dict(),
-            "tokens_seen": state.tokens_seen,
-        },
-        env=env,
-        device=device,
-        keep=keep,
-        rank_state={"sync": sync_state} if sync_state is not None else None,
-    )
-
-
 def _sync_record(sync: SiteSync, values: dict[str, Any], *, device: torch.device) -> dict[str, Any]:
     """The sync's metrics with the per-rank counters summed over the site (collective)."""
     record = dict(values)
@@ -296,13 +184,16 @@ def run_loop(
     """
     model, sync = job.model, job.sync
     params = job.params
+    guard = StepGuard.from_config(t)
+    state.skip_batches |= set(t.skip_batches)
+    guard.load_state_dict(state.guard)
     compute_seconds = 0.0
     wall_start = time.perf_counter()
     model.train()
     try:
         while state.step < end_step:
             t0 = time.perf_counter()
-            batch = job.batches.next_batch()
+            batch, batch_index = draw(job.batches, state)
             if batch.global_targets is not None:
                 global_targets = float(batch.global_targets)
             else:
@@ -326,23 +217,41 @@ def run_loop(
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(params, t.grad_clip))
             else:
                 grad_norm = float(torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
+            (total,) = all_reduce_sum([loss_sum], device=device)  # every rank judges the same numbers
+            train_loss = total / max(global_targets, 1.0)
+            judged_loss = train_loss if not sync.lockstep or math.isfinite(train_loss) else 0.0
+            verdict = guard.judge(state.step + 1, loss=judged_loss, grad_norm=grad_norm)
             lr = job.optimizer.param_groups[0]["lr"]
-            if committed:
+            applied = committed and verdict.action == "apply"
+            if applied:
                 job.optimizer.step()
-            job.scheduler.step()
+            with warnings.catch_warnings():  # torch warns when a schedule steps past a skipped optimizer step
+                warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)`")
+                job.scheduler.step()
             job.optimizer.zero_grad(set_to_none=True)
             compute_seconds += compute + time.perf_counter() - t1
             state.step += 1
+            state.step_batch[state.step] = batch_index
+            state.step_batch.pop(state.step - REMEMBERED_STEPS, None)
+            if verdict.action != "apply":
+                tokens = 0  # the site learned nothing from this batch: its update weighs nothing
             state.tokens_seen += tokens
+            if verdict.reason is not None:
+                log_verdict(verdict, state, metrics, env=env, batch_index=batch_index, loss=train_loss, norm=grad_norm)
             sync.after_step(state.step, tokens=tokens)
+            if verdict.action == "rollback":
+                state = roll_back(job, state, verdict, guard, t=t, run_dir=run_dir, env=env, device=device)
+                metrics.log(state.step, {"guard": "rolled_back", **state.guard_extra()})
+                if env.is_main:
+                    progress.update(completed=state.step, loss=float("nan"), tokens_per_s=0.0)
+                continue
             if state.step == total_steps:
                 sync.finish(state.step)
             elapsed = time.perf_counter() - t0
             state.speeds.append(job.batches.tokens_per_step / elapsed)
+            state.guard = guard.state_dict()
 
             if state.step % t.log_every == 0 or state.step == end_step:
-                (total,) = all_reduce_sum([loss_sum], device=device)
-                train_loss = total / max(global_targets, 1.0)
                 wall = time.perf_counter() - wall_start
                 record: dict[str, Any] = {
                     "loss": train_loss,
@@ -354,6 +263,9 @@ def run_loop(
                     "compute_seconds": compute_seconds,
                     "wall_seconds": wall,
                     "compute_utilization": compute_seconds / wall,
+                    "skipped_steps": state.skipped_steps,
+                    "spikes": state.spikes,
+                    "rollbacks": state.rollbacks,
                 }
                 record.update(_sync_record(sync, sync.metrics(), device=device))
                 metrics.log(state.step, record)
@@ -366,7 +278,8 @@ def run_loop(
                 metrics.log(state.step, {"val_loss": state.val_loss})
                 if env.is_main:
                     log.info("step %d: validation loss %.4f", state.step, state.val_loss)
-            if (t.checkpoint_every and state.step % t.checkpoint_every == 0) or state.step == end_step:
+            due = t.checkpoint_every and state.step % t.checkpoint_every == 0 and not guard.in_bad_run
+            if due or state.step == end_step:  # during a bad run the last good checkpoint must stay
                 save(job, state, run_dir, env=env, device=device, keep=t.keep_checkpoints)
                 if on_checkpoint is not None:
                     on_checkpoint(state)

@@ -39,17 +39,8 @@ from atoll.report.progress import NullProgress, ProgressSink
 from atoll.rundir.layout import read_model_json
 from atoll.sync.site_env import SiteEnv
 from atoll.train.checkpoint import latest_checkpoint, load_model_weights
-from atoll.train.loop import (
-    LoopState,
-    StepBatch,
-    TrainingJob,
-    build_sync,
-    make_optimizer,
-    make_scheduler,
-    restore,
-    run_loop,
-    site_steps,
-)
+from atoll.train.job import LoopState, StepBatch, TrainingJob, restore
+from atoll.train.loop import build_sync, make_optimizer, make_scheduler, run_loop, site_steps
 from atoll.train.setup import classify_init, prepare_run, site_config
 
 log = logging.getLogger(__name__)
