@@ -273,10 +273,20 @@ class TorchftTransport:
         self._manager.shutdown(wait=False)
 
 
-def start_lighthouse(*, bind: str, min_sites: int) -> object:
-    """Start a torchft Lighthouse in this process; `.address()` gives its URL, `.shutdown()` stops it."""
+def start_lighthouse(*, bind: str, min_sites: int, join_timeout_seconds: float = 30.0) -> object:
+    """Start a torchft Lighthouse in this process; `.address()` gives its URL, `.shutdown()` stops it.
+
+    A quorum waits up to `join_timeout_seconds` for every live site (one that heartbeats) to join;
+    a site that stopped heartbeating for 10 s is left out at once. With `min_sites` below the
+    number of sites, a short join timeout would let sites that reach an exchange a little apart
+    each form a quorum alone and never meet.
+    """
     from torchft._torchft import LighthouseServer
 
     return LighthouseServer(
-        bind=bind, min_replicas=min_sites, join_timeout_ms=1000, quorum_tick_ms=50, heartbeat_timeout_ms=10000
+        bind=bind,
+        min_replicas=min_sites,
+        join_timeout_ms=int(join_timeout_seconds * 1000),
+        quorum_tick_ms=50,
+        heartbeat_timeout_ms=10000,
     )
