@@ -62,9 +62,11 @@ def test_lab_run_trains_two_sites_in_namespaces_and_leaves_nothing_behind(tmp_pa
         final = [r for r in records if "sync_applied" in r]
         assert len(final) == 1, site
         assert final[0]["sync_applied"] == [[2, 2], [4, 4]], site
-        finals[site] = final[0]["params_checksum"]
-        assert [r["wan_exchanges"] for r in records if "loss" in r][-1] == 2
-    assert finals["east"] == finals["west"] and math.isfinite(finals["east"])
+        finals[site] = final[0]["theta_digest"]
+        # Two rounds and the closing digest check (a header-only exchange at the last step).
+        assert [r["wan_exchanges"] for r in records if "loss" in r][-1] == 3
+        assert math.isfinite(final[0]["params_checksum"])
+    assert finals["east"] == finals["west"] and len(finals["east"]) == 64
 
     # Nothing of this lab is left: namespaces, interfaces, its ownership record.
     assert not [n for n in lines_of("ip", "netns", "list") if n.startswith(f"{NETNS_PREFIX}{rid}-")]

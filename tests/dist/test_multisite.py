@@ -29,9 +29,12 @@ import yaml
 from atoll.model import Transformer
 from atoll.report.metrics import read_metrics
 from atoll.rundir.layout import read_model_json
+from atoll.sync.envelope import ENVELOPE_BYTES
 from tests.conftest import REPO, tiny_config
 
-HEADER_BYTES = 16  # the transport's (token weight, length) prefix on every payload
+HEADER_BYTES = 8 + ENVELOPE_BYTES  # the body length and the sealed envelope beside every payload
+CHECK_BYTES = HEADER_BYTES  # finish's agreement check, per unit and rank: an envelope, no payload
+TEST_SECRET = "multisite-test-secret-0123456789"  # the launcher will make one per run; until then, the tests'
 TIMEOUT = 420  # seconds for a whole multi-site run; the cores are shared with other jobs
 
 
@@ -144,7 +147,7 @@ def launch(tmp_path: Path, data: Path, sc: Scenario) -> subprocess.CompletedProc
         sc.wan,
         *sc.flags,
     ]
-    env = dict(os.environ, ATOLL_NO_PROGRESS="1", PYTHONPATH=str(REPO / "src"))
+    env = dict(os.environ, ATOLL_NO_PROGRESS="1", PYTHONPATH=str(REPO / "src"), ATOLL_RUN_SECRET=TEST_SECRET)
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
         env.pop(key, None)
     with subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO) as proc:
@@ -281,9 +284,10 @@ def test_diloco_two_sites_identical_after_every_sync_and_bytes_equal_payloads(ru
         assert sorted(per_step(d, "wan_bytes_sent")) == list(range(1, 7))
         for step, sent in per_step(d, "wan_bytes_sent").items():
             syncs = step // 2
-            assert sent == syncs * (2 - 1) * payload, (site, step)
+            checks = int(step == 6)  # the run's end: every site shows its θ digest
+            assert sent == syncs * (2 - 1) * payload + checks * CHECK_BYTES, (site, step)
             assert per_step(d, "wan_bytes_received")[step] == sent
-            assert per_step(d, "wan_exchanges")[step] == syncs
+            assert per_step(d, "wan_exchanges")[step] == syncs + checks
         assert final_record(d)["sync_applied"] == [[2, 2], [4, 4], [6, 6]]
         assert per_step(d, "wan_failed")[6] == 0
         assert per_step(d, "sync_rejected")[6] == 0
@@ -308,15 +312,16 @@ def test_diloco_two_ranks_per_site_exchange_each_byte_once(runs: Runs) -> None:
         counters = {r: torch.load(ckpt / f"rank{r}.pt", weights_only=False)["state"]["sync"]["counter"] for r in (0, 1)}
         for r, counter in counters.items():
             # Local rank r sends only the parameters it owns (to rank r of the other site).
-            assert counter["wan_exchanges"] == 3, (site, r)
-            assert counter["wan_bytes_sent"] == 3 * fp32_payload(numels[r]), (site, r)
+            assert counter["wan_exchanges"] == 3 + 1, (site, r)  # three rounds and the final check
+            assert counter["wan_bytes_sent"] == 3 * fp32_payload(numels[r]) + CHECK_BYTES, (site, r)
             assert counter["wan_bytes_sent"] < 3 * full
         # Together the two ranks carry one full model per sync: no byte crosses twice.
         payload_bytes = sum(c["wan_bytes_sent"] - c["wan_exchanges"] * HEADER_BYTES for c in counters.values())
         assert payload_bytes == 3 * 4 * num_params(d)
         # The site's metrics report its traffic: the sum over its ranks.
         for step, sent in per_step(d, "wan_bytes_sent").items():
-            assert sent == (step // 2) * (fp32_payload(numels[0]) + fp32_payload(numels[1])), (site, step)
+            checks = 2 * CHECK_BYTES if step == 6 else 0
+            assert sent == (step // 2) * (fp32_payload(numels[0]) + fp32_payload(numels[1])) + checks, (site, step)
 
 
 # ---------------------------------------------------------------------------- delayed and streaming
@@ -330,7 +335,7 @@ def test_delayed_applies_each_round_one_round_late(runs: Runs) -> None:
         # Rounds sent at 2 and 4 land H=2 steps later; the one sent at 6 is flushed by finish.
         assert applied == [[4, 2], [6, 4], [6, 6]], site
         assert all(a - s == 2 for a, s in applied[:-1])
-        assert per_step(d, "wan_exchanges")[6] == 3
+        assert per_step(d, "wan_exchanges")[6] == 3 + 1  # and the final check
     # Until the flush every site keeps its own progress made while the exchange was in flight.
     assert_differ_at(dirs, [2, 4])
     assert_identical_at(dirs, [6])
@@ -357,7 +362,7 @@ def test_streaming_applies_every_fragment_tau_steps_after_its_send(runs: Runs) -
         assert sent[1] == 0
         assert sent[3] == fp32_payload(second)
         assert sent[5] == fp32_payload(second) + fp32_payload(first)
-        assert sent[8] == 2 * fp32_payload(first) + 3 * fp32_payload(second)
+        assert sent[8] == 2 * fp32_payload(first) + 3 * fp32_payload(second) + 2 * CHECK_BYTES
     assert_end_identical(dirs)
     assert final_val_loss(dirs["east"]) == final_val_loss(dirs["west"])
 
@@ -422,7 +427,7 @@ def test_int8_over_an_emulated_slow_link_counts_codec_bytes_and_takes_their_time
     floor = payload * 8 / (sc.mbps * 1e6) + 2 * sc.latency_ms / 1000  # seconds one exchange must take
     for site, d in dirs.items():
         sent, seconds = per_step(d, "wan_bytes_sent"), per_step(d, "wan_seconds")
-        assert sent[2] == payload and sent[4] == 2 * payload, site
+        assert sent[2] == payload and sent[4] == 2 * payload + CHECK_BYTES, site
         assert seconds[2] >= floor, (site, seconds[2], floor)
         assert seconds[4] - seconds[2] >= floor, (site, seconds[4] - seconds[2], floor)
         assert 0 < per_step(d, "compute_utilization")[4] <= 1
@@ -459,7 +464,7 @@ def test_sites_with_different_inner_steps_and_a_slow_site_finish_the_same_rounds
     assert final_record(east)["sync_applied"] == [[2, 2], [4, 4]]
     assert final_record(west)["sync_applied"] == [[4, 4], [8, 8]]
     for d in dirs.values():
-        assert per_step(d, "wan_exchanges")[max(per_step(d, "loss"))] == rounds
+        assert per_step(d, "wan_exchanges")[max(per_step(d, "loss"))] == rounds + 1  # and the final check
     # Round r ends after east's step 2r and west's step 4r, with the same parameters.
     ce, cw = per_step(east, "params_checksum"), per_step(west, "params_checksum")
     assert ce[2] == cw[4] and ce[4] == cw[8]

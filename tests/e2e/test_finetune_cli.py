@@ -359,6 +359,7 @@ def test_two_sites_exchange_only_the_adapters(chain: dict[str, Path], tmp_path: 
     adapters, the WAN carried only the adapters, and the metrics hold what pre-training's do
     (compute utilization; WAN bytes summed over the site's ranks, each of which sends its share)."""
     from atoll.model import ModelConfig
+    from atoll.sync.envelope import ENVELOPE_BYTES
 
     cfg = ft_config(tmp_path, chain["base"], chain["data"], name="sites", sync={"strategy": "diloco", "inner_steps": 3})
     topology = Path(__file__).resolve().parents[2] / "examples" / "topologies" / "lab-two-sites.yaml"
@@ -369,10 +370,11 @@ def test_two_sites_exchange_only_the_adapters(chain: dict[str, Path], tmp_path: 
     assert lineage["status"] == "finished" and lineage["wan"]["sites"] == 2
     ends = [[r for r in read_metrics(d) if "sync_applied" in r][-1] for d in (stage, stage / "sites" / "west")]
     assert ends[0]["params_checksum"] == ends[1]["params_checksum"]
-    # two outer rounds, each sending the adapters in fp32 (plus a small header per rank): not the model
+    # two outer rounds, each sending the adapters in fp32, plus a sealed header per rank on those
+    # and on the closing digest check (two ranks x three exchanges): not the model
     adapters = lineage["trainable_params"] * 4
     model = ModelConfig(**json.loads((stage / "model.json").read_text())).num_params() * 4
-    assert 2 * adapters <= ends[0]["wan_bytes_sent"] <= 2 * adapters + 1024 < model
+    assert ends[0]["wan_bytes_sent"] == 2 * adapters + 2 * 3 * (8 + ENVELOPE_BYTES) < model
     assert lineage["wan"]["bytes_sent_by_first_site"] == ends[0]["wan_bytes_sent"]
     steps = [r for r in read_metrics(stage) if "loss" in r]
     assert steps and all(0 < r["compute_utilization"] <= 1 for r in steps)

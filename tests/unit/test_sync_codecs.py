@@ -18,7 +18,7 @@ from atoll.sync.codecs import (
     pack_payload,
     unpack_payload,
 )
-from atoll.sync.transport import pack, unpack
+from atoll.sync.envelope import ENVELOPE_BYTES, Header, Sealer
 
 
 def rand(*shape: int, seed: int = 0) -> torch.Tensor:
@@ -307,13 +307,16 @@ def test_pack_payload_round_trip_with_a_template() -> None:
         unpack_payload(raw.float(), like=encs)
 
 
-def test_payload_round_trips_through_the_transport_buffer() -> None:
-    # What production sends: the payload bytes behind the transport's 16-byte header.
+def test_payload_round_trips_through_the_envelope() -> None:
+    # What production sends: the payload bytes beside a sealed, fixed-size envelope.
     encs = all_encodings()
-    buf = pack(pack_payload(encs), 12.5)
-    assert buf.numel() == sum(e.num_bytes for e in encs) + 16
-    body, weight = unpack(buf.clone())
-    assert weight == 12.5
+    raw = pack_payload(encs)
+    sealer = Sealer(b"0123456789abcdef0123")
+    header = Header("east", "10.0.0.1", 0, 3, 12.5, raw.numel(), bytes(32))
+    envelope = sealer.seal(header, raw)
+    assert envelope.numel() == ENVELOPE_BYTES
+    opened, body = sealer.open(envelope.clone(), raw.clone())
+    assert opened == header
     assert_same(unpack_payload(body, like=encs), encs)
 
 

@@ -10,6 +10,7 @@ deterministically: exchange k fails on every site, or arrives poisoned.
 from __future__ import annotations
 
 import io
+import queue
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -20,9 +21,11 @@ from torch import nn
 
 from atoll.config.schema import SyncSection
 from atoll.sync.engine import CrossSiteSync
-from atoll.sync.transport import ByteCounter
+from atoll.sync.envelope import Sealer
+from atoll.sync.transport import ByteCounter, Gathered
 
 BARRIER_SECONDS = 60.0  # a site that never arrives fails the test instead of hanging it
+SECRET = b"the run's secret, shared by every site"
 
 
 # ---------------------------------------------------------------------------- test doubles
@@ -30,49 +33,69 @@ BARRIER_SECONDS = 60.0  # a site that never arrives fails the test instead of ha
 
 @dataclass
 class Hub:
-    """What the sites' transports share: a barrier and one slot per site.
+    """What the sites' transports share: a barrier, one slot per site, and mailboxes for heals.
 
     `fail`: exchange indices (0-based, counted per site) that fail on every site; `poison`:
-    exchange index -> the site whose payload arrives as NaNs (at every site, its own included).
+    exchange index -> the site whose payload arrives as NaNs (sealed by the sender: a site that
+    diverged); `tamper`: exchange index -> the site whose payload is altered in transit (after it
+    was sealed) on its way to every other site.
     """
 
     num_sites: int
     fail: set[int] = field(default_factory=set)
     poison: dict[int, int] = field(default_factory=dict)
+    tamper: dict[int, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.barrier = threading.Barrier(self.num_sites, timeout=BARRIER_SECONDS)
-        self.slots: list[tuple[torch.Tensor, float] | None] = [None] * self.num_sites
+        self.slots: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * self.num_sites
+        self.mail = {(a, b): queue.Queue() for a in range(self.num_sites) for b in range(self.num_sites)}
 
 
 class FakeTransport:
-    """The `Transport` protocol over a `Hub`: a blocking all-gather of (payload, weight)."""
+    """The `Transport` protocol over a `Hub`: a blocking all-gather of (envelope, body), and
+    point-to-point transfers through the hub's mailboxes."""
 
-    def __init__(self, hub: Hub, site: int) -> None:
+    def __init__(self, hub: Hub, site: int, secret: bytes = SECRET) -> None:
         self.hub = hub
         self.site = site
         self.counter = ByteCounter()
+        self.sealer = Sealer(secret)
         self.weights: list[float] = []  # the weight given to each exchange, failed ones included
 
-    def exchange(self, payload: torch.Tensor, *, weight: float) -> list[tuple[torch.Tensor, float]] | None:
+    def exchange(self, envelope: torch.Tensor, body: torch.Tensor) -> Gathered | None:
         index = len(self.weights)
-        self.weights.append(weight)
+        header, _ = self.sealer.open(envelope, body)
+        self.weights.append(header.weight)
         if index in self.hub.fail:
             self.counter.failed += 1
             return None
+        if self.hub.poison.get(index) == self.site:
+            body = torch.full((body.numel() // 4,), float("nan")).view(torch.uint8)
+            envelope = self.sealer.seal(header, body)
         hub = self.hub
-        hub.slots[self.site] = (payload.clone(), weight)
+        hub.slots[self.site] = (envelope.clone(), body.clone())
         hub.barrier.wait()
         out = [slot for slot in hub.slots if slot is not None]
         hub.barrier.wait()  # no site overwrites its slot before every site has read them all
-        if index in hub.poison:
-            bad = hub.poison[index]
-            body, w = out[bad]
-            out[bad] = (torch.full((body.numel() // 4,), float("nan")).view(torch.uint8), w)
-        self.counter.add(
-            sent=payload.numel() * (hub.num_sites - 1), received=payload.numel() * (hub.num_sites - 1), seconds=0.0
-        )
-        return out
+        bad = hub.tamper.get(index)
+        if bad is not None and bad != self.site:
+            altered = out[bad][1].clone()
+            altered[0] ^= 1  # one bit flipped on the way
+            out[bad] = (out[bad][0], altered)
+        wire = envelope.numel() + body.numel()
+        self.counter.add(sent=wire * (hub.num_sites - 1), received=wire * (hub.num_sites - 1), seconds=0.0)
+        return Gathered(self.site, out)
+
+    def transfer(self, tensor: torch.Tensor, *, src: int, dst: list[int], rank: int) -> torch.Tensor | None:
+        if rank == src:
+            for d in dst:
+                self.hub.mail[(src, d)].put(tensor.clone())
+            self.counter.add(sent=tensor.numel() * len(dst), received=0, seconds=0.0, exchanges=0)
+            return tensor
+        tensor.copy_(self.hub.mail[(src, rank)].get(timeout=BARRIER_SECONDS))
+        self.counter.add(sent=0, received=tensor.numel(), seconds=0.0, exchanges=0)
+        return tensor
 
     def close(self) -> None:
         pass
@@ -103,10 +126,19 @@ def params_of(model: nn.Module) -> list[torch.Tensor]:
     return [p.detach().clone() for p in model.parameters()]
 
 
-def make_sync(model: nn.Module, hub: Hub, site: int, cfg: SyncSection, *, inner_steps: int) -> CrossSiteSync:
-    transport = FakeTransport(hub, site)
+def make_sync(
+    model: nn.Module, hub: Hub, site: int, cfg: SyncSection, *, inner_steps: int, secret: bytes = SECRET
+) -> CrossSiteSync:
     return CrossSiteSync(
-        model, cfg, transport=transport, site_name=f"s{site}", local_rank=0, local_world_size=1, inner_steps=inner_steps
+        model,
+        cfg,
+        transport=FakeTransport(hub, site, secret),
+        site_name=f"s{site}",
+        local_rank=0,
+        local_world_size=1,
+        inner_steps=inner_steps,
+        secret=secret,
+        address=f"10.0.0.{site + 1}",
     )
 
 

@@ -1,13 +1,12 @@
-"""The transport's pure parts: the 16-byte payload header, the byte counter and the WAN model."""
+"""The transport's pure parts: the byte counter and the WAN model."""
 
 from __future__ import annotations
 
 import pytest
-import torch
 
 from atoll.config.topology import Topology
 from atoll.errors import AtollError
-from atoll.sync.transport import MIN_CHUNK_BYTES, ByteCounter, WanModel, chunk_bytes_for, pack, unpack
+from atoll.sync.transport import MIN_CHUNK_BYTES, ByteCounter, WanModel, chunk_bytes_for
 
 
 def topology(*links: tuple[str, float, float]) -> Topology:
@@ -21,29 +20,14 @@ def topology(*links: tuple[str, float, float]) -> Topology:
     )
 
 
-def test_pack_prefixes_weight_and_length_in_16_bytes() -> None:
-    payload = torch.arange(37, dtype=torch.uint8)
-    buf = pack(payload, 1234.5)
-    assert buf.dtype == torch.uint8 and buf.numel() == 37 + 16
-    body, weight = unpack(buf)
-    assert torch.equal(body, payload) and weight == 1234.5
-    empty, w = unpack(pack(torch.empty(0, dtype=torch.uint8), 0.0))
-    assert empty.numel() == 0 and w == 0.0
-
-
-def test_unpack_rejects_a_truncated_buffer() -> None:
-    buf = pack(torch.ones(10, dtype=torch.uint8), 1.0)
-    with pytest.raises(ValueError, match="differs from its header"):
-        unpack(buf[:-1])
-
-
 def test_byte_counter_adds_up_exchanges() -> None:
     c = ByteCounter()
     c.add(sent=100, received=200, seconds=0.5)
     c.add(sent=1, received=2, seconds=0.25)
+    c.add(sent=10, received=0, seconds=0.0, exchanges=0)  # a heal transfer: bytes, not an exchange
     c.failed += 1
     assert c.as_dict() == {
-        "wan_bytes_sent": 101,
+        "wan_bytes_sent": 111,
         "wan_bytes_received": 202,
         "wan_exchanges": 2,
         "wan_seconds": 0.75,

@@ -48,6 +48,7 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 DATA_DIR = "data"
 CHECKPOINTS_DIR = "checkpoints"
 SITES_DIR = "sites"
+FINAL_DIGEST_KEY = "theta_digest"  # a site's last metrics record: SHA-256 (hex) of the θ it ended with
 
 HF_CONFIG_JSON = "config.json"
 GENERATION_CONFIG_JSON = "generation_config.json"

@@ -17,8 +17,9 @@ import torch
 
 from atoll.errors import AtollError
 from atoll.model import ModelConfig, Transformer, load_hf_model
+from atoll.report.metrics import read_metrics
 from atoll.rundir.adapter import load_adapter, merge_adapter
-from atoll.rundir.layout import ADAPTER_DIR, LINEAGE_JSON, MODEL_JSON, SITES_DIR, site_dirs
+from atoll.rundir.layout import ADAPTER_DIR, FINAL_DIGEST_KEY, LINEAGE_JSON, MODEL_JSON, SITES_DIR, site_dirs
 from atoll.rundir.lineage import check_parent, checkpoint_at, classify_stage, model_config_of, parent_of
 from atoll.rundir.tokenizer import TextTokenizer, load_text_tokenizer
 from atoll.train.checkpoint import load_model_weights
@@ -28,14 +29,43 @@ log = logging.getLogger(__name__)
 
 def shared_site(run_dir: Path) -> Path:
     """`run_dir` itself, or for a multi-site pre-training run (RUN/sites/NAME/) its first site by
-    name: after the final sync every site holds the same weights, so any of them is the run's model."""
+    name: after the final sync every site holds the same weights, so any of them is the run's
+    model. Raises AtollError when the sites' final θ digests say otherwise (`check_site_digests`)."""
     if (run_dir / MODEL_JSON).is_file() or (run_dir / LINEAGE_JSON).is_file() or not (run_dir / SITES_DIR).is_dir():
         return run_dir
     sites = site_dirs(run_dir)
     if not sites:
         return run_dir
+    check_site_digests(run_dir)
     log.info("%s is a multi-site run: using site %s (every site holds the same weights)", run_dir, sites[0].name)
     return sites[0]
+
+
+def check_site_digests(run_dir: Path) -> str:
+    """The θ digest (hex) every site of the multi-site run `run_dir` ended with.
+
+    Reads the last `theta_digest` of each `sites/NAME/metrics.jsonl`. Raises `AtollError` naming
+    the sites when a site has none (it did not finish) or the sites differ (do not export: the
+    run did not end with one model).
+    """
+    dirs = site_dirs(run_dir)
+    if not dirs:
+        raise AtollError(f"{run_dir} has no sites/ directory: not a multi-site run")
+    finals: dict[str, str | None] = {}
+    for d in dirs:
+        values = [r[FINAL_DIGEST_KEY] for r in read_metrics(d) if FINAL_DIGEST_KEY in r]
+        finals[d.name] = values[-1] if values else None
+    missing = sorted(s for s, v in finals.items() if v is None)
+    if missing:
+        raise AtollError(
+            f"site(s) {', '.join(missing)} of {run_dir} recorded no final θ digest: the run did not finish "
+            "there; resume it (atoll train ... --resume) before exporting"
+        )
+    distinct = sorted(set(finals.values()), key=str)
+    if len(distinct) > 1:
+        groups = "; ".join(f"{v[:12]}…: {', '.join(sorted(s for s in finals if finals[s] == v))}" for v in distinct)  # type: ignore[index]
+        raise AtollError(f"the sites of {run_dir} ended with different parameters ({groups}); do not export this run")
+    return str(distinct[0])
 
 
 def refuse_nonfinite(state: dict[str, torch.Tensor], source: str) -> None:

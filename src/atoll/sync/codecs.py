@@ -1,10 +1,8 @@
 """Codecs for what crosses the WAN: pseudo-gradients, compressed before they leave a site.
 
-Who calls: the cross-site transport. Each site encodes its pseudo-gradient tensors (one per
-parameter, or one flat tensor per rank's shard), ships the payload, and every site decodes every
-peer's payload with the same codec before averaging. Pure tensor code: no `torch.distributed`,
-any device; nothing here blocks beyond the device's own kernels (a few small host syncs where
-noted).
+Who calls: the sync engine. Each site encodes its pseudo-gradient tensors, ships the payload, and
+every site decodes every peer's payload with the same codec before averaging. Pure tensor code:
+no `torch.distributed`, any device; nothing blocks beyond the device's own kernels.
 
 Codecs (`get_codec(name, **options)`, or `codec_from_config(sync_section)`): none (as is), fp16
 (clamped to ±65504), bf16, int8 and int4 (blockwise absmax), topk (the k largest |x|, sorted
@@ -13,10 +11,8 @@ defaults and payload sizes live in `atoll.sync.codec_specs` (torch-free, so the 
 planner read the same table): `Codec.payload_bytes` gives the size for a shape before encoding,
 and `Encoded.num_bytes`, exactly the sum of the payload tensors' `nbytes`, is the same number.
 `pack_payload` puts those bytes and nothing else on the wire: the receiver knows the layout from
-its own encoding (the transport adds only a 16-byte header).
-
-Inputs are expected finite: a NaN or inf is not checked for here (the transport checks received
-updates) and propagates into the payload.
+its own encoding (the engine's envelope, `atoll.sync.envelope`, adds a fixed header). Inputs
+are expected finite: a NaN or inf is not checked for here (the engine checks what it receives).
 """
 
 from __future__ import annotations
@@ -484,10 +480,9 @@ class ErrorFeedback:
     """Wraps a codec so that what compression drops is sent later instead of lost.
 
     Per key, encodes c = x + residual and keeps residual = c − decode(encoding), in float32 on
-    x's device; over many rounds the sum of decoded outputs stays within one residual of the
-    sum of inputs. Lossless codecs pass through with no residual. Called by the transport once
-    per tensor per sync, with a key stable across rounds (e.g. the parameter name or the shard
-    index); not thread-safe. The residuals belong in the site's checkpoint (`state_dict`).
+    x's device; over many rounds the sum of decoded outputs stays within one residual of the sum
+    of inputs. Lossless codecs pass through. Called by the engine once per tensor per sync, keyed
+    by parameter name; not thread-safe. The residuals belong in the checkpoint (`state_dict`).
     """
 
     def __init__(self, codec: Codec) -> None:
@@ -524,9 +519,21 @@ class ErrorFeedback:
         """The residual carried for `key` (None before its first lossy encode)."""
         return self._residuals.get(key)
 
-    def reset(self) -> None:
-        """Drop every residual, e.g. after a site heals from a peer's parameters."""
-        self._residuals.clear()
+    def reset(self, keys: Sequence[str] | None = None) -> None:
+        """Drop the residuals of `keys` (all by default), e.g. after a site heals from a peer."""
+        for key in list(self._residuals) if keys is None else keys:
+            self._residuals.pop(key, None)
+
+    def snapshot(self, keys: Sequence[str]) -> dict[str, Any]:
+        """The state encoding `keys` changes (residuals, the codec's warm start), for `restore`
+        after a failed exchange: the failed update is then carried once, by the anchor."""
+        return {"residuals": {k: self._residuals.get(k) for k in keys}, "codec": self.codec.state_dict()}
+
+    def restore(self, snapshot: dict[str, Any]) -> None:
+        """Put back what `snapshot` saved (encode replaces residuals, never edits them in place)."""
+        self.reset(list(snapshot["residuals"]))
+        self._residuals.update({k: r for k, r in snapshot["residuals"].items() if r is not None})
+        self.codec.load_state_dict(snapshot["codec"])
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -539,8 +546,7 @@ class ErrorFeedback:
         self.codec.load_state_dict(state["codec"])
 
 
-# Byte buffers. The transport moves one uint8 tensor per site and sync (all-gathered); tensor
-# bytes are in the machine's native order (little-endian on every platform atoll targets).
+# Byte buffers: one uint8 tensor per site and sync, native byte order (little-endian everywhere).
 
 
 def _as_bytes(t: Tensor) -> Tensor:

@@ -17,67 +17,46 @@ round; `streaming`: tau steps). With global parameters θ (identical everywhere)
 
 With delay 0 this is DiLoCo (x ← θ); with a delay, the local progress made while the exchange
 was in flight is kept on top of the new θ. `finish` flushes what is in flight and, for units
-whose last send was before the end, runs one more blocking exchange, so every site ends with the
-same parameters.
+whose last send was before the end, runs one more blocking exchange, then compares θ's digest
+across sites (a header-only exchange), so every site ends with the same parameters, or fails.
+
+Every payload travels in an authenticated envelope (`atoll.sync.envelope`) carrying the sender's
+round and the SHA-256 of its θ; a contribution whose tag does not check is refused (logged with
+the address it claims). From the envelopes every site reaches the same plan (`atoll.sync.agreement`):
+only the sites holding the run's θ are averaged; a site behind or in the minority heals from one
+of them (`atoll.sync.heal`) in the same exchange and joins the next round. A failed exchange
+rolls back all it touched (anchor, token count, codec residuals), so no update counts twice.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import os
 import time
 from collections import deque
 from collections.abc import Iterable
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from atoll.config.schema import SyncSection
 from atoll.errors import AtollError
+from atoll.sync.agreement import Membership, Plan, plan_exchange
 from atoll.sync.codecs import Codec, Encoded, ErrorFeedback, codec_from_config, pack_payload, unpack_payload
-from atoll.sync.fragments import StreamingSchedule, assign_owners, split_fragments
+from atoll.sync.digest import FINAL_DIGEST_KEY, theta_digest
+from atoll.sync.envelope import FLAG_MOMENTUM, KIND_CHECK, KIND_UPDATE, Header, Refused, Sealer
+from atoll.sync.fragments import StreamingSchedule, assign_owners, gather_owned, split_fragments
+from atoll.sync.heal import MOMENTUM_DTYPE, run_heal
 from atoll.sync.outer import OuterOptimizer, weighted_average
-from atoll.sync.site_env import SiteEnv
-from atoll.sync.transport import ByteCounter
+from atoll.sync.rounds import Opened, Pending, Transport, Unit
+from atoll.sync.transport import Gathered
 
 log = logging.getLogger(__name__)
 
-
-class Transport(Protocol):
-    counter: ByteCounter
-
-    def exchange(self, payload: torch.Tensor, *, weight: float) -> list[tuple[torch.Tensor, float]] | None: ...
-    def close(self) -> None: ...
-
-
-@dataclass
-class Unit:
-    """A group of parameters that is exchanged together, on its own schedule."""
-
-    name: str
-    params: list[str]
-    offset: int  # inner step inside the round at which it is sent (0 means the end of the round)
-    owned: list[str] = field(default_factory=list)  # the parameters this local rank sends
-    outer: OuterOptimizer | None = None  # θ of the owned parameters (None when it owns none)
-
-
-@dataclass
-class Pending:
-    unit: Unit
-    apply_at: int
-    sent: dict[str, torch.Tensor]  # local parameters at the send (the anchor it set)
-    previous_anchor: dict[str, torch.Tensor]  # restored if the exchange fails
-    like: list[Encoded]
-    sent_step: int = 0
-    weight: float = 0.0  # tokens the payload stands for, given back if the exchange fails
-    future: Future[list[tuple[torch.Tensor, float]] | None] | None = None
-    result: list[tuple[torch.Tensor, float]] | None = None
-    done: bool = False
+_NO_DIGEST = bytes(32)
+_COUNTS = ("rejected", "refused", "heals", "heals_served", "heal_bytes", "heal_seconds", "disagreements")
 
 
 class CrossSiteSync:
@@ -93,9 +72,14 @@ class CrossSiteSync:
         local_rank: int,
         local_world_size: int,
         inner_steps: int,
+        secret: bytes,
+        address: str = "127.0.0.1",
     ) -> None:
         self.cfg = cfg
         self.transport = transport
+        self.site_name = site_name
+        self.address = address
+        self.sealer = Sealer(secret)
         self.local_rank = local_rank
         self.local_world_size = local_world_size
         self.H = inner_steps
@@ -105,7 +89,7 @@ class CrossSiteSync:
         if cfg.strategy == "streaming":
             frags = split_fragments(names, num_fragments=min(cfg.fragments, _num_layers(names)))
             offsets = StreamingSchedule(len(frags), self.H).offsets
-            self.units = [Unit(f"fragment{i}", f, offset=offsets[i]) for i, f in enumerate(frags)]
+            self.units = [Unit(f"fragment{i}", f, offset=offsets[i], index=i) for i, f in enumerate(frags)]
             self.delay = cfg.overlap_steps
         else:
             self.units = [Unit("model", names, offset=0)]
@@ -128,6 +112,13 @@ class CrossSiteSync:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"atoll-wan-{site_name}")
         self.wait_seconds = 0.0
         self.rejected = 0
+        self.refused = 0  # contributions whose authentication failed (counted in `rejected` too)
+        self.heals = 0  # times this rank took θ from a peer
+        self.heals_served = 0
+        self.heal_bytes = 0
+        self.heal_seconds = 0.0
+        self.disagreements = 0  # exchanges where a site at the run's round held another θ
+        self.membership = Membership()
         self.rounds_applied = 0
         self.applied_log: list[tuple[int, int]] = []  # (step applied, step sent), for tests and reports
         self._staged: dict[str, torch.Tensor] = {}  # new values of owned tensors, before the site gathers them
@@ -146,20 +137,27 @@ class CrossSiteSync:
         while self.pending and self.pending[0].apply_at <= step:
             self._apply(self.pending.popleft(), step)
         for unit in self.units:
-            if self.due(unit, step):
+            if self.due(unit, step) and not unit.final:
                 self._send(unit, step)
                 if self.delay == 0:
                     self._apply(self.pending.pop(), step)
 
     def finish(self, step: int) -> None:
-        """Flush exchanges in flight, then make every site's parameters identical. Collective."""
+        """Flush exchanges in flight, make every site's parameters identical, and check that they
+        are (θ's digest, through the quorum). Collective. Raises `AtollError` when the sites'
+        agreement cannot be confirmed."""
         if self.cfg.strategy != "ddp":
             while self.pending:
                 self._apply(self.pending.popleft(), step)
             for unit in self.units:
-                if not self.due(unit, step):
+                if not self.due(unit, step) and not unit.final:
                     self._send(unit, step)
                     self._apply(self.pending.pop(), step)
+            for unit in self.units:
+                if not unit.final:
+                    self._check(unit, step)
+                self._stage_theta(unit)  # a site that learned the end from a peer drops its later steps
+                self._gather_into_params(unit)
         self._executor.shutdown(wait=True)
 
     @property
@@ -169,19 +167,15 @@ class CrossSiteSync:
 
     @torch.no_grad()
     def reset_to_global(self) -> bool:
-        """A diverged site takes θ, the parameters the sites last agreed on (the training loop's
-        rollback where there are peers). Exchanges in flight then carry only the progress made
-        from θ. Collective over the site; False for `ddp`, which keeps no θ."""
+        """A diverged site takes θ, the parameters the sites last agreed on (the loop's rollback
+        with peers); exchanges in flight then carry only the progress made from θ. Collective
+        over the site; False for `ddp`, which keeps no θ."""
         if self.cfg.strategy == "ddp":
             return False
         for unit in self.units:
-            theta = {n: unit.outer.params[i].detach().float() for i, n in enumerate(unit.owned)}  # type: ignore[union-attr]
-            for n, value in theta.items():
-                self._staged[n] = value.clone()
-                self.anchor[n] = value.clone()
-            for pending in self.pending:
-                if pending.unit is unit:
-                    pending.sent.update({n: value.clone() for n, value in theta.items()})
+            self._stage_theta(unit)
+            for pending in (p for p in self.pending if p.unit is unit):
+                pending.sent.update({n: self.anchor[n].clone() for n in unit.owned})
             self._gather_into_params(unit)
         return True
 
@@ -190,12 +184,29 @@ class CrossSiteSync:
     def _encode(self, unit: Unit, tensors: dict[str, torch.Tensor]) -> list[Encoded]:
         return [self.codec.encode(tensors[n], key=n) for n in unit.owned]
 
+    def _header(self, unit: Unit, *, body: torch.Tensor, weight: float, kind: int = KIND_UPDATE) -> Header:
+        outer = unit.outer
+        has_momentum = outer is not None and outer.momentum() is not None
+        return Header(
+            site=self.site_name,
+            address=self.address,
+            unit=unit.index,
+            round=unit.round,
+            weight=weight,
+            body_bytes=body.numel(),
+            digest=theta_digest(outer.params if outer is not None else []),
+            kind=kind,
+            flags=FLAG_MOMENTUM if has_momentum else 0,
+        )
+
     def _send(self, unit: Unit, step: int) -> None:
         current = {n: self.params[n].detach().float().clone() for n in unit.owned}
         delta = {n: self.anchor[n] - current[n] for n in unit.owned}
+        codec_state = self.codec.snapshot(unit.owned) if isinstance(self.codec, ErrorFeedback) else None
         encoded = self._encode(unit, delta)
         payload = pack_payload(encoded) if encoded else torch.empty(0, dtype=torch.uint8)
         weight = float(self.tokens_since[unit.name])
+        envelope = self.sealer.seal(self._header(unit, body=payload, weight=weight), payload)
         previous = {n: self.anchor[n] for n in unit.owned}
         for n in unit.owned:
             self.anchor[n] = current[n]
@@ -208,15 +219,60 @@ class CrossSiteSync:
             like=encoded,
             sent_step=step,
             weight=weight,
+            codec_state=codec_state,
         )
         if self.delay == 0:
             t0 = time.perf_counter()
-            pending.result = self.transport.exchange(payload, weight=weight)
+            pending.result = self.transport.exchange(envelope, payload)
             pending.done = True
             self.wait_seconds += time.perf_counter() - t0
         else:
-            pending.future = self._executor.submit(self.transport.exchange, payload, weight=weight)
+            pending.future = self._executor.submit(self.transport.exchange, envelope, payload)
         self.pending.append(pending)
+
+    def _roll_back(self, pending: Pending) -> None:
+        """Nothing of this round was shared: keep the local progress and restore the anchor, the
+        token count and the codec's residuals, so that the next exchange carries it, once."""
+        for n in pending.unit.owned:
+            self.anchor[n] = pending.previous_anchor[n]
+        self.tokens_since[pending.unit.name] += int(pending.weight)
+        if pending.codec_state is not None and isinstance(self.codec, ErrorFeedback):
+            self.codec.restore(pending.codec_state)
+
+    def _open(self, gathered: Gathered) -> list[Opened]:
+        """Every site's contribution, or None for those whose envelope does not authenticate."""
+        out: list[Opened] = []
+        for i, (envelope, body) in enumerate(gathered.items):
+            try:
+                out.append(self.sealer.open(envelope, body))
+            except Refused as exc:
+                log.warning("site %s: quorum member %d: %s", self.site_name, i, exc)
+                out.append(None)
+                if i != gathered.rank:
+                    self.refused += 1
+                    self.rejected += 1
+        return out
+
+    def _plan(self, unit: Unit, gathered: Gathered, opened: list[Opened], step: int) -> Plan | None:
+        """The exchange's plan, or None when it cannot be used (this site's own contribution is
+        missing or the sites exchanged different units: the round then fails everywhere alike)."""
+        headers = [o[0] if o is not None else None for o in opened]
+        plan = plan_exchange(headers)
+        if plan is None or headers[gathered.rank] is None:
+            return None
+        if any(h is not None and h.unit != unit.index for h in headers):
+            log.warning("site %s: sites exchanged different units at step %d; round not applied", self.site_name, step)
+            return None
+        for event in self.membership.observe(
+            [h.site for h in headers if h is not None], step=step, round=plan.reference_round
+        ):
+            log.warning("site %s: %s", self.site_name, event)
+        at_round = [i for i in plan.heal if headers[i].round == plan.reference_round]  # type: ignore[union-attr]
+        if at_round:
+            self.disagreements += 1
+            names = ", ".join(headers[i].site for i in at_round)  # type: ignore[union-attr]
+            log.warning("site %s: %s held another θ at round %d; healing", self.site_name, names, plan.reference_round)
+        return plan
 
     def _apply(self, pending: Pending, step: int) -> None:
         if not pending.done:
@@ -226,35 +282,109 @@ class CrossSiteSync:
             pending.done = True
             self.wait_seconds += time.perf_counter() - t0
         unit = pending.unit
-        results = pending.result
-        if results is None:
-            # The exchange failed: nothing of this round was shared. Keep the local progress and
-            # restore the anchor and the token count so that the next exchange carries it.
-            for n in unit.owned:
-                self.anchor[n] = pending.previous_anchor[n]
-            self.tokens_since[unit.name] += int(pending.weight)
+        gathered = pending.result
+        opened = self._open(gathered) if gathered is not None else []
+        plan = self._plan(unit, gathered, opened, step) if gathered is not None else None
+        if gathered is None or plan is None:
+            self._roll_back(pending)
             return
+        healed = False
+        if plan.heal:
+            healed = self._heal(unit, plan, opened, gathered.rank)
+            if gathered.rank in plan.heal and not healed:
+                self._roll_back(pending)  # still behind: the next exchange heals it
+                return
         deltas, weights = [], []
-        for payload, weight in results:
+        for i in plan.in_sync:
+            header, payload = opened[i]  # type: ignore[misc]
+            if header.kind != KIND_UPDATE:
+                continue
             decoded = self._decode(unit, payload, pending.like)
             if decoded is None:
                 self.rejected += 1
                 continue
             deltas.append(decoded)
-            weights.append(weight)
-        if deltas and sum(weights) > 0 and unit.outer is not None:
+            weights.append(header.weight)
+        stepped = not plan.finished and bool(deltas) and sum(weights) > 0
+        if stepped and unit.outer is not None:
             unit.outer.step(weighted_average(deltas, weights))
+        unit.round = plan.reference_round + int(stepped)
+        unit.final = plan.finished
         for i, n in enumerate(unit.owned):
             theta = unit.outer.params[i]  # type: ignore[union-attr]
-            local_now = self.params[n].detach().float()
-            progress = local_now - pending.sent[n]
-            # A site whose own parameters diverged (its update was rejected) restarts from θ.
-            finite = bool(torch.isfinite(progress).all())
-            self._staged[n] = theta + progress if finite else theta.detach().clone()
+            progress = self.params[n].detach().float() - pending.sent[n]
+            # A site whose own parameters diverged (its update was rejected) or that healed restarts from θ.
+            keep = not healed and bool(torch.isfinite(progress).all())
+            self._staged[n] = theta + progress if keep else theta.detach().clone()
             self.anchor[n] = theta.detach().clone()
         self._gather_into_params(unit)
         self.rounds_applied += 1
         self.applied_log.append((step, pending.sent_step))
+
+    def _heal(self, unit: Unit, plan: Plan, opened: list[Opened], rank: int) -> bool:
+        """Run this rank's part of the plan's heal (`atoll.sync.heal.run_heal`); True unless this
+        rank had to heal and could not."""
+        source = opened[plan.source][0]  # type: ignore[index]
+        if unit.outer is not None and source.has_momentum:
+            unit.outer.round_momentum(MOMENTUM_DTYPE)  # on every site: the healed copy is then bitwise the same
+        if rank != plan.source and rank not in plan.heal:
+            return True
+        numel = sum(self.params[n].numel() for n in unit.owned)
+        done = run_heal(
+            plan,
+            rank=rank,
+            outer=unit.outer,
+            sealer=self.sealer,
+            unit=unit.index,
+            numel=numel,
+            with_momentum=source.has_momentum,
+            transfer=lambda *a, **k: self._executor.submit(self.transport.transfer, *a, **k).result(),
+        )
+        self.heal_bytes += done.num_bytes
+        self.heal_seconds += done.seconds
+        if rank == plan.source:
+            self.heals_served += int(done.ok)
+            return True
+        if not done.ok:
+            log.error("site %s: the heal from %s failed or did not match its digest", self.site_name, source.site)
+            return False
+        if unit.outer is not None:
+            unit.outer.reset_to(done.theta)
+            unit.outer.set_momentum(done.momentum)
+        if isinstance(self.codec, ErrorFeedback):
+            self.codec.reset(unit.owned)  # what it had not sent belongs to the θ it gave up
+        log.warning(
+            "site %s: healed %s from site %s: round %d -> %d, %d bytes in %.2f s",
+            *(self.site_name, unit.name, source.site, opened[rank][0].round, plan.reference_round),  # type: ignore[index]
+            *(done.num_bytes, done.seconds),
+        )
+        unit.round = plan.reference_round
+        self.heals += 1
+        return True
+
+    def _check(self, unit: Unit, step: int, *, attempts: int = 3) -> None:
+        """The final agreement: every site shows θ's digest (no payload); one that differs heals.
+        Raises `AtollError` if no exchange completes in `attempts` or this site cannot heal."""
+        empty = torch.empty(0, dtype=torch.uint8)
+        for _ in range(attempts):
+            envelope = self.sealer.seal(self._header(unit, body=empty, weight=0.0, kind=KIND_CHECK), empty)
+            gathered = self._executor.submit(self.transport.exchange, envelope, empty).result()
+            opened = self._open(gathered) if gathered is not None else []
+            plan = self._plan(unit, gathered, opened, step) if gathered is not None else None
+            if gathered is None or plan is None:
+                continue
+            if plan.heal and not self._heal(unit, plan, opened, gathered.rank):
+                break
+            return
+        raise AtollError(
+            f"site {self.site_name}: could not confirm at the end that every site holds the same parameters "
+            f"({unit.name}, round {unit.round}); do not use this site's weights: resume the run to heal it"
+        )
+
+    def _stage_theta(self, unit: Unit) -> None:
+        for i, n in enumerate(unit.owned):
+            self._staged[n] = unit.outer.params[i].detach().clone()  # type: ignore[union-attr]
+            self.anchor[n] = self._staged[n].clone()
 
     def _decode(self, unit: Unit, payload: torch.Tensor, like: list[Encoded]) -> list[torch.Tensor] | None:
         """A peer's tensors for this rank's parameters of `unit`, or None if they must be rejected."""
@@ -275,33 +405,15 @@ class CrossSiteSync:
         """Every rank of the site gets the new values of the whole unit from their owners."""
         self._gather_owned(unit, {n: self.params[n] for n in unit.params})
 
-    @torch.no_grad()
     def _gather_owned(self, unit: Unit, targets: dict[str, torch.Tensor]) -> None:
-        """Copy the staged values of this rank's tensors into `targets` (parameters or their
-        gradients) on every rank of the site: each rank contributes what it owns, one all-gather."""
-        staged = self._staged
-        if self.local_world_size == 1 or not dist.is_initialized():
-            for n in unit.owned:
-                if n in staged:
-                    targets[n].copy_(staged.pop(n))
-            return
-        counts = [0] * self.local_world_size
-        for n in unit.params:
-            counts[self.owner[n]] += targets[n].numel()
-        width = max(counts)
-        mine = torch.zeros(width, dtype=torch.float32)
-        offset = 0
-        for n in unit.owned:
-            value = staged.pop(n) if n in staged else targets[n].detach().float()
-            mine[offset : offset + value.numel()] = value.reshape(-1).cpu()
-            offset += value.numel()
-        gathered = [torch.empty(width, dtype=torch.float32) for _ in range(self.local_world_size)]
-        dist.all_gather(gathered, mine)
-        offsets = [0] * self.local_world_size
-        for n in unit.params:
-            r, t = self.owner[n], targets[n]
-            t.copy_(gathered[r][offsets[r] : offsets[r] + t.numel()].view_as(t).to(t.device, t.dtype))
-            offsets[r] += t.numel()
+        gather_owned(
+            unit.params,
+            self.owner,
+            self._staged,
+            targets,
+            local_rank=self.local_rank,
+            local_world_size=self.local_world_size,
+        )
 
     # ------------------------------------------------------------------ cross-site DDP
 
@@ -327,18 +439,23 @@ class CrossSiteSync:
             if p.grad is None:  # a parameter the loss did not reach still takes the average
                 p.grad = torch.zeros_like(p)
         grads = {n: self.params[n].grad.detach().float() for n in unit.owned}  # type: ignore[union-attr]
+        codec_state = self.codec.snapshot(unit.owned) if isinstance(self.codec, ErrorFeedback) else None
         encoded = self._encode(unit, grads)
         payload = pack_payload(encoded) if encoded else torch.empty(0, dtype=torch.uint8)
+        # Gradients change every step: the envelope authenticates them but carries no θ digest.
+        header = Header(self.site_name, self.address, 0, unit.round, float(tokens), payload.numel(), _NO_DIGEST)
         t0 = time.perf_counter()
-        results = self.transport.exchange(payload, weight=float(tokens))
+        gathered = self.transport.exchange(self.sealer.seal(header, payload), payload)
         self.wait_seconds += time.perf_counter() - t0
-        if results is None:
-            return False
-        decoded = [(self._decode(unit, p, encoded), w) for p, w in results]
+        opened = self._open(gathered) if gathered is not None else []
+        decoded = [(self._decode(unit, o[1], encoded), o[0].weight) for o in opened if o is not None]
         valid = [(d, w) for d, w in decoded if d is not None]
         self.rejected += len(decoded) - len(valid)
-        if not valid:  # every update rejected, this site's own included: skip the step
+        if not valid:  # the exchange failed or every update was rejected, this site's own included
+            if codec_state is not None and isinstance(self.codec, ErrorFeedback):
+                self.codec.restore(codec_state)  # the step is skipped: its gradient is not carried over
             return False
+        unit.round += 1
         if unit.owned:
             average = weighted_average([d for d, _ in valid], [w for _, w in valid])
             for n, g in zip(unit.owned, average):
@@ -350,57 +467,40 @@ class CrossSiteSync:
 
     def state_dict(self) -> dict[str, Any]:
         """This rank's share of the sync state. Waits for exchanges in flight (their results are kept)."""
-        pending = []
         for p in self.pending:
             if not p.done:
                 assert p.future is not None
-                p.result = p.future.result()
-                p.done = True
-            pending.append(
-                {
-                    "unit": p.unit.name,
-                    "apply_at": p.apply_at,
-                    "sent": p.sent,
-                    "previous_anchor": p.previous_anchor,
-                    "result": p.result,
-                    "like": p.like,
-                    "sent_step": p.sent_step,
-                    "weight": p.weight,
-                }
-            )
+                p.result, p.done = p.future.result(), True
+        keys = ("apply_at", "sent", "previous_anchor", "result", "like", "sent_step", "weight", "codec_state")
         return {
             "outer": {u.name: u.outer.state_dict() for u in self.units if u.outer is not None},
             "anchor": self.anchor,
             "codec": self.codec.state_dict(),
             "tokens_since": dict(self.tokens_since),
-            "pending": pending,
+            "pending": [{"unit": p.unit.name, **{k: getattr(p, k) for k in keys}} for p in self.pending],
+            "rounds": {u.name: [u.round, u.final] for u in self.units},
             "counter": self.transport.counter.as_dict(),
             "wait_seconds": self.wait_seconds,
+            "counts": {k: getattr(self, k) for k in _COUNTS},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore `state_dict()`'s output (a checkpoint from before rounds were numbered too)."""
         for unit in self.units:
             if unit.outer is not None:
                 unit.outer.load_state_dict(state["outer"][unit.name])
+            unit.round, unit.final = state.get("rounds", {}).get(unit.name, (0, False))
         self.anchor = {n: t.clone() for n, t in state["anchor"].items()}
         self.codec.load_state_dict(state["codec"])
         self.tokens_since = dict(state["tokens_since"])
         units = {u.name: u for u in self.units}
         self.pending = deque()
         for p in state["pending"]:
-            self.pending.append(
-                Pending(
-                    units[p["unit"]],
-                    p["apply_at"],
-                    p["sent"],
-                    p["previous_anchor"],
-                    p["like"],
-                    sent_step=p["sent_step"],
-                    weight=p.get("weight", 0.0),
-                    result=p["result"],
-                    done=True,
-                )
-            )
+            # An older checkpoint's result has no envelopes: that round is rolled back, and carried.
+            result = p["result"] if isinstance(p["result"], Gathered) else None
+            kept = {k: p[k] for k in ("apply_at", "sent", "previous_anchor", "like", "sent_step")}
+            extra = {"weight": p.get("weight", 0.0), "codec_state": p.get("codec_state")}
+            self.pending.append(Pending(units[p["unit"]], **kept, **extra, result=result, done=True))
         c = self.transport.counter
         saved = state["counter"]
         c.sent, c.received, c.exchanges, c.seconds, c.failed = (
@@ -411,6 +511,8 @@ class CrossSiteSync:
             int(saved["wan_failed"]),
         )
         self.wait_seconds = float(state["wait_seconds"])
+        for k, v in state.get("counts", {}).items():
+            setattr(self, k, v)
 
     def metrics(self) -> dict[str, Any]:
         """This rank's counters and a fingerprint of the synchronized parameters (to compare sites)."""
@@ -418,53 +520,29 @@ class CrossSiteSync:
             **self.transport.counter.as_dict(),
             "sync_wait_seconds": self.wait_seconds,
             "sync_rejected": self.rejected,
+            "sync_refused": self.refused,
+            "sync_disagreements": self.disagreements,
+            "sync_round": min(u.round for u in self.units),
+            "heals": self.heals,
+            "heals_served": self.heals_served,
+            "heal_bytes": self.heal_bytes,
+            "heal_seconds": self.heal_seconds,
             "params_checksum": checksum(self.params.values()),
         }
 
     def final_metrics(self) -> dict[str, Any]:
-        """After `finish`: the metrics and which rounds were applied when ([step applied, step sent])."""
-        return {**self.metrics(), "sync_applied": self.applied_log}
+        """After `finish`: the metrics, which rounds were applied when ([step applied, step sent]),
+        the sites that dropped out or came back, and the SHA-256 of the parameters (hex)."""
+        return {
+            **self.metrics(),
+            "sync_applied": self.applied_log,
+            "sync_site_events": self.membership.summary(round=min(u.round for u in self.units)),
+            FINAL_DIGEST_KEY: theta_digest(self.params.values()).hex(),
+        }
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
         self.transport.close()
-
-
-def sync_for_site(
-    model: nn.Module, cfg: SyncSection, site_env: SiteEnv, *, local_rank: int, local_world_size: int
-) -> CrossSiteSync:
-    """The cross-site sync of one rank of a site that a multi-site launcher started.
-
-    `site_env` names the topology, the Lighthouse, this site's address in the lab and how the
-    WAN is modelled; MASTER_ADDR/MASTER_PORT name the site's own store (torchft's replica-group
-    store). `model` holds the parameters to synchronize (the trainable ones, under their base
-    names). Pre-training and fine-tuning both build their sync here.
-    """
-    from atoll.config.topology import load_topology
-    from atoll.sync.transport import TorchftTransport, WanModel, chunk_bytes_for
-
-    topology = load_topology(site_env.topology)
-    site = site_env.site_info(local_rank=local_rank, local_world_size=local_world_size)
-    transport = TorchftTransport(
-        site,
-        lighthouse_addr=site_env.lighthouse,
-        store_addr=os.environ.get("MASTER_ADDR", "127.0.0.1"),
-        store_port=int(os.environ["MASTER_PORT"]),
-        hostname=site_env.address,
-        wan=WanModel(topology, mode=site_env.wan_mode),
-        timeout_seconds=cfg.timeout_seconds,
-        min_sites=cfg.min_sites or site.num_sites,
-        chunk_bytes=cfg.chunk_kib * 1024 if cfg.chunk_kib else chunk_bytes_for(topology),
-    )
-    return CrossSiteSync(
-        model,
-        cfg,
-        transport=transport,
-        site_name=site.name,
-        local_rank=site.local_rank,
-        local_world_size=site.local_world_size,
-        inner_steps=cfg.inner_steps_for(site.name),
-    )
 
 
 def _num_layers(names: list[str]) -> int:

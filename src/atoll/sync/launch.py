@@ -19,6 +19,7 @@ from atoll.config.topology import Topology
 from atoll.errors import AtollError
 from atoll.parallel.launch import free_port, stop_processes, wait_all
 from atoll.report.sites import SiteWatch
+from atoll.sync.auth import SECRET_ENV, load_secret, new_secret
 from atoll.sync.site_env import SiteEnv
 
 log = logging.getLogger(__name__)
@@ -84,6 +85,8 @@ def launch_sites(
     base["ATOLL_PROCS_ON_HOST"] = str(len(topology.sites) * ranks_per_site)  # share the cores
     base.setdefault("RUST_LOG", "warn")  # torchft's Lighthouse and Manager log every quorum at info
     base.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")  # c10d warns that namespaced peers have no hostname
+    if load_secret(base) is None:  # one machine: a fresh join secret for this run's sites
+        base[SECRET_ENV] = new_secret()
     lighthouse_site = topology.lighthouse.site or topology.sites[0].name
     procs: list[subprocess.Popen[bytes]] = []
     lighthouse = None

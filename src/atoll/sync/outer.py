@@ -132,6 +132,27 @@ class OuterOptimizer:
             for p, q in zip(self.params, params, strict=True):
                 p.copy_(q)
 
+    def momentum(self) -> list[Tensor] | None:
+        """The momentum buffers (live tensors, one per θ tensor), or None before the first step
+        or without momentum."""
+        buffers = [self.optimizer.state.get(p, {}).get("momentum_buffer") for p in self.params]
+        return None if any(b is None for b in buffers) else buffers  # type: ignore[return-value]
+
+    def set_momentum(self, buffers: Sequence[Tensor] | None) -> None:
+        """Replace the momentum buffers (None: drop them, as before the first step)."""
+        for i, p in enumerate(self.params):
+            if buffers is None:
+                self.optimizer.state.pop(p, None)
+            else:
+                self.optimizer.state[p]["momentum_buffer"] = buffers[i].detach().to(p.device, torch.float32).clone()
+
+    def round_momentum(self, dtype: torch.dtype) -> None:
+        """Round the momentum buffers to `dtype`'s precision in place (kept in float32), so that
+        a heal can send them in `dtype` and every site still holds bitwise the same buffers."""
+        with torch.no_grad():
+            for b in self.momentum() or []:
+                b.copy_(b.to(dtype).to(torch.float32))
+
     def state_dict(self) -> dict[str, Any]:
         """θ and the optimizer state (momentum), as copies: later steps do not change them."""
         return {

@@ -2,10 +2,12 @@
 
 One `TorchftTransport` per rank. Local rank r of every site forms, through torchft, a process
 group with rank r of the other sites (each site is one torchft replica group, and the site's
-own TCPStore is its replica-group store). `exchange` all-gathers one byte payload per site and
-returns every site's payload; it counts the bytes it hands to the network, and adds what the
-emulated WAN would cost (bandwidth and latency without root, latency only when the kernel shapes
-bandwidth in the lab), as `atoll.sync.link_model` predicts it, the model the planner uses too.
+own TCPStore is its replica-group store). `exchange` all-gathers one envelope and one byte
+payload per site (the engine seals and opens them, `atoll.sync.envelope`) and returns them all;
+`transfer` sends one buffer point to point (a heal). Both count the bytes they hand to the
+network, and add what the emulated WAN would cost (bandwidth and latency without root, latency
+only when the kernel shapes bandwidth in the lab), as `atoll.sync.link_model` predicts it, the
+model the planner uses too.
 
 The all-gather is pipelined: the payload goes as chunks of `chunk_bytes`, all posted at once. One
 all-gather of a whole 2-5 MB payload moved only 0.6-0.7 of a shaped link's rate in the lab
@@ -23,6 +25,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from datetime import timedelta
+from typing import NamedTuple
 
 import torch
 from torch._C._distributed_c10d import AllgatherOptions
@@ -34,7 +37,7 @@ from atoll.sync.link_model import WanLink, allgather_latency, allgather_seconds
 log = logging.getLogger(__name__)
 
 WAN_MODES = ("emulated", "netns", "none")
-_HEADER = struct.Struct("<dq")  # token weight, payload length
+_LENGTH = struct.Struct("<Q")  # body length, in front of each envelope in the first all-gather
 MIN_CHUNK_BYTES = 256 * 1024
 
 
@@ -49,11 +52,11 @@ class ByteCounter:
     failed: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
-    def add(self, *, sent: int, received: int, seconds: float) -> None:
+    def add(self, *, sent: int, received: int, seconds: float, exchanges: int = 1) -> None:
         with self._lock:
             self.sent += sent
             self.received += received
-            self.exchanges += 1
+            self.exchanges += exchanges
             self.seconds += seconds
 
     def as_dict(self) -> dict[str, float]:
@@ -130,18 +133,12 @@ def chunk_bytes_for(topology: Topology | None, *, minimum: int = MIN_CHUNK_BYTES
     return max(minimum, int(bdp))
 
 
-def pack(payload: torch.Tensor, weight: float) -> torch.Tensor:
-    """Prefix a uint8 payload with its token weight and length (16 bytes)."""
-    header = torch.frombuffer(bytearray(_HEADER.pack(weight, payload.numel())), dtype=torch.uint8)
-    return torch.cat([header, payload.reshape(-1)])
+class Gathered(NamedTuple):
+    """One exchange as the engine reads it: every site's (envelope, body) in quorum order, and
+    this rank's position in that order (its rank in the cross-site group)."""
 
-
-def unpack(buffer: torch.Tensor) -> tuple[torch.Tensor, float]:
-    weight, length = _HEADER.unpack(bytes(buffer[: _HEADER.size].tolist()))
-    body = buffer[_HEADER.size :]
-    if length != body.numel():
-        raise ValueError(f"payload length {body.numel()} differs from its header ({length})")
-    return body, weight
+    rank: int
+    items: list[tuple[torch.Tensor, torch.Tensor]]
 
 
 class TorchftTransport:
@@ -194,65 +191,102 @@ class TorchftTransport:
             init_sync=False,
         )
 
-    def exchange(self, payload: torch.Tensor, *, weight: float) -> list[tuple[torch.Tensor, float]] | None:
-        """All-gather `payload` (uint8, the same length on every site) with its token weight.
+    def exchange(self, envelope: torch.Tensor, body: torch.Tensor) -> Gathered | None:
+        """All-gather every site's `envelope` (uint8, the same size everywhere) and `body` (uint8,
+        any length) through a fresh quorum. Blocking; returns None if the exchange failed.
 
-        Returns one (payload, weight) per participating site, in quorum order, or None if the
-        exchange failed. Blocks for the exchange plus the modelled WAN cost.
+        Two all-gathers: the envelopes with each body's length, then the bodies padded to the
+        longest (skipped when every body is empty, e.g. the final agreement check). Counts the
+        bytes it hands to the network, and waits what the modelled WAN adds.
         """
         t0 = time.perf_counter()
-        buf = pack(payload, weight)
+        head = torch.cat([torch.frombuffer(bytearray(_LENGTH.pack(body.numel())), dtype=torch.uint8), envelope])
         try:
+            # atoll numbers rounds itself (the envelopes carry them): torchft's step stays 0 so that
+            # every site in the quorum takes part, a restarted one included (it heals through atoll).
+            self._manager.load_state_dict({"step": 0, "batches_committed": self._manager.batches_committed()})
             self._manager.start_quorum(allow_heal=False)
             n = self._manager.num_participants()
-            outputs = [torch.empty_like(buf) for _ in range(n)]
-            works = [
-                self._pg.allgather(
-                    [[o[lo : lo + self.chunk_bytes] for o in outputs]],
-                    [buf[lo : lo + self.chunk_bytes]],
-                    AllgatherOptions(),
-                )
-                for lo in range(0, buf.numel(), self.chunk_bytes)
-            ]  # all posted before any is waited on: the chunks follow each other on the link
-            for work in works:
-                work.wait()
+            rank = self._manager.participating_rank()
+            heads = self._allgather(head, n)
+            lengths = [_LENGTH.unpack(bytes(h[: _LENGTH.size].tolist()))[0] for h in heads]
+            width = max(lengths)
+            bodies = [torch.empty(0, dtype=torch.uint8)] * n
+            if width > 0:
+                padded = torch.zeros(width, dtype=torch.uint8)
+                padded[: body.numel()] = body.reshape(-1).cpu()
+                bodies = self._allgather(padded, n)
             committed = self._manager.should_commit()
-        except (
-            RuntimeError,
-            TimeoutError,
-            ConnectionError,
-            OSError,
-        ) as exc:  # a failed exchange leaves the round uncommitted
+        except (RuntimeError, TimeoutError, ConnectionError, OSError) as exc:  # the round stays uncommitted
             self._manager.report_error(exc)
             log.warning("site %s: exchange failed (%s); this round is not applied", self.site.name, exc)
             self.counter.failed += 1
             return None
-        if not committed:
+        if not committed or rank is None:
             self.counter.failed += 1
             return None
-        extra = self.wan.extra_seconds(buf.numel(), num_sites=n)
-        elapsed = time.perf_counter() - t0
+        wire = head.numel() + width
+        self._wait_for_wan(wire, n, t0)
+        self.counter.add(sent=wire * (n - 1), received=wire * (n - 1), seconds=time.perf_counter() - t0)
+        return Gathered(rank, [(h[_LENGTH.size :], b) for h, b in zip(heads, bodies, strict=True)])
+
+    def transfer(self, tensor: torch.Tensor, *, src: int, dst: list[int], rank: int) -> torch.Tensor | None:
+        """Point to point inside the last exchange's group: rank `src` sends `tensor` (uint8) to
+        each rank in `dst`; a receiver passes a buffer of the size it expects and gets it filled.
+        Blocking; returns None if it failed (a receiver then keeps what it had)."""
+        t0 = time.perf_counter()
+        try:
+            if rank == src:
+                for d in dst:
+                    self._pg.send([tensor], d, 0).wait()
+            elif rank in dst:
+                self._pg.recv([tensor], src, 0).wait()
+        except (RuntimeError, TimeoutError, ConnectionError, OSError) as exc:
+            self._manager.report_error(exc)
+            log.warning("site %s: heal transfer failed (%s)", self.site.name, exc)
+            return None
+        moved = tensor.numel() * (len(dst) if rank == src else 1)
+        self._wait_for_wan(tensor.numel(), 2, t0)
+        sent, received = (moved, 0) if rank == src else (0, moved)
+        self.counter.add(sent=sent, received=received, seconds=time.perf_counter() - t0, exchanges=0)
+        return tensor
+
+    def _allgather(self, buf: torch.Tensor, n: int) -> list[torch.Tensor]:
+        outputs = [torch.empty_like(buf) for _ in range(n)]
+        step = self.chunk_bytes
+        works = [
+            self._pg.allgather([[o[lo : lo + step] for o in outputs]], [buf[lo : lo + step]], AllgatherOptions())
+            for lo in range(0, buf.numel(), step)
+        ]  # all posted before any is waited on: the chunks follow each other on the link
+        for work in works:
+            work.wait()
+        return outputs
+
+    def _wait_for_wan(self, num_bytes: int, num_sites: int, t0: float) -> None:
+        extra = self.wan.extra_seconds(num_bytes, num_sites=num_sites)
         if self.wan.mode == "emulated":
-            time.sleep(max(0.0, extra - elapsed))
+            time.sleep(max(0.0, extra - (time.perf_counter() - t0)))
         elif extra > 0:
             time.sleep(extra)
-        self.counter.add(sent=buf.numel() * (n - 1), received=buf.numel() * (n - 1), seconds=time.perf_counter() - t0)
-        received = []
-        for o in outputs:
-            try:
-                received.append(unpack(o))
-            except ValueError as exc:  # a corrupted header: that site's update is dropped
-                log.warning("site %s: dropped a malformed payload (%s)", self.site.name, exc)
-        return received
 
     def close(self) -> None:
         self._manager.shutdown(wait=False)
 
 
-def start_lighthouse(*, bind: str, min_sites: int) -> object:
-    """Start a torchft Lighthouse in this process; `.address()` gives its URL, `.shutdown()` stops it."""
+def start_lighthouse(*, bind: str, min_sites: int, join_timeout_seconds: float = 30.0) -> object:
+    """Start a torchft Lighthouse in this process; `.address()` gives its URL, `.shutdown()` stops it.
+
+    A quorum waits up to `join_timeout_seconds` for every live site (one that heartbeats) to join;
+    a site that stopped heartbeating for 10 s is left out at once. With `min_sites` below the
+    number of sites, a short join timeout would let sites that reach an exchange a little apart
+    each form a quorum alone and never meet.
+    """
     from torchft._torchft import LighthouseServer
 
     return LighthouseServer(
-        bind=bind, min_replicas=min_sites, join_timeout_ms=1000, quorum_tick_ms=50, heartbeat_timeout_ms=10000
+        bind=bind,
+        min_replicas=min_sites,
+        join_timeout_ms=int(join_timeout_seconds * 1000),
+        quorum_tick_ms=50,
+        heartbeat_timeout_ms=10000,
     )

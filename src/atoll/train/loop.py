@@ -58,7 +58,7 @@ log = logging.getLogger(__name__)
 
 # Metrics that each rank counts for itself and the site reports as a sum: a rank sends only the
 # parameters it owns across the WAN.
-SUMMED_OVER_RANKS = ("wan_bytes_sent", "wan_bytes_received")
+SUMMED_OVER_RANKS = ("wan_bytes_sent", "wan_bytes_received", "heal_bytes")
 
 
 class TrainableParameters(nn.Module):
@@ -88,7 +88,7 @@ def build_sync(model: nn.Module, cfg: SyncSection, *, site_env: SiteEnv | None, 
     if site_env is None:
         return NoSync(), 1.0
     from atoll.config.topology import load_topology
-    from atoll.sync.engine import sync_for_site
+    from atoll.sync.join import sync_for_site
 
     topology = load_topology(site_env.topology)
     slowdown = max(d.slowdown for d in topology.site(site_env.site).devices)

@@ -1,0 +1,99 @@
+"""Who holds the run's θ, decided the same way on every site from one exchange's envelopes.
+
+Pure functions over `atoll.sync.envelope.Header`s: no tensors, no process group. Every site of
+an exchange sees the same authenticated envelopes in the same (quorum) order, so every site
+reaches the same plan without another message:
+
+- the *reference* is the (round, digest) that the run holds: the highest round among the
+  envelopes (rounds only advance by applying an exchange, so a site behind restarted or missed
+  rounds), and among the sites at that round the digest most of them hold (a tie goes to the
+  site first in the quorum's order);
+- sites that hold the reference are *in sync*: only their updates are averaged (an update
+  computed from another θ would pull the run back to it);
+- every other site *heals*: the first in-sync site sends it θ and the outer momentum, it checks
+  them against the reference digest, and from then on holds the run's θ.
+
+`Membership` keeps, across exchanges, which sites took part, so that a site's loss and its return
+are stated in the metrics (when, and how many rounds it missed).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from atoll.sync.envelope import KIND_CHECK, Header
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What one exchange means for every site taking part (indices into the quorum's order)."""
+
+    reference_round: int
+    reference_digest: bytes
+    in_sync: list[int]
+    heal: list[int]
+    source: int  # the in-sync site that sends θ to the sites that heal
+    finished: bool  # an in-sync site has finished the run (a CHECK envelope): apply no more updates
+
+    def must_heal(self, index: int) -> bool:
+        return index in self.heal
+
+
+def plan_exchange(headers: list[Header | None]) -> Plan | None:
+    """The plan of an exchange from its envelopes in quorum order (None for a refused one).
+
+    Returns None when there is nothing to agree on (every envelope refused).
+    """
+    present = [(i, h) for i, h in enumerate(headers) if h is not None]
+    if not present:
+        return None
+    top = max(h.round for _, h in present)
+    at_top = [(i, h) for i, h in present if h.round == top]
+    counts = Counter(h.digest for _, h in at_top)
+    best = max(counts.values())
+    digest = next(h.digest for _, h in at_top if counts[h.digest] == best)  # first in quorum order wins a tie
+    in_sync = [i for i, h in present if h.round == top and h.digest == digest]
+    heal = [i for i, _ in present if i not in in_sync]
+    finished = any(headers[i].kind == KIND_CHECK for i in in_sync)  # type: ignore[union-attr]
+    return Plan(top, digest, in_sync, heal, source=in_sync[0], finished=finished)
+
+
+@dataclass
+class Membership:
+    """Which sites took part in this rank's exchanges, and the events when that changed."""
+
+    current: set[str] = field(default_factory=set)
+    dropped: dict[str, dict[str, Any]] = field(default_factory=dict)  # site -> its open "dropped" event
+    events: list[dict[str, Any]] = field(default_factory=list)
+
+    def observe(self, sites: list[str], *, step: int, round: int) -> list[dict[str, Any]]:
+        """Record the sites of a completed exchange at `step` (this site's) and the run's `round`;
+        returns the new events: a site that took part before and is missing is "dropped", one
+        that was dropped and is back "rejoined" with the rounds it missed."""
+        new: list[dict[str, Any]] = []
+        now = time.time()
+        for site in sorted(self.current - set(sites)):
+            event = {"event": "dropped", "site": site, "step": step, "round": round, "time": now}
+            self.dropped[site] = event
+            new.append(event)
+        for site in sorted(set(sites) - self.current):
+            if site in self.dropped:
+                missed = round - self.dropped.pop(site)["round"]
+                event = {"event": "rejoined", "site": site, "step": step, "round": round, "time": now}
+                new.append({**event, "rounds_missed": missed})
+        self.current = set(sites)
+        self.events.extend(new)
+        return new
+
+    def summary(self, *, round: int) -> list[dict[str, Any]]:
+        """Every event so far; a site still away shows the rounds it has missed until `round`."""
+        out = []
+        for event in self.events:
+            copy = dict(event)
+            if event is self.dropped.get(event["site"]):
+                copy["rounds_missed"] = round - event["round"]
+            out.append(copy)
+        return out

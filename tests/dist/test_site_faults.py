@@ -1,0 +1,130 @@
+"""Sites that die or disagree, on loopback through the real CLI, torchft Lighthouse and gloo.
+
+Each scenario runs ``atoll train CONFIG --topology T --worker tests.dist.faulty_site`` with one
+deterministic fault on site west (see faulty_site.py): killed mid-round, killed mid-exchange, or
+its θ changed after a round. `sync.min_sites` is 1, so east goes on alone; the assertions read
+every site's RUN/sites/<site>/metrics.jsonl.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from atoll.report.metrics import read_metrics
+from atoll.rundir.layout import read_model_json
+from atoll.rundir.load import check_site_digests
+from tests.conftest import REPO, tiny_config
+from tests.dist.test_multisite import TEST_SECRET, Scenario, final_record, per_step, write_topology
+
+TIMEOUT_SECONDS = 20.0  # sync.timeout_seconds: one exchange's timeout
+HEARTBEAT_SECONDS = 10.0  # the Lighthouse forgets a site that stopped heartbeating after this long
+FAULTS = {
+    "mid-round": "west:round:3",
+    "mid-exchange": "west:exchange:2",
+    "disagreement": "west:perturb:2",
+    "diverged": "west:nan:3",
+}
+STEPS = 8
+
+
+def run(tmp_path: Path, data: Path, fault: str) -> subprocess.CompletedProcess[str]:
+    sync = {"strategy": "diloco", "inner_steps": 2, "min_sites": 1, "timeout_seconds": TIMEOUT_SECONDS}
+    cfg = tiny_config(tmp_path, data, train={"steps": STEPS, "checkpoint_every": 0, "eval_every": 0}, sync=sync)
+    topology = write_topology(tmp_path, Scenario(("east", "west"), sync))
+    args = [sys.executable, "-m", "atoll.cli", "train", str(cfg), "--topology", str(topology), "--wan", "none"]
+    env = dict(
+        os.environ,
+        ATOLL_NO_PROGRESS="1",
+        PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "src")]),
+        ATOLL_RUN_SECRET=TEST_SECRET,
+        ATOLL_TEST_FAULT=fault,
+        ATOLL_TEST_MARKER=str(tmp_path / "west-died"),
+        ATOLL_TEST_BARRIER=str(tmp_path / "barrier"),
+    )
+    (tmp_path / "barrier").mkdir()
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
+        env.pop(key, None)
+    return subprocess.run(
+        [*args, "--worker", "tests.dist.faulty_site"], capture_output=True, text=True, env=env, cwd=REPO, timeout=420
+    )
+
+
+@pytest.fixture(scope="module")
+def faults(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path) -> Iterator[dict[str, Future[Any]]]:
+    dirs = {name: tmp_path_factory.mktemp(name) for name in FAULTS}
+    with ThreadPoolExecutor(max_workers=len(FAULTS)) as pool:
+        yield {name: pool.submit(lambda n=name: (run(dirs[n], tiny_data, FAULTS[n]), dirs[n])) for name in FAULTS}
+
+
+def sites_of(faults: dict[str, Future[Any]], name: str) -> tuple[dict[str, Path], Path]:
+    proc, tmp = faults[name].result()
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_dir = tmp / "runs" / "t"
+    return {s: run_dir / "sites" / s for s in ("east", "west")}, tmp
+
+
+def assert_survivor_finished_alone(east: Path, tmp: Path) -> dict[str, Any]:
+    assert (tmp / "west-died").exists(), "the fault did not fire"
+    final = final_record(east)
+    assert max(per_step(east, "loss")) == STEPS
+    assert len(final["theta_digest"]) == 64
+    (dropped,) = [e for e in final["sync_site_events"] if e["event"] == "dropped"]
+    assert dropped["site"] == "west" and dropped["rounds_missed"] >= 1
+    # After the loss the survivor waits at most one exchange timeout (and the Lighthouse's
+    # heartbeat timeout, to form a quorum without the lost site) before its next round.
+    slowest = max(per_step(east, "step_seconds").values())
+    assert slowest < TIMEOUT_SECONDS + HEARTBEAT_SECONDS + 5, slowest
+    return final
+
+
+def test_a_site_killed_mid_round_leaves_the_others_to_finish(faults: dict[str, Future[Any]]) -> None:
+    dirs, tmp = sites_of(faults, "mid-round")
+    final = assert_survivor_finished_alone(dirs["east"], tmp)
+    assert final["sync_applied"][-1] == [STEPS, STEPS]
+    assert not any("theta_digest" in r for r in read_metrics(dirs["west"]))  # west never finished
+
+
+def test_a_site_killed_mid_exchange_fails_that_round_only(faults: dict[str, Future[Any]]) -> None:
+    dirs, tmp = sites_of(faults, "mid-exchange")
+    final = assert_survivor_finished_alone(dirs["east"], tmp)
+    assert final["wan_failed"] >= 1  # the exchange west died in
+    assert [4, 4] not in final["sync_applied"]  # that round was rolled back, carried by the next
+    assert final["sync_applied"][-1] == [STEPS, STEPS]
+
+
+def test_a_forced_disagreement_heals_over_the_wan_and_the_sites_end_equal(faults: dict[str, Future[Any]]) -> None:
+    dirs, _ = sites_of(faults, "disagreement")
+    east, west = final_record(dirs["east"]), final_record(dirs["west"])
+    assert east["theta_digest"] == west["theta_digest"]
+    assert check_site_digests(dirs["east"].parent.parent) == east["theta_digest"]
+    assert west["heals"] >= 1 and east["heals_served"] == west["heals"]
+    assert east["sync_disagreements"] >= 1 and west["sync_disagreements"] >= 1
+    numel = read_model_json(dirs["west"]).num_params()
+    model_bytes = 4 * numel
+    # θ in float32, the outer momentum in bfloat16, a 32-byte tag: 1.5x the model and 32 bytes.
+    assert west["heal_bytes"] == west["heals"] * (model_bytes + 2 * numel + 32)
+    stall = per_step(dirs["east"], "step_seconds")
+    print(
+        f"\nheal: {west['heal_bytes']} bytes = {west['heal_bytes'] / model_bytes:.4f} x the model's "
+        f"{model_bytes}; heal_seconds west {west['heal_seconds']:.3f}, east (source) {east['heal_seconds']:.3f}; "
+        f"east step_seconds by step { ({k: round(v, 3) for k, v in stall.items()}) }"
+    )
+
+
+def test_a_diverged_site_takes_the_shared_theta_and_stays_in_step(faults: dict[str, Future[Any]]) -> None:
+    dirs, _ = sites_of(faults, "diverged")
+    west = read_metrics(dirs["west"])
+    events = [(r["guard"], r["step"]) for r in west if "guard" in r]
+    assert events == [("skipped", 3), ("skipped", 4), ("rollback", 5), ("rolled_back", 5)]  # the step stays
+    east_final, west_final = final_record(dirs["east"]), final_record(dirs["west"])
+    assert east_final["theta_digest"] == west_final["theta_digest"]
+    assert west_final["sync_applied"] == east_final["sync_applied"] and west_final["sync_applied"][-1] == [STEPS, STEPS]
+    assert not any("guard" in r for r in read_metrics(dirs["east"]))
