@@ -16,6 +16,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+import pytest
 import torch
 from torch import nn
 
@@ -119,7 +120,7 @@ def drift(model: nn.Module, *, site: int, step: int) -> None:
     with torch.no_grad():
         for i, p in enumerate(model.parameters()):
             g = torch.Generator().manual_seed(10_000 * site + 100 * step + i)
-            p.sub_(0.05 * torch.randn(p.shape, generator=g))
+            p.sub_((0.05 * torch.randn(p.shape, generator=g)).to(p.device))
 
 
 def params_of(model: nn.Module) -> list[torch.Tensor]:
@@ -380,3 +381,27 @@ def test_state_dict_round_trip_continues_bitwise_identically() -> None:
         assert a.sync.applied_log == b.sync.applied_log == [(4, 2), (6, 4), (8, 6), (8, 8)]
         assert a.sync.metrics()["wan_bytes_sent"] == b.sync.metrics()["wan_bytes_sent"]
     assert_equal(first[0].after[8], first[1].after[8], "the sites at the end")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_sites_training_on_cuda_exchange_through_host_memory() -> None:
+    """Parameters on the GPU: θ, anchors and payloads stay in host memory (the cross-site gloo
+    group takes CPU tensors) and the sites end where the same run on the CPU ends."""
+
+    def run(device: str) -> list[Site]:
+        sites = make_sites(DILOCO, Hub(2), inner_steps=2)
+        for site in sites:
+            site.model.to(device)
+        run_steps(sites, range(1, 7), tokens=lambda s, k: 100 + s, finish_at=6)
+        return sites
+
+    on_cpu, on_cuda = run("cpu"), run("cuda")
+    for a, b in zip(on_cpu, on_cuda):
+        assert all(p.device.type == "cuda" for p in b.model.parameters())
+        assert all(t.device.type == "cpu" for t in b.sync.anchor.values())
+        assert all(t.device.type == "cpu" for t in b.sync.units[0].outer.params)  # type: ignore[union-attr]
+        for x, y in zip(params_of(a.model), params_of(b.model)):
+            torch.testing.assert_close(y.cpu(), x, rtol=0, atol=1e-6)
+    ends = [params_of(site.model) for site in on_cuda]
+    assert all(torch.equal(x, y) for x, y in zip(*ends))  # both sites end on the same θ

@@ -104,7 +104,7 @@ class CrossSiteSync:
                     momentum=cfg.outer_momentum,
                     nesterov=nesterov,
                 )
-        self.anchor = {n: self.params[n].detach().float().clone() for u in self.units for n in u.owned}
+        self.anchor = {n: host_copy(self.params[n]) for u in self.units for n in u.owned}
         codec = codec_from_config(cfg)
         self.codec: Codec | ErrorFeedback = ErrorFeedback(codec) if cfg.error_feedback else codec
         self.tokens_since = {u.name: 0 for u in self.units}
@@ -200,7 +200,7 @@ class CrossSiteSync:
         )
 
     def _send(self, unit: Unit, step: int) -> None:
-        current = {n: self.params[n].detach().float().clone() for n in unit.owned}
+        current = {n: host_copy(self.params[n]) for n in unit.owned}
         delta = {n: self.anchor[n] - current[n] for n in unit.owned}
         codec_state = self.codec.snapshot(unit.owned) if isinstance(self.codec, ErrorFeedback) else None
         encoded = self._encode(unit, delta)
@@ -312,7 +312,7 @@ class CrossSiteSync:
         unit.final = plan.finished
         for i, n in enumerate(unit.owned):
             theta = unit.outer.params[i]  # type: ignore[union-attr]
-            progress = self.params[n].detach().float() - pending.sent[n]
+            progress = host_copy(self.params[n]) - pending.sent[n]
             # A site whose own parameters diverged (its update was rejected) or that healed restarts from θ.
             keep = not healed and bool(torch.isfinite(progress).all())
             self._staged[n] = theta + progress if keep else theta.detach().clone()
@@ -438,7 +438,7 @@ class CrossSiteSync:
         for p in self.params.values():
             if p.grad is None:  # a parameter the loss did not reach still takes the average
                 p.grad = torch.zeros_like(p)
-        grads = {n: self.params[n].grad.detach().float() for n in unit.owned}  # type: ignore[union-attr]
+        grads = {n: host_copy(self.params[n].grad) for n in unit.owned}  # type: ignore[arg-type]
         codec_state = self.codec.snapshot(unit.owned) if isinstance(self.codec, ErrorFeedback) else None
         encoded = self._encode(unit, grads)
         payload = pack_payload(encoded) if encoded else torch.empty(0, dtype=torch.uint8)
@@ -543,6 +543,13 @@ class CrossSiteSync:
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
         self.transport.close()
+
+
+def host_copy(t: torch.Tensor) -> torch.Tensor:
+    """A float32 copy of `t` in host memory. θ, anchors, codecs and the WAN work there whatever
+    device the site trains on: the cross-site gloo group takes CPU tensors, and the outer state
+    then costs the accelerator no memory."""
+    return t.detach().to("cpu", torch.float32, copy=True)
 
 
 def _num_layers(names: list[str]) -> int:

@@ -166,13 +166,15 @@ def gather_owned(
     for n in names:
         counts[owner[n]] += targets[n].numel()
     width = max(counts)
-    mine = torch.zeros(width, dtype=torch.float32)
+    # On the site's own devices: its process group is NCCL when it trains on CUDA.
+    device = targets[names[0]].device
+    mine = torch.zeros(width, dtype=torch.float32, device=device)
     offset = 0
     for n in (n for n in names if owner[n] == local_rank):
         value = staged.pop(n) if n in staged else targets[n].detach().float()
-        mine[offset : offset + value.numel()] = value.reshape(-1).cpu()
+        mine[offset : offset + value.numel()] = value.reshape(-1).to(device)
         offset += value.numel()
-    gathered = [torch.empty(width, dtype=torch.float32) for _ in range(local_world_size)]
+    gathered = [torch.empty(width, dtype=torch.float32, device=device) for _ in range(local_world_size)]
     dist.all_gather(gathered, mine)
     offsets = [0] * local_world_size
     for n in names:

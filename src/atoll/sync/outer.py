@@ -80,8 +80,8 @@ class OuterOptimizer:
             raise AtollError(f"outer momentum={momentum!r} must be in [0, 1) (DiLoCo uses 0.9)")
         if nesterov and momentum == 0:
             raise AtollError("outer nesterov=true needs momentum > 0; set nesterov=false for plain SGD")
-        self.params: list[Tensor] = [p.detach().to(torch.float32, copy=True) for p in params]
-        """θ, one float32 leaf tensor per tensor given at construction; read-only for callers."""
+        self.params: list[Tensor] = [p.detach().to("cpu", torch.float32, copy=True) for p in params]
+        """θ in host memory, one float32 leaf tensor per tensor given at construction; read-only for callers."""
         self.optimizer = torch.optim.SGD(self.params, lr=lr, momentum=momentum, nesterov=nesterov)
 
     @classmethod
