@@ -68,6 +68,8 @@ def final_checksum(run_dir: Path) -> float:
 
 
 def test_lighthouse_and_two_site_processes_train_a_run_to_the_end(tmp_path: Path, tiny_data: Path) -> None:
+    # east: `atoll site --nproc 2` supervises its two ranks; west: torchrun starts two `atoll site`
+    # processes, each of which becomes one rank (as on a site's nodes).
     topology = write_topology(tmp_path / "topology.yaml")  # no lighthouse.address: the sites get --lighthouse
     cfg = tiny_config(
         tmp_path,
@@ -86,28 +88,22 @@ def test_lighthouse_and_two_site_processes_train_a_run_to_the_end(tmp_path: Path
         assert url is not None and url.startswith("http://127.0.0.1:"), url
         assert secret.stat().st_mode & 0o777 == 0o600 and len(secret.read_text().strip()) >= 32
         assert str(secret) in lighthouse.stdout.readline() + lighthouse.stdout.readline()
+        site_args = [str(cfg), "--topology", str(topology), "--lighthouse", url.removeprefix("http://")]
+        site_args += ["--secret-file", str(secret)]
+        pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE}
         sites = {
-            name: atoll(
-                "site",
-                str(cfg),
-                "--topology",
-                str(topology),
-                "--site",
-                name,
-                "--lighthouse",
-                url.removeprefix("http://"),
-                "--secret-file",
-                str(secret),
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-            )  # fmt: skip
-            for name in ("east", "west")
-        }
+            "east": atoll("site", *site_args, "--site", "east", "--nproc", "2", **pipes),
+            "west": subprocess.Popen(
+                [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+                + ["-m", "atoll.cli", "site", *site_args, "--site", "west"],
+                text=True, env=cli_env(), cwd=REPO, **pipes,
+            ),
+        }  # fmt: skip
         outputs = {name: finish(proc) for name, proc in sites.items()}
         for name, proc in sites.items():
             assert proc.returncode == 0, outputs[name][1][-4000:]
             # Run standalone, a site reports its own outcome (no launcher above it).
-            assert f"sites/{name} reached step 4" in "".join(outputs[name][0].split("\n"))
+            assert f"sites/{name}" in outputs[name][0] and "step 4" in outputs[name][0], outputs[name][0]
     finally:
         lighthouse.send_signal(signal.SIGTERM)
         out, _ = lighthouse.communicate(timeout=30)
