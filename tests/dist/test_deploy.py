@@ -201,7 +201,7 @@ def test_a_killed_site_is_named_and_restarted_while_the_other_goes_on(tmp_path: 
     reports = [line for line in stderr.splitlines() if line.startswith("atoll: site ")]
     assert len(reports) == 1, stderr[-4000:]
     found = re.fullmatch(
-        r"atoll: site west killed by SIGKILL at step (\d+); restarting it from its checkpoint at step (\d+) "
+        r"atoll: site west was killed by SIGKILL at step (\d+); restarting it from its checkpoint at step (\d+) "
         r"\(restart 1 of 1\)",
         reports[0],
     )
@@ -247,3 +247,78 @@ def _state(pid: int) -> str:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except OSError:
         return "gone"
+
+
+def flaky_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str], plan: str, *, restarts: int
+) -> tuple[int, list[str], Path]:
+    """`launch_sites` over `flaky_site` ranks: the launcher's policy without training."""
+    from atoll.config.topology import load_topology
+    from atoll.sync.launch import LoopbackHost, launch_sites
+
+    topology = write_topology(tmp_path / "topology.yaml", lighthouse={"site": "east"})
+    state = tmp_path / "state"
+    state.mkdir()
+    for key, value in cli_env().items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(REPO), str(REPO / "src")]))
+    monkeypatch.setenv("FLAKY_PLAN", plan)
+    monkeypatch.setenv("FLAKY_DIR", str(state))
+    capfd.readouterr()
+    code = launch_sites(
+        [str(tmp_path / "unused.yaml")],
+        topology=load_topology(topology),
+        topology_path=topology,
+        ranks_per_site=1,
+        wan_mode="none",
+        host=LoopbackHost(),
+        site_dirs={s: tmp_path / s for s in ("east", "west")},
+        restarts=restarts,
+        module="tests.dist.flaky_site",
+    )
+    lines = [line for line in capfd.readouterr().err.splitlines() if line.startswith("atoll: ")]
+    return code, lines, state
+
+
+def test_a_failed_site_is_restarted_from_the_beginning_and_the_run_succeeds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    code, lines, state = flaky_run(tmp_path, monkeypatch, capfd, "west=1,0;east=wait", restarts=1)
+    assert code == 0
+    assert lines == [
+        "atoll: site west exited with status 1 before its first step; restarting it from the beginning "
+        "(no complete checkpoint yet) (restart 1 of 1)"
+    ]
+    assert sorted(p.name for p in state.iterdir()) == [
+        "east.attempt0",
+        "east.finished",
+        "west.attempt0",
+        "west.attempt1",
+    ]
+
+
+def test_a_site_out_of_restarts_is_lost_and_the_others_finish(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    code, lines, state = flaky_run(tmp_path, monkeypatch, capfd, "west=3;east=wait", restarts=0)
+    assert code == 3  # the lost site's status is the run's
+    assert lines == [
+        (
+            "atoll: site west exited with status 3 before its first step; not restarted (--restart-sites 0); "
+            "the other sites go on (east)"
+        )
+    ]
+    assert (state / "east.finished").exists()  # east ran to its end: nobody stopped it
+
+
+def test_a_mistake_in_the_config_stops_every_site(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("FLAKY_WAIT_SECONDS", "120")
+    code, lines, state = flaky_run(tmp_path, monkeypatch, capfd, "west=2;east=wait", restarts=3)
+    assert code == 2
+    assert lines == [
+        "atoll: site west exited with status 2 before its first step: a mistake in the run's config (its message is "
+        "above); stopping the run"
+    ]
+    assert not (state / "east.finished").exists()  # stopped, not waited for

@@ -112,4 +112,5 @@ def test_the_ranks_get_the_sites_store_unless_torchrun_owns_it(tmp_path: Path) -
 
 def test_exits_read_as_a_shell_reports_them() -> None:
     assert exit_status(-signal.SIGKILL) == 137 and exit_status(3) == 3
-    assert describe_exit(-signal.SIGKILL) == "killed by SIGKILL" and describe_exit(1) == "exit status 1"
+    assert describe_exit(-signal.SIGKILL) == "was killed by SIGKILL"
+    assert describe_exit(1) == "exited with status 1"

@@ -40,14 +40,14 @@ def exit_status(returncode: int) -> int:
 
 
 def describe_exit(returncode: int) -> str:
-    """A child's return code in words: ``exit status 1`` or ``killed by SIGKILL``."""
+    """A child's return code in words: ``exited with status 1`` or ``was killed by SIGKILL``."""
     if returncode < 0:
         try:
             name = signal.Signals(-returncode).name
         except ValueError:
             name = f"signal {-returncode}"
-        return f"killed by {name}"
-    return f"exit status {returncode}"
+        return f"was killed by {name}"
+    return f"exited with status {returncode}"
 
 
 def die_with_parent() -> None:

@@ -245,7 +245,7 @@ def _watch(
                 running = [s.name for s in sites.values() if s.state == "running"]
                 report(
                     f"{where}; not restarted (--restart-sites {restarts})"
-                    + (f"; {', '.join(running)} go on" if running else "")
+                    + (f"; the other sites go on ({', '.join(running)})" if running else "")
                 )
                 if watch is not None:
                     watch.mark(site.name, "lost")
