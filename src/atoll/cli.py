@@ -21,6 +21,7 @@ from atoll.console import guarded, setup_logging
 
 COMMAND_MODULES: list[str] = [
     "atoll.train.commands",
+    "atoll.deploy.commands",
     "atoll.export_commands",
     "atoll.data.commands",
     "atoll.lab.commands",

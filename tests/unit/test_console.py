@@ -82,6 +82,8 @@ def test_building_the_parser_registers_every_verb_and_imports_no_torch() -> None
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == [
         "train",
+        "lighthouse",
+        "site",
         "export",
         "data",
         "lab",

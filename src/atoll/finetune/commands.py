@@ -1,7 +1,7 @@
 """`atoll finetune`, `atoll lineage` and `atoll merge` (registered through atoll.cli), and the
 worker entry ``python -m atoll.finetune``.
 
-    atoll finetune FINETUNE.yaml [--nproc N | --topology T] [--resume] [--section.key=value ...]
+    atoll finetune FINETUNE.yaml [--nproc N | --topology T [--restart-sites N]] [--resume] [--section.key=value ...]
     atoll lineage RUN [--json]
     atoll merge RUN OUT [--arch auto|llama|qwen2]
 """
@@ -62,6 +62,7 @@ def _cmd_finetune(args: argparse.Namespace, extra: list[str]) -> int:
 
 def _finetune_sites(cfg: Any, args: argparse.Namespace, child_args: list[str]) -> int:
     from atoll.config.topology import check_sites, load_topology
+    from atoll.finetune.trainer import site_stage_dir
     from atoll.sync.launch import LoopbackHost, launch_sites
 
     topology = load_topology(args.topology)
@@ -77,6 +78,8 @@ def _finetune_sites(cfg: Any, args: argparse.Namespace, child_args: list[str]) -
         wan_mode=args.wan,
         host=LoopbackHost(),
         min_sites=cfg.sync.min_sites,
+        site_dirs={s.name: site_stage_dir(cfg.run.path, s.name, index=i) for i, s in enumerate(topology.sites)},
+        restarts=args.restart_sites,
         module="atoll.finetune",
     )
 
@@ -202,6 +205,8 @@ def _cmd_merge(args: argparse.Namespace, extra: list[str]) -> int:
 
 def register(sub: Any) -> None:
     """Add `atoll finetune`, `atoll lineage` and `atoll merge` to the CLI's sub-parsers."""
+    from atoll.train.commands import add_restart_flag
+
     p = sub.add_parser(
         "finetune", help="adapt a model to a domain: LoRA or full fine-tuning from a run or a Hugging Face directory"
     )
@@ -214,6 +219,7 @@ def register(sub: Any) -> None:
         help="fine-tune on every site of this topology (only trainable parameters cross the WAN)",
     )
     p.add_argument("--ranks-per-site", type=int, default=1, help="with --topology: local ranks per site")
+    add_restart_flag(p, default=0)
     p.add_argument(
         "--wan",
         choices=["emulated", "none"],

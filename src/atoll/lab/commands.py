@@ -1,6 +1,6 @@
 """`atoll lab ...`: the WAN lab's verbs (registered through atoll.cli).
 
-atoll lab run --topology T CONFIG.yaml [--section.key=value ...]   # sites in namespaces, shaped links
+atoll lab run --topology T CONFIG.yaml [--restart-sites N] [--section.key=value ...]   # sites in namespaces
 atoll lab check          # can the real (netns) lab be built here? if not, why
 atoll lab clean [--all]  # remove namespaces/interfaces left by crashed lab runs
 """
@@ -46,7 +46,7 @@ def _cmd_clean(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def _cmd_run(args: argparse.Namespace, extra: list[str]) -> int:
-    """Build the lab from the topology, run every site's ranks inside it, tear it down."""
+    """Build the lab from the topology, run `atoll lighthouse` and each `atoll site` inside it, tear it down."""
     import logging
 
     from atoll.config import RunConfig, load_config
@@ -75,8 +75,13 @@ def _cmd_run(args: argparse.Namespace, extra: list[str]) -> int:
         return code
 
 
+LAB_RESTARTS = 3  # the lab is where sites get killed on purpose: restart them by default
+
+
 def register(sub: Any) -> None:
     """Add `atoll lab` and its sub-verbs to the CLI's sub-parsers `sub`."""
+    from atoll.train.commands import add_restart_flag
+
     lab = sub.add_parser("lab", help="the WAN lab: sites in network namespaces joined by shaped links")
     verbs = lab.add_subparsers(dest="lab_verb", metavar="LAB_VERB", required=True)
 
@@ -86,6 +91,7 @@ def register(sub: Any) -> None:
     p.add_argument("config", type=Path, help="run config YAML (see examples/configs/)")
     p.add_argument("--topology", type=Path, required=True, help="topology YAML (see examples/topologies/)")
     p.add_argument("--ranks-per-site", type=int, default=1, help="local ranks per site")
+    add_restart_flag(p, default=LAB_RESTARTS)
     p.add_argument("--resume", action="store_true", help="continue every site from its latest checkpoint")
     p.add_argument("--stop-after", type=int, default=None, metavar="STEP", help="checkpoint and stop after STEP")
     p.add_argument("--no-progress", action="store_true", help="no progress display")

@@ -2,7 +2,8 @@
 
 The launcher polls each site's ``metrics.jsonl`` (the ranks themselves draw nothing, so several
 sites never scribble over one terminal) and shows step, loss, tokens/s and the megabytes the
-site has sent over the WAN so far.
+site has sent over the WAN so far. A site the launcher restarted or lost says so beside its name;
+a restarted site that resumes rewrites its metrics from its checkpoint on, and the view follows.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ class SiteWatch:
         self._offsets = {name: 0 for name in sites}
         self._progress = Progress(
             TextColumn("[bold]{task.description:>10}"),
+            TextColumn("[yellow]{task.fields[state]}"),
             BarColumn(),
             MofNCompleteColumn(),
             TextColumn("loss [cyan]{task.fields[loss]}"),
@@ -33,7 +35,9 @@ class SiteWatch:
             console=console or Console(stderr=True),
         )
         self._tasks = {
-            name: self._progress.add_task(name, total=total_steps[name], loss="-", tps="-", wan="0.0", util="-")
+            name: self._progress.add_task(
+                name, total=total_steps[name], loss="-", tps="-", wan="0.0", util="-", state=""
+            )
             for name in sites
         }
 
@@ -46,6 +50,10 @@ class SiteWatch:
     ) -> None:
         self.refresh()
         self._progress.stop()
+
+    def mark(self, name: str, state: str) -> None:
+        """Show `state` (e.g. "restarted 1x", "lost") beside the site's name."""
+        self._progress.update(self._tasks[name], state=state)
 
     def refresh(self) -> None:
         for name, run_dir in self._sites.items():
@@ -64,6 +72,8 @@ class SiteWatch:
     def _read_new(self, name: str, path: Path) -> list[dict[str, object]]:
         if not path.exists():
             return []
+        if path.stat().st_size < self._offsets[name]:  # a resumed site truncated its metrics: read again
+            self._offsets[name] = 0
         with path.open("r", encoding="utf-8") as f:
             f.seek(self._offsets[name])
             data = f.read()

@@ -1,9 +1,16 @@
-"""Start a multi-site run on this machine: a Lighthouse, then every site's ranks.
+"""Start a multi-site run on this machine: `atoll lighthouse`, then one `atoll site` per site.
 
-Sites run on loopback (the WAN emulated in the transport) or, in the lab, each inside its own
-network namespace behind a shaped link. Each rank gets the environment torchrun would give it for
-its *site* (RANK, WORLD_SIZE, MASTER_ADDR/PORT of the site's own store) plus where it sits in the
-network (`atoll.sync.site_env.SiteEnv`).
+These are the commands a real deployment runs in each data center (`atoll.deploy`), started here
+as separate processes: on loopback (the WAN emulated in the transport) or, in the lab, each
+inside its own network namespace behind a shaped link. The launcher makes a fresh secret for the
+run and hands it to every site in ATOLL_RUN_SECRET (the Lighthouse never sees it).
+
+Then it watches. A site that dies is reported in one line (which site, its exit status or
+signal, the last step its metrics.jsonl recorded) and, while it has restarts left
+(``--restart-sites N``), started again: from its latest complete checkpoint when it has one,
+else from the beginning. The healthy sites are never stopped because another one died. Two
+things do end the whole run: a site exiting with status 2 (a user's mistake in the config, which
+every site shares, so a restart cannot help) and the Lighthouse dying (no quorum can form).
 """
 
 from __future__ import annotations
@@ -12,19 +19,24 @@ import logging
 import os
 import subprocess
 import sys
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 from atoll.config.topology import Topology
 from atoll.errors import AtollError
-from atoll.parallel.launch import free_port, stop_processes, wait_all
+from atoll.parallel.launch import describe_exit, die_with_parent, exit_status, stop_processes
 from atoll.report.sites import SiteWatch
-from atoll.sync.auth import SECRET_ENV, load_secret, new_secret
-from atoll.sync.site_env import SiteEnv
+from atoll.sync.auth import SECRET_ENV, SECRET_FILE_ENV, new_secret
+from atoll.sync.lighthouse import parse_ready_line
 
 log = logging.getLogger(__name__)
 
-LIGHTHOUSE_PORT = 29410  # inside a lab namespace that atoll created; nothing else listens there
+EXIT_USER_ERROR = 2  # what every atoll command exits with for a user's mistake (atoll.console)
+LIGHTHOUSE_START_SECONDS = 120.0  # importing torch on a busy machine is most of it
 
 
 class SiteHost(Protocol):
@@ -46,24 +58,61 @@ class LoopbackHost:
         return subprocess.Popen(argv, env=env, **kwargs)  # type: ignore[call-overload,no-any-return]
 
 
+def atoll_argv(*args: str) -> list[str]:
+    """The command line of ``atoll ARGS`` with this interpreter (the launched commands)."""
+    return [sys.executable, "-m", "atoll.cli", *args]
+
+
 def start_lighthouse_process(
-    host: SiteHost, *, site: str, min_sites: int, env: dict[str, str], loopback: bool
+    host: SiteHost, *, site: str, min_sites: int, env: dict[str, str]
 ) -> tuple[subprocess.Popen[bytes], str]:
-    """Run the Lighthouse as a child inside `site`; returns the process and its address."""
+    """Run `atoll lighthouse` inside `site` on a free port; returns the process and its URL once it listens.
+
+    Raises AtollError when it exits or stays silent for `LIGHTHOUSE_START_SECONDS`.
+    """
     addr = host.site_address(site)
-    port = free_port(addr) if loopback else LIGHTHOUSE_PORT
     proc = host.popen(
         site,
-        [sys.executable, "-m", "atoll.sync.lighthouse", "--bind", f"{addr}:{port}", "--min-sites", str(min_sites)],
+        atoll_argv("lighthouse", "--bind", f"{addr}:0", "--min-sites", str(min_sites)),
         env=env,
         stdout=subprocess.PIPE,
+        preexec_fn=die_with_parent,
     )
     assert proc.stdout is not None
-    line = proc.stdout.readline().decode().strip()
-    if not line:
-        proc.kill()
-        raise AtollError(f"the torchft Lighthouse did not start in site {site} (bind {addr}:{port})")
-    return proc, f"http://{addr}:{port}"
+    found: list[str] = []
+    ready = threading.Event()
+    threading.Thread(target=_read_ready, args=(proc.stdout, found, ready), daemon=True).start()
+    ready.wait(LIGHTHOUSE_START_SECONDS)
+    if not found:
+        stop_processes([proc], grace_seconds=2.0)
+        raise AtollError(f"`atoll lighthouse` did not start in site {site} (bind {addr}:0); its errors are above")
+    return proc, found[0]
+
+
+def _read_ready(stream: object, found: list[str], ready: threading.Event) -> None:
+    """Read the Lighthouse's stdout: its ready line into `found` (then set `ready`), then the rest
+    (so that it never blocks on a full pipe). `ready` is set at the end of the stream too."""
+    try:
+        for raw in stream:  # type: ignore[attr-defined]
+            line = raw.decode(errors="replace").strip()
+            url = parse_ready_line(line)
+            if url is not None and not found:
+                found.append(url)
+                ready.set()
+            else:
+                log.debug("lighthouse: %s", line)
+    finally:
+        ready.set()
+
+
+@dataclass
+class _Site:
+    name: str
+    argv: list[str]
+    run_dir: Path | None
+    proc: subprocess.Popen[bytes]
+    restarts: int = 0
+    state: str = "running"  # running, finished, lost
 
 
 def launch_sites(
@@ -75,31 +124,37 @@ def launch_sites(
     wan_mode: str,
     host: SiteHost,
     min_sites: int | None = None,
+    site_dirs: Mapping[str, Path] | None = None,
+    restarts: int = 0,
     watch: SiteWatch | None = None,
     module: str = "atoll.train",
 ) -> int:
-    """Run every site's ranks of ``python -m MODULE CHILD_ARGS``; blocks; returns an exit code."""
-    loopback = isinstance(host, LoopbackHost)
+    """Run every site of `topology` as ``atoll site CHILD_ARGS ...`` (ranks: ``python -m MODULE``); blocks.
+
+    `child_args` are the config, its overrides and the flags every rank gets; the run directory
+    must be prepared already (the sites are started with ``--prepared``). `site_dirs` (each
+    site's run directory) let the launcher name a dead site's last step and restart it from its
+    checkpoint; each site is restarted at most `restarts` times. Returns 0 when every site
+    finished, else the exit status of the first site lost (or 2 for a user's mistake).
+    """
     base = dict(os.environ)
     base["ATOLL_LAUNCHED"] = "1"
     base["ATOLL_PROCS_ON_HOST"] = str(len(topology.sites) * ranks_per_site)  # share the cores
     base.setdefault("RUST_LOG", "warn")  # torchft's Lighthouse and Manager log every quorum at info
     base.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")  # c10d warns that namespaced peers have no hostname
-    if load_secret(base) is None:  # one machine: a fresh join secret for this run's sites
-        base[SECRET_ENV] = new_secret()
-    lighthouse_site = topology.lighthouse.site or topology.sites[0].name
-    procs: list[subprocess.Popen[bytes]] = []
+    base.pop(SECRET_ENV, None)
+    base.pop(SECRET_FILE_ENV, None)
+    sites: dict[str, _Site] = {}
     lighthouse = None
     try:
         if topology.lighthouse.address is not None:
-            lighthouse_addr = (
-                topology.lighthouse.address
-                if "://" in topology.lighthouse.address
-                else f"http://{topology.lighthouse.address}"
-            )
+            lighthouse_addr = topology.lighthouse.address
         else:
             lighthouse, lighthouse_addr = start_lighthouse_process(
-                host, site=lighthouse_site, min_sites=min_sites or len(topology.sites), env=base, loopback=loopback
+                host,
+                site=topology.lighthouse.site or topology.sites[0].name,
+                min_sites=min_sites or len(topology.sites),
+                env=base,
             )
         log.info(
             "lighthouse at %s; %d sites x %d rank(s); WAN %s",
@@ -108,32 +163,124 @@ def launch_sites(
             ranks_per_site,
             wan_mode,
         )
-        for index, site in enumerate(topology.sites):
-            addr = host.site_address(site.name)
-            site_env = dict(
-                base,
-                MASTER_ADDR=addr,
-                MASTER_PORT=str(free_port(addr) if loopback else 29500),
-                WORLD_SIZE=str(ranks_per_site),
-                LOCAL_WORLD_SIZE=str(ranks_per_site),
-                **SiteEnv(
-                    site=site.name,
-                    index=index,
-                    num_sites=len(topology.sites),
-                    topology=topology_path.resolve(),
-                    lighthouse=lighthouse_addr,
-                    address=addr,
-                    wan_mode=wan_mode,
-                ).to_environ(),
+        site_env = dict(base, **{SECRET_ENV: new_secret()})  # one fresh secret per run, for the sites only
+        for site in topology.sites:
+            argv = atoll_argv(
+                "site",
+                *child_args,
+                "--topology",
+                str(topology_path.resolve()),
+                "--site",
+                site.name,
+                "--lighthouse",
+                lighthouse_addr,
+                "--advertise",
+                host.site_address(site.name),
+                "--nproc",
+                str(ranks_per_site),
+                "--wan",
+                wan_mode,
+                "--worker",
+                module,
+                "--prepared",
             )
-            for rank in range(ranks_per_site):
-                env = dict(site_env, RANK=str(rank), LOCAL_RANK=str(rank))
-                procs.append(host.popen(site.name, [sys.executable, "-m", module, *child_args], env=env))
-        if watch is None:
-            return wait_all(procs)
-        with watch:
-            return wait_all(procs, tick=watch.refresh)
+            run_dir = site_dirs.get(site.name) if site_dirs is not None else None
+            sites[site.name] = _Site(site.name, argv, run_dir, _start(host, site.name, argv, site_env))
+        return _watch(sites, host=host, env=site_env, restarts=restarts, lighthouse=lighthouse, watch=watch)
     finally:
-        stop_processes(procs)
+        stop_processes([s.proc for s in sites.values()])
         if lighthouse is not None:
             stop_processes([lighthouse])
+
+
+def _start(host: SiteHost, site: str, argv: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+    proc = host.popen(site, argv, env=env, preexec_fn=die_with_parent)
+    log.info("site %s started (pid %d)", site, proc.pid)
+    return proc
+
+
+def _watch(
+    sites: dict[str, _Site],
+    *,
+    host: SiteHost,
+    env: dict[str, str],
+    restarts: int,
+    lighthouse: subprocess.Popen[bytes] | None,
+    watch: SiteWatch | None,
+) -> int:
+    """Wait for every site, reporting and restarting the ones that die. Returns the run's exit status."""
+    lost: list[int] = []
+    if watch is not None:
+        watch.__enter__()
+    try:
+        while any(s.state == "running" for s in sites.values()):
+            if watch is not None:
+                watch.refresh()
+            if lighthouse is not None and lighthouse.poll() is not None:
+                report(f"the lighthouse {describe_exit(lighthouse.returncode)}: no quorum can form; stopping the run")
+                return 1
+            for site in sites.values():
+                code = site.proc.poll() if site.state == "running" else None
+                if code is None:
+                    continue
+                if code == 0:
+                    site.state = "finished"
+                    log.info("site %s finished", site.name)
+                    continue
+                where = f"site {site.name} {describe_exit(code)} {_last_step_words(site.run_dir)}"
+                if code == EXIT_USER_ERROR:
+                    report(f"{where}: a mistake in the run's config (its message is above); stopping the run")
+                    return EXIT_USER_ERROR
+                if site.restarts < restarts:
+                    site.restarts += 1
+                    argv, start = _restart_argv(site)
+                    report(f"{where}; restarting it {start} (restart {site.restarts} of {restarts})")
+                    site.argv = argv
+                    site.proc = _start(host, site.name, argv, env)
+                    if watch is not None:
+                        watch.mark(site.name, f"restarted {site.restarts}x")
+                    continue
+                site.state = "lost"
+                lost.append(exit_status(code))
+                running = [s.name for s in sites.values() if s.state == "running"]
+                report(
+                    f"{where}; not restarted (--restart-sites {restarts})"
+                    + (f"; the other sites go on ({', '.join(running)})" if running else "")
+                )
+                if watch is not None:
+                    watch.mark(site.name, "lost")
+            time.sleep(0.25)
+    finally:
+        if watch is not None:
+            watch.__exit__(None, None, None)
+    return lost[0] if lost else 0
+
+
+def report(line: str) -> None:
+    """One line on stderr, never wrapped: what the launcher says about a site or the Lighthouse."""
+    print(f"atoll: {line}", file=sys.stderr, flush=True)
+
+
+def _last_step_words(run_dir: Path | None) -> str:
+    """``at step N`` from the site's metrics.jsonl (the last step it logged), or why not."""
+    if run_dir is None:
+        return "(its run directory is unknown to the launcher)"
+    from atoll.report.metrics import read_metrics
+
+    try:
+        steps = [int(r["step"]) for r in read_metrics(run_dir) if "loss" in r]
+    except (OSError, ValueError) as exc:
+        return f"(its metrics.jsonl is unreadable: {exc})"
+    return f"at step {max(steps)}" if steps else "before its first step"
+
+
+def _restart_argv(site: _Site) -> tuple[list[str], str]:
+    """The site's command line for a restart, and where it will start from (in words)."""
+    from atoll.train.checkpoint import latest_checkpoint
+
+    ckpt = latest_checkpoint(site.run_dir) if site.run_dir is not None else None
+    if ckpt is None:
+        argv = [a for a in site.argv if a != "--resume"]
+        return argv, "from the beginning (no complete checkpoint yet)"
+    argv = site.argv if "--resume" in site.argv else [*site.argv, "--resume"]
+    return argv, f"from its checkpoint at step {ckpt.step}"

@@ -12,9 +12,12 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from atoll.errors import AtollError
-from atoll.sync.transport import SiteInfo
+
+if TYPE_CHECKING:  # the transport imports torch; `atoll site` and the launchers need none of it
+    from atoll.sync.transport import SiteInfo
 
 SITE = "ATOLL_SITE"
 SITE_INDEX = "ATOLL_SITE_INDEX"
@@ -62,7 +65,8 @@ class SiteEnv:
         missing = [k for k in (SITE_INDEX, NUM_SITES, TOPOLOGY, LIGHTHOUSE) if k not in environ]
         if missing:
             raise AtollError(
-                f"{SITE} is set but {', '.join(missing)} is not: start sites with `atoll train --topology`"
+                f"{SITE} is set but {', '.join(missing)} is not: "
+                "start sites with `atoll site` or `atoll train --topology`"
             )
         return cls(
             site=environ[SITE],
@@ -76,6 +80,8 @@ class SiteEnv:
 
     def site_info(self, *, local_rank: int, local_world_size: int) -> SiteInfo:
         """This rank's place in the network, as the transport and the sync engine need it."""
+        from atoll.sync.transport import SiteInfo
+
         return SiteInfo(
             name=self.site,
             index=self.index,

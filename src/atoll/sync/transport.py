@@ -217,7 +217,9 @@ class TorchftTransport:
                 padded[: body.numel()] = body.reshape(-1).cpu()
                 bodies = self._allgather(padded, n)
             committed = self._manager.should_commit()
-        except (RuntimeError, TimeoutError, ConnectionError, OSError) as exc:  # the round stays uncommitted
+        # torchft asserts when its process group was not (re)configured, e.g. a quorum that formed
+        # while a peer was leaving: that too is a failed round, not a crash.
+        except (RuntimeError, TimeoutError, ConnectionError, OSError, AssertionError) as exc:  # uncommitted
             self._manager.report_error(exc)
             log.warning("site %s: exchange failed (%s); this round is not applied", self.site.name, exc)
             self.counter.failed += 1
@@ -241,7 +243,7 @@ class TorchftTransport:
                     self._pg.send([tensor], d, 0).wait()
             elif rank in dst:
                 self._pg.recv([tensor], src, 0).wait()
-        except (RuntimeError, TimeoutError, ConnectionError, OSError) as exc:
+        except (RuntimeError, TimeoutError, ConnectionError, OSError, AssertionError) as exc:
             self._manager.report_error(exc)
             log.warning("site %s: heal transfer failed (%s)", self.site.name, exc)
             return None

@@ -1,11 +1,12 @@
 """`atoll train` and its worker entry, ``python -m atoll.train`` (registered through atoll.cli).
 
-    atoll train CONFIG.yaml [--nproc N | --topology T [--ranks-per-site R]] [--plan PLAN.yaml]
-                [--resume] [--stop-after STEP] [--section.key=value ...]
+    atoll train CONFIG.yaml [--nproc N | --topology T [--ranks-per-site R] [--restart-sites N]]
+                [--plan PLAN.yaml] [--resume] [--stop-after STEP] [--section.key=value ...]
 
 `atoll train` runs here (one rank), launches local ranks (`--nproc`), or launches every site of a
-topology on this machine (`--topology`); each launched rank runs `worker_main`. `atoll lab run`
-reuses `train_sites` with the lab's namespaces as the host.
+topology on this machine (`--topology`: `atoll lighthouse` and one `atoll site` per site, as
+separate processes, the commands a deployment runs in each data center); each launched rank runs
+`worker_main`. `atoll lab run` reuses `train_sites` with the lab's namespaces as the host.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ def _cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
         log.info("launching %d local ranks", args.nproc)
         code = launch_local(child_args, nproc=args.nproc, module=WORKER_MODULE)
         if code == 0:
-            _print_summary_from_disk(cfg.run.path)
+            print_summary_from_disk(cfg.run.path)
         return code
     result = _train_here(cfg, args)
     _print_summary(result)
@@ -84,7 +85,9 @@ def train_sites(
 ) -> int:
     """Train every site of ``args.topology`` on this machine; blocks; returns the exit code.
 
-    The sites run on loopback with the WAN emulated in the transport (`host` None), or inside
+    Starts `atoll lighthouse` and one `atoll site` process per site (`atoll.sync.launch`); a site
+    that dies is reported and, ``args.restart_sites`` times at most, restarted from its checkpoint,
+    while the others go on. The sites run on loopback with the WAN emulated in the transport (`host` None), or inside
     the lab's namespaces (`host` a `atoll.lab.netns.Lab`). `args` are `atoll train`'s or
     `atoll lab run`'s parsed flags, `extra` the config overrides every rank gets; `wan_mode`
     overrides ``args.wan``. Raises `AtollError` for a topology or config that cannot run this way.
@@ -105,8 +108,8 @@ def train_sites(
     if mode == "emulated":
         log.info("WAN emulated in the transport (bandwidth and latency from %s)", args.topology)
     watch = None
+    dirs = {s.name: site_config(cfg, s.name).run.path for s in topology.sites}
     if want_progress(args):
-        dirs = {s.name: site_config(cfg, s.name).run.path for s in topology.sites}
         totals = {s.name: site_steps(cfg.train.steps, cfg.sync, s.name) for s in topology.sites}
         watch = SiteWatch(dirs, total_steps=totals)
     # The launcher draws the sites' progress itself (`watch`); the ranks draw none.
@@ -121,10 +124,12 @@ def train_sites(
         wan_mode=mode,
         host=host or LoopbackHost(),
         min_sites=cfg.sync.min_sites,
+        site_dirs=dirs,
+        restarts=args.restart_sites,
     )
-    if code == 0:
-        for site in topology.sites:
-            _print_summary_from_disk(site_config(cfg, site.name).run.path)
+    for site in topology.sites:  # the sites that got anywhere, also when one was lost
+        if (dirs[site.name] / "metrics.jsonl").is_file():
+            print_summary_from_disk(dirs[site.name])
     return code
 
 
@@ -149,7 +154,7 @@ def _print_summary(result: TrainResult) -> None:
         console.print(f"next: atoll export {result.run_dir} {result.run_dir}/hf")
 
 
-def _print_summary_from_disk(run_dir: Path) -> None:
+def print_summary_from_disk(run_dir: Path) -> None:
     """What a launcher prints once its ranks are done: the run's last step and validation loss."""
     from atoll.report.metrics import read_metrics
 
@@ -205,6 +210,7 @@ def _add_train_args(p: argparse.ArgumentParser, *, with_nproc: bool) -> None:
             help="train several sites of this topology on this machine (see examples/topologies/)",
         )
         p.add_argument("--ranks-per-site", type=int, default=1, help="with --topology: local ranks per site")
+        add_restart_flag(p, default=0)
         p.add_argument(
             "--wan",
             choices=["emulated", "none"],
@@ -228,6 +234,17 @@ def _add_train_args(p: argparse.ArgumentParser, *, with_nproc: bool) -> None:
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar (also: ATOLL_NO_PROGRESS=1)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+
+def add_restart_flag(p: argparse.ArgumentParser, *, default: int) -> None:
+    """``--restart-sites N`` of the multi-site launchers (`atoll train --topology`, `atoll lab run`)."""
+    p.add_argument(
+        "--restart-sites",
+        type=int,
+        default=default,
+        metavar="N",
+        help=f"restart a site that dies up to N times, from its latest checkpoint (default {default})",
+    )
 
 
 def register(sub: Any) -> None:
