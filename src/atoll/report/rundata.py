@@ -82,8 +82,15 @@ class SiteRun:
 
     @property
     def start_time(self) -> float | None:
-        """Unix time of the first record (the loop's start) or None for an empty site."""
-        return self.records[0]["time"] if self.records else None
+        """Unix time the loop started: the first record (the loop logs one at its start), or
+        before it by the first step record's `wall_seconds`; None for an empty site."""
+        if not self.records:
+            return None
+        times = [float(self.records[0]["time"])]
+        steps = self.steps
+        if steps and "wall_seconds" in steps[0]:
+            times.append(float(steps[0]["time"]) - float(steps[0]["wall_seconds"]))
+        return min(times)
 
     def last(self, key: str, default: Any = None) -> Any:
         """The last value a record gave `key`."""

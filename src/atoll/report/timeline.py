@@ -84,48 +84,110 @@ def _time_at_step(ends: dict[int, float], step: int) -> float | None:
 
 def _main_row(site: SiteRun, t0: float) -> list[Segment]:
     """Compute, wait, evaluation and checkpoints: what the site's ranks did, one after another."""
-    out: list[Segment] = []
+    evals = {int(r["step"]): r for r in site.vals}
     ckpts = dict(site.checkpoints)
+    out: list[Segment] = []
+    steps = site.steps
+    if not steps:
+        return out
+    cursor = site.start_time if site.start_time is not None else 0.0
     prev: dict[str, Any] | None = None
-    free_at: float | None = None  # when the site was last free to compute (after eval/checkpoint)
-    saved_at = 0.0  # when the last checkpoint was done
-    for rec in site.records:
-        t = float(rec["time"])
-        step = int(rec.get("step", 0))
-        if "val_loss" in rec and free_at is not None:
-            out.append(
-                Segment("site", "eval", free_at - t0, t - t0, f"evaluation at step {step}: {rec['val_loss']:.4f}")
-            )
-            free_at = t
-        if "loss" not in rec or "step_seconds" not in rec:
-            if "val_loss" not in rec and "guard" not in rec and free_at is None:
-                free_at = t  # the loop's first record: training starts here
-            continue
-        a = free_at if free_at is not None else t - float(rec.get("wall_seconds", rec["step_seconds"]))
-        if a < saved_at < t:
-            a = saved_at
-        compute = _delta(rec, prev, "compute_seconds")
+    for rec in steps:
+        t, step = float(rec["time"]), int(rec["step"])
+        prev_step = int(prev["step"]) if prev is not None else -1
+        if prev is not None:  # evaluation and checkpoint of the last logged step: right after it
+            cursor = _after_step(out, prev_step, evals, ckpts, cursor=cursor, t0=t0)
+        # A resumed run's loop counts compute and wall seconds from zero again; it started
+        # `wall_seconds` before this record (the time in between was not training).
+        restarted = prev is not None and float(rec.get("wall_seconds", 0.0)) < float(prev.get("wall_seconds", 0.0))
+        if restarted:
+            cursor = max(cursor, t - float(rec["wall_seconds"]))
+        compute = _delta(rec, None if restarted else prev, "compute_seconds")
         wait = _delta(rec, prev, "sync_wait_seconds")
-        span = max(t - a, 0.0)
+        span = max(t - cursor, 0.0)
         if compute + wait > span > 0:  # the counters and the clock disagree a little: keep the shares
             compute, wait = compute * span / (compute + wait), wait * span / (compute + wait)
-        first = int(prev["step"]) + 1 if prev is not None else step
-        steps = f"step {first}" if first == step else f"steps {first}-{step}"
-        out.append(Segment("site", "compute", a - t0, a + compute - t0, f"{steps}: compute {compute:.3g} s"))
+        first = prev_step + 1 if prev is not None else min(1, step)
+        label = f"step {first}" if first == step else f"steps {first}-{step}"
+        # Evaluations and checkpoints of steps between two logged ones: each ends at its record's
+        # time or its directory's mtime; they share what the counters leave unaccounted for.
+        middle = sorted(s for s in {*evals, *ckpts} if prev_step < s < step)
+        left = max(0.0, span - compute - wait) / max(len(middle), 1)
+        busy: list[Segment] = []
+        for s in middle:
+            busy += _between(s, evals.pop(s, None), ckpts.pop(s, None), seconds=left, t0=t0)
+        pieces = _gaps(cursor - t0, t - wait - t0, busy)
+        bounds = [first, *(m + 1 for m in middle)], [*middle, step]
+        for i, (a, b) in enumerate(pieces):
+            if len(pieces) == len(middle) + 1 and bounds[0][i] != bounds[1][i]:
+                label = f"steps {bounds[0][i]}-{bounds[1][i]}"
+            out.append(Segment("site", "compute", a, b, f"{label}: compute"))
+        out += busy
         if wait > 0:
             out.append(Segment("site", "wait", t - wait - t0, t - t0, f"step {step}: waiting {wait:.3g} s"))
-        prev, free_at = rec, t
-        if step in ckpts:
-            done = ckpts.pop(step)
-            saved_at = done
-            # The checkpoint follows the step's evaluation, if any: found when its record comes.
-            out.append(Segment("site", "checkpoint", t - t0, done - t0, f"checkpoint at step {step}"))
-    return _coalesce(_place_checkpoints(out))
+        prev, cursor = rec, t
+    if prev is not None:
+        _after_step(out, int(prev["step"]), evals, ckpts, cursor=cursor, t0=t0)
+    return _coalesce(sorted(out, key=lambda s: s.start))
+
+
+def _after_step(
+    out: list[Segment],
+    step: int,
+    evals: dict[int, dict[str, Any]],
+    ckpts: dict[int, float],
+    *,
+    cursor: float,
+    t0: float,
+) -> float:
+    """Append the evaluation and the checkpoint that followed logged step `step` (the loop runs
+    them in that order); returns when the site was free again."""
+    if step in evals:
+        rec = evals.pop(step)
+        end = float(rec["time"])
+        out.append(Segment("site", "eval", cursor - t0, end - t0, f"evaluation at step {step}: {rec['val_loss']:.4f}"))
+        cursor = end
+    if step in ckpts:
+        done = ckpts.pop(step)
+        out.append(Segment("site", "checkpoint", cursor - t0, max(done, cursor) - t0, f"checkpoint at step {step}"))
+        cursor = max(done, cursor)
+    return cursor
+
+
+def _between(step: int, val: dict[str, Any] | None, done: float | None, *, seconds: float, t0: float) -> list[Segment]:
+    """Evaluation and checkpoint at a step that was not logged: they end when their record was
+    written (evaluation) or their directory last changed (checkpoint), and last `seconds` together."""
+    out = []
+    if val is not None:
+        end = float(val["time"])
+        ckpt = (done - end) if done is not None and done >= end else 0.0
+        length = max(0.0, seconds - ckpt)
+        out.append(
+            Segment("site", "eval", end - length - t0, end - t0, f"evaluation at step {step}: {val['val_loss']:.4f}")
+        )
+        if done is not None:
+            out.append(Segment("site", "checkpoint", end - t0, max(done, end) - t0, f"checkpoint at step {step}"))
+    elif done is not None:
+        out.append(Segment("site", "checkpoint", done - seconds - t0, done - t0, f"checkpoint at step {step}"))
+    return out
+
+
+def _gaps(start: float, end: float, busy: list[Segment]) -> list[tuple[float, float]]:
+    """The parts of [start, end] that no segment of `busy` covers."""
+    free, cursor = [], start
+    for seg in sorted(busy, key=lambda s: s.start):
+        if seg.start > cursor:
+            free.append((cursor, min(seg.start, end)))
+        cursor = max(cursor, seg.end)
+    if end > cursor:
+        free.append((cursor, end))
+    return [(a, b) for a, b in free if b > a]
 
 
 def _coalesce(segments: list[Segment], *, gap: float = 0.1) -> list[Segment]:
     """Merge compute bars that follow each other with a gap under `gap` of their length (the
-    loop's bookkeeping between steps): one bar per stretch of compute, not one per logged step."""
+    loop's bookkeeping between steps): one bar per stretch of compute, not one per logged step;
+    a compute bar's label gets its length."""
     out: list[Segment] = []
     for seg in segments:
         last = out[-1] if out else None
@@ -136,23 +198,13 @@ def _coalesce(segments: list[Segment], *, gap: float = 0.1) -> list[Segment]:
         ):
             first = last.label.split(":")[0].split()[-1].split("-")[0]
             final = seg.label.split(":")[0].split()[-1].split("-")[-1]
-            seconds = last.seconds + seg.seconds
-            out[-1] = Segment("site", "compute", last.start, seg.end, f"steps {first}-{final}: compute {seconds:.3g} s")
+            out[-1] = Segment("site", "compute", last.start, seg.end, f"steps {first}-{final}: compute")
             continue
         out.append(seg)
-    return out
-
-
-def _place_checkpoints(segments: list[Segment]) -> list[Segment]:
-    """A checkpoint written after an evaluation of the same step starts when the evaluation ends."""
-    placed: list[Segment] = []
-    for seg in segments:
-        if seg.kind == "checkpoint":
-            evals = [e for e in segments if e.kind == "eval" and seg.start <= e.start < seg.end]
-            start = max([seg.start, *(e.end for e in evals)])
-            seg = Segment(seg.row, seg.kind, start, max(start, seg.end), seg.label)
-        placed.append(seg)
-    return placed
+    return [
+        Segment(s.row, s.kind, s.start, s.end, f"{s.label} {s.seconds:.3g} s") if s.kind == "compute" else s
+        for s in out
+    ]
 
 
 def _exchanges(site: SiteRun, t0: float, ends: dict[int, float]) -> list[Segment]:
