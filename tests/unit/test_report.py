@@ -6,6 +6,7 @@ in the report itself. The page in a real browser is tests/e2e/test_report_browse
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -56,6 +57,25 @@ def test_timeline_accounts_for_every_second_the_counters_give(tmp_path: Path) ->
     main_row = sorted((s for s in segs if s.row == "site"), key=lambda s: s.start)
     for a, b in zip(main_row, main_row[1:]):
         assert b.start >= a.end - 1e-6, (a, b)  # the site's own work never overlaps itself
+
+
+def test_evaluation_and_checkpoint_between_logged_steps(tmp_path: Path) -> None:
+    root = fake_single(tmp_path / "solo", steps=20)
+    records = load_run(root).sites[0].records
+    kept = [r for r in records if "loss" not in r or r["step"] % 4 == 0]  # log_every 4: step 10 is not logged
+    (root / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+    run = load_run(root)
+    segs = site_timeline(run.sites[0], t0=run.start_time)
+    val_10 = next(r for r in kept if r.get("val_loss") and r["step"] == 10)
+    (eval_10,) = [s for s in segs if s.kind == "eval" and "step 10" in s.label]
+    assert eval_10.end == pytest.approx(val_10["time"] - run.start_time)
+    assert eval_10.seconds == pytest.approx(0.04, abs=1e-6)  # what the counters leave, less the checkpoint
+    assert busy_shares(segs)["compute"] == pytest.approx(run.sites[0].steps[-1]["compute_seconds"], rel=1e-6)
+    labels = [s.label for s in segs if s.kind == "compute"]
+    assert labels[0].startswith("steps 1-10") and labels[1].startswith("steps 11-20"), labels
+    main_row = sorted((s for s in segs if s.row == "site"), key=lambda s: s.start)
+    for a, b in zip(main_row, main_row[1:]):
+        assert b.start >= a.end - 1e-6, (a, b)
 
 
 def test_timeline_without_a_final_record_uses_the_exchange_counters(tmp_path: Path) -> None:
