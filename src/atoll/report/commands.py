@@ -30,8 +30,9 @@ def write_run_report(
     """Write the report of the run in `run_dir` to `out` (default ``RUN/report.html``) and
     return its path. What a launcher calls when a multi-site run ends; `topology` is the file
     the run was launched with (without it, and without ``RUN/topology.yaml``, link rates and
-    MFU read n/a). Blocks for well under a second for a typical run; imports no torch unless
-    the run is a fine-tuning stage. Raises AtollError when `run_dir` holds no metrics."""
+    MFU read n/a). Blocks about two seconds, mostly importing torch (through
+    `atoll.rundir.layout`'s model config), which a launcher has loaded already. Raises
+    AtollError when `run_dir` holds no metrics or a given file cannot be read."""
     return write_report([Path(run_dir)], out=out or Path(run_dir) / REPORT_HTML, topology=topology, plan=plan)
 
 

@@ -11,7 +11,7 @@ Beside the records, a report uses the topology (links and their rates, devices f
 (predicted step time and utilization), and an evaluation table (`atoll eval --json`) when it can
 find them: given by the caller, or as ``RUN/topology.yaml``, ``RUN/plan.yaml``, ``RUN/eval.json``
 (or ``eval.json`` beside the stage, where `make finetune-demo` writes it). Pure reading: nothing
-here writes, and torch is imported only for a stage's lineage.
+here writes. (Importing `atoll.rundir.layout` imports torch, through the model's config.)
 """
 
 from __future__ import annotations
