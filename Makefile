@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 ATOLL := $(VENV)/bin/atoll
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint format bench bench-wan bench-data bench-finetune finetune-demo peer-env clean-runs help debian-deps
+.PHONY: demo test lint format bench bench-wan bench-data bench-finetune finetune-demo peer-env clean-runs help debian-deps report-shot
 
 help:
 	@echo "make demo   - install into .venv, train the demo model on two sites over a shaped WAN link, export it, sample it"
@@ -16,14 +16,23 @@ help:
 	@echo "make finetune-demo - general -> networking (LoRA) -> netlink (LoRA), evaluation table, then serve"
 	@echo "make bench-wan - multi-site strategies and codecs over a scaled-down WAN (bench/results/wan.*)"
 	@echo "make bench-data - data pipeline MB/s per stage, side by side with HF datatrove (bench/results/data.*)"
+	@echo "make report-shot - the README's report screenshot (docs/report.png) from a real two-site run"
 
 # Debian tools the WAN lab needs (ip, tc); installed when missing and we are root. Without them
 # (or without root) the lab falls back to emulating the links in the transport.
+# Debian's chromium: the run report's browser test (tests/e2e/test_report_browser.py) and
+# `atoll report --screenshot` drive it headless over the DevTools pipe; without it they skip.
 debian-deps:
 	@if ! command -v ip >/dev/null || ! command -v tc >/dev/null; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iproute2 >/dev/null; \
 	  else echo "note: iproute2 missing and not root: the lab will emulate links in the transport"; fi; \
+	fi
+	@if ! command -v chromium >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+	      || echo "note: chromium could not be installed: the report's browser test will be skipped"; \
+	  else echo "note: chromium missing and not root: the report's browser test will be skipped"; fi; \
 	fi
 
 # torch first and pinned: pip then takes the CPU wheel instead of resolving a multi-GB CUDA build.
@@ -86,3 +95,13 @@ finetune-demo: $(STAMP)
 
 bench-finetune: $(STAMP)
 	$(PY) bench/finetune.py
+
+# The README's screenshot of a run report (docs/report.png): a real two-site run over the emulated
+# WAN (delayed DiLoCo, int8), its report, and the top of the page taken by headless Chromium.
+report-shot: $(STAMP)
+	rm -rf runs/readme
+	$(ATOLL) train examples/configs/tiny.yaml --topology examples/topologies/lab-two-sites.yaml --wan emulated \
+	  --run.dir=runs/readme --run.name=delayed --sync.strategy=delayed --sync.inner_steps=10 --sync.codec=int8 \
+	  --train.steps=80 --train.log_every=1 --train.eval_every=20 --train.checkpoint_every=40 --no-progress
+	$(ATOLL) report runs/readme/delayed --topology examples/topologies/lab-two-sites.yaml \
+	  --screenshot docs/report.png --screenshot-height 1460

@@ -29,6 +29,7 @@ COMMAND_MODULES: list[str] = [
     "atoll.finetune.commands",
     "atoll.eval.commands",
     "atoll.serve.commands",
+    "atoll.report.commands",
 ]
 """The modules whose ``register(sub)`` adds the verbs, in the order `atoll --help` lists them."""
 

@@ -95,6 +95,7 @@ def test_building_the_parser_registers_every_verb_and_imports_no_torch() -> None
         "eval",
         "generate",
         "serve",
+        "report",
     ]
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -130,7 +131,25 @@ def train_sites(
     for site in topology.sites:  # the sites that got anywhere, also when one was lost
         if (dirs[site.name] / "metrics.jsonl").is_file():
             print_summary_from_disk(dirs[site.name])
+    _write_report(cfg.run.path, topology_path=args.topology, plan=getattr(args, "plan", None))
     return code
+
+
+def _write_report(run_root: Path, *, topology_path: Path, plan: Path | None) -> None:
+    """Keep the topology (and plan) beside the sites and write RUN/report.html; a report that
+    cannot be written is a warning, never a failed run."""
+    from atoll.report.commands import write_run_report
+    from atoll.report.rundata import PLAN_FILE, TOPOLOGY_FILE
+
+    try:
+        shutil.copyfile(topology_path, run_root / TOPOLOGY_FILE)
+        if plan is not None:
+            shutil.copyfile(plan, run_root / PLAN_FILE)
+        page = write_run_report(run_root)
+    except (AtollError, OSError) as exc:
+        log.warning("no run report: %s", exc)
+        return
+    log.info("report: %s (open it in a browser)", page)
 
 
 def _train_here(cfg: RunConfig, args: argparse.Namespace) -> TrainResult:

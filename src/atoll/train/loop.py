@@ -274,13 +274,16 @@ def run_loop(
                         completed=state.step, loss=train_loss, tokens_per_s=statistics.median(state.speeds[-20:])
                     )
             if (t.eval_every and state.step % t.eval_every == 0) or state.step == total_steps:
+                t_eval = time.perf_counter()
                 state.val_loss = job.evaluate()
-                metrics.log(state.step, {"val_loss": state.val_loss})
+                metrics.log(state.step, {"val_loss": state.val_loss, "eval_seconds": time.perf_counter() - t_eval})
                 if env.is_main:
                     log.info("step %d: validation loss %.4f", state.step, state.val_loss)
             due = t.checkpoint_every and state.step % t.checkpoint_every == 0 and not guard.in_bad_run
             if due or state.step == end_step:  # during a bad run the last good checkpoint must stay
+                t_save = time.perf_counter()
                 save(job, state, run_dir, env=env, device=device, keep=t.keep_checkpoints)
+                metrics.log(state.step, {"checkpoint": state.step, "checkpoint_seconds": time.perf_counter() - t_save})
                 if on_checkpoint is not None:
                     on_checkpoint(state)
         if state.step == total_steps:
