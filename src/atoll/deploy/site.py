@@ -22,9 +22,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from atoll.config.topology import Topology
+from rich.console import Console
+
+from atoll.config.topology import Topology, load_topology
 from atoll.errors import AtollError
 from atoll.parallel.launch import RankFailure, free_port, start_ranks, wait_ranks
+from atoll.report.sites import SiteWatch
 from atoll.sync.lighthouse import lighthouse_url
 from atoll.sync.site_env import SiteEnv
 
@@ -135,13 +138,36 @@ def site_environ(placement: SitePlacement, base: Mapping[str, str], *, torchrun:
     return env
 
 
+def site_watch(placement: SitePlacement, run_dir: Path) -> SiteWatch | None:
+    """The live view of this one site for a standalone `atoll site` (a launcher draws its own),
+    or None when stderr is not a terminal (the view would draw nothing).
+
+    Its total steps come from the run directory's config.yaml, which `atoll site` wrote; its
+    link row from the topology's link for the site.
+    """
+    console = Console(stderr=True)
+    if not console.is_terminal:
+        return None
+    watch = SiteWatch({placement.name: run_dir}, total_steps={}, console=console)
+    link = load_topology(placement.env.topology).link(placement.name)
+    if link is not None:
+        watch.set_links({placement.name: (link.uplink_mbps, link.down_mbps)})
+    return watch
+
+
 def run_site_ranks(
-    placement: SitePlacement, *, module: str, module_args: list[str], env: dict[str, str]
+    placement: SitePlacement,
+    *,
+    module: str,
+    module_args: list[str],
+    env: dict[str, str],
+    watch: SiteWatch | None = None,
 ) -> RankFailure | None:
     """Start the site's ranks as children and wait for them; blocks.
 
     Returns None when every rank exited 0, else the first rank that failed (the others are
-    stopped). Ranks die with this process, even when it is killed with SIGKILL.
+    stopped). Ranks die with this process, even when it is killed with SIGKILL. `watch` (see
+    `site_watch`) is drawn while they run; the ranks should then draw no progress of their own.
     """
     log.info(
         "site %s (%d of %d): %d rank(s), store %s:%s, lighthouse %s, advertised as %s",
@@ -155,7 +181,13 @@ def run_site_ranks(
         placement.env.address,
     )
     procs = start_ranks(module_args, nproc=placement.nproc, module=module, env=env)
-    return wait_ranks(procs)
+    if watch is None:
+        return wait_ranks(procs)
+    with watch:
+        failure = wait_ranks(procs, tick=watch.refresh)
+        if failure is None:
+            watch.mark(placement.name, "done")
+        return failure
 
 
 def become_rank(*, module: str, module_args: list[str], env: dict[str, str]) -> None:

@@ -1,90 +1,267 @@
-"""A live view of a multi-site run for the launching terminal: one bar per site.
+"""The live view of a multi-site run for the launching terminal: one row per site, one per link.
 
-The launcher polls each site's ``metrics.jsonl`` (the ranks themselves draw nothing, so several
-sites never scribble over one terminal) and shows step, loss, tokens/s and the megabytes the
-site has sent over the WAN so far. A site the launcher restarted or lost says so beside its name;
-a restarted site that resumes rewrites its metrics from its checkpoint on, and the view follows.
+The launcher (`atoll.sync.launch`, for `atoll train --topology` and `atoll lab run`) and a
+standalone `atoll site` poll each site's ``metrics.jsonl`` (the ranks themselves draw nothing,
+so several sites never scribble over one terminal). Per site: step, loss, tokens/s, compute
+utilization, the state of its current exchange, the megabytes it sent over the WAN and an ETA;
+per link (a site's uplink in the topology): the rate it carried over the last minute and while
+it last exchanged, against its ``uplink_mbps``. What the states mean and how they are derived is
+`atoll.report.site_state`'s. A site the launcher restarted or lost says so, in its row and in a
+line under the tables; a restarted site that resumes rewrites its metrics from its checkpoint
+on, and the view follows.
+
+The view fits an 80-column terminal (wider ones get the same table) and draws only on a
+terminal: with stderr sent to a file or a pipe it draws nothing (the launcher's one-line reports
+and the summaries after the run say what happened). ``--no-progress`` and ATOLL_NO_PROGRESS turn
+it off on a terminal too (the CLI then makes no watch at all).
 """
 
 from __future__ import annotations
 
-import json
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.console import Console, Group, RenderableType
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
+
+from atoll.report.site_state import MetricsTail, RunShape, SiteHistory, eta_seconds, exchange_state
+
+REDRAW_SECONDS = 1.0  # the view is redrawn at most this often (files are polled on every refresh)
+
+
+@dataclass
+class _Watched:
+    name: str
+    run_dir: Path
+    total_steps: int
+    tail: MetricsTail
+    history: SiteHistory
+    shape: RunShape | None = None
+    mark: str = ""  # what the launcher said: "restarted 2x", "lost", "done"
+    marked_at: float = 0.0
 
 
 class SiteWatch:
-    """Context manager; `refresh()` re-reads the sites' metrics and redraws."""
+    """Context manager; `refresh()` re-reads the sites' metrics and redraws (at most once a second).
 
-    def __init__(self, sites: dict[str, Path], *, total_steps: dict[str, int], console: Console | None = None) -> None:
-        self._sites = sites
-        self._offsets = {name: 0 for name in sites}
-        self._progress = Progress(
-            TextColumn("[bold]{task.description:>10}"),
-            TextColumn("[yellow]{task.fields[state]}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("loss [cyan]{task.fields[loss]}"),
-            TextColumn("[green]{task.fields[tps]}[/] tok/s"),
-            TextColumn("WAN [magenta]{task.fields[wan]}[/] MB sent"),
-            TextColumn("util {task.fields[util]}"),
-            TimeElapsedColumn(),
-            console=console or Console(stderr=True),
-        )
-        self._tasks = {
-            name: self._progress.add_task(
-                name, total=total_steps[name], loss="-", tps="-", wan="0.0", util="-", state=""
+    `sites` maps each site to its run directory, `total_steps` to its number of inner steps
+    (a site missing there: read from its run directory's config.yaml once it logs).
+    `links` (`set_links`) gives each site's uplink and downlink in Mbit/s. Inert (nothing read,
+    nothing drawn) when `console` is not a terminal. Not thread-safe: the launcher's loop calls it.
+    """
+
+    def __init__(
+        self,
+        sites: dict[str, Path],
+        *,
+        total_steps: dict[str, int],
+        console: Console | None = None,
+        links: Mapping[str, tuple[float, float]] | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._console = console or Console(stderr=True)
+        self._clock = clock
+        self._sites = {
+            name: _Watched(
+                name, run_dir, total_steps.get(name, 0), MetricsTail(run_dir / "metrics.jsonl"), SiteHistory()
             )
-            for name in sites
+            for name, run_dir in sites.items()
         }
+        self._links: dict[str, tuple[float, float]] = dict(links or {})
+        self._live: Live | None = None
+        self._drawn_at = 0.0
+
+    @property
+    def enabled(self) -> bool:
+        """Whether the view draws: only on a terminal."""
+        return self._console.is_terminal
+
+    def set_links(self, links: Mapping[str, tuple[float, float]]) -> None:
+        """Each site's (uplink, downlink) in Mbit/s, from the topology's links; sites without one show no link row."""
+        self._links = dict(links)
 
     def __enter__(self) -> SiteWatch:
-        self._progress.start()
+        if self.enabled:
+            self._live = Live(console=self._console, auto_refresh=False, redirect_stdout=True, redirect_stderr=True)
+            self._live.start()
+            self.refresh(force=True)
         return self
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        self.refresh()
-        self._progress.stop()
+        if self._live is not None:
+            self.refresh(force=True)
+            self._live.stop()
+            self._live = None
 
     def mark(self, name: str, state: str) -> None:
-        """Show `state` (e.g. "restarted 1x", "lost") beside the site's name."""
-        self._progress.update(self._tasks[name], state=state)
+        """Show `state` ("restarted 1x", "lost", "done") for the site: in its row until the site
+        logs again (a restart) or for good (the others), and in the line under the tables."""
+        site = self._sites[name]
+        site.mark, site.marked_at = state, self._clock()
+        if state.startswith("restarted"):
+            site.history.started_at = site.marked_at  # its rates and ETA restart with it
 
-    def refresh(self) -> None:
-        for name, run_dir in self._sites.items():
-            for record in self._read_new(name, run_dir / "metrics.jsonl"):
-                fields: dict[str, str] = {}
-                if "loss" in record:
-                    fields["loss"] = f"{record['loss']:.4f}"
-                if "tokens_per_s" in record:
-                    fields["tps"] = f"{record['tokens_per_s']:,.0f}"
-                if "wan_bytes_sent" in record:
-                    fields["wan"] = f"{record['wan_bytes_sent'] / 1e6:.1f}"
-                if "compute_utilization" in record:
-                    fields["util"] = f"{record['compute_utilization']:.0%}"
-                self._progress.update(self._tasks[name], completed=record.get("step", 0), **fields)
+    def refresh(self, *, force: bool = False) -> None:
+        """Read what the sites logged since the last call; redraw when a second has passed (or `force`)."""
+        if not self.enabled:
+            return
+        self.poll()
+        now = self._clock()
+        if self._live is not None and (force or now - self._drawn_at >= REDRAW_SECONDS):
+            self._live.update(self.render(now=now), refresh=True)
+            self._drawn_at = now
 
-    def _read_new(self, name: str, path: Path) -> list[dict[str, object]]:
-        if not path.exists():
-            return []
-        if path.stat().st_size < self._offsets[name]:  # a resumed site truncated its metrics: read again
-            self._offsets[name] = 0
-        with path.open("r", encoding="utf-8") as f:
-            f.seek(self._offsets[name])
-            data = f.read()
-        complete, _, _ = data.rpartition("\n")
-        if not complete:
-            return []
-        self._offsets[name] += len(complete.encode("utf-8")) + 1
-        out = []
-        for line in complete.splitlines():
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-        return out
+    def poll(self) -> None:
+        """Read the records the sites' metrics.jsonl gained (works whether or not the view draws)."""
+        for site in self._sites.values():
+            rewritten, records = site.tail.poll()
+            if rewritten:
+                site.history.reset()
+            if records and site.shape is None:
+                site.shape = RunShape.read(site.run_dir, site.name)
+                site.total_steps = site.total_steps or site.shape.total_steps or 0
+            for record in records:
+                site.history.add(record)
+
+    def render(self, *, now: float) -> RenderableType:
+        """The tables as they stand at wall time `now` (unix seconds)."""
+        parts: list[RenderableType] = [self._site_table(now)]
+        links = self._link_table()
+        if links is not None:
+            parts.append(links)
+        notes = [f"{s.name} {s.mark}" for s in self._sites.values() if s.mark and s.mark != "done"]
+        if notes:
+            parts.append(Text("; ".join(notes), style="yellow", overflow="fold"))
+        return Group(*parts)
+
+    def _site_table(self, now: float) -> Table:
+        table = Table(box=None, pad_edge=False, padding=(0, 1), header_style="bold", show_edge=False)
+        table.add_column("site", no_wrap=True, overflow="ellipsis", max_width=12)
+        for header in ("step", "loss", "tok/s", "util"):
+            table.add_column(header, justify="right", no_wrap=True)
+        table.add_column("exchange", no_wrap=True, overflow="ellipsis", min_width=12)
+        table.add_column("MB sent", justify="right", no_wrap=True)
+        table.add_column("ETA", justify="right", no_wrap=True)
+        for site in self._sites.values():
+            shape = site.shape or RunShape()
+            last = site.history.last
+            state = self._state(site, now=now, shape=shape)
+            eta = eta_seconds(site.history, shape, total_steps=site.total_steps)
+            step = int(last["step"]) if last is not None else 0
+            total = site.total_steps
+            table.add_row(
+                Text(site.name, style="bold"),
+                f"{step}/{total}" if total else str(step),
+                Text(_loss(last), style="cyan"),
+                Text(_si(site.history.tokens_per_s()), style="green"),
+                _percent(last.get("compute_utilization") if last is not None else None),
+                Text(state, style=_STATE_STYLES.get(state.split(" ")[0], "")),
+                Text(_megabytes(last.get("wan_bytes_sent") if last is not None else None), style="magenta"),
+                "done" if state == "done" else _duration(eta if total else None),
+            )
+        return table
+
+    def _state(self, site: _Watched, *, now: float, shape: RunShape) -> str:
+        if site.mark == "lost":
+            return "lost"
+        last = site.history.last
+        if site.mark.startswith("restarted") and (last is None or float(last.get("time", 0.0)) < site.marked_at):
+            return "restarting"
+        if site.mark == "done" or (last is not None and site.total_steps and int(last["step"]) >= site.total_steps):
+            return "done"
+        return exchange_state(site.history, shape, now=now)
+
+    def _link_table(self) -> Table | None:
+        rows = [(s, self._links[s.name]) for s in self._sites.values() if s.name in self._links]
+        if not rows:
+            return None
+        table = Table(box=None, pad_edge=False, padding=(0, 1), header_style="bold", show_edge=False)
+        table.add_column("link Mb/s", no_wrap=True, overflow="ellipsis", max_width=12)
+        table.add_column("up 60s", justify="right", no_wrap=True)
+        table.add_column("in exch", justify="right", no_wrap=True)
+        table.add_column("of", justify="right", no_wrap=True)
+        table.add_column("use", justify="right", no_wrap=True)
+        table.add_column("down 60s", justify="right", no_wrap=True)
+        table.add_column("in exch", justify="right", no_wrap=True)
+        table.add_column("of", justify="right", no_wrap=True)
+        for site, (up, down) in rows:
+            rates = site.history.link_rates()
+            use = rates.up_exchange / up if rates.up_exchange is not None else None
+            table.add_row(
+                Text(site.name, style="bold"),
+                _rate(rates.up_now),
+                _rate(rates.up_exchange),
+                _rate(up),
+                _percent(use),
+                _rate(rates.down_now),
+                _rate(rates.down_exchange),
+                _rate(down),
+            )
+        return table
+
+
+_STATE_STYLES = {
+    "sending": "magenta",
+    "waiting": "yellow",
+    "in": "magenta",  # in flight
+    "applied": "green",
+    "failed": "red",
+    "lost": "bold red",
+    "restarting": "yellow",
+    "quiet": "yellow",
+    "done": "green",
+}
+
+
+def _loss(record: dict[str, object] | None) -> str:
+    value = record.get("loss") if record is not None else None
+    return f"{value:.4f}" if isinstance(value, (int, float)) else "-"
+
+
+def _si(value: float | None) -> str:
+    if value is None:
+        return "-"
+    for limit, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if value >= limit:
+            return f"{value / limit:.1f}{suffix}"
+    return f"{value:.0f}"
+
+
+def _percent(value: object) -> str:
+    return f"{value:.0%}" if isinstance(value, (int, float)) else "-"
+
+
+def _megabytes(value: object) -> str:
+    if not isinstance(value, (int, float)):
+        return "-"
+    mb = value / 1e6
+    return f"{mb:.1f}" if mb < 1000 else f"{mb:,.0f}"
+
+
+def _rate(mbps: float | None) -> str:
+    if mbps is None:
+        return "-"
+    if mbps < 10:
+        return f"{mbps:.2f}"
+    if mbps < 1000:
+        return f"{mbps:.1f}"
+    return f"{mbps:,.0f}"
+
+
+def _duration(seconds: float | None) -> str:
+    """``1:02:03``, ``12:34``; ``4d03h`` past 99 hours; ``-`` when unknown."""
+    if seconds is None:
+        return "-"
+    s = int(round(seconds))
+    h, rest = divmod(s, 3600)
+    m, sec = divmod(rest, 60)
+    if h > 99:
+        return f"{h // 24}d{h % 24:02d}h"
+    return f"{h}:{m:02d}:{sec:02d}" if h else f"{m}:{sec:02d}"

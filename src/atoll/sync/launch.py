@@ -186,6 +186,8 @@ def launch_sites(
             )
             run_dir = site_dirs.get(site.name) if site_dirs is not None else None
             sites[site.name] = _Site(site.name, argv, run_dir, _start(host, site.name, argv, site_env))
+        if watch is not None:
+            watch.set_links(link_mbps(topology))
         return _watch(sites, host=host, env=site_env, restarts=restarts, lighthouse=lighthouse, watch=watch)
     finally:
         stop_processes([s.proc for s in sites.values()])
@@ -226,6 +228,8 @@ def _watch(
                 if code == 0:
                     site.state = "finished"
                     log.info("site %s finished", site.name)
+                    if watch is not None:
+                        watch.mark(site.name, "done")
                     continue
                 where = f"site {site.name} {describe_exit(code)} {_last_step_words(site.run_dir)}"
                 if code == EXIT_USER_ERROR:
@@ -254,6 +258,16 @@ def _watch(
         if watch is not None:
             watch.__exit__(None, None, None)
     return lost[0] if lost else 0
+
+
+def link_mbps(topology: Topology) -> dict[str, tuple[float, float]]:
+    """Each site's (uplink, downlink) in Mbit/s, for the live view's link rows (sites without a link: none)."""
+    out = {}
+    for site in topology.sites:
+        link = topology.link(site.name)
+        if link is not None:
+            out[site.name] = (link.uplink_mbps, link.down_mbps)
+    return out
 
 
 def report(line: str) -> None:
