@@ -62,7 +62,8 @@ class FakeSite:
                 "loss": 7.0 - step / 100,
                 "tokens_per_s": 10_240.0,
                 "tokens_seen": 1024 * step,
-                "step_seconds": 0.1,
+                "step_seconds": 1.0,
+                "compute_seconds": 0.9 * step,  # a step computes 0.9 s
                 "compute_utilization": 0.875,
                 "wan_bytes_sent": PAYLOAD * self.exchanges,
                 "wan_bytes_received": PAYLOAD * self.exchanges,
@@ -115,9 +116,9 @@ def test_derived_states_mb_rates_and_eta_in_80_columns(two_sites: tuple[FakeSite
         west.step(step, T0 + step)
     clock.now = T0 + 9.5
     row = _row(_screen(watch, clock), "east").split()
-    assert row == ["east", "9/50", "6.9100", "10.2k", "88%", "-", "0.0", "0:41"]  # 41 steps left, 1 s each
+    assert row == ["east", "9/50", "6.9100", "1.0k", "88%", "-", "0.0", "0:41"]  # 41 steps left, 1 s each
 
-    clock.now = T0 + 11.0  # step 10 is a round boundary and its record is late: the exchange runs
+    clock.now = T0 + 11.0  # step 10 is a round boundary and its record is late (>0.9 s + 0.5 s): the exchange runs
     assert _row(_screen(watch, clock), "east").split()[5:7] == ["sending", "r1"]
 
     east.step(10, T0 + 12.0, exchanged=True)  # applied; the link carried 3.35 Mbit/s of its 3.4
@@ -287,4 +288,4 @@ def test_drawn_on_a_terminal_within_80_columns(tmp_path: Path) -> None:
     assert "1/123456" in text and "asia-east-b" in text and "eu-central restarted 12x" in text
     lines = _screen(watch, clock)
     assert lines[0].split()[:2] == ["site", "step"] and "ETA" in lines[0]
-    assert _row(lines, "us-west").split()[-1] == "3:25:46"  # 123,455 steps of 0.1 s (one record: its step time)
+    assert _row(lines, "us-west").split()[-1] == "34:17:35"  # 123,455 steps of 1 s (one record: its step time)

@@ -29,7 +29,7 @@ EXCHANGE_KEY = "exchange"  # the exchange record's state: see the module docstri
 EXCHANGE_ROUND_KEY = "exchange_round"
 EXCHANGE_STATES = ("sending", "waiting", "applied", "failed")
 RATE_WINDOW_SECONDS = 60.0  # a link's "now": the bytes of the last minute of records
-RECENT_RECORDS = 20  # intervals the typical record interval and tokens/s are the median of
+RECENT_RECORDS = 20  # records a site's throughput and compute seconds per step are measured over
 
 
 @dataclass(frozen=True)
@@ -180,14 +180,6 @@ class SiteHistory:
             return self.steps
         return [r for r in self.steps if float(r.get("time", 0.0)) >= self.started_at]
 
-    def record_interval(self) -> float | None:
-        """The typical wall time between two step records (median of the recent ones)."""
-        recent = self.recent()[-RECENT_RECORDS - 1 :]
-        gaps = [float(b["time"]) - float(a["time"]) for a, b in zip(recent, recent[1:])]
-        if gaps:
-            return statistics.median(gaps)
-        return None
-
     def exchange_seconds(self) -> float | None:
         """How long an exchange usually takes here: the median `wan_seconds` per exchange over
         the recent record intervals that held exchanges."""
@@ -200,7 +192,28 @@ class SiteHistory:
         return statistics.median(per) if per else None
 
     def tokens_per_s(self) -> float | None:
-        values = [float(r["tokens_per_s"]) for r in self.recent()[-5:] if "tokens_per_s" in r]
+        """The site's throughput over the recent records: `tokens_seen` over wall time (its
+        exchanges included, which a logged step's own `tokens_per_s` may or may not hold);
+        the last record's `tokens_per_s` while there is one record only."""
+        recent = self.recent()[-RECENT_RECORDS - 1 :]
+        if len(recent) >= 2:
+            first, last = recent[0], recent[-1]
+            seconds = float(last["time"]) - float(first["time"])
+            if seconds > 0 and "tokens_seen" in last and "tokens_seen" in first:
+                return max(0.0, _num(last, "tokens_seen") - _num(first, "tokens_seen")) / seconds
+        values = [float(r["tokens_per_s"]) for r in recent[-1:] if "tokens_per_s" in r]
+        return values[0] if values else None
+
+    def compute_seconds_per_step(self) -> float | None:
+        """Seconds a step computes here (`compute_seconds` deltas: no exchange, evaluation or
+        checkpoint in them); the median `step_seconds` before two records."""
+        recent = self.recent()[-RECENT_RECORDS - 1 :]
+        if len(recent) >= 2 and "compute_seconds" in recent[-1] and "compute_seconds" in recent[0]:
+            steps = int(recent[-1]["step"]) - int(recent[0]["step"])
+            spent = _num(recent[-1], "compute_seconds") - _num(recent[0], "compute_seconds")
+            if steps > 0 and spent > 0:
+                return spent / steps
+        values = [float(r["step_seconds"]) for r in recent if "step_seconds" in r]
         return statistics.median(values) if values else None
 
     def seconds_per_step(self, shape: RunShape) -> float | None:
@@ -251,9 +264,10 @@ def exchange_state(history: SiteHistory, shape: RunShape, *, now: float) -> str:
     ``applied r5``, ``failed r4``); a ``sending`` or ``waiting`` record followed by step records
     is an exchange in flight behind the steps (``in flight r4``: delayed and streaming).
 
-    Without them, from the step records alone: the site's last record is overdue (older than
-    1.5 typical record intervals, and 1 s) and a round boundary falls before its next record
-    (H from the config): ``sending r4`` while the wait is shorter than its exchanges usually
+    Without them, from the step records alone: the site's next record is overdue (the time since
+    the last one exceeds what computing the steps up to the next takes, at the site's recent
+    compute seconds per step, by half of that and 0.5 s) and a round boundary falls before it (H
+    from the config): ``sending r4`` while the overdue time is within what its exchanges usually
     take, else ``waiting r4`` (the others are late, or the link is slower); ``delayed`` sends in
     the background, so a late record at its boundary is ``waiting``. An overdue record away from a
     boundary is ``quiet 42s`` (an evaluation, a checkpoint, or a stall); otherwise the last round
@@ -273,11 +287,11 @@ def exchange_state(history: SiteHistory, shape: RunShape, *, now: float) -> str:
     if last is None:
         return "-"
     rnd = history.applied_round
-    overdue = _overdue(history, now=now)
+    overdue = _overdue(history, shape, now=now)
     if overdue is not None:
         boundary = _next_boundary(int(last["step"]), shape)
         if boundary is None:
-            return f"quiet {_short_seconds(overdue)}"
+            return f"quiet {_short_seconds(now - float(last['time']))}"
         sending = (_int(last.get("sync_round")) or 0) + 1 if "sync_round" in last else None
         label = f" r{sending}" if sending is not None else ""
         usual = history.exchange_seconds()
@@ -298,16 +312,20 @@ def eta_seconds(history: SiteHistory, shape: RunShape, *, total_steps: int) -> f
     return max(0, total_steps - int(last["step"])) * per_step
 
 
-def _overdue(history: SiteHistory, *, now: float) -> float | None:
-    """Seconds since the last step record when that is late (see `exchange_state`), else None."""
+def _overdue(history: SiteHistory, shape: RunShape, *, now: float) -> float | None:
+    """Seconds the site has spent since its last step record beyond computing the steps up to
+    its next one, when that is more than half the compute and 0.5 s (see `exchange_state`); else None."""
     last = history.last
-    if last is None:
+    per_step = history.compute_seconds_per_step()
+    if last is None or per_step is None:
         return None
-    typical = history.record_interval()
-    if typical is None:
-        typical = float(last.get("step_seconds", 1.0))
-    waited = now - float(last["time"])
-    return waited if waited > max(1.5 * typical, 1.0) else None
+    step = int(last["step"])
+    to_next = shape.log_every - step % shape.log_every
+    if shape.total_steps is not None:
+        to_next = max(1, min(to_next, shape.total_steps - step))
+    expected = per_step * to_next
+    beyond = now - float(last["time"]) - expected
+    return beyond if beyond > max(0.5 * expected, 0.5) else None
 
 
 def _next_boundary(step: int, shape: RunShape) -> int | None:
