@@ -289,3 +289,49 @@ def test_drawn_on_a_terminal_within_80_columns(tmp_path: Path) -> None:
     lines = _screen(watch, clock)
     assert lines[0].split()[:2] == ["site", "step"] and "ETA" in lines[0]
     assert _row(lines, "us-west").split()[-1] == "34:17:35"  # 123,455 steps of 1 s (one record: its step time)
+
+
+def test_the_launcher_gives_the_view_each_sites_link() -> None:
+    from atoll.config.topology import load_topology
+    from atoll.sync.launch import link_mbps
+
+    repo = Path(__file__).resolve().parents[2]
+    assert link_mbps(load_topology(repo / "examples/topologies/lab-two-sites.yaml")) == {
+        "east": (3.4, 3.4),
+        "west": (3.4, 3.4),
+    }
+
+
+def test_a_standalone_site_draws_its_view_while_its_ranks_run(tmp_path: Path) -> None:
+    """`atoll site` without a launcher: `run_site_ranks` refreshes the watch while it waits and
+    marks the site done when its ranks exit 0 (a stand-in rank writes two records)."""
+    from atoll.deploy.site import SitePlacement, run_site_ranks, site_watch
+    from atoll.sync.site_env import SiteEnv
+
+    site = FakeSite(tmp_path, "east")
+    (tmp_path / "fake_rank.py").write_text(
+        "import json, sys, time\n"
+        "with open(sys.argv[1], 'a') as f:\n"
+        "    for step in (1, 2):\n"
+        "        f.write(json.dumps({'step': step, 'time': time.time(), 'loss': 5.5, 'compute_seconds': 0.1,\n"
+        "                            'tokens_seen': 1024 * step, 'wan_bytes_sent': 0}) + '\\n')\n",
+        encoding="utf-8",
+    )
+    env_site = SiteEnv(
+        site="east",
+        index=0,
+        num_sites=2,
+        topology=tmp_path / "topology.yaml",
+        lighthouse="http://127.0.0.1:1",
+        address="127.0.0.1",
+        wan_mode="emulated",
+    )
+    placement = SitePlacement(env=env_site, nproc=1, store_port=0)
+    assert site_watch(placement, site.dir) is None  # pytest's stderr is no terminal: no view
+    out = StringIO()
+    watch = SiteWatch({"east": site.dir}, total_steps={}, console=Console(file=out, width=80, force_terminal=True))
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(tmp_path), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}
+    module_args = [str(site.dir / "metrics.jsonl")]
+    assert run_site_ranks(placement, module="fake_rank", module_args=module_args, env=env, watch=watch) is None
+    last_frame = out.getvalue().split("site")[-1]
+    assert "2/50" in last_frame and "done" in last_frame  # 50 steps: from the site's config.yaml
