@@ -182,6 +182,9 @@ def test_exchange_records_give_the_exact_state(tmp_path: Path) -> None:
     assert state(T0 + 26.1) == "applied r1"
     site.write({"step": 20, "time": T0 + 26.2, "exchange": "failed", "exchange_round": 2})
     assert state(T0 + 26.3) == "failed r2"
+    site.step(20, T0 + 26.4)
+    assert state(T0 + 26.5) == "failed r2"
+    assert state(T0 + 60) == "quiet 34s"  # late, and no exchange record says why: not an exchange
 
 
 def test_a_lost_and_a_restarted_site(two_sites: tuple[FakeSite, FakeSite, SiteWatch, Clock]) -> None:
@@ -195,8 +198,8 @@ def test_a_lost_and_a_restarted_site(two_sites: tuple[FakeSite, FakeSite, SiteWa
     clock.now = T0 + 9
     watch.mark("west", "restarted 1x")
     lines = _screen(watch, clock)
-    assert _row(lines, "east").split()[5] == "lost"
-    assert _row(lines, "west").split()[5] == "restarting"
+    assert _row(lines, "east").split()[5:] == ["lost", "0.0", "-"]
+    assert _row(lines, "west").split()[5:] == ["restarting", "0.0", "-"]
     assert lines[-1] == "east lost; west restarted 1x"
 
     # west resumes from its checkpoint at step 5: its metrics are cut back there, then it goes on

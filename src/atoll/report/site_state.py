@@ -262,7 +262,8 @@ def exchange_state(history: SiteHistory, shape: RunShape, *, now: float) -> str:
 
     With exchange records: the latest one's state and round (``sending r4``, ``waiting r4``,
     ``applied r5``, ``failed r4``); a ``sending`` or ``waiting`` record followed by step records
-    is an exchange in flight behind the steps (``in flight r4``: delayed and streaming).
+    is an exchange in flight behind the steps (``in flight r4``: delayed and streaming); a
+    site overdue (below) with no exchange record since its last step is ``quiet 42s``.
 
     Without them, from the step records alone: the site's next record is overdue (the time since
     the last one exceeds what computing the steps up to the next takes, at the site's recent
@@ -279,15 +280,18 @@ def exchange_state(history: SiteHistory, shape: RunShape, *, now: float) -> str:
     if shape.strategy == "ddp":
         return "lockstep"
     ex = history.exchange
+    overdue = _overdue(history, shape, now=now)
     if ex is not None:
         state, rnd = str(ex[EXCHANGE_KEY]), _int(ex.get(EXCHANGE_ROUND_KEY))
-        if not history.exchange_is_current and state in ("sending", "waiting"):
-            state = "in flight"
+        if not history.exchange_is_current:
+            if overdue is not None and last is not None:  # an exchange would have said so
+                return f"quiet {_short_seconds(now - float(last['time']))}"
+            if state in ("sending", "waiting"):
+                state = "in flight"
         return f"{state} r{rnd}" if rnd is not None else state
     if last is None:
         return "-"
     rnd = history.applied_round
-    overdue = _overdue(history, shape, now=now)
     if overdue is not None:
         boundary = _next_boundary(int(last["step"]), shape)
         if boundary is None:

@@ -164,7 +164,7 @@ class SiteWatch:
                 _percent(last.get("compute_utilization") if last is not None else None),
                 Text(state, style=_STATE_STYLES.get(state.split(" ")[0], "")),
                 Text(_megabytes(last.get("wan_bytes_sent") if last is not None else None), style="magenta"),
-                "done" if state == "done" else _duration(eta if total else None),
+                _eta(state, eta if total else None),
             )
         return table
 
@@ -218,6 +218,12 @@ _STATE_STYLES = {
     "quiet": "yellow",
     "done": "green",
 }
+
+
+def _eta(state: str, seconds: float | None) -> str:
+    if state == "done":
+        return "done"
+    return "-" if state in ("lost", "restarting") else _duration(seconds)
 
 
 def _loss(record: dict[str, object] | None) -> str:
