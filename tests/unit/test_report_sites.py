@@ -274,7 +274,12 @@ def test_drawn_on_a_terminal_within_80_columns(tmp_path: Path) -> None:
     names = ["us-west", "eu-central", "asia-east-backup-7"]
     sites = {n: FakeSite(tmp_path, n) for n in names}
     for s in sites.values():
-        s.step(1, T0 + 1)
+        if s is not sites["asia-east-backup-7"]:
+            s.step(1, T0 + 1)
+    big = sites["asia-east-backup-7"]  # the widest row a long run gives
+    big.write({"step": 99_999, "time": T0 - 10, "loss": 10.3745, "tokens_seen": 0, "wan_bytes_sent": 123_456e6})
+    big.write({"step": 100_000, "time": T0, "loss": 10.3745, "tokens_seen": 999_900, "wan_bytes_sent": 123_456e6})
+    big.write({"step": 100_000, "time": T0 + 0.5, "exchange": "waiting", "exchange_round": 1234})
     out = StringIO()
     clock = Clock()
     clock.now = T0 + 1.5
@@ -291,6 +296,10 @@ def test_drawn_on_a_terminal_within_80_columns(tmp_path: Path) -> None:
     assert "1/123456" in text and "asia-east-b" in text and "eu-central restarted 12x" in text
     lines = _screen(watch, clock)
     assert lines[0].split()[:2] == ["site", "step"] and "ETA" in lines[0]
+    assert _row(lines, "asia-east").split()[1:] == ["100000/123456", "10.374", "100.0k", "-", "waiting", "r1234"] + [
+        "123.5k",
+        "65:09:20",  # 23,456 steps of 10 s
+    ]
     assert _row(lines, "us-west").split()[-1] == "34:17:35"  # 123,455 steps of 1 s (one record: its step time)
 
 

@@ -132,8 +132,8 @@ class SiteWatch:
 
     def render(self, *, now: float) -> RenderableType:
         """The tables as they stand at wall time `now` (unix seconds)."""
-        parts: list[RenderableType] = [self._site_table(now)]
-        links = self._link_table()
+        parts: list[RenderableType] = [self._fit(lambda gap: self._site_table(now, gap))]
+        links = self._fit(self._link_table) if self._links else None
         if links is not None:
             parts.append(links)
         notes = [f"{s.name} {s.mark}" for s in self._sites.values() if s.mark and s.mark != "done"]
@@ -141,12 +141,21 @@ class SiteWatch:
             parts.append(Text("; ".join(notes), style="yellow", overflow="fold"))
         return Group(*parts)
 
-    def _site_table(self, now: float) -> Table:
-        table = Table(box=None, pad_edge=False, padding=(0, 1), header_style="bold", show_edge=False)
+    def _fit(self, build: Callable[[int], Table | None]) -> Table | None:
+        """The table with two spaces between columns, or one where two would not fit the terminal
+        (a 100,000-step run, a 13-character site name...): fields are never cut for spacing."""
+        table = build(2)
+        unbounded = self._console.options.update_width(10 * self._console.width)  # measure() clamps to the width
+        if table is not None and self._console.measure(table, options=unbounded).maximum > self._console.width:
+            return build(1)
+        return table
+
+    def _site_table(self, now: float, gap: int) -> Table:
+        table = _table(gap)
         table.add_column("site", no_wrap=True, overflow="ellipsis", max_width=12)
         for header in ("step", "loss", "tok/s", "util"):
             table.add_column(header, justify="right", no_wrap=True)
-        table.add_column("exchange", no_wrap=True, overflow="ellipsis", min_width=12)
+        table.add_column("exchange", no_wrap=True, overflow="ellipsis", min_width=13)
         table.add_column("MB sent", justify="right", no_wrap=True)
         table.add_column("ETA", justify="right", no_wrap=True)
         for site in self._sites.values():
@@ -178,11 +187,11 @@ class SiteWatch:
             return "done"
         return exchange_state(site.history, shape, now=now)
 
-    def _link_table(self) -> Table | None:
+    def _link_table(self, gap: int) -> Table | None:
         rows = [(s, self._links[s.name]) for s in self._sites.values() if s.name in self._links]
         if not rows:
             return None
-        table = Table(box=None, pad_edge=False, padding=(0, 1), header_style="bold", show_edge=False)
+        table = _table(gap)
         table.add_column("link Mb/s", no_wrap=True, overflow="ellipsis", max_width=12)
         table.add_column("up 60s", justify="right", no_wrap=True)
         table.add_column("in exch", justify="right", no_wrap=True)
@@ -220,6 +229,11 @@ _STATE_STYLES = {
 }
 
 
+def _table(gap: int) -> Table:
+    """A borderless table with `gap` spaces between its columns."""
+    return Table(box=None, pad_edge=False, padding=(0, gap, 0, 0), header_style="bold", show_edge=False)
+
+
 def _eta(state: str, seconds: float | None) -> str:
     if state == "done":
         return "done"
@@ -228,7 +242,9 @@ def _eta(state: str, seconds: float | None) -> str:
 
 def _loss(record: dict[str, object] | None) -> str:
     value = record.get("loss") if record is not None else None
-    return f"{value:.4f}" if isinstance(value, (int, float)) else "-"
+    if not isinstance(value, (int, float)):
+        return "-"
+    return f"{value:.4f}" if abs(value) < 10 else f"{value:.3f}"  # six characters either way
 
 
 def _si(value: float | None) -> str:
@@ -248,7 +264,9 @@ def _megabytes(value: object) -> str:
     if not isinstance(value, (int, float)):
         return "-"
     mb = value / 1e6
-    return f"{mb:.1f}" if mb < 1000 else f"{mb:,.0f}"
+    if mb < 1000:
+        return f"{mb:.1f}"
+    return f"{mb:,.0f}" if mb < 100_000 else _si(mb)
 
 
 def _rate(mbps: float | None) -> str:
