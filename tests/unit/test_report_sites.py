@@ -213,6 +213,9 @@ def test_a_lost_and_a_restarted_site(two_sites: tuple[FakeSite, FakeSite, SiteWa
     row = _row(_screen(watch, clock), "west").split()
     assert row[1] == "8/50" and row[5] == "-" and row[-1] == "1:24"  # 42 steps x 2 s
     assert _screen(watch, clock)[-1] == "east lost; west restarted 1x"
+    watch.mark("west", "done")  # it finished: its row says so, the line under the tables still tells its story
+    lines = _screen(watch, clock)
+    assert _row(lines, "west").split()[5:] == ["done", "0.0", "done"] and lines[-1] == "east lost; west restarted 1x"
 
 
 def test_a_site_restarted_from_the_beginning_starts_over(tmp_path: Path) -> None:

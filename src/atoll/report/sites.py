@@ -42,8 +42,9 @@ class _Watched:
     tail: MetricsTail
     history: SiteHistory
     shape: RunShape | None = None
-    mark: str = ""  # what the launcher said: "restarted 2x", "lost", "done"
+    mark: str = ""  # what the launcher said last: "restarted 2x", "lost", "done"
     marked_at: float = 0.0
+    restarts: str = ""  # its last "restarted Nx", kept when a later mark replaces it
 
 
 class SiteWatch:
@@ -106,6 +107,7 @@ class SiteWatch:
         site = self._sites[name]
         site.mark, site.marked_at = state, self._clock()
         if state.startswith("restarted"):
+            site.restarts = state
             site.history.started_at = site.marked_at  # its rates and ETA restart with it
 
     def refresh(self, *, force: bool = False) -> None:
@@ -136,7 +138,13 @@ class SiteWatch:
         links = self._fit(self._link_table) if self._links else None
         if links is not None:
             parts.append(links)
-        notes = [f"{s.name} {s.mark}" for s in self._sites.values() if s.mark and s.mark != "done"]
+        notes = []
+        for s in self._sites.values():
+            said = [s.restarts] if s.restarts else []
+            if s.mark and s.mark not in ("done", s.restarts):
+                said.append(s.mark)
+            if said:
+                notes.append(f"{s.name} {', '.join(said)}")
         if notes:
             parts.append(Text("; ".join(notes), style="yellow", overflow="fold"))
         return Group(*parts)
