@@ -258,7 +258,7 @@ class SiteHistory:
 
 
 def exchange_state(history: SiteHistory, shape: RunShape, *, now: float) -> str:
-    """The state of the site's current exchange, in at most 12 characters.
+    """The state of the site's current exchange, in 13 characters or fewer (rounds below 10,000).
 
     With exchange records: the latest one's state and round (``sending r4``, ``waiting r4``,
     ``applied r5``, ``failed r4``); a ``sending`` or ``waiting`` record followed by step records
