@@ -81,7 +81,8 @@ def _cmd_lighthouse(args: argparse.Namespace, extra: list[str]) -> int:
 
 def _cmd_site(args: argparse.Namespace, extra: list[str]) -> int:
     from atoll.config.topology import load_topology
-    from atoll.deploy.site import become_rank, place_site, run_site_ranks, site_environ, under_torchrun
+    from atoll.console import want_progress
+    from atoll.deploy.site import become_rank, place_site, run_site_ranks, site_environ, site_watch, under_torchrun
     from atoll.parallel.launch import exit_status
 
     torchrun = under_torchrun(os.environ)
@@ -106,12 +107,16 @@ def _cmd_site(args: argparse.Namespace, extra: list[str]) -> int:
         run_dir = _prepare_site(args, extra, topology)
     if run_dir is not None or args.prepared:
         base["ATOLL_LAUNCHED"] = "1"  # ranks neither prepare nor report: this process did and will
+    # A standalone site (not under a launcher) draws its own live view; its ranks then draw none.
+    watch = site_watch(placement, run_dir) if run_dir is not None and want_progress(args) else None
     module_args = [str(args.config), *extra, *_worker_flags(args)]
+    if watch is not None and "--no-progress" not in module_args:
+        module_args.append("--no-progress")
     env = site_environ(placement, base, torchrun=torchrun)
     if torchrun:
         become_rank(module=module, module_args=module_args, env=env)
     signal.signal(signal.SIGTERM, _exit_on_sigterm)  # stop the ranks, as Ctrl-C does
-    failure = run_site_ranks(placement, module=module, module_args=module_args, env=env)
+    failure = run_site_ranks(placement, module=module, module_args=module_args, env=env, watch=watch)
     if failure is not None:
         print(f"atoll site {placement.name}: {failure}; the site's other ranks were stopped", file=sys.stderr)
         return exit_status(failure.returncode)
