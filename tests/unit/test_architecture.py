@@ -82,3 +82,18 @@ def test_the_cycle_finder_finds_a_circle() -> None:
 def test_no_module_over_the_size_limit() -> None:
     sizes = {p.relative_to(SRC): len(p.read_text(encoding="utf-8").splitlines()) for p in SRC.rglob("*.py")}
     assert {p: n for p, n in sizes.items() if n > MAX_LINES} == {}
+
+
+def test_no_merge_conflict_markers_are_left_in_the_tree() -> None:
+    root = SRC.parent
+    patterns = ("*.py", "*.md", "*.toml", "*.yaml", "Makefile")
+    skip = {".venv", ".venv-peer", "runs", ".git", "build"}
+    found = []
+    for pattern in patterns:
+        for path in root.rglob(pattern):
+            if skip & set(path.relative_to(root).parts):
+                continue
+            for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+                if line.startswith(("<<<<<<< ", ">>>>>>> ")):
+                    found.append(f"{path.relative_to(root)}:{number}")
+    assert not found, found
