@@ -64,6 +64,16 @@ class SiteSpec(Section):
     def num_devices(self) -> int:
         return sum(d.count for d in self.devices)
 
+    def rank_devices(self, world_size: int) -> list[DeviceGroup]:
+        """The device group each of the site's `world_size` ranks stands for: the groups' devices
+        in order (rank r takes device r), repeated when there are more ranks than devices."""
+        flat = [group for group in self.devices for _ in range(group.count)]
+        return [flat[r % len(flat)] for r in range(world_size)]
+
+    def signature(self) -> list[tuple[str, int, float]]:
+        """What the site computes with, to compare sites: (kind, count, slowdown) per group, sorted."""
+        return sorted((d.kind, d.count, d.slowdown) for d in self.devices)
+
 
 class LinkSpec(Section):
     site: str = Field(description="The site this uplink belongs to.")
@@ -127,6 +137,10 @@ class Topology(Section):
             if s.name == name:
                 return s
         raise KeyError(name)
+
+    def sites_differ(self) -> bool:
+        """Whether some sites compute with other devices (kinds, counts or emulated slowdowns)."""
+        return len({str(s.signature()) for s in self.sites}) > 1
 
     def link(self, site: str) -> LinkSpec | None:
         for link in self.links:

@@ -10,6 +10,7 @@ batches the uninterrupted run would have.
 from __future__ import annotations
 
 import logging
+import math
 import zlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -129,6 +130,44 @@ def even_split(global_batch: int, world_size: int, rank: int) -> tuple[int, int]
     return start, base + (1 if rank < extra else 0)
 
 
+def split_counts(total: int, weights: Sequence[float], *, minimum: int = 1) -> list[int]:
+    """`total` items shared in proportion to `weights`, each getting at least `minimum`.
+
+    Largest-remainder rounding (Hamilton): each share is its quota's floor (raised to `minimum`),
+    then the items left go to the largest fractional parts (an excess is taken back from the
+    smallest ones above the minimum); ties go to the lower index. Pure and deterministic, so every
+    rank computing it from the same weights gets the same split. Raises `AtollError` when `total`
+    cannot give everyone `minimum` or a weight is not positive.
+    """
+    n = len(weights)
+    if n == 0 or total < n * minimum:
+        raise AtollError(f"{total} samples cannot give each of {n} ranks {minimum}: raise the global batch")
+    if any(not (math.isfinite(w) and w > 0) for w in weights):
+        raise AtollError(f"rank speeds must be positive and finite, got {list(weights)}")
+    whole = sum(weights)
+    quotas = [total * w / whole for w in weights]
+    counts = [max(minimum, int(q)) for q in quotas]
+    order = sorted(range(n), key=lambda i: (-(quotas[i] - counts[i]), i))
+    k = 0
+    while sum(counts) < total:
+        counts[order[k % n]] += 1
+        k += 1
+    for i in reversed(order):
+        while sum(counts) > total and counts[i] > minimum:
+            counts[i] -= 1
+    return counts
+
+
+def weighted_split(global_batch: int, weights: Sequence[float], rank: int) -> tuple[int, int]:
+    """This rank's (start, count) of a global batch shared in proportion to `weights` (one per rank,
+    e.g. measured samples/s), at least one sample each (`split_counts`). With equal weights it is
+    `even_split`'s split."""
+    if not 0 <= rank < len(weights):
+        raise AtollError(f"rank {rank} is not in a world of size {len(weights)}")
+    counts = split_counts(global_batch, weights)
+    return sum(counts[:rank]), counts[rank]
+
+
 class BatchStream:
     """The batches of one training run, for one rank, one optimizer step at a time.
 
@@ -196,6 +235,12 @@ class BatchStream:
                 self.offset = 0
         self.steps += 1
         return np.concatenate(parts)
+
+    def set_slice(self, rank_start: int, rank_count: int) -> None:
+        """Take another part of each global batch from the next step on (a re-balanced site)."""
+        if rank_count < 1 or rank_start < 0 or rank_start + rank_count > self.global_batch:
+            raise AtollError(f"rank slice [{rank_start}, {rank_start + rank_count}) is outside the global batch")
+        self.rank_start, self.rank_count = rank_start, rank_count
 
     def next_batch(self) -> torch.Tensor:
         """This rank's part of the next step: a LongTensor (rank_count, seq_len + 1)."""

@@ -143,6 +143,34 @@ def all_reduce_sum(values: list[float], *, device: torch.device) -> list[float]:
     return t.tolist()
 
 
+def all_reduce_max(value: float, *, device: torch.device) -> float:
+    """The largest of one scalar over the site (identity without a process group)."""
+    if not dist.is_initialized():
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
+
+
+def all_reduce_mean_gradients(params: list[nn.Parameter], *, world_size: int) -> None:
+    """Average the parameters' gradients over the site in one flat all-reduce, as DDP would (a
+    rank whose loss missed a parameter adds zeros). Blocks; identity without a process group."""
+    if not dist.is_initialized():
+        return
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    grads = [p.grad for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])  # type: ignore[union-attr]
+    dist.all_reduce(flat)
+    flat /= world_size
+    offset = 0
+    for g in grads:
+        n = g.numel()  # type: ignore[union-attr]
+        g.copy_(flat[offset : offset + n].view_as(g))  # type: ignore[union-attr]
+        offset += n
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
