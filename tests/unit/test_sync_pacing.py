@@ -194,3 +194,11 @@ def test_pacer_state_round_trips() -> None:
     copy = Pacer("balanced", "s0", 4, rounds=9)
     copy.load_state_dict(pacer.state_dict())
     assert copy.state_dict() == pacer.state_dict() and copy.planned == 6
+
+
+def test_the_first_round_follows_the_catalog_then_measurement_keeps_it_when_close() -> None:
+    prior = {"s0": 1.0, "s1": 2.0, "s2": 4.0}
+    pacers = [Pacer("balanced", f"s{i}", 8, rounds=3, prior=prior) for i in range(3)]
+    assert [p.planned for p in pacers] == [14, 7, 3]
+    pacers[0].observe([("s0", encode_pace(1.05)), ("s1", encode_pace(2.0)), ("s2", encode_pace(3.9))])
+    assert pacers[0].planned == 14  # within the tolerance of the best split: no change

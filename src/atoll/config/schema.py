@@ -212,6 +212,11 @@ class ParallelSection(Section):
         description="Lab only, a single site: emulate ranks this many times slower (rank r takes entry "
         "r mod length; compute, then sleep); several sites set it per device in the topology.",
     )
+    balance_ranks: bool = Field(
+        True,
+        description="Ranks of different devices take shares of the global batch in proportion to their speed; "
+        "false: equal shares (the slowest rank then paces the site).",
+    )
     rebalance_every: int = Field(
         20,
         ge=0,

@@ -9,7 +9,8 @@ pairs the sites' k-th sends whatever step each is at. Three modes:
 - `budget` (`sync.round_seconds`): as many inner steps as fit in the budget, measured: the round
   ends before a step that would overrun it (at least one step).
 - `balanced` (neither a budget nor per-site counts, and the sites differ or `sync.balance: always`):
-  each site reports its moving-average step time in its envelope (`Header.pace`, authenticated);
+  the first round is split by the catalog's figures (peak FLOP/s over emulated slowdowns); then each
+  site reports its moving-average step time in its envelope (`Header.pace`, authenticated);
   after every exchange, every site splits the round's total work (the sites' H summed) from the
   same gathered paces, so all reach the same plan without another message: the split that
   minimizes the slowest site's round time. A plan is replaced only when the new one is faster by
@@ -102,6 +103,7 @@ class Pacer:
     round_seconds: float | None = None
     tolerance: float = 0.1
     agree: Callable[[float], float] = field(default=lambda x: x, repr=False)
+    prior: dict[str, float] | None = None  # balanced: every site's relative step time on paper (the catalog)
     # state (checkpointed)
     rounds_sent: int = 0
     steps_in_round: int = 0
@@ -118,6 +120,13 @@ class Pacer:
         if self.mode == "budget" and not self.round_seconds:
             raise ValueError("a budget pacer needs round_seconds")
         self.planned = self.planned or self.inner_steps
+        if self.mode == "balanced" and self.prior and self.site in self.prior and not self.plan:
+            # The first round follows the catalog (no absolute time yet, so no deadline); measured
+            # paces replace it from the first exchange on, when they beat it by the tolerance.
+            names = sorted(self.prior)
+            counts = split_steps(self.inner_steps * len(names), [self.prior[n] for n in names])
+            self.plan = dict(zip(names, counts))
+            self.planned = self.plan[self.site]
 
     @property
     def paced(self) -> bool:

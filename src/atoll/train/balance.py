@@ -44,6 +44,12 @@ class RankDevice:
         return get_device(self.kind).peak_tflops / self.slowdown
 
 
+def site_speed(site: SiteSpec) -> float:
+    """A site's speed on paper: its devices' peak FLOP/s over their emulated slowdowns, summed.
+    Every site has the same global batch, so a site's step time goes as its inverse."""
+    return sum(get_device(d.kind).peak_tflops * d.count / d.slowdown for d in site.devices)
+
+
 def rank_devices(parallel: ParallelSection, site: SiteSpec | None, *, world_size: int) -> list[RankDevice]:
     """Each rank's device: from the site's topology entry (rank r takes its r-th device), else
     `parallel.rank_slowdowns` (one site in the lab), else plain CPUs."""
@@ -69,16 +75,18 @@ class RankBalancer:
     devices: list[RankDevice]
     every: int
     sum_over_site: Callable[[list[float]], list[float]] = field(repr=False)
+    balance: bool = True  # False: equal shares whatever the speeds (measured all the same)
     counts: list[int] = field(default_factory=list)
     speeds: list[float] = field(default_factory=list)  # the speeds the current split follows
     _samples: float = 0.0
     _seconds: float = 0.0
     _steps: int = 0
+    _measured: bool = False
     history: list[list[int]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.speeds = [d.prior_speed for d in self.devices]
-        self.counts = split_counts(self.global_batch, self.speeds)
+        self.counts = split_counts(self.global_batch, self.speeds if self.balance else [1.0] * len(self.devices))
         self.history.append(list(self.counts))
 
     @property
@@ -89,6 +97,11 @@ class RankBalancer:
     @property
     def slowdown(self) -> float:
         return self.devices[self.rank].slowdown
+
+    @property
+    def measured(self) -> list[float] | None:
+        """The ranks' measured samples/s (None before the first measurement)."""
+        return self.speeds if self._measured else None
 
     def slice(self) -> tuple[int, int]:
         """This rank's (start, count) of each global batch."""
@@ -111,8 +124,9 @@ class RankBalancer:
         speeds = self.sum_over_site(slots)
         if not all(s > 0 for s in speeds):
             return False
-        counts = split_counts(self.global_batch, speeds)
+        self._measured = True
         self.speeds = list(speeds)
+        counts = split_counts(self.global_batch, speeds) if self.balance else self.counts
         if counts == self.counts:
             return False
         self.counts = counts

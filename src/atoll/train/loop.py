@@ -50,7 +50,7 @@ from atoll.parallel.dist import DistEnv, all_reduce_max, all_reduce_mean_gradien
 from atoll.report.metrics import MetricsWriter
 from atoll.report.progress import ProgressSink
 from atoll.sync.site_env import SiteEnv
-from atoll.train.balance import RankBalancer, rank_devices
+from atoll.train.balance import RankBalancer, rank_devices, site_speed
 from atoll.train.guard import StepGuard
 from atoll.train.job import (
     LoopState,
@@ -112,6 +112,7 @@ def build_sync(
         round_seconds=cfg.round_seconds,
         tolerance=cfg.balance_tolerance,
         agree=lambda x: all_reduce_max(x, device=device),
+        prior={site.name: 1.0 / site_speed(site) for site in topology.sites},
     )
     sync = sync_for_site(
         TrainableParameters(model),
@@ -137,6 +138,7 @@ def rank_balancer(
         devices,
         every=parallel.rebalance_every,
         sum_over_site=lambda values: all_reduce_sum(values, device=device),
+        balance=parallel.balance_ranks,
     )
 
 
@@ -323,7 +325,10 @@ def run_loop(
                     "rollbacks": state.rollbacks,
                 }
                 if uneven:
-                    record["rank_shares"] = list(balancer.counts)  # type: ignore[union-attr]
+                    assert balancer is not None
+                    record["rank_shares"] = list(balancer.counts)
+                    if balancer.measured is not None:
+                        record["rank_samples_per_s"] = balancer.measured
                 record.update(_sync_record(sync, sync.metrics(), device=device))
                 metrics.log(state.step, record)
                 if env.is_main:
