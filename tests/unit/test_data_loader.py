@@ -194,7 +194,7 @@ def test_prepared_corpus_round_trips_through_loader(tmp_path: Path) -> None:
 
 
 def test_split_counts_is_largest_remainder_with_one_sample_each() -> None:
-    from atoll.data.loader import split_counts
+    from atoll.data.shares import split_counts
 
     assert split_counts(8, [1.0, 1.0, 1.0]) == [3, 3, 2]  # even_split's split for equal speeds
     assert split_counts(4, [1.0, 0.5]) == [3, 1]  # quotas 2.67, 1.33: the larger remainder wins

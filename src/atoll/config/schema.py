@@ -210,7 +210,8 @@ class ParallelSection(Section):
     rank_slowdowns: list[float] = Field(
         default_factory=list,
         description="Lab only, a single site: emulate ranks this many times slower (rank r takes entry "
-        "r mod length; compute, then sleep); several sites set it per device in the topology.",
+        "r mod length; compute, then sleep; each rank is then timed alone); several sites set it per device "
+        "in the topology.",
     )
     balance_ranks: bool = Field(
         True,

@@ -10,7 +10,7 @@ pairs the sites' k-th sends whatever step each is at. Three modes:
   ends before a step that would overrun it (at least one step).
 - `balanced` (neither a budget nor per-site counts, and the sites differ or `sync.balance: always`):
   the first round is split by the catalog's figures (peak FLOP/s over emulated slowdowns); then each
-  site reports its moving-average step time in its envelope (`Header.pace`, authenticated);
+  site reports its step time (a moving median) in its envelope (`Header.pace`, authenticated);
   after every exchange, every site splits the round's total work (the sites' H summed) from the
   same gathered paces, so all reach the same plan without another message: the split that
   minimizes the slowest site's round time. A plan is replaced only when the new one is faster by
@@ -25,6 +25,7 @@ Every decision that shapes the run is taken from numbers every rank of the site 
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -32,7 +33,10 @@ from typing import Any, Literal
 from atoll.config.schema import SyncSection
 
 PaceMode = Literal["fixed", "budget", "balanced"]
-EMA_ALPHA = 0.3  # weight of the newest step in the moving average: a 2x slowdown shows within ~3 steps
+# A site's step time is the median of its last PACE_WINDOW steps: a moving median, which one-off
+# slow steps (warm-up, an evaluation, a pause) do not move, and which follows a lasting change
+# (a straggler) within PACE_WINDOW // 2 + 1 steps.
+PACE_WINDOW = 5
 _LOG_SCALE = 1024.0  # pace code: log2(seconds) in 1/1024 steps (0.07 % resolution) ...
 _LOG_OFFSET = 32.0  # ... from 2^-32 s up to 2^32 s, in 16 bits; 0 means "not measured yet"
 
@@ -108,7 +112,7 @@ class Pacer:
     rounds_sent: int = 0
     steps_in_round: int = 0
     seconds_in_round: float = 0.0
-    step_seconds: float | None = None  # moving average of this site's step time
+    recent: list[float] = field(default_factory=list)  # this site's last step times (the moving window)
     steps_measured: int = 0
     planned: int = 0  # balanced: this site's steps in the current round
     plan: dict[str, int] = field(default_factory=dict)  # balanced: every site's share of the current round
@@ -140,10 +144,12 @@ class Pacer:
         self.steps_measured += 1
         if self.steps_measured == 1:
             return  # the run's first step pays for warm-up (allocations, kernels): not a measure of speed
-        if self.step_seconds is None:
-            self.step_seconds = seconds
-        else:
-            self.step_seconds = EMA_ALPHA * seconds + (1 - EMA_ALPHA) * self.step_seconds
+        self.recent = [*self.recent, seconds][-PACE_WINDOW:]
+
+    @property
+    def step_seconds(self) -> float | None:
+        """This site's step time: the moving median (None before a step was measured)."""
+        return statistics.median(self.recent) if self.recent else None
 
     def round_over(self) -> bool:
         """Whether the round ends after the step just recorded; the same answer on every rank of
@@ -168,7 +174,7 @@ class Pacer:
         return self.planned_round_seconds * (1.0 + self.tolerance)
 
     def pace(self) -> int:
-        """The pace code this site puts in its envelopes: its agreed moving-average step time."""
+        """The pace code this site puts in its envelopes: its agreed moving-median step time."""
         if self.step_seconds is None:
             return 0
         return encode_pace(self.agree(self.step_seconds))
@@ -217,7 +223,7 @@ class Pacer:
         return self.rounds_sent >= self.rounds
 
     def state_dict(self) -> dict[str, Any]:
-        keys = ("rounds_sent", "steps_in_round", "seconds_in_round", "step_seconds", "steps_measured")
+        keys = ("rounds_sent", "steps_in_round", "seconds_in_round", "recent", "steps_measured")
         return {
             **{k: getattr(self, k) for k in keys},
             "planned": self.planned,
@@ -231,7 +237,7 @@ class Pacer:
         for k in ("rounds_sent", "steps_in_round", "steps_measured", "planned", "last_round_steps"):
             setattr(self, k, int(state[k]))
         self.seconds_in_round = float(state["seconds_in_round"])
-        self.step_seconds = None if state["step_seconds"] is None else float(state["step_seconds"])
+        self.recent = [float(x) for x in state["recent"]]
         self.plan = {str(k): int(v) for k, v in state["plan"].items()}
         self.planned_round_seconds = float(state["planned_round_seconds"])
         self.history = [(int(a), int(b), float(c)) for a, b, c in state["history"]]

@@ -6,7 +6,7 @@ other kinds or slowdowns in its topology entry, or `parallel.rank_slowdowns` on 
 from the catalog's figures (peak FLOP/s over the emulated slowdown) and then, every
 `parallel.rebalance_every` steps, re-splits the batch in proportion to the samples per second
 each rank measured, with largest-remainder rounding and at least one sample each
-(`atoll.data.loader.split_counts`). The speeds are summed over the site (each rank fills its own
+(`atoll.data.shares.split_counts`). The speeds are summed over the site (each rank fills its own
 slot), so every rank computes the same split.
 
 Nothing changes in what is learned: the global batch is the same samples, and each rank's summed
@@ -25,7 +25,7 @@ from typing import Protocol
 
 from atoll.config.schema import ParallelSection
 from atoll.config.topology import SiteSpec
-from atoll.data.loader import split_counts
+from atoll.data.shares import split_counts
 from atoll.hardware import get_device
 
 log = logging.getLogger(__name__)
@@ -76,6 +76,7 @@ class RankBalancer:
     every: int
     sum_over_site: Callable[[list[float]], list[float]] = field(repr=False)
     balance: bool = True  # False: equal shares whatever the speeds (measured all the same)
+    measure: bool = False  # measure each rank alone even when the devices are alike (lab emulation)
     counts: list[int] = field(default_factory=list)
     speeds: list[float] = field(default_factory=list)  # the speeds the current split follows
     _samples: float = 0.0
@@ -92,7 +93,7 @@ class RankBalancer:
     @property
     def uneven(self) -> bool:
         """Whether the ranks differ: only then does the loop measure each rank on its own."""
-        return len({(d.kind, d.slowdown) for d in self.devices}) > 1
+        return self.measure or len({(d.kind, d.slowdown) for d in self.devices}) > 1
 
     @property
     def slowdown(self) -> float:

@@ -139,6 +139,7 @@ def rank_balancer(
         every=parallel.rebalance_every,
         sum_over_site=lambda values: all_reduce_sum(values, device=device),
         balance=parallel.balance_ranks,
+        measure=bool(parallel.rank_slowdowns),
     )
 
 
