@@ -195,9 +195,13 @@ class TrainSection(Section):
 
 
 class ParallelSection(Section):
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="`auto`: CUDA when present.")
-    backend: Literal["auto", "gloo", "nccl"] = Field(
-        "auto", description="Collective library: gloo on CPU, NCCL on CUDA."
+    device: Literal["auto", "cpu", "cuda", "npu"] = Field(
+        "auto",
+        description="`auto`: the site's devices from the catalog (CUDA, or Ascend NPUs through torch_npu) when "
+        "this machine has them, else the CPU; without a topology, CUDA when present.",
+    )
+    backend: Literal["auto", "gloo", "nccl", "hccl"] = Field(
+        "auto", description="Collective library inside a site: gloo on CPU, NCCL on CUDA, HCCL on Ascend NPUs."
     )
     shard: Literal["ddp", "fsdp"] = Field(
         "ddp", description="Replicate (DDP) or shard (FSDP2 fully_shard) inside a site."

@@ -70,6 +70,20 @@ class SiteSpec(Section):
         flat = [group for group in self.devices for _ in range(group.count)]
         return [flat[r % len(flat)] for r in range(world_size)]
 
+    @property
+    def backend(self) -> str:
+        """The collective library the site's devices share (from the catalog). Raises `AtollError`
+        when they do not share one: brands that cannot must be separate sites."""
+        from atoll.hardware import get_device
+
+        backends = sorted({get_device(d.kind).backend for d in self.devices})
+        if len(backends) > 1:
+            raise AtollError(
+                f"site {self.name} mixes devices of different collective backends ({', '.join(backends)}); "
+                "they cannot share one process group: split it into one site per backend in the topology"
+            )
+        return backends[0]
+
     def signature(self) -> list[tuple[str, int, float]]:
         """What the site computes with, to compare sites: (kind, count, slowdown) per group, sorted."""
         return sorted((d.kind, d.count, d.slowdown) for d in self.devices)
@@ -170,13 +184,16 @@ def check_sites(topology: Topology, *, sync: SyncSection, parallel: ParallelSect
 
     Called by the multi-site verbs (`atoll train --topology`, `atoll lab run`) before they
     launch anything. Raises `AtollError` naming the key and the fix: FSDP2 inside a site (not
-    supported across sites yet), or `sync.site_inner_steps` naming a site `topology_path` lacks.
+    supported across sites yet), a site whose devices need different collective libraries, or
+    `sync.site_inner_steps` naming a site `topology_path` lacks.
     """
     if parallel.shard != "ddp":
         raise AtollError(
             "multi-site training uses parallel.shard=ddp inside each site (FSDP2 sites are not supported yet)"
         )
     names = [s.name for s in topology.sites]
+    for site in topology.sites:
+        _ = site.backend  # raises for a site mixing collective backends, as the planner does
     for name in sync.site_inner_steps:
         if name not in names:
             raise AtollError(f"sync.site_inner_steps names {name!r}, which is not a site of {topology_path}")

@@ -54,7 +54,15 @@ from atoll.rundir.load import load_stage_state
 from atoll.sync.site_env import SiteEnv
 from atoll.train.checkpoint import latest_checkpoint
 from atoll.train.job import LoopState, StepBatch, TrainingJob, restore
-from atoll.train.loop import build_sync, make_optimizer, make_scheduler, rank_balancer, run_loop, site_steps
+from atoll.train.loop import (
+    build_sync,
+    make_optimizer,
+    make_scheduler,
+    rank_balancer,
+    run_loop,
+    site_backend,
+    site_steps,
+)
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +171,7 @@ def run_finetune(
     """
     env = dist_env_from_environ()
     site_env = SiteEnv.from_environ()
-    device = pick_device(cfg.parallel.device, env)
+    device = pick_device(cfg.parallel.device, env, site_backend=site_backend(site_env))
     if device.type == "cpu":
         set_cpu_threads(cfg.parallel.threads, env)
     backend = pick_backend(cfg.parallel.backend, device)

@@ -125,6 +125,15 @@ def build_sync(
     return sync, topology.site(site_env.site)
 
 
+def site_backend(site_env: SiteEnv | None) -> str | None:
+    """The collective library of this rank's site's devices (catalog), None without a site."""
+    if site_env is None:
+        return None
+    from atoll.config.topology import load_topology
+
+    return load_topology(site_env.topology).site(site_env.site).backend
+
+
 def rank_balancer(
     parallel: ParallelSection, site: SiteSpec | None, *, global_batch: int, env: DistEnv, device: torch.device
 ) -> RankBalancer:

@@ -41,7 +41,15 @@ from atoll.rundir.layout import read_model_json
 from atoll.sync.site_env import SiteEnv
 from atoll.train.checkpoint import latest_checkpoint, load_model_weights
 from atoll.train.job import LoopState, StepBatch, TrainingJob, restore
-from atoll.train.loop import build_sync, make_optimizer, make_scheduler, rank_balancer, run_loop, site_steps
+from atoll.train.loop import (
+    build_sync,
+    make_optimizer,
+    make_scheduler,
+    rank_balancer,
+    run_loop,
+    site_backend,
+    site_steps,
+)
 from atoll.train.setup import classify_init, prepare_run, site_config
 
 log = logging.getLogger(__name__)
@@ -142,7 +150,7 @@ def run_training(
     site_env = SiteEnv.from_environ()
     if site_env is not None:
         cfg = site_config(cfg, site_env.site)
-    device = pick_device(cfg.parallel.device, env)
+    device = pick_device(cfg.parallel.device, env, site_backend=site_backend(site_env))
     if device.type == "cpu":
         set_cpu_threads(cfg.parallel.threads, env)
     backend = pick_backend(cfg.parallel.backend, device)
