@@ -55,3 +55,13 @@ def test_planner_predicts_the_efficiency_of_uneven_sites_and_ranks() -> None:
     # Two ranks at 1 and 2 s per sample, 4 samples: equal 2 + 2 takes 4 s; balanced 3 + 1 takes 3 s.
     assert ranks_efficiency([1.0, 2.0], global_batch=4, policy="equal") == pytest.approx(4 / 4 / 1.5)
     assert ranks_efficiency([1.0, 2.0], global_batch=4, policy="balanced") == pytest.approx(4 / 3 / 1.5)
+
+
+def test_a_plans_per_device_sequences_become_where_the_ranks_start() -> None:
+    plan = make_plan(
+        devices=[{"kind": "a100-80g", "count": 2, "sequences": 6}, {"kind": "h20", "count": 2, "sequences": 2}]
+    )
+    args, ignored = plan_overrides(plan)
+    cfg = load_config(RunConfig, REPO / "examples" / "configs" / "demo.yaml", args)
+    assert cfg.parallel.device_shares == {"a100-80g": 3.0, "h20": 1.0}
+    assert not [i for i in ignored if ".sequences" in i]

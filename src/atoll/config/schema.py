@@ -222,6 +222,11 @@ class ParallelSection(Section):
         description="Ranks of different devices take shares of the global batch in proportion to their speed; "
         "false: equal shares (the slowest rank then paces the site).",
     )
+    device_shares: dict[str, float] = Field(
+        default_factory=dict,
+        description="Sequences per step of one device, by catalog kind (a plan's per-device split): where a "
+        "site's ranks of different kinds start; measurement refines it. Default: the catalog's peak FLOP/s.",
+    )
     rebalance_every: int = Field(
         20,
         ge=0,

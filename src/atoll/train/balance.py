@@ -37,11 +37,14 @@ class RankDevice:
 
     kind: str
     slowdown: float = 1.0
+    share: float | None = None  # a plan's sequences per step for one device of this kind
 
     @property
     def prior_speed(self) -> float:
-        """Relative speed before any measurement: the catalog's peak over the emulated slowdown."""
-        return get_device(self.kind).peak_tflops / self.slowdown
+        """Relative speed before any measurement: the plan's share, else the catalog's peak FLOP/s,
+        over the emulated slowdown."""
+        base = self.share if self.share is not None else get_device(self.kind).peak_tflops
+        return base / self.slowdown
 
 
 def site_speed(site: SiteSpec) -> float:
@@ -52,11 +55,13 @@ def site_speed(site: SiteSpec) -> float:
 
 def rank_devices(parallel: ParallelSection, site: SiteSpec | None, *, world_size: int) -> list[RankDevice]:
     """Each rank's device: from the site's topology entry (rank r takes its r-th device), else
-    `parallel.rank_slowdowns` (one site in the lab), else plain CPUs."""
+    `parallel.rank_slowdowns` (one site in the lab), else plain CPUs; `parallel.device_shares`
+    (a plan's split) sets where their shares start."""
+    shares = parallel.device_shares
     if site is not None:
-        return [RankDevice(d.kind, d.slowdown) for d in site.rank_devices(world_size)]
+        return [RankDevice(d.kind, d.slowdown, shares.get(d.kind)) for d in site.rank_devices(world_size)]
     slow = parallel.rank_slowdowns or [1.0]
-    return [RankDevice("cpu", slow[r % len(slow)]) for r in range(world_size)]
+    return [RankDevice("cpu", slow[r % len(slow)], shares.get("cpu")) for r in range(world_size)]
 
 
 class Sliceable(Protocol):
