@@ -10,7 +10,7 @@ pairs the sites' k-th sends whatever step each is at. Three modes:
   ends before a step that would overrun it (at least one step).
 - `balanced` (neither a budget nor per-site counts, and the sites differ or `sync.balance: always`):
   the first round is split by the catalog's figures (peak FLOP/s over emulated slowdowns); then each
-  site reports its step time (a moving median) in its envelope (`Header.pace`, authenticated);
+  site reports its step time (a moving average) in its envelope (`Header.pace`, authenticated);
   after every exchange, every site splits the round's total work (the sites' H summed) from the
   same gathered paces, so all reach the same plan without another message: the split that
   minimizes the slowest site's round time. A plan is replaced only when the new one is faster by
@@ -33,10 +33,13 @@ from typing import Any, Literal
 from atoll.config.schema import SyncSection
 
 PaceMode = Literal["fixed", "budget", "balanced"]
-# A site's step time is the median of its last PACE_WINDOW steps: a moving median, which one-off
-# slow steps (warm-up, an evaluation, a pause) do not move, and which follows a lasting change
-# (a straggler) within PACE_WINDOW // 2 + 1 steps.
-PACE_WINDOW = 5
+# A site's step time is the mean of its last PACE_WINDOW steps (a moving average; the run's first
+# WARMUP_STEPS are left out: allocations, first kernels). The mean, not the median: a round lasts
+# the *sum* of its steps, and step times on shared machines are skewed (occasional slow steps), so
+# a median under-predicts the round and trips the straggler deadline. Evaluation and checkpoints
+# fall outside the step time the loop reports. A lasting 2x change moves it halfway in 4 steps.
+PACE_WINDOW = 8
+WARMUP_STEPS = 2
 _LOG_SCALE = 1024.0  # pace code: log2(seconds) in 1/1024 steps (0.07 % resolution) ...
 _LOG_OFFSET = 32.0  # ... from 2^-32 s up to 2^32 s, in 16 bits; 0 means "not measured yet"
 
@@ -118,6 +121,7 @@ class Pacer:
     plan: dict[str, int] = field(default_factory=dict)  # balanced: every site's share of the current round
     last_round_steps: int = 0
     planned_round_seconds: float = 0.0  # balanced: the plan's round length (its slowest site's)
+    planned_step_seconds: float = 0.0  # balanced: this site's step time the plan assumed
     history: list[tuple[int, int, float]] = field(default_factory=list)  # (round, steps, seconds), for reports
 
     def __post_init__(self) -> None:
@@ -142,14 +146,13 @@ class Pacer:
         self.steps_in_round += 1
         self.seconds_in_round += seconds
         self.steps_measured += 1
-        if self.steps_measured == 1:
-            return  # the run's first step pays for warm-up (allocations, kernels): not a measure of speed
-        self.recent = [*self.recent, seconds][-PACE_WINDOW:]
+        if self.steps_measured > WARMUP_STEPS:
+            self.recent = [*self.recent, seconds][-PACE_WINDOW:]
 
     @property
     def step_seconds(self) -> float | None:
-        """This site's step time: the moving median (None before a step was measured)."""
-        return statistics.median(self.recent) if self.recent else None
+        """This site's step time: the moving average (None before a step was measured)."""
+        return statistics.fmean(self.recent) if self.recent else None
 
     def round_over(self) -> bool:
         """Whether the round ends after the step just recorded; the same answer on every rank of
@@ -169,12 +172,13 @@ class Pacer:
 
     def _deadline(self) -> float | None:
         """Balanced: the plan's round length plus the tolerance (None before a plan is measured)."""
-        if not self.plan or not self.planned_round_seconds:
+        if not self.plan or not self.planned_round_seconds or not self.planned_step_seconds:
             return None
-        return self.planned_round_seconds * (1.0 + self.tolerance)
+        # Steps are indivisible: a site may finish the step (as planned) that crosses the round.
+        return self.planned_round_seconds * (1.0 + self.tolerance) + self.planned_step_seconds
 
     def pace(self) -> int:
-        """The pace code this site puts in its envelopes: its agreed moving-median step time."""
+        """The pace code this site puts in its envelopes: its agreed moving-average step time."""
         if self.step_seconds is None:
             return 0
         return encode_pace(self.agree(self.step_seconds))
@@ -206,6 +210,7 @@ class Pacer:
             self.plan = dict(zip(names, current))
         self.planned = self.plan[self.site]
         self.planned_round_seconds = makespan([self.plan[n] for n in names], seconds)
+        self.planned_step_seconds = seconds[names.index(self.site)]
 
     def expected_steps(self) -> int:
         """Steps this round is expected to take (for the learning-rate clock)."""
@@ -229,6 +234,7 @@ class Pacer:
             "planned": self.planned,
             "plan": dict(self.plan),
             "planned_round_seconds": self.planned_round_seconds,
+            "planned_step_seconds": self.planned_step_seconds,
             "last_round_steps": self.last_round_steps,
             "history": [list(h) for h in self.history],
         }
@@ -240,4 +246,5 @@ class Pacer:
         self.recent = [float(x) for x in state["recent"]]
         self.plan = {str(k): int(v) for k, v in state["plan"].items()}
         self.planned_round_seconds = float(state["planned_round_seconds"])
+        self.planned_step_seconds = float(state.get("planned_step_seconds", 0.0))
         self.history = [(int(a), int(b), float(c)) for a, b, c in state["history"]]
