@@ -11,7 +11,7 @@ speed 1: the reference for the loss).
 
 Case `ranks`: one site, 2 ranks at speeds 1 and 0.5 (parallel.rank_slowdowns), the same steps.
 Policies: `equal` (equal shares: parallel.balance_ranks false), `atoll` (shares by measured
-speed), `homogeneous` (2 ranks at speed 1).
+speed), `homogeneous` (2 ranks at speed 1, equal shares).
 
 Efficiency is HETHUB's: tokens/s of the run over the sum of what its parts do alone, each part's
 alone-throughput measured inside the same run (a site: its tokens over its compute seconds,
@@ -216,7 +216,7 @@ def ranks_run(
 ) -> dict[str, Any]:
     name = f"ranks-{policy}"
     cfg = base_config(work, name, args, steps=args.rank_steps, batch=args.rank_batch)
-    cfg["parallel"].update(rank_slowdowns=speeds, balance_ranks=policy != "equal", rebalance_every=args.rebalance_every)
+    cfg["parallel"].update(rank_slowdowns=speeds, balance_ranks=policy == "atoll", rebalance_every=args.rebalance_every)
     cfg_path = write_yaml(work / name / "config.yaml", cfg)
     cmd = [*ATOLL, "train", str(cfg_path), "--nproc", "2"]
     run(cmd, work / "runs" / name)
@@ -229,7 +229,7 @@ def ranks_run(
     step_s = statistics.median(r["step_seconds"] for r in train[skip:])
     tokens_per_step = args.rank_batch * args.seq_len
     shares = [r["rank_shares"] for r in train if "rank_shares" in r][-1]
-    overhead = step_s - max(n / x for n, x in zip(shares, rate))  # the all-reduce, clip and optimizer step
+    overhead = max(0.0, step_s - max(n / x for n, x in zip(shares, rate)))  # all-reduce, clip, optimizer step
     alone = [solo_tokens_per_s(work, x, args) for x in speeds]
     return {
         "tokens": last["tokens_seen"],
