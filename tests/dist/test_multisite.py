@@ -501,7 +501,10 @@ def test_sites_of_different_speeds_balance_their_rounds_by_measurement(runs: Run
     assert len(east) == len(west) == 3  # the same rounds everywhere
     assert east[0][1] == 2 and west[0][1] == 6  # the first round follows the catalog (slowdowns 3 and 1)
     for (_, e, _), (_, w, _) in zip(east, west):
-        assert e + w == 8 and e < w  # the same work per round (2 x H), shared by speed
+        # The round's work (2 x H) shared by speed; a site slowed down by the machine's other jobs
+        # may stop early at the straggler deadline, never later.
+        assert e + w <= 8 and e < w
+    assert any(e + w == 8 for (_, e, _), (_, w, _) in zip(east, west))
     ce, cw = per_step(dirs["east"], "params_checksum"), per_step(dirs["west"], "params_checksum")
     for a, b in zip(round_ends(dirs["east"]), round_ends(dirs["west"])):
         assert ce[a] == cw[b]  # each round ends with the same parameters on both sites
