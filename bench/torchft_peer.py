@@ -69,8 +69,8 @@ from atoll.parallel.dist import (  # noqa: E402
 )
 from atoll.report.metrics import MetricsWriter  # noqa: E402
 from atoll.rundir.layout import read_model_json  # noqa: E402
-from atoll.sync.engine import param_checksum  # noqa: E402
 from atoll.sync.site_env import SiteEnv  # noqa: E402
+from atoll.sync.tensors import param_checksum  # noqa: E402
 from atoll.sync.transport import ByteCounter, SiteInfo, WanModel  # noqa: E402
 from atoll.train.loop import make_optimizer, site_steps  # noqa: E402
 from atoll.train.schedule import warmup_cosine  # noqa: E402

@@ -67,8 +67,8 @@ def _install(kind: str, n: int) -> None:
 
     after_step = CrossSiteSync.after_step
 
-    def patched_after_step(self: CrossSiteSync, step: int, *, tokens: int) -> None:
-        after_step(self, step, tokens=tokens)
+    def patched_after_step(self: CrossSiteSync, step: int, *, tokens: int, seconds: float | None = None) -> None:
+        after_step(self, step, tokens=tokens, seconds=seconds)
         if step == n and kind == "round":
             _die()
         if step == n and kind == "perturb":

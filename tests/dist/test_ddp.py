@@ -77,3 +77,23 @@ def test_a_failing_rank_stops_the_launch_with_its_exit_code(tmp_path: Path, tiny
     proc = run_atoll("train", str(cfg), "--nproc", "2", "--resume")
     assert proc.returncode == 2
     assert "no complete checkpoint" in proc.stderr
+
+
+def test_uneven_ranks_match_one_rank_loss_and_gradient(tmp_path: Path, tiny_data: Path, one_rank: Path) -> None:
+    # Rank 1 is 3x slower: it takes 1 of the 4 sequences, rank 0 takes 3 (2 micro-batches: 2 + 1),
+    # re-measured every 2 steps. The loss weighting keeps the gradient the global-batch mean.
+    cfg = tiny_config(
+        tmp_path,
+        tiny_data,
+        train={"steps": 6, "checkpoint_every": 0, "eval_every": 3},
+        parallel={"rank_slowdowns": [1.0, 3.0], "rebalance_every": 2},
+    )
+    proc = run_atoll("train", str(cfg), "--nproc", "2")
+    assert proc.returncode == 0, proc.stderr
+    run = tmp_path / "runs" / "t"
+    assert_same_training(one_rank, run)
+    norms, reference = metric(run, "grad_norm"), metric(one_rank, "grad_norm")
+    for step in reference:
+        assert norms[step] == pytest.approx(reference[step], rel=1e-5), step
+    shares = metric(run, "rank_shares")
+    assert shares[1] == [3, 1] and all(sum(s) == 4 and s[0] > s[1] for s in shares.values())

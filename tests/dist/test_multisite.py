@@ -82,6 +82,19 @@ SCENARIOS: dict[str, Scenario] = {
         steps=4,
         slowdown={"east": 2.0},
     ),
+    "balanced": Scenario(  # no counts and no budget: the sites differ, so atoll balances them
+        ("east", "west"),
+        {"strategy": "diloco", "inner_steps": 4},
+        steps=12,
+        slowdown={"east": 3.0},
+        flags=("--ranks-per-site", "2"),
+    ),
+    "budget": Scenario(
+        ("east", "west"),
+        {"strategy": "delayed", "inner_steps": 2, "round_seconds": 0.6},
+        steps=6,
+        slowdown={"east": 2.0},
+    ),
     "unknown-site": Scenario(("east", "west"), {"site_inner_steps": {"north": 3}}),
     "one-site": Scenario(("east",), {}),
     "placed-data": Scenario(("east", "west"), {"strategy": "diloco", "inner_steps": 2}, steps=4, placed=True),
@@ -470,6 +483,45 @@ def test_sites_with_different_inner_steps_and_a_slow_site_finish_the_same_rounds
     assert ce[2] == cw[4] and ce[4] == cw[8]
     assert_end_identical(dirs)
     assert final_val_loss(east) == final_val_loss(west)
+
+
+def round_ends(run_dir: Path) -> list[int]:
+    """The steps at which this site's rounds ended (from the final record's [round, steps, s])."""
+    ends, step = [], 0
+    for _, steps, _ in final_record(run_dir)["sync_rounds"]:
+        step += steps
+        ends.append(step)
+    return ends
+
+
+@uses("balanced")
+def test_sites_of_different_speeds_balance_their_rounds_by_measurement(runs: Runs) -> None:
+    dirs = runs.sites("balanced")  # H=4, 12 steps: 3 rounds of 2 x 4 steps; east 3x slower; 2 ranks each
+    east, west = (final_record(dirs[s])["sync_rounds"] for s in ("east", "west"))
+    assert len(east) == len(west) == 3  # the same rounds everywhere
+    assert east[0][1] == 2 and west[0][1] == 6  # the first round follows the catalog (slowdowns 3 and 1)
+    for (_, e, _), (_, w, _) in zip(east, west):
+        # The round's work (2 x H) shared by speed; a site slowed down by the machine's other jobs
+        # may stop early at the straggler deadline, never later.
+        assert e + w <= 8 and e < w
+    assert any(e + w == 8 for (_, e, _), (_, w, _) in zip(east, west))
+    ce, cw = per_step(dirs["east"], "params_checksum"), per_step(dirs["west"], "params_checksum")
+    for a, b in zip(round_ends(dirs["east"]), round_ends(dirs["west"])):
+        assert ce[a] == cw[b]  # each round ends with the same parameters on both sites
+    assert_end_identical(dirs)
+    assert final_val_loss(dirs["east"]) == final_val_loss(dirs["west"])
+
+
+@uses("budget")
+def test_wall_clock_rounds_run_what_fits_in_the_budget(runs: Runs) -> None:
+    dirs = runs.sites("budget")  # 3 rounds of 0.6 s of compute; east 2x slower; delayed exchange
+    east, west = (final_record(dirs[s])["sync_rounds"] for s in ("east", "west"))
+    assert len(east) == len(west) == 3
+    for rounds in (east, west):
+        for _, steps, seconds in rounds:
+            assert steps >= 1 and (steps == 1 or seconds <= 0.6 * 1.5)  # what fits, measured
+    assert sum(w for _, w, _ in west) > sum(e for _, e, _ in east)  # the faster site fits more steps
+    assert_end_identical(dirs)
 
 
 # ---------------------------------------------------------------------------- user mistakes

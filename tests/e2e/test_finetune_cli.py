@@ -379,3 +379,28 @@ def test_two_sites_exchange_only_the_adapters(chain: dict[str, Path], tmp_path: 
     steps = [r for r in read_metrics(stage) if "loss" in r]
     assert steps and all(0 < r["compute_utilization"] <= 1 for r in steps)
     assert all(r["compute_seconds"] <= r["wall_seconds"] for r in steps)
+    # west is 1.5x slower (the topology's slowdown): the rounds are balanced by measurement, the
+    # same two rounds everywhere, their 2 x 3 steps shared by speed
+    rounds = [[h[1] for h in e["sync_rounds"]] for e in ends]
+    assert len(rounds[0]) == len(rounds[1]) == 2
+    assert all(a + b == 6 and a >= b for a, b in zip(*rounds))
+
+
+def test_uneven_ranks_fine_tune_like_one_rank(chain: dict[str, Path], tmp_path: Path) -> None:
+    """Two ranks, the second 3x slower, take 3 and 1 of the 4 rows (through the one loop): the
+    masked loss and its gradient are the global batch's, as with one rank."""
+    runs = {}
+    for name, flags, parallel in (
+        ("one", (), {}),
+        ("uneven", ("--nproc", "2"), {"rank_slowdowns": [1.0, 3.0], "rebalance_every": 3}),
+    ):
+        lora = {"rank": 4, "alpha": 8, "dropout": 0.0}  # no dropout: the ranks' random streams differ
+        cfg = ft_config(tmp_path, chain["base"], chain["data"], name=name, parallel=parallel, finetune={"lora": lora})
+        proc = run_atoll("finetune", str(cfg), *flags)
+        assert proc.returncode == 0, proc.stderr
+        runs[name] = [r for r in read_metrics(tmp_path / "runs" / name) if "loss" in r]
+    for a, b in zip(runs["one"], runs["uneven"], strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5) and b["grad_norm"] == pytest.approx(
+            a["grad_norm"], rel=1e-5
+        )
+    assert runs["uneven"][0]["rank_shares"] == [3, 1]

@@ -120,7 +120,8 @@ def test_model_shape_comes_from_init_from_or_a_preset(tmp_path: Path) -> None:
         ("sync:\n  codec: topk\n  block_size: 64\n  topk_fraction: 0.1\n", [], ["sync.block_size"]),
         ("sync:\n  codec: int8\n", ["--sync.topk_fraction=0.1", "--sync.rank=8"], ["sync.topk_fraction", "sync.rank"]),
         ("sync:\n  error_feedback: false\n", [], ["sync.error_feedback"]),
-        ("sync:\n  round_seconds: 60\n", [], ["sync.round_seconds"]),
+        ("sync:\n  round_seconds: 60\n  balance: always\n", [], ["sync.balance"]),
+        ("sync:\n  round_seconds: 60\n", [], []),  # read: rounds run on the wall clock
         ("data:\n  prepare: none\n  vocab_size: 1024\n", [], ["data.vocab_size"]),
         ("model:\n  preset: demo\n  init_from: runs/x\n", [], ["model.preset"]),
         # Defaults never count, and keys the chosen strategy and codec read are fine.

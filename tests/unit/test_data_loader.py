@@ -188,3 +188,31 @@ def test_prepared_corpus_round_trips_through_loader(tmp_path: Path) -> None:
     np.testing.assert_array_equal(ds[1], stream[8:17])
     batch = BatchStream(ds, global_batch=3, seed=0, rank_start=0, rank_count=3).next_batch()
     assert batch.shape == (3, 9) and int(batch.max()) < 300
+
+
+# ---------------------------------------------------------------------------- uneven splits
+
+
+def test_split_counts_is_largest_remainder_with_one_sample_each() -> None:
+    from atoll.data.shares import split_counts
+
+    assert split_counts(8, [1.0, 1.0, 1.0]) == [3, 3, 2]  # even_split's split for equal speeds
+    assert split_counts(4, [1.0, 0.5]) == [3, 1]  # quotas 2.67, 1.33: the larger remainder wins
+    assert split_counts(10, [3.0, 1.0, 1.0]) == [6, 2, 2]
+    assert split_counts(3, [100.0, 1.0, 1.0]) == [1, 1, 1]  # at least one each, however slow
+    assert split_counts(5, [100.0, 1.0]) == [4, 1]
+    for weights in ([0.3, 2.0, 1.1, 0.7], [1.0] * 5, [5.0, 1e-3]):
+        assert sum(split_counts(17, weights)) == 17 and min(split_counts(17, weights)) >= 1
+    with pytest.raises(AtollError, match="cannot give each of 3 ranks"):
+        split_counts(2, [1.0, 1.0, 1.0])
+    with pytest.raises(AtollError, match="positive and finite"):
+        split_counts(4, [1.0, 0.0])
+
+
+def test_weighted_split_slices_tile_the_global_batch() -> None:
+    from atoll.data.loader import even_split, weighted_split
+
+    weights = [2.0, 1.0, 0.5]
+    slices = [weighted_split(9, weights, r) for r in range(3)]
+    assert slices == [(0, 5), (5, 3), (8, 1)]
+    assert [weighted_split(10, [1.0] * 4, r) for r in range(4)] == [even_split(10, 4, r) for r in range(4)]

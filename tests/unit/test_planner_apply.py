@@ -1,5 +1,7 @@
 from pathlib import Path
 
+import pytest
+
 from atoll.config import RunConfig, load_config
 from atoll.planner.apply import plan_overrides
 from atoll.planner.plan import Plan
@@ -39,3 +41,27 @@ def test_what_cannot_be_honored_is_listed() -> None:
     assert "sites.east.batch=8" in ignored and "sites.west.batch=4" in ignored
     assert "sites.west.layout.tp=2" in ignored and "sites.west.layout.pp=2" in ignored
     assert "sites.west.layout.zero=2" in ignored
+
+
+def test_planner_predicts_the_efficiency_of_uneven_sites_and_ranks() -> None:
+    from atoll.planner.hetero import ranks_efficiency, sites_efficiency
+
+    speeds = [1.0, 2.0, 4.0]  # seconds per step
+    # Equal H: every round lasts 4 H, the sites do 3 H steps where alone they would do 1.75 x 4 H.
+    assert sites_efficiency(speeds, inner_steps=8, policy="equal") == pytest.approx(3 / (4 * 1.75))
+    # Balanced: 14, 7, 3 steps in 14 s.
+    assert sites_efficiency(speeds, inner_steps=8, policy="balanced") == pytest.approx(24 / 14 / 1.75)
+    assert sites_efficiency([1.0, 1.0], inner_steps=8, policy="balanced", exchange_seconds=2.0) == pytest.approx(0.8)
+    # Two ranks at 1 and 2 s per sample, 4 samples: equal 2 + 2 takes 4 s; balanced 3 + 1 takes 3 s.
+    assert ranks_efficiency([1.0, 2.0], global_batch=4, policy="equal") == pytest.approx(4 / 4 / 1.5)
+    assert ranks_efficiency([1.0, 2.0], global_batch=4, policy="balanced") == pytest.approx(4 / 3 / 1.5)
+
+
+def test_a_plans_per_device_sequences_become_where_the_ranks_start() -> None:
+    plan = make_plan(
+        devices=[{"kind": "a100-80g", "count": 2, "sequences": 6}, {"kind": "h20", "count": 2, "sequences": 2}]
+    )
+    args, ignored = plan_overrides(plan)
+    cfg = load_config(RunConfig, REPO / "examples" / "configs" / "demo.yaml", args)
+    assert cfg.parallel.device_shares == {"a100-80g": 3.0, "h20": 1.0}
+    assert not [i for i in ignored if ".sequences" in i]

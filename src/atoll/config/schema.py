@@ -195,9 +195,13 @@ class TrainSection(Section):
 
 
 class ParallelSection(Section):
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="`auto`: CUDA when present.")
-    backend: Literal["auto", "gloo", "nccl"] = Field(
-        "auto", description="Collective library: gloo on CPU, NCCL on CUDA."
+    device: Literal["auto", "cpu", "cuda", "npu"] = Field(
+        "auto",
+        description="`auto`: the site's devices from the catalog (CUDA, or Ascend NPUs through torch_npu) when "
+        "this machine has them, else the CPU; without a topology, CUDA when present.",
+    )
+    backend: Literal["auto", "gloo", "nccl", "hccl"] = Field(
+        "auto", description="Collective library inside a site: gloo on CPU, NCCL on CUDA, HCCL on Ascend NPUs."
     )
     shard: Literal["ddp", "fsdp"] = Field(
         "ddp", description="Replicate (DDP) or shard (FSDP2 fully_shard) inside a site."
@@ -207,6 +211,36 @@ class ParallelSection(Section):
     )
     threads: int = Field(0, ge=0, description="CPU threads per rank; 0: cores divided by local ranks.")
     timeout_seconds: float = Field(600.0, gt=0, description="Timeout of every collective in the site.")
+    rank_slowdowns: list[float] = Field(
+        default_factory=list,
+        description="Lab only, a single site: emulate ranks this many times slower (rank r takes entry "
+        "r mod length; compute, then sleep; each rank is then timed alone); several sites set it per device "
+        "in the topology.",
+    )
+    balance_ranks: bool = Field(
+        True,
+        description="Ranks of different devices take shares of the global batch in proportion to their speed; "
+        "false: equal shares (the slowest rank then paces the site).",
+    )
+    device_shares: dict[str, float] = Field(
+        default_factory=dict,
+        description="Sequences per step of one device, by catalog kind (a plan's per-device split): where a "
+        "site's ranks of different kinds start; measurement refines it. Default: the catalog's peak FLOP/s.",
+    )
+    rebalance_every: int = Field(
+        20,
+        ge=0,
+        description="Sites whose ranks' devices differ: steps between re-measuring each rank's speed and "
+        "re-splitting the global batch in proportion to it; 0: keep the split the catalog gives.",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> ParallelSection:
+        if any(not x >= 1.0 for x in self.rank_slowdowns):
+            raise ValueError(
+                f"rank_slowdowns must be at least 1 (a rank this many times slower), got {self.rank_slowdowns}"
+            )
+        return self
 
 
 # Sync keys that only some strategies read: key -> the strategies that read it. ddp exchanges
@@ -215,6 +249,9 @@ _ROUNDS = ("diloco", "streaming", "delayed")
 SYNC_STRATEGY_KEYS: dict[str, tuple[str, ...]] = {
     "inner_steps": _ROUNDS,
     "site_inner_steps": _ROUNDS,
+    "round_seconds": ("diloco", "delayed"),
+    "balance": ("diloco", "delayed"),
+    "balance_tolerance": ("diloco", "delayed"),
     "outer_lr": _ROUNDS,
     "outer_momentum": _ROUNDS,
     "nesterov": _ROUNDS,
@@ -251,7 +288,23 @@ class SyncSection(Section):
         description="Per-site H (faster sites run more inner steps per round); default inner_steps.",
     )
     round_seconds: float | None = Field(
-        None, gt=0, description="Wall-clock budget per round instead of a step count (diloco and delayed only)."
+        None,
+        gt=0,
+        description="Wall-clock budget of a round's compute: each site runs as many inner steps as fit, "
+        "measured (diloco and delayed only); replaces inner_steps as the round's length.",
+    )
+    balance: Literal["auto", "always", "never"] = Field(
+        "auto",
+        description="Without round_seconds or site_inner_steps: split each round's inner steps (sites x "
+        "inner_steps) between sites by their measured step times, so they reach the exchange together. "
+        "auto: when the topology's sites differ in devices or slowdowns; always; never: every site runs H.",
+    )
+    balance_tolerance: float = Field(
+        0.1,
+        gt=0,
+        lt=1,
+        description="Balanced rounds: a new split is taken only if it shortens the round by more than this "
+        "fraction, and a site that turns slow stops at the planned round time times (1 + this).",
     )
     codec: CodecName = Field("none", description="Compression of what crosses the WAN.")
     block_size: int = Field(DEFAULT_BLOCK_SIZE, gt=0, description="int8/int4: elements per absmax block.")
@@ -284,15 +337,20 @@ class SyncSection(Section):
             raise ValueError(f"overlap_steps ({self.overlap_steps}) must be below inner_steps ({self.inner_steps})")
         if self.round_seconds is not None and self.strategy not in ("diloco", "delayed"):
             raise ValueError("round_seconds works with the diloco and delayed strategies only")
+        if self.round_seconds is not None and self.site_inner_steps:
+            raise ValueError(
+                "round_seconds and site_inner_steps both set a round's length: keep one "
+                "(round_seconds measures what fits, site_inner_steps fixes the counts)"
+            )
         return self
 
     def ignored_keys(self, path: str) -> list[str]:
         found = self._unread(path, setting="strategy", readers=SYNC_STRATEGY_KEYS)
         found += self._unread(path, setting="codec", readers=SYNC_CODEC_KEYS)
-        if self.round_seconds is not None:
+        if "balance" in self.model_fields_set and (self.round_seconds is not None or self.site_inner_steps):
             found.append(
-                f"{path}.round_seconds is ignored: the trainer does not run wall-clock rounds yet "
-                f"(a round is {path}.inner_steps steps); remove {path}.round_seconds"
+                f"{path}.balance is ignored: {path}.round_seconds or {path}.site_inner_steps sets the rounds' "
+                f"length; remove one of them"
             )
         return found
 

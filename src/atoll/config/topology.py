@@ -64,6 +64,30 @@ class SiteSpec(Section):
     def num_devices(self) -> int:
         return sum(d.count for d in self.devices)
 
+    def rank_devices(self, world_size: int) -> list[DeviceGroup]:
+        """The device group each of the site's `world_size` ranks stands for: the groups' devices
+        in order (rank r takes device r), repeated when there are more ranks than devices."""
+        flat = [group for group in self.devices for _ in range(group.count)]
+        return [flat[r % len(flat)] for r in range(world_size)]
+
+    @property
+    def backend(self) -> str:
+        """The collective library the site's devices share (from the catalog). Raises `AtollError`
+        when they do not share one: brands that cannot must be separate sites."""
+        from atoll.hardware import get_device
+
+        backends = sorted({get_device(d.kind).backend for d in self.devices})
+        if len(backends) > 1:
+            raise AtollError(
+                f"site {self.name} mixes devices of different collective backends ({', '.join(backends)}); "
+                "they cannot share one process group: split it into one site per backend in the topology"
+            )
+        return backends[0]
+
+    def signature(self) -> list[tuple[str, int, float]]:
+        """What the site computes with, to compare sites: (kind, count, slowdown) per group, sorted."""
+        return sorted((d.kind, d.count, d.slowdown) for d in self.devices)
+
 
 class LinkSpec(Section):
     site: str = Field(description="The site this uplink belongs to.")
@@ -128,6 +152,10 @@ class Topology(Section):
                 return s
         raise KeyError(name)
 
+    def sites_differ(self) -> bool:
+        """Whether some sites compute with other devices (kinds, counts or emulated slowdowns)."""
+        return len({str(s.signature()) for s in self.sites}) > 1
+
     def link(self, site: str) -> LinkSpec | None:
         for link in self.links:
             if link.site == site:
@@ -156,13 +184,16 @@ def check_sites(topology: Topology, *, sync: SyncSection, parallel: ParallelSect
 
     Called by the multi-site verbs (`atoll train --topology`, `atoll lab run`) before they
     launch anything. Raises `AtollError` naming the key and the fix: FSDP2 inside a site (not
-    supported across sites yet), or `sync.site_inner_steps` naming a site `topology_path` lacks.
+    supported across sites yet), a site whose devices need different collective libraries, or
+    `sync.site_inner_steps` naming a site `topology_path` lacks.
     """
     if parallel.shard != "ddp":
         raise AtollError(
             "multi-site training uses parallel.shard=ddp inside each site (FSDP2 sites are not supported yet)"
         )
     names = [s.name for s in topology.sites]
+    for site in topology.sites:
+        _ = site.backend  # raises for a site mixing collective backends, as the planner does
     for name in sync.site_inner_steps:
         if name not in names:
             raise AtollError(f"sync.site_inner_steps names {name!r}, which is not a site of {topology_path}")

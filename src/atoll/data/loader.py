@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from atoll.data.manifest import PREPARE_HINT, Manifest, ShardInfo, numpy_dtype
+from atoll.data.shares import split_counts
 from atoll.data.tokenizer import file_sha256
 from atoll.errors import AtollError
 
@@ -129,6 +130,16 @@ def even_split(global_batch: int, world_size: int, rank: int) -> tuple[int, int]
     return start, base + (1 if rank < extra else 0)
 
 
+def weighted_split(global_batch: int, weights: Sequence[float], rank: int) -> tuple[int, int]:
+    """This rank's (start, count) of a global batch shared in proportion to `weights` (one per rank,
+    e.g. measured samples/s), at least one sample each (`split_counts`). With equal weights it is
+    `even_split`'s split."""
+    if not 0 <= rank < len(weights):
+        raise AtollError(f"rank {rank} is not in a world of size {len(weights)}")
+    counts = split_counts(global_batch, weights)
+    return sum(counts[:rank]), counts[rank]
+
+
 class BatchStream:
     """The batches of one training run, for one rank, one optimizer step at a time.
 
@@ -196,6 +207,12 @@ class BatchStream:
                 self.offset = 0
         self.steps += 1
         return np.concatenate(parts)
+
+    def set_slice(self, rank_start: int, rank_count: int) -> None:
+        """Take another part of each global batch from the next step on (a re-balanced site)."""
+        if rank_count < 1 or rank_start < 0 or rank_start + rank_count > self.global_batch:
+            raise AtollError(f"rank slice [{rank_start}, {rank_start + rank_count}) is outside the global batch")
+        self.rank_start, self.rank_count = rank_start, rank_count
 
     def next_batch(self) -> torch.Tensor:
         """This rank's part of the next step: a LongTensor (rank_count, seq_len + 1)."""

@@ -17,6 +17,7 @@ sends a few percent of the model over the WAN.
 from __future__ import annotations
 
 import logging
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,7 +54,15 @@ from atoll.rundir.load import load_stage_state
 from atoll.sync.site_env import SiteEnv
 from atoll.train.checkpoint import latest_checkpoint
 from atoll.train.job import LoopState, StepBatch, TrainingJob, restore
-from atoll.train.loop import build_sync, make_optimizer, make_scheduler, run_loop, site_steps
+from atoll.train.loop import (
+    build_sync,
+    make_optimizer,
+    make_scheduler,
+    rank_balancer,
+    run_loop,
+    site_backend,
+    site_steps,
+)
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +109,9 @@ class ExampleBatches:
         micro = list(zip(tokens.split(self.micro_batch), mask.split(self.micro_batch)))
         # Response-only masks hold different numbers of targets on each rank: the loop sums them.
         return StepBatch(micro, local_targets=int(mask.sum()), global_targets=None)
+
+    def set_slice(self, rank_start: int, rank_count: int) -> None:
+        self.rows = slice(rank_start, rank_start + rank_count)
 
     def state_dict(self) -> dict[str, Any]:
         return self.stream.state_dict()
@@ -159,7 +171,7 @@ def run_finetune(
     """
     env = dist_env_from_environ()
     site_env = SiteEnv.from_environ()
-    device = pick_device(cfg.parallel.device, env)
+    device = pick_device(cfg.parallel.device, env, site_backend=site_backend(site_env))
     if device.type == "cpu":
         set_cpu_threads(cfg.parallel.threads, env)
     backend = pick_backend(cfg.parallel.backend, device)
@@ -226,18 +238,21 @@ def _finetune(
     total_params = sum(p.numel() for p in model.parameters())
     model = wrap_model(model, shard="ddp", device=device, env=env)
     optimizer = make_optimizer(model, t, device=device)
-    sync, slowdown = build_sync(model, cfg.sync, site_env=site_env, env=env)
+    sync, site_spec = build_sync(model, cfg.sync, site_env=site_env, env=env, steps=t.steps, device=device)
+    balancer = rank_balancer(cfg.parallel, site_spec, global_batch=t.global_batch, env=env, device=device)
 
     train_set = ExampleSet(run_dir / DATA_DIR, "train")
     val_set = ExampleSet(run_dir / DATA_DIR, "validation")
     data_seed = cfg.run.seed if site_env is None else cfg.run.seed + 7919 * (site_env.index + 1)
     stream = ExampleStream(len(train_set), global_batch=t.global_batch, seed=data_seed)
-    start, count = even_split(t.global_batch, env.world_size, env.rank)
+    start, count = balancer.slice()
     eval_rows = t.eval_batches * t.global_batch
     job = TrainingJob(
         model=model,
         optimizer=optimizer,
-        scheduler=make_scheduler(optimizer, t, total_steps=total_steps),
+        scheduler=make_scheduler(
+            optimizer, t, total_steps=total_steps, clock=sync.schedule_step if sync.paced else None
+        ),
         batches=ExampleBatches(
             train_set,
             stream,
@@ -257,7 +272,8 @@ def _finetune(
             dtype=cfg.parallel.dtype,
         ),
         sync=sync,
-        slowdown=slowdown,
+        slowdown=balancer.slowdown,
+        balancer=balancer,
     )
 
     if resume:
@@ -271,7 +287,10 @@ def _finetune(
         torch.manual_seed(cfg.run.seed + 1 + env.rank)  # LoRA dropout: same stream whatever set-up consumed
 
     metrics = MetricsWriter(own_dir, enabled=env.is_main, resume_step=state.step if resume else None)
-    end = min(total_steps, stop_after) if stop_after is not None else total_steps
+    if sync.paced:  # the run ends on its last round, whatever step that is
+        end = stop_after if stop_after is not None else sys.maxsize
+    else:
+        end = min(total_steps, stop_after) if stop_after is not None else total_steps
     if env.is_main:
         progress.start(total=total_steps, completed=state.step, description=site or cfg.run.name)
         log.info(
@@ -296,7 +315,7 @@ def _finetune(
         lineage.update(
             steps=state.step,
             tokens=state.tokens_seen,
-            status="finished" if state.step == total_steps else "running",
+            status="finished" if state.finished else "running",
             val_loss=state.val_loss,
             trainable_params=trainable,
         )
@@ -327,7 +346,7 @@ def _finetune(
         run_dir=run_dir,
         method=cfg.finetune.method,
         step=state.step,
-        total_steps=total_steps,
+        total_steps=state.step if state.finished else total_steps,  # a paced run's own count
         val_loss=state.val_loss,
         tokens_per_s=state.median_tokens_per_s,
         tokens_seen=state.tokens_seen,

@@ -50,9 +50,48 @@ def dist_env_from_environ() -> DistEnv:
     )
 
 
-def pick_device(requested: str, env: DistEnv) -> torch.device:
-    """`auto` takes this rank's CUDA device when one exists, else the CPU."""
-    if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
+# A device catalog's collective backend -> the torch device type its chips appear as.
+BACKEND_DEVICE = {"nccl": "cuda", "hccl": "npu", "gloo": "cpu"}
+NPU_PACKAGE = "torch_npu"
+
+
+def npu_available() -> bool:
+    """Whether Ascend NPUs can be used: `torch_npu` imports (it registers torch.npu) and sees one."""
+    try:
+        import torch_npu  # type: ignore[import-not-found]  # noqa: F401
+    except ImportError:
+        return False
+    return bool(torch.npu.is_available())  # type: ignore[attr-defined]
+
+
+def pick_device(requested: str, env: DistEnv, *, site_backend: str | None = None) -> torch.device:
+    """This rank's device. `auto` follows the site's devices (`site_backend`, from the catalog:
+    nccl -> CUDA, hccl -> an Ascend NPU through torch_npu, gloo -> the CPU) when this machine has
+    them, else the CPU (a lab run of a topology on CPUs); without a site, CUDA when present.
+
+    Raises `AtollError` for `npu` without torch_npu (naming the package) or `cuda` without CUDA.
+    """
+    if requested == "auto":
+        wanted = BACKEND_DEVICE.get(site_backend or "", "cuda")
+        if wanted == "npu" and npu_available():
+            requested = "npu"
+        elif wanted == "npu":
+            log.warning(
+                "the site's devices are Ascend NPUs but %s is not importable here: training on the CPU", NPU_PACKAGE
+            )
+            requested = "cpu"
+        else:
+            requested = "cuda" if wanted == "cuda" and torch.cuda.is_available() else "cpu"
+    if requested == "npu":
+        if not npu_available():
+            raise AtollError(
+                f"parallel.device is 'npu' but {NPU_PACKAGE} is not importable or sees no NPU: install "
+                f"{NPU_PACKAGE} (Huawei's PyTorch adapter, matching this torch) and CANN, or use --parallel.device=cpu"
+            )
+        device = torch.device("npu", env.local_rank % torch.npu.device_count())  # type: ignore[attr-defined]
+        torch.npu.set_device(device)  # type: ignore[attr-defined]
+        return device
+    if requested == "cpu":
         return torch.device("cpu")
     if not torch.cuda.is_available():
         raise AtollError("parallel.device is 'cuda' but no CUDA device is visible: use --parallel.device=cpu")
@@ -79,10 +118,14 @@ def inference_device(requested: str, *, threads: int = 0) -> torch.device:
 
 
 def pick_backend(requested: str, device: torch.device) -> str:
+    """The site's collective library: NCCL on CUDA, HCCL on Ascend NPUs, gloo on the CPU."""
     if requested == "auto":
-        return "nccl" if device.type == "cuda" else "gloo"
-    if requested == "nccl" and device.type != "cuda":
-        raise AtollError("parallel.backend is 'nccl' but the device is the CPU: use --parallel.backend=gloo")
+        return {"cuda": "nccl", "npu": "hccl"}.get(device.type, "gloo")
+    wanted = {"nccl": "cuda", "hccl": "npu"}.get(requested)
+    if wanted is not None and device.type != wanted:
+        raise AtollError(
+            f"parallel.backend is {requested!r} but the device is {device.type}: use --parallel.backend=auto"
+        )
     return requested
 
 
@@ -141,6 +184,34 @@ def all_reduce_sum(values: list[float], *, device: torch.device) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return t.tolist()
+
+
+def all_reduce_max(value: float, *, device: torch.device) -> float:
+    """The largest of one scalar over the site (identity without a process group)."""
+    if not dist.is_initialized():
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
+
+
+def all_reduce_mean_gradients(params: list[nn.Parameter], *, world_size: int) -> None:
+    """Average the parameters' gradients over the site in one flat all-reduce, as DDP would (a
+    rank whose loss missed a parameter adds zeros). Blocks; identity without a process group."""
+    if not dist.is_initialized():
+        return
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    grads = [p.grad for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])  # type: ignore[union-attr]
+    dist.all_reduce(flat)
+    flat /= world_size
+    offset = 0
+    for g in grads:
+        n = g.numel()  # type: ignore[union-attr]
+        g.copy_(flat[offset : offset + n].view_as(g))  # type: ignore[union-attr]
+        offset += n
 
 
 def barrier() -> None:

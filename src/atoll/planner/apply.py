@@ -3,8 +3,10 @@
 Pure: no torch. The trainer honors the cross-site settings (strategy, H per site, codec and its
 options, fragments, overlap, outer optimizer), the sequence length, the step count, the batch
 per site and the micro-batch, and full sharding (FSDP2). What it does not do yet (tensor and
-pipeline parallelism, sequence parallelism, recomputation, uneven per-device batch splits,
-different batches per site) is listed, never silently dropped.
+pipeline parallelism, sequence parallelism, recomputation, different batches per site) is
+listed, never silently dropped. A plan's per-site H becomes `sync.site_inner_steps` (fixed
+counts; without them the trainer balances rounds by measurement), and its per-device sequences
+become `parallel.device_shares`: where uneven ranks start before the trainer re-measures them.
 """
 
 from __future__ import annotations
@@ -49,6 +51,9 @@ def plan_overrides(plan: Plan) -> tuple[list[str], list[str]]:
     site_h = {s.name: s.inner_steps for s in plan.sites if s.inner_steps != plan.sync.inner_steps}
     if site_h:
         overrides.append("--sync.site_inner_steps={" + ", ".join(f"{k}: {v}" for k, v in site_h.items()) + "}")
+    shares = {d.kind: d.sequences / d.count for s in plan.sites for d in s.devices if d.sequences is not None}
+    if shares:  # where each site's ranks start; the trainer then re-measures them
+        overrides.append("--parallel.device_shares={" + ", ".join(f"{k}: {v:g}" for k, v in shares.items()) + "}")
     zeros = {s.layout.zero for s in plan.sites}
     if zeros == {3}:
         overrides.append("--parallel.shard=fsdp")
@@ -58,7 +63,7 @@ def plan_overrides(plan: Plan) -> tuple[list[str], list[str]]:
         leaf = key.rsplit(".", 1)[-1]
         if ".layout." in key and leaf in _NEUTRAL_LAYOUT and value != _NEUTRAL_LAYOUT[leaf]:
             unhonored.append(f"{key}={value}")
-        elif ".devices." in key:
+        elif ".devices." in key and not key.endswith(".sequences"):
             unhonored.append(f"{key}={value}")
     return overrides, unhonored
 

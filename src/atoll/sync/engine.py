@@ -6,7 +6,10 @@ Inside a unit each parameter is *owned* by one local rank (whole parameters, bal
 and only its owner sends it across the WAN, to the same local rank of the other sites: no byte
 crosses the WAN twice, and every codec sees real tensors (low-rank needs matrices).
 
-A unit is sent every H inner steps (at its offset inside the round) and applied `delay` steps
+A unit is sent at the end of each round (`streaming`: every H inner steps, at its offset inside
+the round; `diloco` and `delayed`: when the site's pacer says so, `atoll.sync.pacing`: after H
+steps, a wall-clock budget, or the steps a measured balance gives the site) and applied `delay`
+steps (`delayed`: one round)
 later, the exchange running in a background thread meanwhile (`diloco`: 0; `delayed`: one
 round; `streaming`: tau steps). With global parameters θ (identical everywhere), the anchor a
 (the local parameters when the unit was last sent) and the local parameters x:
@@ -31,10 +34,8 @@ rolls back all it touched (anchor, token count, codec residuals), so no update c
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections import deque
-from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -50,12 +51,15 @@ from atoll.sync.envelope import FLAG_MOMENTUM, KIND_CHECK, KIND_UPDATE, Header, 
 from atoll.sync.fragments import StreamingSchedule, assign_owners, gather_owned, split_fragments
 from atoll.sync.heal import MOMENTUM_DTYPE, run_heal
 from atoll.sync.outer import OuterOptimizer, weighted_average
+from atoll.sync.pacing import Pacer
 from atoll.sync.rounds import Opened, Pending, Transport, Unit
+from atoll.sync.tensors import checksum, host_copy, unwrap
 from atoll.sync.transport import Gathered
 
 log = logging.getLogger(__name__)
 
 _NO_DIGEST = bytes(32)
+_NEXT_ROUND = 2**62  # a paced delayed round lands when the next round ends, whatever its step
 _COUNTS = ("rejected", "refused", "heals", "heals_served", "heal_bytes", "heal_seconds", "disagreements")
 
 
@@ -74,6 +78,7 @@ class CrossSiteSync:
         inner_steps: int,
         secret: bytes,
         address: str = "127.0.0.1",
+        pacer: Pacer | None = None,
     ) -> None:
         self.cfg = cfg
         self.transport = transport
@@ -83,7 +88,7 @@ class CrossSiteSync:
         self.local_rank = local_rank
         self.local_world_size = local_world_size
         self.H = inner_steps
-        self.params: dict[str, nn.Parameter] = dict(_unwrap(model).named_parameters())
+        self.params: dict[str, nn.Parameter] = dict(unwrap(model).named_parameters())
         names = list(self.params)
         self.owner = assign_owners({n: p.numel() for n, p in self.params.items()}, num_ranks=local_world_size)
         if cfg.strategy == "streaming":
@@ -94,6 +99,12 @@ class CrossSiteSync:
         else:
             self.units = [Unit("model", names, offset=0)]
             self.delay = self.H if cfg.strategy == "delayed" else 0
+        # Streaming's fragments keep their step schedule; diloco and delayed end rounds by the pacer.
+        self.pacer = pacer if pacer is not None else Pacer("fixed", site_name, inner_steps, rounds=0)
+        if cfg.strategy == "streaming" and self.pacer.paced:
+            raise AtollError("streaming rounds follow inner_steps: a paced round needs diloco or delayed")
+        self.last_sent: dict[str, int] = {}
+        self._step_end = time.perf_counter()
         nesterov = cfg.nesterov and cfg.outer_momentum > 0
         for unit in self.units:
             unit.owned = [n for n in unit.params if self.owner[n] == local_rank]
@@ -128,19 +139,45 @@ class CrossSiteSync:
     def due(self, unit: Unit, step: int) -> bool:
         return step > 0 and (step - unit.offset) % self.H == 0 and step >= max(unit.offset, 1)
 
-    def after_step(self, step: int, *, tokens: int) -> None:
-        """Call after inner optimizer step `step` (1-based) with the tokens the site used in it."""
+    def after_step(self, step: int, *, tokens: int, seconds: float | None = None) -> None:
+        """Call after inner optimizer step `step` (1-based) with the tokens the site used in it and
+        the seconds it took (default: the time since the previous call returned). Collective over
+        the site when the pacer measures."""
         if self.cfg.strategy == "ddp":
             return
+        now = time.perf_counter()
         for unit in self.units:
             self.tokens_since[unit.name] += tokens
         while self.pending and self.pending[0].apply_at <= step:
             self._apply(self.pending.popleft(), step)
-        for unit in self.units:
-            if self.due(unit, step) and not unit.final:
-                self._send(unit, step)
-                if self.delay == 0:
-                    self._apply(self.pending.pop(), step)
+        if self.cfg.strategy == "streaming":
+            over = [u for u in self.units if self.due(u, step)]
+        else:
+            self.pacer.step_done(seconds if seconds is not None else now - self._step_end)
+            over = self.units if self.pacer.round_over() else []
+        for unit in over:
+            if unit.final:
+                continue
+            while self.delay and self.pending:  # delayed: the previous round lands before this one leaves
+                self._apply(self.pending.popleft(), step)
+            self._send(unit, step)
+            if self.delay == 0:
+                self._apply(self.pending.pop(), step)
+        self._step_end = time.perf_counter()
+
+    @property
+    def paced(self) -> bool:
+        """Whether rounds end by measurement: the loop then ends the run on rounds, not steps."""
+        return self.pacer.paced
+
+    def run_over(self) -> bool:
+        """A paced run: every round has been sent."""
+        return self.pacer.paced and self.pacer.run_over()
+
+    def schedule_step(self, step: int) -> float:
+        """The step the learning-rate schedule sees: `step`, or for a paced run its place on the
+        nominal axis of rounds x H (`Pacer.schedule_step`)."""
+        return self.pacer.schedule_step() if self.pacer.paced else float(step)
 
     def finish(self, step: int) -> None:
         """Flush exchanges in flight, make every site's parameters identical, and check that they
@@ -150,7 +187,7 @@ class CrossSiteSync:
             while self.pending:
                 self._apply(self.pending.popleft(), step)
             for unit in self.units:
-                if not self.due(unit, step) and not unit.final:
+                if self.last_sent.get(unit.name) != step and not unit.final:
                     self._send(unit, step)
                     self._apply(self.pending.pop(), step)
             for unit in self.units:
@@ -197,6 +234,7 @@ class CrossSiteSync:
             digest=theta_digest(outer.params if outer is not None else []),
             kind=kind,
             flags=FLAG_MOMENTUM if has_momentum else 0,
+            pace=self.pacer.pace(),
         )
 
     def _send(self, unit: Unit, step: int) -> None:
@@ -211,9 +249,12 @@ class CrossSiteSync:
         for n in unit.owned:
             self.anchor[n] = current[n]
         self.tokens_since[unit.name] = 0
+        if unit.index == 0 and self.cfg.strategy != "streaming":
+            self.pacer.round_sent()
+        self.last_sent[unit.name] = step
         pending = Pending(
             unit,
-            apply_at=step + self.delay,
+            apply_at=step + self.delay if not self.pacer.paced else _NEXT_ROUND,
             sent=current,
             previous_anchor=previous,
             like=encoded,
@@ -263,6 +304,7 @@ class CrossSiteSync:
         if any(h is not None and h.unit != unit.index for h in headers):
             log.warning("site %s: sites exchanged different units at step %d; round not applied", self.site_name, step)
             return None
+        self.pacer.observe([(h.site, h.pace) for h in headers if h is not None and h.kind == KIND_UPDATE])
         for event in self.membership.observe(
             [h.site for h in headers if h is not None], step=step, round=plan.reference_round
         ):
@@ -482,6 +524,7 @@ class CrossSiteSync:
             "counter": self.transport.counter.as_dict(),
             "wait_seconds": self.wait_seconds,
             "counts": {k: getattr(self, k) for k in _COUNTS},
+            "pacer": self.pacer.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -513,6 +556,8 @@ class CrossSiteSync:
         self.wait_seconds = float(state["wait_seconds"])
         for k, v in state.get("counts", {}).items():
             setattr(self, k, v)
+        if "pacer" in state:
+            self.pacer.load_state_dict(state["pacer"])
 
     def metrics(self) -> dict[str, Any]:
         """This rank's counters and a fingerprint of the synchronized parameters (to compare sites)."""
@@ -523,6 +568,7 @@ class CrossSiteSync:
             "sync_refused": self.refused,
             "sync_disagreements": self.disagreements,
             "sync_round": min(u.round for u in self.units),
+            "round_steps_planned": self.pacer.expected_steps(),
             "heals": self.heals,
             "heals_served": self.heals_served,
             "heal_bytes": self.heal_bytes,
@@ -537,6 +583,7 @@ class CrossSiteSync:
             **self.metrics(),
             "sync_applied": self.applied_log,
             "sync_site_events": self.membership.summary(round=min(u.round for u in self.units)),
+            "sync_rounds": [list(h) for h in self.pacer.history],  # [round, steps, compute seconds]
             FINAL_DIGEST_KEY: theta_digest(self.params.values()).hex(),
         }
 
@@ -545,27 +592,5 @@ class CrossSiteSync:
         self.transport.close()
 
 
-def host_copy(t: torch.Tensor) -> torch.Tensor:
-    """A float32 copy of `t` in host memory. θ, anchors, codecs and the WAN work there whatever
-    device the site trains on: the cross-site gloo group takes CPU tensors, and the outer state
-    then costs the accelerator no memory."""
-    return t.detach().to("cpu", torch.float32, copy=True)
-
-
 def _num_layers(names: list[str]) -> int:
     return len({n.split(".")[1] for n in names if n.startswith("layers.")}) or 1
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    return model.module if hasattr(model, "module") else model
-
-
-def checksum(params: Iterable[torch.Tensor]) -> float:
-    """A cheap fingerprint of parameters (sum of float64 sums), to compare sites."""
-    with torch.no_grad():
-        return math.fsum(float(p.detach().double().sum()) for p in params)
-
-
-def param_checksum(model: nn.Module) -> float:
-    """`checksum` of a model's parameters (DDP-wrapped or not)."""
-    return checksum(_unwrap(model).parameters())

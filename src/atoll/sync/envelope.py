@@ -2,14 +2,15 @@
 
 Every exchange carries, per site, one fixed-size envelope beside the codec's payload bytes:
 
-    magic "ATL1" | kind | flags | unit | round | token weight | body length | θ digest (32)
+    magic "ATL1" | kind | flags | pace | unit | round | token weight | body length | θ digest (32)
     | site name (32) | site address (48) | HMAC-SHA256 tag (32)
 
 The tag covers every field before it and the body's bytes, with a key derived from the run's
 secret (`atoll.sync.auth`), so a site that does not hold the secret cannot get an update applied,
 and a byte altered in transit makes the whole contribution refused. The name and address are
 what the sender claims: they are only trusted once the tag checks, and are logged either way, so
-that an operator can find a refused site. The round number and digest let every site see, from
+that an operator can find a refused site. The pace (the sender's step time, `atoll.sync.pacing`; 0 when
+unknown) lets sites balance their rounds. The round number and digest let every site see, from
 the same gathered envelopes, who holds which θ (`atoll.sync.agreement`). Torch-free but for the
 tensors it reads; no I/O.
 """
@@ -56,6 +57,7 @@ class Header:
     digest: bytes  # SHA-256 of the sender's θ for its share of the unit, before this round
     kind: int = KIND_UPDATE
     flags: int = 0
+    pace: int = 0  # the sender's step time, `atoll.sync.pacing.encode_pace` (16 bits; 0: not measured)
 
     @property
     def has_momentum(self) -> bool:
@@ -90,7 +92,7 @@ class Sealer:
             MAGIC,
             header.kind,
             header.flags,
-            0,
+            header.pace,
             header.unit,
             header.round,
             header.weight,
@@ -109,7 +111,7 @@ class Sealer:
         if len(raw) != ENVELOPE_BYTES:
             raise Refused(f"an envelope of {len(raw)} bytes, expected {ENVELOPE_BYTES}")
         fields, mac = raw[: _FIELDS.size], raw[_FIELDS.size :]
-        magic, kind, flags, _, unit, rnd, weight, length, digest, site, address = _FIELDS.unpack(fields)
+        magic, kind, flags, pace, unit, rnd, weight, length, digest, site, address = _FIELDS.unpack(fields)
         claimed = {
             "claimed_site": site.rstrip(b"\0").decode(errors="replace"),
             "claimed_address": address.rstrip(b"\0").decode(errors="replace"),
@@ -131,6 +133,7 @@ class Sealer:
             digest=digest,
             kind=kind,
             flags=flags,
+            pace=pace,
         )
         return header, payload
 

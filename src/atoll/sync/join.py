@@ -13,18 +13,26 @@ from atoll.config.schema import SyncSection
 from atoll.errors import AtollError
 from atoll.sync.auth import SECRET_ENV, SECRET_FILE_ENV, load_secret
 from atoll.sync.engine import CrossSiteSync
+from atoll.sync.pacing import Pacer
 from atoll.sync.site_env import SiteEnv
 
 
 def sync_for_site(
-    model: nn.Module, cfg: SyncSection, site_env: SiteEnv, *, local_rank: int, local_world_size: int
+    model: nn.Module,
+    cfg: SyncSection,
+    site_env: SiteEnv,
+    *,
+    local_rank: int,
+    local_world_size: int,
+    pacer: Pacer | None = None,
 ) -> CrossSiteSync:
     """The cross-site sync of one rank of a site that a multi-site launcher started.
 
     `site_env` names the topology, the Lighthouse, this site's address in the lab and how the
     WAN is modelled; MASTER_ADDR/MASTER_PORT name the site's own store (torchft's replica-group
     store). `model` holds the parameters to synchronize (the trainable ones, under their base
-    names). Pre-training and fine-tuning both build their sync here.
+    names); `pacer` ends its rounds (default: the site's fixed H). Pre-training and fine-tuning
+    both build their sync here.
     """
     from atoll.config.topology import load_topology
     from atoll.sync.transport import TorchftTransport, WanModel, chunk_bytes_for
@@ -59,4 +67,5 @@ def sync_for_site(
         inner_steps=cfg.inner_steps_for(site.name),
         secret=secret,
         address=site_env.address,
+        pacer=pacer,
     )

@@ -18,6 +18,7 @@ from torch import nn
 
 from atoll.errors import AtollError
 from atoll.parallel.dist import DistEnv, all_reduce_sum
+from atoll.train.balance import RankBalancer
 from atoll.train.checkpoint import load_checkpoint, save_checkpoint
 
 
@@ -35,6 +36,7 @@ class BatchSource(Protocol):
     tokens_per_step: int  # tokens the whole site processes per step (for tokens/s)
 
     def next_batch(self) -> StepBatch: ...
+    def set_slice(self, rank_start: int, rank_count: int) -> None: ...  # this rank's part, from the next step
     def state_dict(self) -> dict[str, Any]: ...
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
@@ -52,9 +54,14 @@ class SiteSync(Protocol):
     # Every site applies the same inner step (cross-site ddp): a step is judged by the exchanged
     # gradient, since a site's own non-finite gradient was already left out of the average.
     lockstep: bool
+    # Rounds end by measurement (a wall-clock budget or a balance): the run then ends on its last
+    # round (`run_over`), and the schedule follows `schedule_step`, not the site's own step count.
+    paced: bool
 
     def commit_gradients(self, *, tokens: int) -> bool: ...
-    def after_step(self, step: int, *, tokens: int) -> None: ...
+    def after_step(self, step: int, *, tokens: int, seconds: float | None = None) -> None: ...
+    def run_over(self) -> bool: ...
+    def schedule_step(self, step: int) -> float: ...
     def finish(self, step: int) -> None: ...
     def metrics(self) -> dict[str, Any]: ...
     def final_metrics(self) -> dict[str, Any]: ...
@@ -68,12 +75,19 @@ class NoSync:
     """A single site: nothing crosses a WAN, every step commits."""
 
     lockstep = False
+    paced = False
 
     def commit_gradients(self, *, tokens: int) -> bool:
         return True
 
-    def after_step(self, step: int, *, tokens: int) -> None:
+    def after_step(self, step: int, *, tokens: int, seconds: float | None = None) -> None:
         pass
+
+    def run_over(self) -> bool:
+        return False
+
+    def schedule_step(self, step: int) -> float:
+        return float(step)
 
     def finish(self, step: int) -> None:
         pass
@@ -109,6 +123,7 @@ class TrainingJob:
     evaluate: Callable[[], float]  # mean validation loss; collective over the site
     sync: SiteSync = field(default_factory=NoSync)
     slowdown: float = 1.0  # emulate a slower chip: compute, then sleep (slowdown - 1) x as long
+    balancer: RankBalancer | None = None  # this rank's share of the batch, by speed (atoll.train.balance)
 
     @property
     def params(self) -> list[nn.Parameter]:
@@ -130,6 +145,7 @@ class LoopState:
     rollbacks: int = 0
     guard: dict[str, Any] = field(default_factory=dict)  # StepGuard's running estimate
     step_batch: dict[int, int] = field(default_factory=dict)  # recent steps -> the batch index they trained on
+    finished: bool = False  # the run's last step is done (the sync finished: every site holds the same θ)
 
     def guard_extra(self) -> dict[str, Any]:
         """What a checkpoint keeps of the guard (JSON)."""

@@ -9,7 +9,9 @@ One step, on every rank:
 
     forward/backward over the rank's micro-batches   (each summed loss scaled by
                                                       world_size / targets in the global batch,
-                                                      so DDP's mean is the global-batch mean)
+                                                      so DDP's mean is the global-batch mean;
+                                                      ranks of different speeds hold uneven
+                                                      shares, atoll.train.balance)
     sync.commit_gradients(tokens)                     (`ddp` across sites averages gradients here;
                                                       False: skip the inner step, as torchft does)
     clip; the guard judges the site's loss and gradient norm (atoll.train.guard):
@@ -18,6 +20,9 @@ One step, on every rank:
       parameters (several), skipping the batches that led there
     scheduler.step
     sync.after_step(step, tokens)                     (outer rounds: send, apply; see atoll.sync)
+
+A run ends at `total_steps`, or, when the sync paces its rounds (`atoll.sync.pacing`: a wall-clock
+budget or a measured balance), after its last round, whatever step that is.
 
 The loop never asks which strategy runs: a single site gets `NoSync`, several sites a
 `atoll.sync.engine.CrossSiteSync`, and both answer the same five calls.
@@ -38,11 +43,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from atoll.config import SyncSection, TrainSection
-from atoll.parallel.dist import DistEnv, all_reduce_sum
+from atoll.config import ParallelSection, SyncSection, TrainSection
+from atoll.config.topology import SiteSpec
+from atoll.errors import AtollError
+from atoll.parallel.dist import DistEnv, all_reduce_max, all_reduce_mean_gradients, all_reduce_sum
 from atoll.report.metrics import MetricsWriter
 from atoll.report.progress import ProgressSink
 from atoll.sync.site_env import SiteEnv
+from atoll.train.balance import RankBalancer, rank_devices, site_speed
 from atoll.train.guard import StepGuard
 from atoll.train.job import (
     LoopState,
@@ -80,26 +88,68 @@ class TrainableParameters(nn.Module):
         return (p for _, p in self._named)
 
 
-def build_sync(model: nn.Module, cfg: SyncSection, *, site_env: SiteEnv | None, env: DistEnv) -> tuple[SiteSync, float]:
-    """The rank's sync (NoSync without a site environment) and the site's emulated slowdown.
+def build_sync(
+    model: nn.Module, cfg: SyncSection, *, site_env: SiteEnv | None, env: DistEnv, steps: int, device: torch.device
+) -> tuple[SiteSync, SiteSpec | None]:
+    """The rank's sync (NoSync without a site environment) and its site's topology entry.
 
-    Collective across sites for a multi-site rank (it joins the Lighthouse's quorum machinery).
+    `steps` is `train.steps` (the run's rounds: steps // inner_steps). Rounds end as
+    `atoll.sync.pacing.pace_mode` says. Collective across sites for a multi-site rank (it joins
+    the Lighthouse's quorum machinery).
     """
     if site_env is None:
-        return NoSync(), 1.0
+        return NoSync(), None
     from atoll.config.topology import load_topology
     from atoll.sync.join import sync_for_site
+    from atoll.sync.pacing import Pacer, pace_mode
 
     topology = load_topology(site_env.topology)
-    slowdown = max(d.slowdown for d in topology.site(site_env.site).devices)
+    pacer = Pacer(
+        pace_mode(cfg, sites_differ=topology.sites_differ()),
+        site_env.site,
+        cfg.inner_steps_for(site_env.site),
+        rounds=max(1, steps // cfg.inner_steps),
+        round_seconds=cfg.round_seconds,
+        tolerance=cfg.balance_tolerance,
+        agree=lambda x: all_reduce_max(x, device=device),
+        prior={site.name: 1.0 / site_speed(site) for site in topology.sites},
+    )
     sync = sync_for_site(
         TrainableParameters(model),
         cfg,
         site_env,
         local_rank=env.local_rank,
         local_world_size=env.local_world_size,
+        pacer=pacer,
     )
-    return sync, slowdown
+    return sync, topology.site(site_env.site)
+
+
+def site_backend(site_env: SiteEnv | None) -> str | None:
+    """The collective library of this rank's site's devices (catalog), None without a site."""
+    if site_env is None:
+        return None
+    from atoll.config.topology import load_topology
+
+    return load_topology(site_env.topology).site(site_env.site).backend
+
+
+def rank_balancer(
+    parallel: ParallelSection, site: SiteSpec | None, *, global_batch: int, env: DistEnv, device: torch.device
+) -> RankBalancer:
+    """This rank's share of each global batch and its emulated slowdown (`atoll.train.balance`)."""
+    devices = rank_devices(parallel, site, world_size=env.world_size)
+    if parallel.shard == "fsdp" and len(set(devices)) > 1:
+        raise AtollError("ranks of different speeds share a batch unevenly under parallel.shard=ddp only: use ddp")
+    return RankBalancer(
+        global_batch,
+        env.rank,
+        devices,
+        every=parallel.rebalance_every,
+        sum_over_site=lambda values: all_reduce_sum(values, device=device),
+        balance=parallel.balance_ranks,
+        measure=bool(parallel.rank_slowdowns),
+    )
 
 
 def site_steps(steps: int, sync: SyncSection, site: str | None) -> int:
@@ -123,12 +173,20 @@ def make_optimizer(model: nn.Module, t: TrainSection, *, device: torch.device) -
 
 
 def make_scheduler(
-    optimizer: torch.optim.Optimizer, t: TrainSection, *, total_steps: int
+    optimizer: torch.optim.Optimizer, t: TrainSection, *, total_steps: int, clock: Callable[[int], float] | None = None
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up, then cosine decay to `min_lr_ratio` over the site's own step count."""
+    """Linear warm-up, then cosine decay to `min_lr_ratio` over the site's own step count.
+
+    `clock` maps the scheduler's step to the one the schedule follows: a paced sync's place on
+    its nominal axis (`SiteSync.schedule_step`), so sites of any speed decay together."""
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer,
-        lambda s: warmup_cosine(s, warmup_steps=t.warmup_steps, total_steps=total_steps, min_ratio=t.min_lr_ratio),
+        lambda s: warmup_cosine(
+            clock(s) if clock is not None else s,  # type: ignore[arg-type]
+            warmup_steps=t.warmup_steps,
+            total_steps=total_steps,
+            min_ratio=t.min_lr_ratio,
+        ),
     )
 
 
@@ -179,8 +237,9 @@ def run_loop(
     """Train from `state.step` to `end_step` (≤ `total_steps`); collective over the site.
 
     Checkpoints go to `run_dir` every `t.checkpoint_every` steps and at `end_step`; evaluation
-    runs every `t.eval_every` steps and at `total_steps`, where the sync also finishes (every
-    site then holds the same parameters). Closes the sync and the progress display on the way out.
+    runs every `t.eval_every` steps and at the end (`total_steps`, or a paced sync's last round),
+    where the sync also finishes (every site then holds the same parameters; `state.finished`).
+    Closes the sync and the progress display on the way out.
     """
     model, sync = job.model, job.sync
     params = job.params
@@ -189,9 +248,12 @@ def run_loop(
     guard.load_state_dict(state.guard)
     compute_seconds = 0.0
     wall_start = time.perf_counter()
+    state.finished = not sync.paced and state.step >= total_steps  # resumed at the end
+    balancer = job.balancer
+    uneven = balancer is not None and balancer.uneven and env.world_size > 1
     model.train()
     try:
-        while state.step < end_step:
+        while state.step < end_step and not state.finished:
             t0 = time.perf_counter()
             batch, batch_index = draw(job.batches, state)
             if batch.global_targets is not None:
@@ -202,7 +264,7 @@ def run_loop(
             loss_sum = 0.0
             last = len(batch.micro_batches) - 1
             for i, micro in enumerate(batch.micro_batches):
-                with no_sync(model, skip=i < last):
+                with no_sync(model, skip=uneven or i < last):  # uneven: the rank's compute is timed alone
                     loss = job.loss_fn(model, micro)
                     (loss * scale).backward()
                 loss_sum += loss.item()
@@ -210,6 +272,10 @@ def run_loop(
             if job.slowdown > 1.0:
                 time.sleep((job.slowdown - 1.0) * compute)
                 compute *= job.slowdown
+            if uneven:
+                assert balancer is not None
+                all_reduce_mean_gradients(params, world_size=env.world_size)  # what DDP's all-reduce gives
+                balancer.record(samples=balancer.slice()[1], seconds=compute, batches=job.batches)
             tokens = int(global_targets)
             committed = sync.commit_gradients(tokens=tokens)
             t1 = time.perf_counter()
@@ -238,14 +304,18 @@ def run_loop(
             state.tokens_seen += tokens
             if verdict.reason is not None:
                 log_verdict(verdict, state, metrics, env=env, batch_index=batch_index, loss=train_loss, norm=grad_norm)
-            sync.after_step(state.step, tokens=tokens)
+            sync.after_step(state.step, tokens=tokens, seconds=time.perf_counter() - t0)
             if verdict.action == "rollback":
+                at = state.step
                 state = roll_back(job, state, verdict, guard, t=t, run_dir=run_dir, env=env, device=device)
                 metrics.log(state.step, {"guard": "rolled_back", **state.guard_extra()})
-                if env.is_main:
-                    progress.update(completed=state.step, loss=float("nan"), tokens_per_s=0.0)
-                continue
-            if state.step == total_steps:
+                if state.step < at:  # back to a checkpoint: its steps run again
+                    if env.is_main:
+                        progress.update(completed=state.step, loss=float("nan"), tokens_per_s=0.0)
+                    continue
+                # with peers the site took their θ and stays at this step, in step with their rounds
+            state.finished = sync.run_over() if sync.paced else state.step == total_steps
+            if state.finished:
                 sync.finish(state.step)
             elapsed = time.perf_counter() - t0
             state.speeds.append(job.batches.tokens_per_step / elapsed)
@@ -267,26 +337,31 @@ def run_loop(
                     "spikes": state.spikes,
                     "rollbacks": state.rollbacks,
                 }
+                if uneven:
+                    assert balancer is not None
+                    record["rank_shares"] = list(balancer.counts)
+                    if balancer.measured is not None:
+                        record["rank_samples_per_s"] = balancer.measured
                 record.update(_sync_record(sync, sync.metrics(), device=device))
                 metrics.log(state.step, record)
                 if env.is_main:
                     progress.update(
                         completed=state.step, loss=train_loss, tokens_per_s=statistics.median(state.speeds[-20:])
                     )
-            if (t.eval_every and state.step % t.eval_every == 0) or state.step == total_steps:
+            if (t.eval_every and state.step % t.eval_every == 0) or state.finished:
                 t_eval = time.perf_counter()
                 state.val_loss = job.evaluate()
                 metrics.log(state.step, {"val_loss": state.val_loss, "eval_seconds": time.perf_counter() - t_eval})
                 if env.is_main:
                     log.info("step %d: validation loss %.4f", state.step, state.val_loss)
             due = t.checkpoint_every and state.step % t.checkpoint_every == 0 and not guard.in_bad_run
-            if due or state.step == end_step:  # during a bad run the last good checkpoint must stay
+            if due or state.step == end_step or state.finished:  # during a bad run the last good checkpoint must stay
                 t_save = time.perf_counter()
                 save(job, state, run_dir, env=env, device=device, keep=t.keep_checkpoints)
                 metrics.log(state.step, {"checkpoint": state.step, "checkpoint_seconds": time.perf_counter() - t_save})
                 if on_checkpoint is not None:
                     on_checkpoint(state)
-        if state.step == total_steps:
+        if state.finished:
             final = sync.final_metrics()
             if final:  # every site now holds the same parameters: the record says which
                 metrics.log(state.step, _sync_record(sync, final, device=device))

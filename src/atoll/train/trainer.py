@@ -9,6 +9,7 @@ global-batch mean exactly whatever the split. The steps themselves are `atoll.tr
 from __future__ import annotations
 
 import logging
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,7 +41,15 @@ from atoll.rundir.layout import read_model_json
 from atoll.sync.site_env import SiteEnv
 from atoll.train.checkpoint import latest_checkpoint, load_model_weights
 from atoll.train.job import LoopState, StepBatch, TrainingJob, restore
-from atoll.train.loop import build_sync, make_optimizer, make_scheduler, run_loop, site_steps
+from atoll.train.loop import (
+    build_sync,
+    make_optimizer,
+    make_scheduler,
+    rank_balancer,
+    run_loop,
+    site_backend,
+    site_steps,
+)
 from atoll.train.setup import classify_init, prepare_run, site_config
 
 log = logging.getLogger(__name__)
@@ -120,6 +129,9 @@ class TokenBatches:
             list(batch.split(self.micro_batch)), local_targets=targets, global_targets=self.tokens_per_step
         )
 
+    def set_slice(self, rank_start: int, rank_count: int) -> None:
+        self.stream.set_slice(rank_start, rank_count)
+
     def state_dict(self) -> dict[str, Any]:
         return self.stream.state_dict()
 
@@ -138,7 +150,7 @@ def run_training(
     site_env = SiteEnv.from_environ()
     if site_env is not None:
         cfg = site_config(cfg, site_env.site)
-    device = pick_device(cfg.parallel.device, env)
+    device = pick_device(cfg.parallel.device, env, site_backend=site_backend(site_env))
     if device.type == "cpu":
         set_cpu_threads(cfg.parallel.threads, env)
     backend = pick_backend(cfg.parallel.backend, device)
@@ -198,18 +210,21 @@ def _train(
     # every site, so that the sites' losses measure the one model on the same data.
     train_ds = TokenDataset(cfg.data.dir, "train", seq_len=cfg.data.seq_len, site=site)
     val_ds = TokenDataset(cfg.data.dir, "validation", seq_len=cfg.data.seq_len)
-    start, count = even_split(t.global_batch, env.world_size, env.rank)
+    sync, site_spec = build_sync(model, cfg.sync, site_env=site_env, env=env, steps=t.steps, device=device)
+    balancer = rank_balancer(cfg.parallel, site_spec, global_batch=t.global_batch, env=env, device=device)
+    start, count = balancer.slice()  # in proportion to the ranks' speeds (even when they are alike)
     stream = BatchStream(train_ds, global_batch=t.global_batch, seed=cfg.run.seed, rank_start=start, rank_count=count)
-    sync, slowdown = build_sync(model, cfg.sync, site_env=site_env, env=env)
+    clock = sync.schedule_step if sync.paced else None
     job = TrainingJob(
         model=model,
         optimizer=optimizer,
-        scheduler=make_scheduler(optimizer, t, total_steps=total_steps),
+        scheduler=make_scheduler(optimizer, t, total_steps=total_steps, clock=clock),
         batches=TokenBatches(stream, micro_batch=t.micro_batch, global_batch=t.global_batch, seq_len=cfg.data.seq_len),
         loss_fn=lambda m, chunk: token_loss_sum(m, chunk, device=device, dtype=cfg.parallel.dtype)[0],
         evaluate=lambda: evaluate(model, val_ds, cfg, env=env, device=device),
         sync=sync,
-        slowdown=slowdown,
+        slowdown=balancer.slowdown,
+        balancer=balancer,
     )
 
     if resume:
@@ -224,7 +239,10 @@ def _train(
         torch.manual_seed(cfg.run.seed + 1 + env.rank)
 
     metrics = MetricsWriter(run_dir, enabled=env.is_main, resume_step=state.step if resume else None)
-    end = min(total_steps, stop_after) if stop_after is not None else total_steps
+    if sync.paced:  # the run ends on its last round, whatever step that is
+        end = stop_after if stop_after is not None else sys.maxsize
+    else:
+        end = min(total_steps, stop_after) if stop_after is not None else total_steps
     if env.is_main:
         progress.start(total=total_steps, completed=state.step, description=site or cfg.run.name)
         log.info(
@@ -263,5 +281,5 @@ def _train(
         val_loss=state.val_loss,
         tokens_per_s=state.median_tokens_per_s,
         tokens_seen=state.tokens_seen,
-        stopped_early=state.step < total_steps,
+        stopped_early=not state.finished,
     )
