@@ -76,7 +76,9 @@ class Trial:
 
 
 def grid(steps: int, h: int, ckpt: int) -> list[Trial]:
-    """The trials: fault-free references, six kills over three phases, a cut, a wrong secret, a 3-site kill."""
+    """The trials: fault-free references, six kills over three phases, a cut, a wrong secret, a 3-site kill,
+    and the 2-site fault-free run once more (with `sync.min_sites=1` the sites' start is a race, so
+    two fault-free runs need not end alike: the rerun says how much of a trial's loss is that)."""
     two, three = ("east", "west"), ("east", "west", "north")
     last_ckpt = max(s for s in range(ckpt, steps, ckpt) if s % h)  # a checkpoint between round boundaries
     first_ckpt = min(s for s in range(2 * ckpt, steps, ckpt) if s % h)
@@ -92,6 +94,7 @@ def grid(steps: int, h: int, ckpt: int) -> list[Trial]:
         Trial("cut-west", "cut_link", two, "west", "link", 2 * h + 2),
         Trial("wrong-secret-joiner", "wrong_secret", two, "mallory", "join", h // 2),
         Trial(f"kill-north-compute-{3 * h + 3}-3site", "kill_site", three, "north", "compute", 3 * h + 2),
+        Trial("fault-free-rerun", "none", two),  # the same run again: how far apart two fault-free runs end
     ]
 
 
@@ -530,10 +533,10 @@ def write_results(
 ) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     by_name = {r["trial"]: r for r in records}
-    ff2, ff3 = by_name.get("fault-free"), by_name.get("fault-free-3site")
+    ff2, ff3, rerun = by_name.get("fault-free"), by_name.get("fault-free-3site"), by_name.get("fault-free-rerun")
     for rec in records:
         ref = ff3 if len(rec.get("last_steps", {})) == 3 else ff2
-        if rec["fault"] == "none":
+        if rec["fault"] == "none" and rec["trial"] != "fault-free-rerun":
             ref = None
         rec["targets"] = evaluate(rec, ref=ref, model_bytes=meta["model_bytes"], timeout=args.timeout)
     missing = [t for t in all_trials if t not in by_name]
@@ -542,6 +545,9 @@ def write_results(
         "date": dt.date.today().isoformat(),
         "fault_free": {k: ff2.get(k) for k in ("val_loss", "wall_s", "launcher_s")} if ff2 else None,
         "fault_free_3site": {k: ff3.get(k) for k in ("val_loss", "wall_s", "launcher_s")} if ff3 else None,
+        "fault_free_rerun": (
+            {k: rerun.get(k) for k in ("val_loss", "wall_s", "val_loss_vs_fault_free")} if rerun else None
+        ),
         "missing_trials": missing,
         "trials": [r for r in records if r["fault"] != "none"],
         "references": [r for r in records if r["fault"] == "none"],
@@ -567,10 +573,16 @@ def markdown(result: dict[str, Any], *, args: argparse.Namespace) -> str:
         "per site, 2 CPU cores shared by every process of the run (and by other work on the machine).",
         "",
     ]
-    for key, label in (("fault_free", "Fault-free, 2 sites"), ("fault_free_3site", "Fault-free, 3 sites")):
+    for key, label in (
+        ("fault_free", "Fault-free, 2 sites"),
+        ("fault_free_3site", "Fault-free, 3 sites"),
+        ("fault_free_rerun", "Fault-free, 2 sites, run again"),
+    ):
         ff = result.get(key)
         if ff:
-            lines.append(f"- {label}: validation loss {ff['val_loss']:.4f}, {ff['wall_s']:.0f} s of training.")
+            vs = ff.get("val_loss_vs_fault_free")
+            again = "" if vs is None else f" ({vs:+.2%} against the first: two fault-free runs differ this much)"
+            lines.append(f"- {label}: validation loss {ff['val_loss']:.4f}{again}, {ff['wall_s']:.0f} s of training.")
     lines += [
         "",
         "Targets: every trial finishes; survivors stall ≤ one exchange timeout "
