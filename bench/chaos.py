@@ -14,7 +14,8 @@ this script, as an operator or a failing data center would inject it:
   the round), or a checkpoint (while `checkpoints/step_N.tmp` exists). The launcher names the
   dead site and restarts it from its checkpoint (`--restart-sites`, 3 in the lab).
 - `cut_link`: the site's veth (its WAN-side end, in the lab's `wan` namespace) down for longer
-  than an exchange timeout, then up. Needs the netns lab; not run in emulated mode.
+  than an exchange timeout, then up: once between exchanges, once while a round is on the wire.
+  Needs the netns lab; not run in emulated mode.
 - `wrong_secret`: an extra `atoll site` (a third site name, its own three-site topology) started
   with a different ATOLL_RUN_SECRET against the run's lighthouse, from inside west's namespace.
 
@@ -71,7 +72,7 @@ class Trial:
     fault: str  # none, kill_site, cut_link, wrong_secret
     sites: tuple[str, ...] = ("east", "west")
     site: str | None = None  # the site the fault hits
-    phase: str = "none"  # compute, exchange, checkpoint, link, join
+    phase: str = "none"  # compute, exchange, checkpoint, join
     after_step: int = 0  # the fault is injected once the site has logged this step
 
 
@@ -85,13 +86,14 @@ def grid(steps: int, h: int, ckpt: int) -> list[Trial]:
     return [
         Trial("fault-free", "none", two),
         Trial("fault-free-3site", "none", three),
-        Trial(f"kill-west-compute-{h + 3}", "kill_site", two, "west", "compute", h + 2),
-        Trial(f"kill-east-compute-{5 * h + 2}", "kill_site", two, "east", "compute", 5 * h + 1),
+        Trial(f"kill-west-compute-{h + 4}", "kill_site", two, "west", "compute", h + 3),
+        Trial(f"kill-east-compute-{5 * h + 4}", "kill_site", two, "east", "compute", 5 * h + 3),
         Trial(f"kill-west-exchange-{3 * h}", "kill_site", two, "west", "exchange", 3 * h - 1),
         Trial(f"kill-east-exchange-{6 * h}", "kill_site", two, "east", "exchange", 6 * h - 1),
         Trial(f"kill-west-checkpoint-{first_ckpt}", "kill_site", two, "west", "checkpoint", first_ckpt - 2),
         Trial(f"kill-west-checkpoint-{last_ckpt}", "kill_site", two, "west", "checkpoint", last_ckpt - 2),
-        Trial("cut-west", "cut_link", two, "west", "link", 2 * h + 2),
+        Trial("cut-west", "cut_link", two, "west", "compute", 2 * h + 2),
+        Trial(f"cut-west-exchange-{5 * h}", "cut_link", two, "west", "exchange", 5 * h - 1),
         Trial("wrong-secret-joiner", "wrong_secret", two, "mallory", "join", h // 2),
         Trial(f"kill-north-compute-{3 * h + 3}-3site", "kill_site", three, "north", "compute", 3 * h + 2),
         Trial("fault-free-rerun", "none", two),  # the same run again: how far apart two fault-free runs end
@@ -302,23 +304,16 @@ def inject(
     watched = trial.site if trial.site in trial.sites else "west"
     site_dir = run_root / "sites" / watched
     tail = Tail(site_dir / "metrics.jsonl")
-    wait_step(tail, trial.after_step, launcher)
     rid = lab_of(launcher.pid) if mode == "netns" else None
+    # A compute kill reads the link's counter two steps early, to show it idle up to the kill.
+    early = 2 if trial.fault == "kill_site" and trial.phase == "compute" and rid is not None else 0
+    wait_step(tail, trial.after_step - early, launcher)
     index = trial.sites.index(watched)
     busy: Callable[[], int] | None = (lambda: tx_bytes(rid, index, watched)) if rid else None
     if trial.fault == "kill_site":
         sent_before = None
         if trial.phase == "exchange":
-            # The round's exchange follows step after_step + 1's compute; first the quorum, then the
-            # bytes. In the lab: kill once the site's veth has sent 64 KB since the step was logged
-            # (its contribution is on the wire); else (or after 20 s) at a fixed delay.
-            if busy:
-                start, deadline = busy(), time.monotonic() + 20.0
-                while busy() - start < 64 * 1024 and time.monotonic() < deadline:
-                    time.sleep(0.05)
-                rec["link_bytes_since_step_record"] = busy() - start
-            else:
-                time.sleep(args.exchange_delay - 0.3)
+            aim_at_exchange(rec, busy=busy, delay_s=args.exchange_delay)
             sent_before = busy() if busy else None
             time.sleep(0.3)
         elif trial.phase == "checkpoint":
@@ -330,8 +325,9 @@ def inject(
                 time.sleep(0.001)
             rec["tmp_seen_at_kill"] = tmp.exists()
         elif busy:
-            sent_before = busy()
-            time.sleep(0.3)
+            sent_before, since = busy(), time.monotonic()
+            wait_step(tail, trial.after_step, launcher)
+            rec["link_window_s"] = round(time.monotonic() - since, 3)
         own = {os.getpid(), launcher.pid}
         killed = kill_site(topology, trial.site or "", exclude=own)
         kill_time = time.monotonic()
@@ -343,18 +339,24 @@ def inject(
         rec["s_after_step_record"] = round(kill_time - tail.last_seen, 3)
         rec["killed_pids"] = killed
         if busy and sent_before is not None:
-            rec["link_bytes_sent_in_0.3s_before_kill"] = busy() - sent_before
+            rec["link_bytes_sent_before_kill"] = busy() - sent_before
+            rec.setdefault("link_window_s", 0.3)
     elif trial.fault == "cut_link":
         if rid is None:
             rec["note"] = "not run: a link cut needs the netns lab (emulated mode has no link to cut)"
             return
         wan_ns, veth = f"{NETNS_PREFIX}{rid}-wan", f"{IFACE_PREFIX}{rid}w{index}"
+        if trial.phase == "exchange":
+            aim_at_exchange(rec, busy=busy, delay_s=args.exchange_delay)
         tail.poll()
         rec["at_step"] = tail.last_step
         ip("-n", wan_ns, "link", "set", veth, "down")
         t_down = time.monotonic()
-        rec["link_cut"] = f"ip -n {wan_ns} link set {veth} down; {args.cut_seconds:.0f} s; up"
-        time.sleep(args.cut_seconds)
+        # Between exchanges the site's next rounds fail at once (no route) and it trains on alone;
+        # cut in a round, the exchange waits out its timeout: up again 2 s after that.
+        down_s = args.timeout + 2.0 if trial.phase == "exchange" else args.cut_seconds
+        rec["link_cut"] = f"ip -n {wan_ns} link set {veth} down; {down_s:.0f} s; up"
+        time.sleep(down_s)
         ip("-n", wan_ns, "link", "set", veth, "up")
         rec["link_down_s"] = round(time.monotonic() - t_down, 2)
         tail.poll()
@@ -363,6 +365,22 @@ def inject(
         tail.poll()
         rec["at_step"] = tail.last_step
         rec.update(join_with_wrong_secret(trial, launcher=launcher, tdir=tdir, rid=rid, args=args))
+
+
+def aim_at_exchange(rec: dict[str, Any], *, busy: Callable[[], int] | None, delay_s: float) -> None:
+    """Return once the watched site's round is on the wire (called right after the step before a boundary).
+
+    The round's exchange follows the next step's compute; first the quorum, then the bytes. In the
+    lab: once the site's veth has sent 64 KB since (its contribution is going out); else, or
+    after 20 s, at a fixed delay.
+    """
+    if busy is None:
+        time.sleep(max(0.0, delay_s - 0.3))
+        return
+    start, deadline = busy(), time.monotonic() + 20.0
+    while busy() - start < 64 * 1024 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    rec["link_bytes_since_step_record"] = busy() - start
 
 
 def join_with_wrong_secret(
@@ -434,6 +452,8 @@ def measure(trial: Trial, rec: dict[str, Any], *, run_root: Path, args: argparse
     finals = {s: final_record(r) for s, r in rows.items()}
     last_steps = {s: max((int(r["step"]) for r in rows[s] if "loss" in r), default=0) for s in trial.sites}
     rec["last_steps"] = last_steps
+    digests = {f.get("theta_digest") for f in finals.values()}
+    rec["theta_digest"] = digests.pop() if len(digests) == 1 else None
     rec["finished"] = rec["launcher_rc"] == 0 and all(v == args.steps for v in last_steps.values())
     vals = [[r["val_loss"] for r in rows[s] if "val_loss" in r] for s in trial.sites]
     rec["val_loss"] = round(statistics.mean(v[-1] for v in vals), 5) if all(vals) else None
@@ -465,18 +485,7 @@ def measure(trial: Trial, rec: dict[str, Any], *, run_root: Path, args: argparse
         rec["tmp_dirs_left"] = tmp_left  # incomplete by design: never listed, loaded or resumed from
     victim = trial.site if trial.site in trial.sites else None
     survivors = [s for s in trial.sites if s != victim]
-    at = int(rec.get("at_step", 0))
-    stalls = {}
-    for s in survivors:
-        secs = {int(r["step"]): float(r["step_seconds"]) for r in rows[s] if "step_seconds" in r}
-        if not secs:
-            continue
-        window = {k: v for k, v in secs.items() if k >= at - args.inner_steps} if trial.fault != "none" else secs
-        worst = max(window, key=lambda k: window[k])
-        stalls[s] = {"stall_s": round(window[worst] - statistics.median(secs.values()), 2), "at_step": worst}
-    if stalls:
-        rec["survivor_stall_s"] = max(v["stall_s"] for v in stalls.values())
-        rec["survivor_stalls"] = stalls
+    stall_figures(rec, rows)
     for s in survivors:
         f = finals.get(s, {})
         rec.setdefault("survivor_wan_failed", {})[s] = f.get("wan_failed")
@@ -510,13 +519,58 @@ def measure(trial: Trial, rec: dict[str, Any], *, run_root: Path, args: argparse
 # ---------------------------------------------------------------- results
 
 
+def stall_figures(rec: dict[str, Any], rows: dict[str, list[dict[str, Any]]]) -> None:
+    """`survivor_stall_s`: over the steps a survivor ended after the fault, its longest `step_seconds`
+    minus its median (for a fault-free run: over every step). The fault's time is that of the
+    hit site's record of `at_step` (plus the delay to the kill)."""
+    victim = rec["site"] if rec["site"] in rows else None
+    watched = victim or ("west" if "west" in rows else None)
+    fault_time = None
+    if rec["fault"] != "none" and watched is not None and rec.get("at_step") is not None:
+        first = next((r for r in rows[watched] if "loss" in r and int(r["step"]) == rec["at_step"]), None)
+        if first is not None:
+            fault_time = float(first["time"]) + max(0.0, float(rec.get("s_after_step_record") or 0.0))
+    stalls = {}
+    for site, site_rows in rows.items():
+        steps = [r for r in site_rows if "step_seconds" in r]
+        if site == victim or not steps:
+            continue
+        median = statistics.median(float(r["step_seconds"]) for r in steps)
+        window = [r for r in steps if fault_time is None or float(r["time"]) >= fault_time] or steps
+        worst = max(window, key=lambda r: float(r["step_seconds"]))
+        stalls[site] = {"stall_s": round(float(worst["step_seconds"]) - median, 2), "at_step": int(worst["step"])}
+    if stalls:
+        rec["survivor_stall_s"] = max(v["stall_s"] for v in stalls.values())
+        rec["survivor_stalls"] = stalls
+
+
+def backfill(rec: dict[str, Any], run_root: Path) -> None:
+    """Per-site heal counters (and θ's digest, for records from before it was kept), read from the run."""
+    if not run_root.is_dir():
+        return
+    rows = {d.name: read_metrics(d) for d in sorted(run_root.glob("sites/*"))}
+    finals = {site: final_record(r) for site, r in rows.items()}
+    stall_figures(rec, rows)
+    if "theta_digest" not in rec:
+        digests = {f.get("theta_digest") for f in finals.values()}
+        rec["theta_digest"] = digests.pop() if len(digests) == 1 else None
+    keys = ("heals", "heals_served", "heal_bytes", "heal_seconds")
+    rec["heal_by_site"] = {site: {k: f.get(k) for k in keys} for site, f in finals.items()}
+    # heal_bytes counts what a site moved in heals, sent as the source or received: per heal, take
+    # the sites that only received.
+    per_heal = [
+        h["heal_bytes"] / h["heals"] for h in rec["heal_by_site"].values() if h["heals"] and not h["heals_served"]
+    ]
+    rec["heal_bytes_per_heal"] = max(per_heal) if per_heal else None
+
+
 def evaluate(rec: dict[str, Any], *, ref: dict[str, Any] | None, model_bytes: int, timeout: float) -> dict[str, Any]:
     """Per target: True (met), False (missed) or None (does not apply)."""
     out: dict[str, Any] = {"finished": bool(rec.get("finished"))}
     stall = rec.get("survivor_stall_s")
     out["stall"] = None if stall is None or rec["fault"] == "none" else stall <= timeout
-    heals, hb = rec.get("heals") or 0, rec.get("heal_bytes") or 0
-    out["heal"] = None if not heals else hb / heals <= 1.5 * model_bytes + HEAL_TAG_BYTES
+    per_heal = rec.get("heal_bytes_per_heal")
+    out["heal"] = None if per_heal is None else per_heal <= 1.5 * model_bytes + HEAL_TAG_BYTES
     if ref is not None and rec.get("val_loss") is not None and ref.get("val_loss"):
         rec["val_loss_vs_fault_free"] = round(rec["val_loss"] / ref["val_loss"] - 1, 5)
         out["val_loss"] = abs(rec["val_loss_vs_fault_free"]) <= 0.01
@@ -535,7 +589,10 @@ def write_results(
     by_name = {r["trial"]: r for r in records}
     ff2, ff3, rerun = by_name.get("fault-free"), by_name.get("fault-free-3site"), by_name.get("fault-free-rerun")
     for rec in records:
+        backfill(rec, args.work / rec["trial"] / "runs" / rec["trial"])
         ref = ff3 if len(rec.get("last_steps", {})) == 3 else ff2
+        if ref is not None and rec.get("theta_digest") and rec is not ref:
+            rec["same_theta_as_fault_free"] = rec["theta_digest"] == ref.get("theta_digest")
         if rec["fault"] == "none" and rec["trial"] != "fault-free-rerun":
             ref = None
         rec["targets"] = evaluate(rec, ref=ref, model_bytes=meta["model_bytes"], timeout=args.timeout)
@@ -554,6 +611,10 @@ def write_results(
     }
     (RESULTS / "chaos.json").write_text(json.dumps(result, indent=1) + "\n")
     (RESULTS / "chaos.md").write_text(markdown(result, args=args))
+
+
+def _yes(value: bool | None) -> str:
+    return "–" if value is None else ("yes" if value else "no")
 
 
 def _mark(ok: bool | None) -> str:
@@ -586,22 +647,22 @@ def markdown(result: dict[str, Any], *, args: argparse.Namespace) -> str:
     lines += [
         "",
         "Targets: every trial finishes; survivors stall ≤ one exchange timeout "
-        f"({args.timeout:.0f} s; stall = the survivor's longest `step_seconds` from one round before the fault on, "
+        f"({args.timeout:.0f} s; stall = the survivor's longest `step_seconds` after the fault, "
         "minus its median); a heal ≤ 1.5x the model's bytes (θ in fp32 + momentum in bf16 is exactly 1.5x; "
         f"the {HEAL_TAG_BYTES}-byte HMAC tag is allowed on top); validation loss within 1% of the fault-free run "
         "with as many sites; the sites end with equal θ digests; every complete checkpoint verifies; every "
         "wrong-secret joiner is refused.",
         "",
-        "| trial | phase | at step | finished | survivor stall s | heal bytes (x model) | heal s | rounds lost "
-        "| val loss (vs fault-free) | digests equal | checkpoints ok | refused |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| trial | phase | at step | finished | survivor stall s | heal bytes (per heal, x model) | heal s "
+        "| rounds lost "
+        "| val loss (vs fault-free) | θ = fault-free's | digests equal | checkpoints ok | refused |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for rec in result["references"] + result["trials"]:
         t = rec["targets"]
-        heal = "–"
-        if rec.get("heals"):
-            heal = f"{rec['heal_bytes']:,} in {rec['heals']} ({rec['heal_bytes'] / rec['heals'] / mb:.5f}x each)"
-        heal += f" {_mark(t['heal'])}"
+        heal = "–" if rec.get("heal_bytes") is None else f"{rec['heal_bytes']:,}"
+        if rec.get("heal_bytes_per_heal"):
+            heal += f"; per heal {rec['heal_bytes_per_heal'] / mb:.5f}x {_mark(t['heal'])}"
         vs = rec.get("val_loss_vs_fault_free")
         val = "–" if rec.get("val_loss") is None else f"{rec['val_loss']:.4f}"
         if vs is not None:
@@ -613,7 +674,7 @@ def markdown(result: dict[str, Any], *, args: argparse.Namespace) -> str:
         lines.append(
             f"| {rec['trial']} | {rec['phase']} | {rec.get('at_step', '–')} | {_mark(t['finished'])} | {stall_s} "
             f"| {heal} | {rec.get('heal_s', '–')} | {rec.get('rounds_lost', '–')} | {val} "
-            f"| {_mark(t['digests'])} | {cks} | {refused} |"
+            f"| {_yes(rec.get('same_theta_as_fault_free'))} | {_mark(t['digests'])} | {cks} | {refused} |"
         )
     lines += ["", "## Misses", ""]
     misses = []
@@ -645,7 +706,7 @@ def miss_words(rec: dict[str, Any], target: str, *, args: argparse.Namespace, mb
             f"(per survivor: {rec.get('survivor_stalls')})"
         )
     if target == "heal":
-        return f"{rec['heal_bytes'] / rec['heals'] / mb:.4f}x the model per heal"
+        return f"{rec['heal_bytes_per_heal'] / mb:.4f}x the model per heal"
     if target == "val_loss":
         vs = rec.get("val_loss_vs_fault_free")
         return "no final validation loss" if vs is None else f"{vs:+.2%} (by {abs(vs) - 0.01:.2%} beyond 1%)"
@@ -665,8 +726,10 @@ def landing_words(rec: dict[str, Any]) -> str:
             f"SIGKILL of {rec['site']} (pids {rec.get('killed_pids')}) {rec.get('s_after_step_record')} s after its "
             f"step {rec.get('at_step')} was logged"
         )
-        if "link_bytes_sent_in_0.3s_before_kill" in rec:
-            parts.append(f"its veth sent {rec['link_bytes_sent_in_0.3s_before_kill']:,} bytes in the 0.3 s before")
+        if "link_bytes_sent_before_kill" in rec:
+            parts.append(
+                f"its veth sent {rec['link_bytes_sent_before_kill']:,} bytes in the {rec['link_window_s']} s before"
+            )
         if "link_bytes_since_step_record" in rec:
             parts.append(f"{rec['link_bytes_since_step_record']:,} bytes since that step's record (aim: 64 KB)")
         if rec["phase"] == "checkpoint":
@@ -704,6 +767,7 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("/tmp/atoll-chaos"), help="where the runs are kept")
     ap.add_argument("--only", nargs="*", default=None, metavar="TRIAL", help="run only these trials")
     ap.add_argument("--resume", action="store_true", help="keep the trials already in bench/results/chaos.json")
+    ap.add_argument("--redo", nargs="*", default=[], metavar="TRIAL", help="with --resume: run these again")
     args = ap.parse_args()
 
     cfg: RunConfig = load_config(RunConfig, CONFIG)
@@ -726,13 +790,14 @@ def main() -> None:
         },
         "command": "PYTHONPATH=src .venv/bin/python bench/chaos.py " + shlex.join(sys.argv[1:]),
     }
+    order = {t.name: i for i, t in enumerate(trials)}
     records: list[dict[str, Any]] = []
     if args.resume and (RESULTS / "chaos.json").exists():
         old = json.loads((RESULTS / "chaos.json").read_text())
-        records = old.get("references", []) + old.get("trials", [])
+        keep = set(order) - set(args.redo)
+        records = [r for r in old.get("references", []) + old.get("trials", []) if r["trial"] in keep]
         meta["model_bytes"] = old.get("model_bytes", 0)
     done = {r["trial"] for r in records}
-    order = {t.name: i for i, t in enumerate(trials)}
     print(f"chaos: lab mode {mode}; {len(trials)} trials", flush=True)
     for trial in trials:
         if trial.name in done or (args.only is not None and trial.name not in args.only):
@@ -750,6 +815,9 @@ def main() -> None:
             f"digests {rec.get('digests_equal')} ckpts {rec.get('checkpoints_ok')} in {rec['launcher_s']} s",
             flush=True,
         )
+
+    if records:  # also with nothing left to run: rewrite the results from the records (and run directories)
+        write_results(records, meta=meta, all_trials=[t.name for t in trials], args=args)
 
 
 if __name__ == "__main__":
