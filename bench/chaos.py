@@ -304,7 +304,10 @@ def inject(
     watched = trial.site if trial.site in trial.sites else "west"
     site_dir = run_root / "sites" / watched
     tail = Tail(site_dir / "metrics.jsonl")
+    wait_step(tail, 1, launcher)  # the lab is built before any site starts
     rid = lab_of(launcher.pid) if mode == "netns" else None
+    if mode == "netns" and rid is None:
+        raise AtollError(f"no lab record in {STATE_DIR} names the launcher (pid {launcher.pid})")
     # A compute kill reads the link's counter two steps early, to show it idle up to the kill.
     early = 2 if trial.fault == "kill_site" and trial.phase == "compute" and rid is not None else 0
     wait_step(tail, trial.after_step - early, launcher)
@@ -565,7 +568,9 @@ def backfill(rec: dict[str, Any], run_root: Path) -> None:
 
 
 def evaluate(rec: dict[str, Any], *, ref: dict[str, Any] | None, model_bytes: int, timeout: float) -> dict[str, Any]:
-    """Per target: True (met), False (missed) or None (does not apply)."""
+    """Per target: True (met), False (missed) or None (does not apply, or the fault was not injected)."""
+    if rec["fault"] != "none" and rec.get("at_step") is None:
+        return dict.fromkeys(("finished", "stall", "heal", "val_loss", "digests", "checkpoints", "refused"))
     out: dict[str, Any] = {"finished": bool(rec.get("finished"))}
     stall = rec.get("survivor_stall_s")
     out["stall"] = None if stall is None or rec["fault"] == "none" else stall <= timeout
