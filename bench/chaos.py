@@ -66,6 +66,27 @@ TRIAL_LIMIT_S = 420.0
 HEAL_TAG_BYTES = 32  # a heal carries θ (fp32) and the outer momentum (bf16) and one HMAC tag
 
 
+# Why a target was missed, read from the logs of the recorded trials (bench/results/chaos.*); a
+# rerun that misses differently needs these lines rewritten.
+WHY = {
+    "cut-west": (
+        "with west's link down, west's first exchange waited out its 15 s timeout (torchft's quorum call: "
+        "`Cancelled, Timeout expired`), and every later one failed at once with *the same* error (the same "
+        "`date` header, 02:15:17, in all nine messages), also after the link was up again: west trained alone "
+        "to step 63, its final agreement failed three times in a row, and it exited with status 2. The launcher "
+        "reads status 2 as a mistake in the config and stopped the run: east, healthy, was stopped at step 47. "
+        "East's stall is its round-2 exchange (gloo recv) waiting 15 s for west, plus the step."
+    ),
+    "cut-west-exchange-40": (
+        "the cut caught both sites in round 5's exchange; each waited its 15 s gloo timeout (the stall: 15 s "
+        "plus the step's compute). After the link came back both dropped the other at step 48 and formed "
+        "quorums of one from then on (`sync.min_sites=1`): their rounds never met again, each passed its final "
+        "agreement alone, and the run exited 0 with two different θ (split brain); only `check_site_digests` "
+        "(what export runs) notices."
+    ),
+}
+
+
 @dataclass(frozen=True)
 class Trial:
     name: str
@@ -542,13 +563,21 @@ def stall_figures(rec: dict[str, Any], rows: dict[str, list[dict[str, Any]]]) ->
         window = [r for r in steps if fault_time is None or float(r["time"]) >= fault_time] or steps
         worst = max(window, key=lambda r: float(r["step_seconds"]))
         stalls[site] = {"stall_s": round(float(worst["step_seconds"]) - median, 2), "at_step": int(worst["step"])}
+        if fault_time is not None:  # only the part of a step after the fault: how long the fault held it up
+            held = max(min(float(r["step_seconds"]), float(r["time"]) - fault_time) for r in window)
+            stalls[site]["held_after_fault_s"] = round(held - median, 2)
     if stalls:
         rec["survivor_stall_s"] = max(v["stall_s"] for v in stalls.values())
         rec["survivor_stalls"] = stalls
+        held = [v["held_after_fault_s"] for v in stalls.values() if "held_after_fault_s" in v]
+        rec["survivor_held_after_fault_s"] = max(held) if held else None
 
 
 def backfill(rec: dict[str, Any], run_root: Path) -> None:
     """Per-site heal counters (and θ's digest, for records from before it was kept), read from the run."""
+    if "link_bytes_sent_in_0.3s_before_kill" in rec:  # the name before compute kills got their own window
+        rec["link_bytes_sent_before_kill"] = rec.pop("link_bytes_sent_in_0.3s_before_kill")
+        rec["link_window_s"] = 0.3
     if not run_root.is_dir():
         return
     rows = {d.name: read_metrics(d) for d in sorted(run_root.glob("sites/*"))}
@@ -688,6 +717,9 @@ def markdown(result: dict[str, Any], *, args: argparse.Namespace) -> str:
             if ok is False:
                 misses.append(f"- {rec['trial']}: {target}: {miss_words(rec, target, args=args, mb=mb)}")
     lines += misses or ["None."]
+    why = [f"- {name}: {text}" for name, text in WHY.items() if any(m.startswith(f"- {name}:") for m in misses)]
+    if why:
+        lines += ["", "Why, as the trials' logs and metrics show it (`--work` keeps every run directory):", "", *why]
     if result["missing_trials"]:
         lines += ["", "## Not run", "", *[f"- {t}" for t in result["missing_trials"]]]
     lines += ["", "## How each fault landed", ""]
@@ -750,6 +782,11 @@ def landing_words(rec: dict[str, Any]) -> str:
         parts.append(
             f"joiner started at step {rec.get('at_step')}, exit {rec.get('joiner_rc')}"
             + (" (stopped by the bench)" if rec.get("joiner_stopped_by_bench") else "")
+            + (
+                " (SIGKILL from the lab's teardown at the run's end: it ran inside west's namespace)"
+                if rec.get("joiner_rc") == -9 and not rec.get("joiner_stopped_by_bench")
+                else ""
+            )
             + f", said refused: {rec.get('joiner_said_refused')}"
         )
     parts.append(f"survivors' wan_failed {rec.get('survivor_wan_failed')}")
@@ -758,6 +795,17 @@ def landing_words(rec: dict[str, Any]) -> str:
     if rec.get("site_events"):
         parts.append(f"events {rec['site_events']}")
     return "; ".join(parts)
+
+
+def grid_flags(argv: list[str]) -> list[str]:
+    """The flags that shape the grid's runs: without --resume, --only and --redo (which pick trials)."""
+    out, skipping = [], False
+    for arg in argv:
+        if arg.startswith("--"):
+            skipping = arg.split("=")[0] in ("--resume", "--only", "--redo")
+        if not skipping:
+            out.append(arg)
+    return out
 
 
 def main() -> None:
@@ -793,7 +841,7 @@ def main() -> None:
             "mbps": MBPS,
             "latency_ms": LATENCY_MS,
         },
-        "command": "PYTHONPATH=src .venv/bin/python bench/chaos.py " + shlex.join(sys.argv[1:]),
+        "command": ("PYTHONPATH=src .venv/bin/python bench/chaos.py " + shlex.join(grid_flags(sys.argv[1:]))).strip(),
     }
     order = {t.name: i for i, t in enumerate(trials)}
     records: list[dict[str, Any]] = []
