@@ -67,7 +67,7 @@ bench: $(STAMP)
 bench-wan: $(STAMP)
 	$(PY) bench/wan.py
 
-# About 20 minutes on 2 cores; --resume continues an interrupted grid. Needs root for the netns lab
+# About 15 minutes on 2 cores; --resume continues an interrupted grid. Needs root for the netns lab
 # (else it emulates the links and cannot cut one).
 bench-chaos: $(STAMP)
 	$(PY) bench/chaos.py

@@ -1,6 +1,6 @@
 """Chaos benchmark: kill sites, cut a link and send a joiner with the wrong secret into real runs.
 
-    PYTHONPATH=src .venv/bin/python bench/chaos.py            # the whole grid (~25 min on 2 shared cores)
+    PYTHONPATH=src .venv/bin/python bench/chaos.py            # the whole grid (~15 min on 2 shared cores)
     PYTHONPATH=src .venv/bin/python bench/chaos.py --resume   # skip trials already in bench/results/chaos.json
     PYTHONPATH=src .venv/bin/python bench/chaos.py --only kill-west-checkpoint-36 --resume
 
