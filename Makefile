@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 ATOLL := $(VENV)/bin/atoll
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint format bench bench-wan bench-data bench-finetune finetune-demo peer-env clean-runs help debian-deps report-shot
+.PHONY: demo test lint format bench bench-wan bench-chaos bench-data bench-finetune finetune-demo peer-env clean-runs help debian-deps report-shot
 
 help:
 	@echo "make demo   - install into .venv, train the demo model on two sites over a shaped WAN link, export it, sample it"
@@ -15,6 +15,7 @@ help:
 	@echo "make bench  - throughput benchmark (bench/results/throughput.{json,md})"
 	@echo "make finetune-demo - general -> networking (LoRA) -> netlink (LoRA), evaluation table, then serve"
 	@echo "make bench-wan - multi-site strategies and codecs over a scaled-down WAN (bench/results/wan.*)"
+	@echo "make bench-chaos - kill -9 sites, cut a link, a wrong-secret joiner, in the netns lab (bench/results/chaos.*)"
 	@echo "make bench-data - data pipeline MB/s per stage, side by side with HF datatrove (bench/results/data.*)"
 	@echo "make report-shot - the README's report screenshot (docs/report.png) from a real two-site run"
 
@@ -65,6 +66,11 @@ bench: $(STAMP)
 
 bench-wan: $(STAMP)
 	$(PY) bench/wan.py
+
+# About 15 minutes on 2 cores; --resume continues an interrupted grid. Needs root for the netns lab
+# (else it emulates the links and cannot cut one).
+bench-chaos: $(STAMP)
+	$(PY) bench/chaos.py
 
 # The data benchmark's peer, HF datatrove, in its own environment: it pins packages atoll does not
 # use, and its Gopher filters need spaCy.
