@@ -48,10 +48,10 @@ def setup_logging(*, rank: int = 0, verbose: bool = False) -> None:
     logging.getLogger("torchft").setLevel(logging.ERROR)  # per-quorum chatter and CUDA-only warnings
 
 
-def fail(message: str) -> int:
-    """Print `message` as the command's one-line error on stderr; returns `EXIT_USER_ERROR`."""
+def fail(message: str, *, code: int = EXIT_USER_ERROR) -> int:
+    """Print `message` as the command's one-line error on stderr; returns `code`."""
     print(f"atoll: error: {message}", file=sys.stderr)
-    return EXIT_USER_ERROR
+    return code
 
 
 def guarded(fn: Handler) -> Handler:
@@ -67,7 +67,7 @@ def guarded(fn: Handler) -> Handler:
         try:
             return fn(args, extra)
         except AtollError as exc:
-            return fail(str(exc))
+            return fail(str(exc), code=exc.exit_code)
         except OSError as exc:
             if exc.filename is None:  # not about a path the user gave: a bug, with its traceback
                 raise

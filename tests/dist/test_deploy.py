@@ -283,10 +283,11 @@ def flaky_run(
 def test_a_failed_site_is_restarted_from_the_beginning_and_the_run_succeeds(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
 ) -> None:
-    code, lines, state = flaky_run(tmp_path, monkeypatch, capfd, "west=1,0;east=wait", restarts=1)
+    # status 3: a run failure (e.g. sites that could not confirm agreement), restarted like a crash
+    code, lines, state = flaky_run(tmp_path, monkeypatch, capfd, "west=3,0;east=wait", restarts=1)
     assert code == 0
     assert lines == [
-        "atoll: site west exited with status 1 before its first step; restarting it from the beginning "
+        "atoll: site west exited with status 3 before its first step; restarting it from the beginning "
         "(no complete checkpoint yet) (restart 1 of 1)"
     ]
     assert sorted(p.name for p in state.iterdir()) == [

@@ -121,3 +121,20 @@ def test_no_module_imports_the_cli_or_another_modules_private_names() -> None:
             if name.startswith("_") and name != "__version__" and module != "__future__":
                 offences.append(f"{where}:{line} imports {module}.{name}, a private name")
     assert not offences, "\n".join(offences)
+
+
+def test_a_run_failure_exits_3_and_a_mistake_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
+    import argparse
+
+    from atoll.console import guarded
+    from atoll.errors import AtollError, RunFailure
+
+    def failing(exc: Exception) -> int:
+        def handler(args: argparse.Namespace, extra: list[str]) -> int:
+            raise exc
+
+        return guarded(handler)(argparse.Namespace(), [])
+
+    assert failing(AtollError("bad key")) == 2
+    assert failing(RunFailure("sites disagree")) == 3  # a launcher restarts it instead of stopping the run
+    assert capsys.readouterr().err.splitlines() == ["atoll: error: bad key", "atoll: error: sites disagree"]

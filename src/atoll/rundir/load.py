@@ -41,12 +41,12 @@ def shared_site(run_dir: Path) -> Path:
     return sites[0]
 
 
-def check_site_digests(run_dir: Path) -> str:
+def check_site_digests(run_dir: Path, *, require_all: bool = True) -> str:
     """The θ digest (hex) every site of the multi-site run `run_dir` ended with.
 
     Reads the last `theta_digest` of each `sites/NAME/metrics.jsonl`. Raises `AtollError` naming
-    the sites when a site has none (it did not finish) or the sites differ (do not export: the
-    run did not end with one model).
+    the sites when the sites differ (do not export: the run did not end with one model) or, with
+    `require_all`, when a site has none (it did not finish).
     """
     dirs = site_dirs(run_dir)
     if not dirs:
@@ -56,7 +56,11 @@ def check_site_digests(run_dir: Path) -> str:
         values = [r[FINAL_DIGEST_KEY] for r in read_metrics(d) if FINAL_DIGEST_KEY in r]
         finals[d.name] = values[-1] if values else None
     missing = sorted(s for s, v in finals.items() if v is None)
-    if missing:
+    if not require_all:
+        finals = {s: v for s, v in finals.items() if v is not None}
+        if not finals:
+            return ""
+    elif missing:
         raise AtollError(
             f"site(s) {', '.join(missing)} of {run_dir} recorded no final θ digest: the run did not finish "
             "there; resume it (atoll train ... --resume) before exporting"

@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from atoll.config.schema import SyncSection
-from atoll.errors import AtollError
+from atoll.errors import AtollError, RunFailure
 from atoll.sync.agreement import Membership, Plan, plan_exchange
 from atoll.sync.codecs import Codec, Encoded, ErrorFeedback, codec_from_config, pack_payload, unpack_payload
 from atoll.sync.digest import FINAL_DIGEST_KEY, theta_digest
@@ -406,7 +406,7 @@ class CrossSiteSync:
 
     def _check(self, unit: Unit, step: int, *, attempts: int = 3) -> None:
         """The final agreement: every site shows θ's digest (no payload); one that differs heals.
-        Raises `AtollError` if no exchange completes in `attempts` or this site cannot heal."""
+        Raises `RunFailure` if no exchange completes in `attempts` or this site cannot heal."""
         empty = torch.empty(0, dtype=torch.uint8)
         for _ in range(attempts):
             envelope = self.sealer.seal(self._header(unit, body=empty, weight=0.0, kind=KIND_CHECK), empty)
@@ -418,7 +418,7 @@ class CrossSiteSync:
             if plan.heal and not self._heal(unit, plan, opened, gathered.rank):
                 break
             return
-        raise AtollError(
+        raise RunFailure(
             f"site {self.site_name}: could not confirm at the end that every site holds the same parameters "
             f"({unit.name}, round {unit.round}); do not use this site's weights: resume the run to heal it"
         )

@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 
-from atoll.console import guarded, launched_rank, setup_logging, want_progress
-from atoll.errors import AtollError
+from atoll.console import fail, guarded, launched_rank, setup_logging, want_progress
+from atoll.errors import AtollError, RunFailure
 
 if TYPE_CHECKING:
     from atoll.config import RunConfig
@@ -132,6 +132,13 @@ def train_sites(
         if (dirs[site.name] / "metrics.jsonl").is_file():
             print_summary_from_disk(dirs[site.name])
     _write_report(cfg.run.path, topology_path=args.topology, plan=getattr(args, "plan", None))
+    if code == 0:
+        from atoll.rundir.load import check_site_digests
+
+        try:  # every site ended: they must hold one model (a site cut off may have finished alone)
+            check_site_digests(cfg.run.path, require_all=False)
+        except AtollError as exc:
+            return fail(str(exc), code=RunFailure.exit_code)
     return code
 
 

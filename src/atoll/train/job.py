@@ -16,7 +16,7 @@ from typing import Any, NamedTuple, Protocol
 import torch
 from torch import nn
 
-from atoll.errors import AtollError
+from atoll.errors import RunFailure
 from atoll.parallel.dist import DistEnv, all_reduce_sum
 from atoll.train.balance import RankBalancer
 from atoll.train.checkpoint import load_checkpoint, save_checkpoint
@@ -44,7 +44,7 @@ class BatchSource(Protocol):
 LossFn = Callable[[nn.Module, Any], torch.Tensor]  # (model, micro-batch) -> summed loss
 
 
-class DivergedError(AtollError):
+class DivergedError(RunFailure):
     """Training diverged and rolling back did not help (or there was nothing to roll back to)."""
 
 
