@@ -304,6 +304,9 @@ def test_diloco_two_sites_identical_after_every_sync_and_bytes_equal_payloads(ru
         assert final_record(d)["sync_applied"] == [[2, 2], [4, 4], [6, 6]]
         assert per_step(d, "wan_failed")[6] == 0
         assert per_step(d, "sync_rejected")[6] == 0
+        # The exchange states a live view reads between logged steps: each round sent, then applied.
+        states = [(r["step"], r["exchange"], r["exchange_round"]) for r in read_metrics(d) if "exchange" in r]
+        assert states == [(k, what, k // 2) for k in (2, 4, 6) for what in ("sending", "applied")], site
 
 
 @uses("diloco-2-ranks")

@@ -52,7 +52,7 @@ from atoll.sync.fragments import StreamingSchedule, assign_owners, gather_owned,
 from atoll.sync.heal import MOMENTUM_DTYPE, run_heal
 from atoll.sync.outer import OuterOptimizer, weighted_average
 from atoll.sync.pacing import Pacer
-from atoll.sync.rounds import Opened, Pending, Transport, Unit
+from atoll.sync.rounds import ExchangeListener, Opened, Pending, Transport, Unit, ignore_exchange
 from atoll.sync.tensors import checksum, host_copy, unwrap
 from atoll.sync.transport import Gathered
 
@@ -122,13 +122,11 @@ class CrossSiteSync:
         self.pending: deque[Pending] = deque()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"atoll-wan-{site_name}")
         self.wait_seconds = 0.0
-        self.rejected = 0
-        self.refused = 0  # contributions whose authentication failed (counted in `rejected` too)
-        self.heals = 0  # times this rank took θ from a peer
-        self.heals_served = 0
-        self.heal_bytes = 0
+        # refused: contributions whose authentication failed (counted in rejected too); heals: times this
+        # rank took θ from a peer; disagreements: exchanges where a site at the run's round held another θ
+        self.rejected = self.refused = self.heals = self.heals_served = self.heal_bytes = self.disagreements = 0
         self.heal_seconds = 0.0
-        self.disagreements = 0  # exchanges where a site at the run's round held another θ
+        self.listener: ExchangeListener = ignore_exchange  # the loop's: exchange states into the metrics
         self.membership = Membership()
         self.rounds_applied = 0
         self.applied_log: list[tuple[int, int]] = []  # (step applied, step sent), for tests and reports
@@ -263,17 +261,20 @@ class CrossSiteSync:
             codec_state=codec_state,
         )
         if self.delay == 0:
+            self.listener("sending", step, unit.round + 1, unit.name)
             t0 = time.perf_counter()
             pending.result = self.transport.exchange(envelope, payload)
             pending.done = True
             self.wait_seconds += time.perf_counter() - t0
         else:
+            self.listener("sending", step, unit.round + 1, unit.name)
             pending.future = self._executor.submit(self.transport.exchange, envelope, payload)
         self.pending.append(pending)
 
     def _roll_back(self, pending: Pending) -> None:
         """Nothing of this round was shared: keep the local progress and restore the anchor, the
         token count and the codec's residuals, so that the next exchange carries it, once."""
+        self.listener("failed", pending.sent_step, pending.unit.round + 1, pending.unit.name)
         for n in pending.unit.owned:
             self.anchor[n] = pending.previous_anchor[n]
         self.tokens_since[pending.unit.name] += int(pending.weight)
@@ -319,6 +320,8 @@ class CrossSiteSync:
     def _apply(self, pending: Pending, step: int) -> None:
         if not pending.done:
             assert pending.future is not None
+            if not pending.future.done():
+                self.listener("waiting", step, pending.unit.round + 1, pending.unit.name)
             t0 = time.perf_counter()
             pending.result = pending.future.result()
             pending.done = True
@@ -362,6 +365,7 @@ class CrossSiteSync:
         self._gather_into_params(unit)
         self.rounds_applied += 1
         self.applied_log.append((step, pending.sent_step))
+        self.listener("applied", step, unit.round, unit.name)
 
     def _heal(self, unit: Unit, plan: Plan, opened: list[Opened], rank: int) -> bool:
         """Run this rank's part of the plan's heal (`atoll.sync.heal.run_heal`); True unless this

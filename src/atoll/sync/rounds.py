@@ -6,6 +6,7 @@ that follow `Transport` (the real one is `atoll.sync.transport.TorchftTransport`
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -56,3 +57,14 @@ class Pending:
     future: Future[Gathered | None] | None = None
     result: Gathered | None = None
     done: bool = False
+
+
+ExchangeListener = Callable[[str, int, int, str], None]
+"""Told of each exchange's state as it changes: (state, step, round, unit). States: ``sending``
+(the payload goes out), ``waiting`` (the loop blocks on an exchange still in flight), ``applied``
+(round = the unit's round after it), ``failed`` (rolled back). The loop writes them to the
+metrics, so that a live view knows what each site is doing between its logged steps."""
+
+
+def ignore_exchange(state: str, step: int, round: int, unit: str) -> None:
+    """The listener of a sync nobody watches."""

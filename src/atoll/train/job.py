@@ -57,6 +57,8 @@ class SiteSync(Protocol):
     # Rounds end by measurement (a wall-clock budget or a balance): the run then ends on its last
     # round (`run_over`), and the schedule follows `schedule_step`, not the site's own step count.
     paced: bool
+    # Told of each exchange's state (sending, waiting, applied, failed): the loop logs them.
+    listener: Callable[[str, int, int, str], None]
 
     def commit_gradients(self, *, tokens: int) -> bool: ...
     def after_step(self, step: int, *, tokens: int, seconds: float | None = None) -> None: ...
@@ -76,6 +78,9 @@ class NoSync:
 
     lockstep = False
     paced = False
+
+    def listener(self, state: str, step: int, round: int, unit: str) -> None:
+        pass  # nothing is exchanged
 
     def commit_gradients(self, *, tokens: int) -> bool:
         return True

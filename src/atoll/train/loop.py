@@ -244,6 +244,9 @@ def run_loop(
     model, sync = job.model, job.sync
     params = job.params
     guard = StepGuard.from_config(t)
+    sync.listener = lambda what, step, rnd, unit: metrics.log(
+        step, {"exchange": what, "exchange_round": rnd, "exchange_unit": unit}
+    )  # what a live view reads between a site's logged steps
     state.skip_batches |= set(t.skip_batches)
     guard.load_state_dict(state.guard)
     compute_seconds = 0.0
