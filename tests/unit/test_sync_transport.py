@@ -82,3 +82,25 @@ def test_the_emulation_and_the_planner_share_one_link_model() -> None:
     planned = [link_from_mbps(n, up_mbps=mbps, down_mbps=mbps, latency_ms=ms) for n, mbps, ms in sites]
     assert planned[0].up_bytes_per_s == pytest.approx(WAN_GOODPUT * nominal[0].up_bytes_per_s)
     assert allgather_latency(planned) == allgather_latency(nominal)
+
+
+def test_a_failed_quorum_is_forgotten_so_the_next_exchange_asks_the_lighthouse_again() -> None:
+    from concurrent.futures import Future
+
+    from torchft.manager import Manager
+
+    from atoll.sync.transport import forget_failed_quorum
+
+    manager = object.__new__(Manager)  # torchft's own start_quorum, on a manager that never started
+    failed: Future[None] = Future()
+    failed.set_exception(RuntimeError('status: Cancelled, message: "Timeout expired"'))
+    manager._quorum_future = failed
+    with pytest.raises(RuntimeError, match="Timeout expired"):
+        Manager.start_quorum(manager)  # torchft re-raises the old failure, on every later call too
+    assert forget_failed_quorum(manager) and manager._quorum_future is None
+    with pytest.raises(AttributeError):  # past the old failure, on to a new quorum this bare manager cannot start
+        Manager.start_quorum(manager)
+    done: Future[None] = Future()
+    done.set_result(None)
+    manager._quorum_future = done
+    assert not forget_failed_quorum(manager) and manager._quorum_future is done

@@ -221,6 +221,7 @@ class TorchftTransport:
         # while a peer was leaving: that too is a failed round, not a crash.
         except (RuntimeError, TimeoutError, ConnectionError, OSError, AssertionError) as exc:  # uncommitted
             self._manager.report_error(exc)
+            forget_failed_quorum(self._manager)
             log.warning("site %s: exchange failed (%s); this round is not applied", self.site.name, exc)
             self.counter.failed += 1
             return None
@@ -292,3 +293,19 @@ def start_lighthouse(*, bind: str, min_sites: int, join_timeout_seconds: float =
         quorum_tick_ms=50,
         heartbeat_timeout_ms=10000,
     )
+
+
+def forget_failed_quorum(manager: object) -> bool:
+    """Drop a quorum that failed from a torchft `Manager`; True if there was one.
+
+    torchft 0.2.0's `start_quorum` first waits on the previous quorum's future, and a future that
+    failed re-raises its exception: one quorum call that timed out (a site's link cut longer than
+    the timeout) would fail every later exchange of that site at once, for good, with the same
+    error, also after the link is back (the chaos benchmark's `cut-west`). Without the failed
+    future the next exchange asks the Lighthouse afresh.
+    """
+    future = getattr(manager, "_quorum_future", None)
+    if future is None or not future.done() or future.exception() is None:
+        return False
+    manager._quorum_future = None  # type: ignore[attr-defined]
+    return True
