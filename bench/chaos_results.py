@@ -23,19 +23,19 @@ HEAL_TAG_BYTES = 32  # a heal carries θ (fp32) and the outer momentum (bf16) an
 # rerun that misses differently needs these lines rewritten.
 WHY = {
     "cut-west": (
-        "with west's link down, west's first exchange waited out its 15 s timeout (torchft's quorum call: "
-        "`Cancelled, Timeout expired`), and every later one failed at once with *the same* error (the same "
-        "`date` header, 02:15:17, in all nine messages), also after the link was up again: west trained alone "
-        "to step 63, its final agreement failed three times in a row, and it exited with status 2. The launcher "
-        "reads status 2 as a mistake in the config and stopped the run: east, healthy, was stopped at step 47. "
-        "East's stall is its round-2 exchange (gloo recv) waiting 15 s for west, plus the step."
+        "(rerun after two fixes: a failed torchft quorum is forgotten, and a run failure exits 3) east "
+        "dropped west at step 24 (round 2) and west "
+        "dropped east at step 32, and after the link was back each formed quorums of one to the end (6 rounds "
+        "lost): both reached step 64 with different θ, and the launcher, comparing the final digests, exited 3 "
+        "naming them (before the fixes west exited 2 and the launcher stopped the healthy east at step 47). "
+        "Why the two never meet again is not established; the likely cause is that the cut site's torchft "
+        "Manager stops heartbeating to the Lighthouse, which then gives each site a quorum of its own."
     ),
     "cut-west-exchange-40": (
-        "the cut caught both sites in round 5's exchange; each waited its 15 s gloo timeout (the stall: 15 s "
-        "plus the step's compute). After the link came back both dropped the other at step 48 and formed "
-        "quorums of one from then on (`sync.min_sites=1`): their rounds never met again, each passed its final "
-        "agreement alone, and the run exited 0 with two different θ (split brain); only `check_site_digests` "
-        "(what export runs) notices."
+        "(rerun after the fixes) the cut caught both sites in round 5's exchange; the survivor waited exactly "
+        "its 15 s gloo timeout, so its longest step is the timeout plus that step's compute (missed by 0.01 s). "
+        "After the link was back the sites met again, west healed from east (1,230,752 bytes) and both ended "
+        "with the same θ (before the fixes: two different θ and exit 0)."
     ),
 }
 
