@@ -67,6 +67,17 @@ MAX_GENERAL_RATIO = 1.25
 MIN_GAIN_RATIO = 0.8
 
 
+def training_seconds(stage: str) -> float | None:
+    """The stage's own record of its training time (last `wall_seconds` in metrics.jsonl), so a
+    stage run before this script (or beside another) still has its time in the results."""
+    path = RUNS / stage / "metrics.jsonl"
+    if not path.is_file():
+        return None
+    found = [json.loads(line).get("wall_seconds") for line in path.read_text().splitlines() if line.strip()]
+    times = [t for t in found if t is not None]
+    return round(times[-1], 1) if times else None
+
+
 def forgetting(stages: list[dict], baseline: list[dict]) -> dict[str, float | bool]:
     """The ratios of issue 14 from the first and last stage of each chain."""
     first, last, last_base = stages[0], stages[-1], baseline[-1]
@@ -157,6 +168,7 @@ def main() -> None:
     results["command"] = "python bench/finetune.py " + " ".join(sys.argv[1:])
     results["commands"] = commands
     results["wall_seconds"] = {k: round(v, 1) for k, v in seconds.items()}
+    results["training_seconds"] = {s: training_seconds(s) for s, _ in [*STAGES, *BASELINE_STAGES]}
     results["machine"] = {
         "cpu_count": os.cpu_count(),
         "platform": platform.platform(),
