@@ -7,7 +7,11 @@ atoll eval), skipping a stage whose run already finished, then scores every stag
 held-out sets: general English (the validation split of the Shakespeare demo corpus), networking
 and netlink (the documents each fine-tuning stage held out; `atoll eval` checks by hash that no
 stage of the chain trained on any of them). The domain corpora come from Debian's linux-doc-6.1.
-Writes bench/results/finetune.json (`stages` and the `command`), finetune.md and finetune.png.
+The chain's LoRA stages replay 30% of their parent's training rows (`data.replay` in the
+examples); the same chain runs again without replay (`--data.replay.share=0`, same seeds and
+settings otherwise) into runs/chain/*-noreplay. Writes bench/results/finetune.json (`stages`:
+the chain with replay, `baseline_no_replay`: without, same fields; `forgetting`: the ratios
+issue 14 sets targets for; the `command`), finetune.md and finetune.png.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import math
 import os
 import platform
 import shlex
@@ -38,6 +43,56 @@ STAGES = [
     ("networking", ["finetune", "examples/finetune/networking.yaml"]),
     ("netlink", ["finetune", "examples/finetune/netlink.yaml"]),
 ]
+# The same chain without replay: the general stage is shared; nothing else differs.
+NO_REPLAY = ["--data.replay.share=0"]
+BASELINE_STAGES = [
+    (
+        "networking-noreplay",
+        ["finetune", "examples/finetune/networking.yaml", "--run.name=networking-noreplay", *NO_REPLAY],
+    ),
+    (
+        "netlink-noreplay",
+        [
+            "finetune",
+            "examples/finetune/netlink.yaml",
+            "--run.name=netlink-noreplay",
+            "--finetune.parent=runs/chain/networking-noreplay",
+            *NO_REPLAY,
+        ],
+    ),
+]
+# Issue 14: after the chain, general perplexity within 1.25x of the general stage, and at least
+# 80% of the netlink log-perplexity gain the chain makes without replay.
+MAX_GENERAL_RATIO = 1.25
+MIN_GAIN_RATIO = 0.8
+
+
+def training_seconds(stage: str) -> float | None:
+    """The stage's own record of its training time (last `wall_seconds` in metrics.jsonl), so a
+    stage run before this script (or beside another) still has its time in the results."""
+    path = RUNS / stage / "metrics.jsonl"
+    if not path.is_file():
+        return None
+    found = [json.loads(line).get("wall_seconds") for line in path.read_text().splitlines() if line.strip()]
+    times = [t for t in found if t is not None]
+    return round(times[-1], 1) if times else None
+
+
+def forgetting(stages: list[dict], baseline: list[dict]) -> dict[str, float | bool]:
+    """The ratios of issue 14 from the first and last stage of each chain."""
+    first, last, last_base = stages[0], stages[-1], baseline[-1]
+    gain = math.log(first["ppl"]["netlink"]) - math.log(last["ppl"]["netlink"])
+    gain_base = math.log(first["ppl"]["netlink"]) - math.log(last_base["ppl"]["netlink"])
+    general_ratio = last["ppl"]["general"] / first["ppl"]["general"]
+    out: dict[str, float | bool] = {
+        "general_ppl_ratio": round(general_ratio, 4),
+        "general_ppl_ratio_no_replay": round(last_base["ppl"]["general"] / first["ppl"]["general"], 4),
+        "netlink_log_ppl_gain": round(gain, 4),
+        "netlink_log_ppl_gain_no_replay": round(gain_base, 4),
+        "netlink_gain_ratio": round(gain / gain_base, 4),
+    }
+    out["meets_targets"] = general_ratio <= MAX_GENERAL_RATIO and gain / gain_base >= MIN_GAIN_RATIO
+    return out
 
 
 def atoll_cmd(args: list[str]) -> list[str]:
@@ -75,7 +130,7 @@ def main() -> None:
         sys.exit(f"{LINUX_DOC} is missing: install Debian's linux-doc-6.1 (apt-get install -y linux-doc-6.1)")
     threads = [f"--parallel.threads={args.threads}"] if args.threads else []
     commands, seconds = [], {}
-    for stage, cmd in STAGES:
+    for stage, cmd in [*STAGES, *BASELINE_STAGES]:
         full = [*cmd, *threads]
         commands.append("atoll " + " ".join(cmd))
         if finished(stage):
@@ -83,7 +138,7 @@ def main() -> None:
             continue
         seconds[stage] = run(full)
     out_json, out_png = RESULTS / "finetune.json", RESULTS / "finetune.png"
-    eval_args = ["eval", *(str(RUNS.relative_to(REPO) / s) for s, _ in STAGES)]
+    eval_args = ["eval", *(str(RUNS.relative_to(REPO) / s) for s, _ in [*STAGES, *BASELINE_STAGES])]
     eval_args += [
         "--data",
         "general=runs/data/demo",
@@ -105,10 +160,15 @@ def main() -> None:
     seconds["eval"] = run(eval_args)
     commands.append("atoll " + " ".join(shlex.quote(a) for a in eval_args))
     results = json.loads(out_json.read_text())
+    by_name = {rec["stage"]: rec for rec in results["stages"]}
+    results["stages"] = [by_name[s] for s, _ in STAGES]
+    results["baseline_no_replay"] = [by_name[STAGES[0][0]], *(by_name[s] for s, _ in BASELINE_STAGES)]
+    results["forgetting"] = forgetting(results["stages"], results["baseline_no_replay"])
     results["eval_command"] = results["command"]
     results["command"] = "python bench/finetune.py " + " ".join(sys.argv[1:])
     results["commands"] = commands
     results["wall_seconds"] = {k: round(v, 1) for k, v in seconds.items()}
+    results["training_seconds"] = {s: training_seconds(s) for s, _ in [*STAGES, *BASELINE_STAGES]}
     results["machine"] = {
         "cpu_count": os.cpu_count(),
         "platform": platform.platform(),
@@ -127,10 +187,20 @@ def main() -> None:
         "Perplexity on held-out sets (lower is better); "
         "every set was checked by hash against the training documents of every stage.",
         "",
+        "With replay (`data.replay.share: 0.3` in each LoRA stage, the recommended chain):",
+        "",
         markdown_table(results),
+        "Without replay (`--data.replay.share=0`, same seeds and settings otherwise):",
+        "",
+        markdown_table({**results, "stages": results["baseline_no_replay"]}),
+        "Forgetting (issue 14 targets: general ratio <= 1.25, netlink gain ratio >= 0.8):",
+        "",
+        *(f"- {k}: {v}" for k, v in results["forgetting"].items()),
+        "",
     ]
     (RESULTS / "finetune.md").write_text("\n".join(md))
     print(markdown_table(results))
+    print(json.dumps(results["forgetting"], indent=1))
 
 
 if __name__ == "__main__":

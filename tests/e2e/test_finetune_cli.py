@@ -254,6 +254,37 @@ def test_resume_reproduces_the_uninterrupted_stage_bitwise(chain: dict[str, Path
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_replay_stage_records_the_mix_and_resumes_bitwise(chain: dict[str, Path], base_run: Path) -> None:
+    from atoll.finetune.config import FinetuneConfig
+    from atoll.finetune.setup import prepare_finetune
+    from atoll.finetune.trainer import run_finetune
+
+    tmp = chain["tmp"]
+
+    def config(name: str) -> FinetuneConfig:
+        return load_config(
+            FinetuneConfig, ft_config(tmp, base_run, chain["data"], name=name, data={"replay": {"share": 0.25}})
+        )
+
+    whole = config("replay")
+    prepare_finetune(whole, resume=False)
+    run_finetune(whole)
+    lineage = json.loads((tmp / "runs" / "replay" / "lineage.json").read_text())
+    replay = lineage["data"]["replay"]
+    assert replay["kind"] == "pretrain-data" and replay["source"] == str(base_run)
+    assert abs(replay["sequences"] / (replay["sequences"] + replay["own_sequences"]) - 0.25) < 0.05
+    part = config("replay-resumed")
+    prepare_finetune(part, resume=False)
+    assert run_finetune(part, stop_after=3).stopped_early
+    prepare_finetune(part, resume=True)
+    assert run_finetune(part, resume=True).step == 6
+    runs = tmp / "runs"
+    for key in ("loss", "val_loss"):
+        a = {r["step"]: r[key] for r in read_metrics(runs / "replay-resumed") if key in r}
+        assert a == {r["step"]: r[key] for r in read_metrics(runs / "replay") if key in r}, key
+    assert a != {r["step"]: r["val_loss"] for r in read_metrics(chain["stage"]) if "val_loss" in r}
+
+
 def test_a_second_lora_stage_chains_and_a_changed_parent_is_refused(chain: dict[str, Path]) -> None:
     from safetensors.torch import load_file, save_file
 

@@ -60,6 +60,33 @@ FORMAT_KEYS: dict[str, tuple[str, ...]] = {
 }
 
 
+class ReplaySection(Section):
+    share: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description=(
+            "Share of the training rows taken from earlier data so the stage does not forget it: the "
+            "stage's rows are this share replay and the rest its own data (0: no replay). The rows are "
+            "chosen once, by run.seed, and stored with the stage's data, so the mix is deterministic "
+            "and a resumed stage continues it."
+        ),
+    )
+    source: Path | None = Field(
+        None,
+        description=(
+            "Where replayed rows come from: an atoll run (a pre-training run's data.dir, or a "
+            "fine-tuning stage's training rows, its own replay included) or a prepared pre-training "
+            "data directory (manifest.json). Default: finetune.parent."
+        ),
+    )
+
+    def ignored_keys(self, path: str) -> list[str]:
+        if self.share == 0 and "source" in self.model_fields_set:
+            return [f"{path}.source is ignored: {path}.share is 0; set a share or remove {path}.source"]
+        return []
+
+
 class FinetuneDataSection(Section):
     format: Literal["text", "instruct"] = Field(
         "text",
@@ -106,6 +133,10 @@ class FinetuneDataSection(Section):
         ),
     )
     max_documents: int | None = Field(None, gt=0, description="Read at most this many documents (for trials).")
+    replay: ReplaySection = Field(
+        default_factory=ReplaySection,
+        description="Rows of earlier training data mixed into this stage's (see replay.share).",
+    )
 
     def ignored_keys(self, path: str) -> list[str]:
         found = self._unread(path, setting="format", readers=FORMAT_KEYS)

@@ -34,6 +34,7 @@ import numpy as np
 from atoll.data import file_sha256
 from atoll.errors import AtollError
 from atoll.finetune.config import FinetuneDataSection
+from atoll.finetune.replay import draw_replay, replay_summary
 from atoll.rundir.tokenizer import TextTokenizer
 
 log = logging.getLogger(__name__)
@@ -342,8 +343,13 @@ def _token_dtype(vocab_size: int) -> type[np.unsignedinteger[Any]]:
     return np.uint16 if vocab_size <= 1 << 16 else np.uint32
 
 
-def prepare_data(cfg: FinetuneDataSection, tokenizer: TextTokenizer, out_dir: Path) -> dict[str, Any]:
+def prepare_data(
+    cfg: FinetuneDataSection, tokenizer: TextTokenizer, out_dir: Path, *, parent: Path | None = None, seed: int = 0
+) -> dict[str, Any]:
     """Read, split, tokenize and write the data of a stage into `out_dir`; returns data.json's content.
+
+    With `cfg.replay.share` > 0, rows drawn (by `seed`) from `cfg.replay.source` or `parent` are
+    appended to the training split (see atoll.finetune.replay); validation stays the stage's own.
 
     Replaces `out_dir` atomically (written beside it, then renamed). Raises AtollError for
     unreadable or empty data, or a split with nothing to train on.
@@ -378,6 +384,15 @@ def prepare_data(cfg: FinetuneDataSection, tokenizer: TextTokenizer, out_dir: Pa
                 f"no {split} example fits data.seq_len {cfg.seq_len} ({too_long} prompts are longer): "
                 "raise data.seq_len or shorten the prompts"
             )
+        if split == "train" and cfg.replay.share > 0:
+            if parent is None and cfg.replay.source is None:
+                raise AtollError("data.replay.share is set but there is no parent: set data.replay.source")
+            rows = draw_replay(
+                cfg.replay, parent=parent or Path("."), num_rows=len(tokens), seq_len=cfg.seq_len, seed=seed
+            )
+            if rows is not None:
+                summary["replay"] = replay_summary(rows, share=cfg.replay.share, own_rows=len(tokens))
+                tokens, mask = np.concatenate([tokens, rows.tokens]), np.concatenate([mask, rows.mask])
         np.save(tmp / f"{split}_tokens.npy", tokens.astype(dtype))
         np.save(tmp / f"{split}_mask.npy", mask)
         summary["splits"][split] = {

@@ -160,7 +160,7 @@ def prepare_finetune(cfg: FinetuneConfig, *, resume: bool) -> ModelConfig:
             f"the tokenizer of {parent.path} has {tokenizer.vocab_size} tokens but the model only "
             f"{mcfg.vocab_size} embeddings: the parent is inconsistent"
         )
-    summary = prepare_data(cfg.data, tokenizer, run_dir / DATA_DIR)
+    summary = prepare_data(cfg.data, tokenizer, run_dir / DATA_DIR, parent=parent.path, seed=cfg.run.seed)
     method = cfg.finetune.method
     trainable = lora_param_count(mcfg, cfg.finetune.lora) if method == "lora" else mcfg.num_params()
     record: dict[str, Any] = {
@@ -183,6 +183,7 @@ def prepare_finetune(cfg: FinetuneConfig, *, resume: bool) -> ModelConfig:
             "data_json_sha256": hashlib.sha256((run_dir / DATA_DIR / DATA_JSON).read_bytes()).hexdigest(),
             "documents": {k: v["documents"] for k, v in summary["splits"].items()},
             "tokens": {k: v["tokens"] for k, v in summary["splits"].items()},
+            "replay": summary.get("replay"),
         },
         "lora": cfg.finetune.lora.model_dump(mode="json") if method == "lora" else None,
         "trainable_params": trainable,
