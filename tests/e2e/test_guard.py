@@ -23,12 +23,13 @@ def guard_records(run_dir: Path) -> list[dict[str, Any]]:
     return [r for r in read_metrics(run_dir) if "guard" in r]
 
 
-def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+def final_weights(run_dir: Path, ckpt: Path | None = None) -> dict[str, torch.Tensor]:
+    """The weights of checkpoint `ckpt` of the run (default: its latest)."""
     from atoll.model import Transformer
     from atoll.rundir.layout import read_model_json
 
     model = Transformer(read_model_json(run_dir))
-    load_model_weights(list_checkpoints(run_dir)[-1].path, model)
+    load_model_weights(ckpt or list_checkpoints(run_dir)[-1].path, model)
     return model.state_dict()
 
 
@@ -134,12 +135,7 @@ def test_a_diverging_learning_rate_ends_with_a_message_and_no_bad_checkpoint(tmp
     run_dir = tmp_path / "runs" / "t"
     assert [r["guard"] for r in guard_records(run_dir)].count("rolled_back") == 2  # max_rollbacks
     for ckpt in list_checkpoints(run_dir):
-        from atoll.model import Transformer
-        from atoll.rundir.layout import read_model_json
-
-        model = Transformer(read_model_json(run_dir))
-        load_model_weights(ckpt.path, model)
-        assert all(torch.isfinite(p).all() for p in model.state_dict().values())
+        assert all(torch.isfinite(p).all() for p in final_weights(run_dir, ckpt.path).values())
 
 
 def test_export_and_serve_refuse_non_finite_weights(tmp_path: Path, tiny_data: Path) -> None:
