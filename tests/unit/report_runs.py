@@ -46,9 +46,12 @@ def write_site(
     failures: bool = False,
     digest: str = "ab" * 32,
     t0: float = 1_700_000_000.0,
+    exact: bool = False,
 ) -> list[dict[str, Any]]:
     """Write one site's run directory (metrics, model.json, config.yaml, checkpoints); returns
-    the records."""
+    the records. `exact`: also the records today's loop writes for exact bars (``exchange``
+    states, `eval_seconds`, ``checkpoint`` records), with evaluations of 0.03 s in a 0.04 s gap,
+    and only the last checkpoint left on disk (the others pruned)."""
     path.mkdir(parents=True, exist_ok=True)
     model = get_preset("tiny")
     (path / "model.json").write_text(json.dumps(dataclasses.asdict(model)), encoding="utf-8")
@@ -68,12 +71,18 @@ def write_site(
         w = 0.0
         if multi_site and step % inner_steps == 0:
             w = wait + (compute * 2 - c if slowdown == 1.0 else 0.0)  # the fast sites wait for the slow one
+            round_ = step // inner_steps
+            if exact:
+                records.append(_exchange(step, t, "sending", round_))
             t += w
             waited += w
             wan_s += wait
             sent += 100_000
             exchanges += 1
             applied.append([step, step])
+            if exact:
+                state = "failed" if failures and step == 10 else "applied"
+                records.append(_exchange(step, t, state, round_))
         if failures and step == 7:
             records.append({"step": step, "time": t, "guard": "skipped", "reason": "non-finite loss"})
         rec: dict[str, Any] = {
@@ -108,11 +117,17 @@ def write_site(
         records.append(rec)
         if step % 10 == 0:
             t += 0.04
-            records.append({"step": step, "time": t, "val_loss": 6.9 - 0.04 * step})
+            val: dict[str, Any] = {"step": step, "time": t, "val_loss": 6.9 - 0.04 * step}
+            if exact:
+                val["eval_seconds"] = 0.03
+            records.append(val)
             t += 0.06
-            ckpt = path / "checkpoints" / f"step_{step:08d}"
-            ckpt.mkdir(parents=True, exist_ok=True)
-            os.utime(ckpt, (t, t))
+            if exact:
+                records.append({"step": step, "time": t, "checkpoint": step, "checkpoint_seconds": 0.05})
+            if not exact or step == steps:
+                ckpt = path / "checkpoints" / f"step_{step:08d}"
+                ckpt.mkdir(parents=True, exist_ok=True)
+                os.utime(ckpt, (t, t))
     if multi_site:
         events = []
         if failures:
@@ -135,6 +150,10 @@ def write_site(
         )
     (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
     return records
+
+
+def _exchange(step: int, t: float, state: str, round_: int) -> dict[str, Any]:
+    return {"step": step, "time": t, "exchange": state, "exchange_round": round_, "exchange_unit": "model"}
 
 
 def fake_run(

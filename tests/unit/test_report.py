@@ -87,6 +87,26 @@ def test_timeline_without_a_final_record_uses_the_exchange_counters(tmp_path: Pa
     assert exchanges[0].seconds == pytest.approx(0.3)
 
 
+def test_timeline_reads_the_exchange_evaluation_and_checkpoint_records(tmp_path: Path) -> None:
+    run = load_run(fake_run(tmp_path / "r", sites=("east", "west"), failures=True, exact=True))
+    east = run.sites[0]
+    segs = site_timeline(east, t0=run.start_time)
+    # Exact durations from the records, not what the counters leave between two records.
+    evals = [s for s in segs if s.kind == "eval"]
+    assert [round(s.seconds, 6) for s in evals] == [0.03, 0.03]
+    ckpts = [s for s in segs if s.kind == "checkpoint"]
+    assert len(ckpts) == 2  # step 10's directory was pruned: its record still places it
+    assert all(s.seconds == pytest.approx(0.05) for s in ckpts)
+    # Every round from its `sending` record to its `applied` one; round 2 failed.
+    wan = sorted((s for s in segs if s.row == "wan" and s.kind in ("exchange", "failure")), key=lambda s: s.start)
+    assert [s.kind for s in wan] == ["exchange", "failure", "exchange", "exchange"]
+    assert all(s.seconds == pytest.approx(0.3 + 0.1) for s in wan)  # the wait (0.3) plus the slow site (0.1)
+    assert wan[1].label == "round 2: sent at step 10, failed at step 10"
+    main_row = sorted((s for s in segs if s.row == "site"), key=lambda s: s.start)
+    for a, b in zip(main_row, main_row[1:]):
+        assert b.start >= a.end - 1e-6, (a, b)
+
+
 def test_measures_per_site_and_per_link(tmp_path: Path) -> None:
     run = load_run(fake_run(tmp_path / "r"))
     ms = {m.name: m for m in site_measures(run)}

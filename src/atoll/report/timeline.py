@@ -7,12 +7,16 @@ checkpoints write nothing but a `val_loss` record and a directory. So a timeline
 - between two step records (interval [a, b], after any evaluation or checkpoint that followed
   the first), the site computed for Δcompute_seconds from the start and waited for an exchange
   for Δsync_wait_seconds at the end (a sync happens in ``after_step``, after the step's compute);
-- an exchange is in flight from the step it was sent to the step it was applied (the final
-  record's ``sync_applied``; a blocking exchange is the wait at the end of its step); without
-  that record, for Δwan_seconds at the end of each interval whose `wan_exchanges` grew;
-- evaluation runs from the step record to its `val_loss` record;
-- a checkpoint runs from the last record of its step to its directory's mtime (only the
-  checkpoints still on disk are seen: older ones were pruned by ``keep_checkpoints``);
+- an exchange is in flight from its ``exchange: sending`` record to its ``applied`` or
+  ``failed`` record (what the sync tells the loop, by round and unit); a run written before
+  those records existed: from the step it was sent to the step it was applied (the final
+  record's ``sync_applied``; a blocking exchange is the wait at the end of its step), or for
+  Δwan_seconds at the end of each interval whose `wan_exchanges` grew;
+- evaluation ends at its `val_loss` record and lasts its `eval_seconds` (older runs: from the
+  step record to the `val_loss` record);
+- a checkpoint ends at its ``checkpoint`` record and lasts its `checkpoint_seconds` (older runs:
+  from the last record of its step to its directory's mtime, only for the checkpoints still on
+  disk: older ones were pruned by ``keep_checkpoints``);
 - failures (guard verdicts, failed or refused exchanges, dropped and rejoined sites) are
   instants, heals last Δheal_seconds at the end of their interval.
 
@@ -82,10 +86,21 @@ def _time_at_step(ends: dict[int, float], step: int) -> float | None:
     return ends[s0] + (ends[s1] - ends[s0]) * (step - s0) / (s1 - s0)
 
 
+def _checkpoint_ends(site: SiteRun) -> tuple[dict[int, float], dict[int, float]]:
+    """When each checkpoint was complete, by step, and how long it took where the record says:
+    the loop's ``checkpoint`` records, else the directories still on disk (their mtimes)."""
+    ends, seconds = dict(site.checkpoints), {}
+    for rec in site.records:
+        if "checkpoint" in rec and "checkpoint_seconds" in rec:
+            step = int(rec["checkpoint"])
+            ends[step], seconds[step] = float(rec["time"]), float(rec["checkpoint_seconds"])
+    return ends, seconds
+
+
 def _main_row(site: SiteRun, t0: float) -> list[Segment]:
     """Compute, wait, evaluation and checkpoints: what the site's ranks did, one after another."""
     evals = {int(r["step"]): r for r in site.vals}
-    ckpts = dict(site.checkpoints)
+    ckpts, ckpt_seconds = _checkpoint_ends(site)
     out: list[Segment] = []
     steps = site.steps
     if not steps:
@@ -96,7 +111,7 @@ def _main_row(site: SiteRun, t0: float) -> list[Segment]:
         t, step = float(rec["time"]), int(rec["step"])
         prev_step = int(prev["step"]) if prev is not None else -1
         if prev is not None:  # evaluation and checkpoint of the last logged step: right after it
-            cursor = _after_step(out, prev_step, evals, ckpts, cursor=cursor, t0=t0)
+            cursor = _after_step(out, prev_step, evals, (ckpts, ckpt_seconds), cursor=cursor, t0=t0)
         # A resumed run's loop counts compute and wall seconds from zero again; it started
         # `wall_seconds` before this record (the time in between was not training).
         restarted = prev is not None and float(rec.get("wall_seconds", 0.0)) < float(prev.get("wall_seconds", 0.0))
@@ -115,7 +130,7 @@ def _main_row(site: SiteRun, t0: float) -> list[Segment]:
         left = max(0.0, span - compute - wait) / max(len(middle), 1)
         busy: list[Segment] = []
         for s in middle:
-            busy += _between(s, evals.pop(s, None), ckpts.pop(s, None), seconds=left, t0=t0)
+            busy += _between(s, evals.pop(s, None), ckpts.pop(s, None), ckpt_seconds.get(s), seconds=left, t0=t0)
         pieces = _gaps(cursor - t0, t - wait - t0, busy)
         bounds = [first, *(m + 1 for m in middle)], [*middle, step]
         for i, (a, b) in enumerate(pieces):
@@ -127,7 +142,7 @@ def _main_row(site: SiteRun, t0: float) -> list[Segment]:
             out.append(Segment("site", "wait", t - wait - t0, t - t0, f"step {step}: waiting {wait:.3g} s"))
         prev, cursor = rec, t
     if prev is not None:
-        _after_step(out, int(prev["step"]), evals, ckpts, cursor=cursor, t0=t0)
+        _after_step(out, int(prev["step"]), evals, (ckpts, ckpt_seconds), cursor=cursor, t0=t0)
     return _coalesce(sorted(out, key=lambda s: s.start))
 
 
@@ -135,40 +150,54 @@ def _after_step(
     out: list[Segment],
     step: int,
     evals: dict[int, dict[str, Any]],
-    ckpts: dict[int, float],
+    ckpts: tuple[dict[int, float], dict[int, float]],
     *,
     cursor: float,
     t0: float,
 ) -> float:
     """Append the evaluation and the checkpoint that followed logged step `step` (the loop runs
-    them in that order); returns when the site was free again."""
+    them in that order); returns when the site was free again. `ckpts`: end times and, where
+    recorded, durations."""
     if step in evals:
         rec = evals.pop(step)
         end = float(rec["time"])
-        out.append(Segment("site", "eval", cursor - t0, end - t0, f"evaluation at step {step}: {rec['val_loss']:.4f}"))
+        start = max(cursor, end - float(rec["eval_seconds"])) if "eval_seconds" in rec else cursor
+        out.append(Segment("site", "eval", start - t0, end - t0, f"evaluation at step {step}: {rec['val_loss']:.4f}"))
         cursor = end
-    if step in ckpts:
-        done = ckpts.pop(step)
-        out.append(Segment("site", "checkpoint", cursor - t0, max(done, cursor) - t0, f"checkpoint at step {step}"))
+    ends, seconds = ckpts
+    if step in ends:
+        done = ends.pop(step)
+        start = max(cursor, done - seconds[step]) if step in seconds else cursor
+        out.append(Segment("site", "checkpoint", start - t0, max(done, start) - t0, f"checkpoint at step {step}"))
         cursor = max(done, cursor)
     return cursor
 
 
-def _between(step: int, val: dict[str, Any] | None, done: float | None, *, seconds: float, t0: float) -> list[Segment]:
+def _between(
+    step: int,
+    val: dict[str, Any] | None,
+    done: float | None,
+    ckpt_seconds: float | None,
+    *,
+    seconds: float,
+    t0: float,
+) -> list[Segment]:
     """Evaluation and checkpoint at a step that was not logged: they end when their record was
-    written (evaluation) or their directory last changed (checkpoint), and last `seconds` together."""
+    written (or, for an older run's checkpoint, its directory last changed), and last what their
+    records say or, in older runs, `seconds` together."""
     out = []
     if val is not None:
         end = float(val["time"])
         ckpt = (done - end) if done is not None and done >= end else 0.0
-        length = max(0.0, seconds - ckpt)
+        length = float(val["eval_seconds"]) if "eval_seconds" in val else max(0.0, seconds - ckpt)
         out.append(
             Segment("site", "eval", end - length - t0, end - t0, f"evaluation at step {step}: {val['val_loss']:.4f}")
         )
         if done is not None:
             out.append(Segment("site", "checkpoint", end - t0, max(done, end) - t0, f"checkpoint at step {step}"))
     elif done is not None:
-        out.append(Segment("site", "checkpoint", done - seconds - t0, done - t0, f"checkpoint at step {step}"))
+        length = ckpt_seconds if ckpt_seconds is not None else seconds
+        out.append(Segment("site", "checkpoint", done - length - t0, done - t0, f"checkpoint at step {step}"))
     return out
 
 
@@ -207,9 +236,34 @@ def _coalesce(segments: list[Segment], *, gap: float = 0.1) -> list[Segment]:
     ]
 
 
+def _recorded_exchanges(site: SiteRun, t0: float) -> list[Segment]:
+    """Exchanges in flight from the sync's own records: each round of each unit from the record
+    that sent it to the one that applied it (or said it failed)."""
+    out: list[Segment] = []
+    sent: dict[tuple[str, int], dict[str, Any]] = {}
+    for rec in site.records:
+        what = rec.get("exchange")
+        if what is None:
+            continue
+        key = (str(rec.get("exchange_unit", "model")), int(rec.get("exchange_round", 0)))
+        if what == "sending":
+            sent[key] = rec
+        elif what in ("applied", "failed") and key in sent:
+            start = sent.pop(key)
+            unit = "" if key[0] == "model" else f" ({key[0]})"
+            label = f"round {key[1]}{unit}: sent at step {start['step']}, {what} at step {rec['step']}"
+            kind = "exchange" if what == "applied" else "failure"
+            out.append(Segment("wan", kind, float(start["time"]) - t0, float(rec["time"]) - t0, label))
+    return out
+
+
 def _exchanges(site: SiteRun, t0: float, ends: dict[int, float]) -> list[Segment]:
-    """Exchanges in flight: from the final record's (applied, sent) pairs when the run finished,
-    else from the intervals in which `wan_exchanges` grew."""
+    """Exchanges in flight: from the sync's exchange records; in runs written before them, from
+    the final record's (applied, sent) pairs when the run finished, else from the intervals in
+    which `wan_exchanges` grew."""
+    recorded = _recorded_exchanges(site, t0)
+    if recorded:
+        return recorded
     final = site.final
     waits: dict[int, float] = {}
     prev = None
