@@ -192,6 +192,33 @@ def test_eval_table_chart_json_and_domain_gain(
     assert (tmp / "res.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_report_of_a_real_stage_shows_its_lineage_and_evaluation(
+    chain: dict[str, Path], tiny_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    results = tmp_path / "eval.json"
+    code, _, err = atoll(
+        capsys,
+        "eval",
+        str(chain["base"]),
+        str(chain["stage"]),
+        "--data",
+        f"general={tiny_data}",
+        "--data",
+        f"domain={chain['stage']}",
+        "--json",
+        str(results),
+    )
+    assert code == 0, err
+    page_path = tmp_path / "stage.html"
+    code, out, err = atoll(capsys, "report", str(chain["stage"]), "--eval", str(results), "--out", str(page_path))
+    assert code == 0, err
+    page = page_path.read_text(encoding="utf-8")
+    assert "Lineage (root first)" in page and "Evaluation: perplexity (loss)" in page
+    ppl = json.loads(results.read_text())["stages"][1]["ppl"]["domain"]
+    assert f"{ppl:.2f}" in page  # the stage's own row of the evaluation table
+    assert page.count('<figure class="plot') >= 2  # its loss against tokens and against wall-clock
+
+
 def test_eval_refuses_a_set_that_overlaps_training_data(
     chain: dict[str, Path], capsys: pytest.CaptureFixture[str]
 ) -> None:
