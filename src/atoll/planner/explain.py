@@ -123,7 +123,7 @@ def explain(c: Candidate, shape: ModelShape, req: PlanRequest) -> list[tuple[str
         }[sync.strategy]
         lines.append(f"{rule} = {_t(exposed)}")
         lines.append(
-            f"wall step = slowest site {_t(c.compute_step_s)} + {_t(exposed)} / {sync.inner_steps} = "
+            f"wall step = slowest site's round / H {_t(c.compute_step_s)} + {_t(exposed)} / {sync.inner_steps} = "
             f"{_t(c.wall_step_s)}"
         )
         out.append(("WAN exchange", lines))
