@@ -8,6 +8,7 @@ import pytest
 
 from atoll.config.topology import Topology, load_topology
 from atoll.data.shares import split_counts
+from atoll.errors import AtollError
 from atoll.planner.apply import plan_overrides
 from atoll.planner.candidates import PlanRequest
 from atoll.planner.hetero import SitePace, predict_efficiency, rank_step, ranks_efficiency, sites_efficiency
@@ -123,3 +124,8 @@ def test_a_heterogeneous_plan_is_honoured_by_the_trainer() -> None:
     if p.sync.strategy in ("diloco", "delayed"):
         assert f"--sync.site_inner_steps={{east: {east.inner_steps}, west: {west.inner_steps}}}" in overrides
     assert not [u for u in unhonored if ".batch=" in u or ".inner_steps=" in u or ".devices." in u]
+
+
+def test_a_run_too_short_for_its_rounds_is_refused_by_name() -> None:
+    with pytest.raises(AtollError, match=r"26 steps of 16 x 64 tokens, too few for 10 outer rounds .* raise --tokens"):
+        plan(lab([1, 2]), TINY, request(tokens=26e3, global_batch=16, strategies=("diloco",)))

@@ -245,6 +245,7 @@ def plan(topology: Topology, shape: ModelShape, req: PlanRequest) -> PlanResult:
 
     candidates: list[Candidate] = []
     key = (lambda c: c.cost_usd) if req.objective == "cost" else (lambda c: c.time_to_train_s)
+    too_few_steps = 0  # a subset of sites had no sync option: the run is too short for its rounds
     for subset in subsets:
         if len(subset) > batch:
             continue
@@ -269,7 +270,10 @@ def plan(topology: Topology, shape: ModelShape, req: PlanRequest) -> PlanResult:
         site_plans = tuple(SitePlan(n, chosen[n], links.get(n)) for n in subset)
         times = [sp.estimate.seconds for sp in site_plans]
         sub_links = [links[n] for n in subset if n in links]
-        for sync in _sync_options(len(subset), budget, req, steps=sub_steps, num_layers=shape.num_layers):
+        options = _sync_options(len(subset), budget, req, steps=sub_steps, num_layers=shape.num_layers)
+        if not options:
+            too_few_steps = sub_steps
+        for sync in options:
             counts = site_round_steps(sync, times)
             h = 1 if sync.strategy == "ddp" else sync.inner_steps
             if sync.strategy != "ddp" and max(counts) > budget.max_inner_steps:
@@ -318,6 +322,12 @@ def plan(topology: Topology, shape: ModelShape, req: PlanRequest) -> PlanResult:
                     unused_sites=tuple(n for n in names if n not in subset),
                 )
             )
+    if not candidates and too_few_steps:
+        raise AtollError(
+            f"no plan: {req.tokens:.3g} tokens are {too_few_steps} steps of {batch} x {seq_len} tokens, too few "
+            f"for {budget.min_rounds} outer rounds of the smallest H ({min(INNER_STEP_CHOICES)}) that risk "
+            f"{budget.level} allows across sites; raise --tokens or lower --global-batch"
+        )
     if not candidates:
         raise AtollError(
             f"no plan: the global batch of {batch} sequences is too small to give every data-parallel replica "
