@@ -129,3 +129,15 @@ def test_a_heterogeneous_plan_is_honoured_by_the_trainer() -> None:
 def test_a_run_too_short_for_its_rounds_is_refused_by_name() -> None:
     with pytest.raises(AtollError, match=r"26 steps of 16 x 64 tokens, too few for 10 outer rounds .* raise --tokens"):
         plan(lab([1, 2]), TINY, request(tokens=26e3, global_batch=16, strategies=("diloco",)))
+
+
+def test_the_simulators_play_per_site_rounds_as_planned() -> None:
+    from atoll.planner.playback import play
+    from atoll.planner.simulate import Disturbances
+
+    c = plan(lab([1, 2, 4], mbps=50), TINY, request(strategies=("diloco",))).recommended
+    assert len(set(c.site_inner_steps)) == 3
+    pb = play(c, TINY, disturbances=Disturbances(), trials=1)
+    # Without jitter or failures, both simulators agree with the analytic model's per-site rounds.
+    assert pb.horizon.seconds[0] == pytest.approx(c.steps * c.wall_step_s, rel=1e-6)  # no failures drawn
+    assert pb.horizon.utilization == pytest.approx(c.utilization, rel=1e-6)
