@@ -56,6 +56,25 @@ def test_homogeneous_sites_lose_only_the_exchange() -> None:
     assert c.efficiency.ranks == pytest.approx(1.0) and c.efficiency.rounds == pytest.approx(1.0)
 
 
+def test_alike_multi_device_sites_lose_only_micro_batch_rounding_and_the_exchange() -> None:
+    two = Topology.model_validate(
+        {
+            "name": "two",
+            "sites": [{"name": n, "devices": [{"kind": "h100", "count": 16}]} for n in ("a", "b")],
+            "links": [{"site": n, "uplink_mbps": 1000, "latency_ms": 10} for n in ("a", "b")],
+        }
+    )
+    req = PlanRequest(tokens=20e9, global_batch=250, seq_len=4096, strategies=("diloco",), all_sites=True)
+    c = plan(two, resolve_model("llama3-8b"), req).recommended
+    est = c.sites[0].estimate
+    slots = est.layout.dp * est.micro_batches[0] * est.layout.micro_batch  # sequences the replicas could run
+    assert est.batch == 125 and slots > est.batch  # 125 does not divide evenly
+    eff = c.efficiency
+    assert eff.ranks == pytest.approx(est.batch / slots) and eff.rounds == pytest.approx(1.0)
+    round_compute = c.sync.inner_steps * c.compute_step_s
+    assert eff.exchange == pytest.approx(round_compute / (round_compute + c.sync_s))
+
+
 def test_sites_at_speeds_1_half_quarter_round_their_inner_steps() -> None:
     steps = [1.0, 2.0, 4.0]  # seconds per step: speeds 1, 0.5, 0.25; alone 1.75 steps/s together
     # H = 8: 24 steps split 14/7/3 (the runtime's split); the round lasts 14 s (the slow site 12).

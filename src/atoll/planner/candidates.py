@@ -162,13 +162,14 @@ class Candidate:
     def efficiency(self) -> Efficiency:
         """The run's predicted throughput over its devices' solo throughputs: `predict_efficiency`
         of each site's H, step (its slowest device group's) and solo rate, and the exchange seconds
-        per round that compute waits for. A replica alone runs its group's whole micro-batches in its
-        step less the data-parallel traffic it would not have alone."""
+        per round that compute waits for. Solo, as HETHUB measures it, is each group of alike devices
+        training alone: its replicas run whole micro-batches, with their own data-parallel traffic
+        (none for a single replica)."""
         paces = []
         for sp, h in zip(self.sites, self.site_inner_steps, strict=True):
             est = sp.estimate
             solo = sum(
-                replicas * micro * est.layout.micro_batch / (step.seconds - step.dp_seconds)
+                replicas * micro * est.layout.micro_batch / (step.seconds - (step.dp_seconds if replicas == 1 else 0.0))
                 for replicas, micro, step in zip(est.replicas, est.micro_batches, est.steps, strict=True)
             )
             paces.append(SitePace(sp.name, h, est.seconds, est.batch, solo))

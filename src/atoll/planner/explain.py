@@ -162,8 +162,8 @@ def _efficiency_lines(c: Candidate) -> list[str]:
             f"{est.batch} sequences per step; its throughput in the run / alone = {solo:.4f}"
         )
     lines += [
-        "alone: each replica runs its whole micro-batches in its step less the data-parallel traffic",
-        f"inside sites = sum(batch / step) / sum(solo) = {eff.ranks:.4f} (shares, micro-batches, in-site traffic)",
+        "alone: each group of alike devices runs whole micro-batches with its own data-parallel traffic",
+        f"inside sites = sum(batch / step) / sum(solo) = {eff.ranks:.4f} (shares, micro-batches)",
         f"rounds = sum(H x batch) / slowest round / sum(batch / step) = {eff.rounds:.4f} (whole inner steps)",
         f"exchange = slowest round / (slowest round + exposed exchange) = {eff.exchange:.4f}",
         f"efficiency = {eff.ranks:.4f} x {eff.rounds:.4f} x {eff.exchange:.4f} = {eff.efficiency:.4f}",

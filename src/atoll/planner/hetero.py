@@ -9,8 +9,8 @@ Three things make it less than 1, and the prediction names each:
 
 - *inside a site* (`ranks`): a step lasts its slowest rank's share; shares are whole samples
   (largest remainder, at least one each: `atoll.data.shares.split_counts`, the runtime's function)
-  cut into whole micro-batches; the site's data-parallel traffic that a device alone would not
-  have.
+  cut into whole micro-batches. Alone, a group of alike devices has its own data-parallel traffic
+  (HETHUB's solo: each homogeneous part training by itself); a single device has none.
 - *between sites* (`rounds`): each site runs its own whole number of inner steps per round
   (`atoll.sync.pacing.split_steps`, the runtime's function), so the others wait for the site whose
   steps end last.
@@ -43,7 +43,8 @@ class SitePace:
     batch: int
     """Sequences per inner step."""
     solo_rate: float
-    """Sequences per second of the site's devices, each working alone on whole micro-batches."""
+    """Sequences per second of the site's groups of alike devices, each training alone on whole
+    micro-batches."""
 
 
 @dataclass(frozen=True)
