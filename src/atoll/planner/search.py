@@ -7,8 +7,8 @@ numbers of inner steps per round (diloco, delayed: the round's sites x H steps s
 runtime's `split_steps`), so they reach each exchange together; the outer average weighs them by
 tokens. Wall time per nominal step = the round's slowest site (its steps x step time) + the WAN
 time compute waits for, over H; time to train = steps x that, stretched by the expected cost of
-failures. The recommended plan is the safest option (smallest
-H, least lossy codec) whose time is within `time_tolerance` of the fastest.
+failures. The recommended plan is the safest option (smallest H, least lossy codec) whose time
+is within `time_tolerance` of the fastest.
 """
 
 from __future__ import annotations
