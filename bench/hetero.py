@@ -19,9 +19,10 @@ sleep included, from its first exchange on; a rank: its samples over its own com
 the other jobs sharing the machine weigh on both alike. A rank's throughput in a run of its own is
 recorded too (`solo_run_tokens_per_s`, `efficiency_vs_solo_runs`): on 2 shared cores two ranks
 slow each other down, so that figure measures the machine more than the balance.
-`predicted_efficiency` comes from `atoll.planner.hetero`, given the speeds the run measured and
-the per-round (sites) or per-step (ranks) overhead measured on the homogeneous run (calibration,
-as `atoll calibrate` would), or the link model's exchange time for the homogeneous run itself.
+`predicted_efficiency` is the planner's own (`atoll.planner.hetero.predict_efficiency`, the
+function behind `atoll plan`'s "predicted efficiency"), given the speeds the run measured and the
+per-round (sites) or per-step (ranks) overhead measured on the homogeneous run (calibration, as
+`atoll calibrate` would), or the link model's exchange time for the homogeneous run itself.
 
 Writes bench/results/hetero.json (after each run), hetero.md and hetero_timeline.png.
 """
@@ -46,7 +47,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
-from atoll.planner.hetero import ranks_efficiency, sites_efficiency  # noqa: E402
+from atoll.planner.hetero import SitePace, predict_efficiency, rank_step, site_round_counts  # noqa: E402
 from atoll.report.metrics import read_metrics  # noqa: E402
 from atoll.sync.link_model import WanLink, allgather_seconds  # noqa: E402
 
@@ -159,11 +160,17 @@ def sites_run(
     overhead = statistics.median(
         max(r[2] - r[0] for r in rounds) - max(r[1] - r[0] for r in rounds) for rounds in zip(*lines)
     )
-    predicted = sites_efficiency(
-        step_seconds,
-        inner_steps=args.inner_steps,
-        policy="equal" if policy == "equal" else "balanced",
-        exchange_seconds=calibration if calibration is not None else allgather_seconds(payload, links),
+    # The planner's prediction (`predict_efficiency`, what `atoll plan` prints) for these measured
+    # speeds: each site's H as the run split the round (balance auto leaves alike sites at H), the
+    # same batch everywhere.
+    counts = site_round_counts(
+        step_seconds, inner_steps=args.inner_steps, policy="balanced" if policy == "atoll" else "equal"
+    )
+    paces = [
+        SitePace(s, h, t, args.global_batch, args.global_batch / t) for s, h, t in zip(SITES, counts, step_seconds)
+    ]
+    predicted = predict_efficiency(
+        paces, exchange_seconds=calibration if calibration is not None else allgather_seconds(payload, links)
     )
     return {
         "tokens": tokens,
@@ -171,7 +178,9 @@ def sites_run(
         "solo_sum_tokens_per_s": solo,
         "window": "rounds 2 to last (from the first exchange on)",
         "val_loss": statistics.mean(final_val(rs) for rs in rows.values()),
-        "predicted_efficiency": predicted,
+        "predicted_efficiency": predicted.efficiency,
+        "predicted_factors": {"rounds": predicted.rounds, "exchange": predicted.exchange},
+        "predicted_site_inner_steps": counts,
         "wall_s": wall,
         "measured_exchange_s": statistics.median(exchange),
         "overhead_s": overhead,
@@ -231,6 +240,13 @@ def ranks_run(
     shares = [r["rank_shares"] for r in train if "rank_shares" in r][-1]
     overhead = max(0.0, step_s - max(n / x for n, x in zip(shares, rate)))  # all-reduce, clip, optimizer step
     alone = [solo_tokens_per_s(work, x, args) for x in speeds]
+    step_model, solo_model, _ = rank_step(
+        [1.0 / x for x in rate],  # seconds per sample of each rank's compute
+        batch=args.rank_batch,
+        micro_batch=1,  # on the CPU a rank's one (partial) micro-batch costs its samples, not a full one
+        policy="balanced" if policy == "atoll" else "equal",
+        reduce_seconds=calibration or 0.0,
+    )
     return {
         "tokens": last["tokens_seen"],
         "tokens_per_s": tokens_per_step / step_s,
@@ -239,12 +255,11 @@ def ranks_run(
         "efficiency_vs_solo_runs": tokens_per_step / step_s / sum(alone),
         "overhead_s": overhead,
         "val_loss": final_val(rows),
-        "predicted_efficiency": ranks_efficiency(
-            [1.0 / x for x in rate],  # seconds per sample of each rank's compute
-            global_batch=args.rank_batch,
-            policy="equal" if policy == "equal" else "balanced",
-            reduce_seconds=calibration or 0.0,
-        ),
+        # The planner's prediction: the runtime's shares of the batch for these measured speeds,
+        # the step's calibrated overhead (`rank_step` into `predict_efficiency`).
+        "predicted_efficiency": predict_efficiency(
+            [SitePace("site", 1, step_model, args.rank_batch, solo_model)]
+        ).efficiency,
         "wall_s": last["wall_seconds"],
         "rank_shares": [r["rank_shares"] for r in train if "rank_shares" in r][-1],
         "rank_samples_per_s": rate,

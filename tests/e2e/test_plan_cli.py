@@ -123,3 +123,64 @@ def test_bad_input_is_one_line_and_exit_2(
 
     assert re.search(message, err), err
     assert not (tmp_path / "p.yaml").exists()
+
+
+def test_a_plan_for_sites_of_two_speeds_trains_as_planned(tmp_path: Path, tiny_data: Path) -> None:
+    """The planner gives the slower site fewer inner steps per round and the same batch; `atoll
+    train --plan` runs exactly that (nothing listed as not honoured), and both sites end alike."""
+    from atoll.report.metrics import read_metrics
+    from tests.conftest import tiny_config
+
+    topology = TOPOLOGIES / "lab-two-speeds.yaml"
+    out = tmp_path / "plan.yaml"
+    proc = run_atoll(
+        "plan",
+        "--topology",
+        str(topology),
+        "--model",
+        "tiny",
+        "--tokens",
+        "26K",  # 100 steps: at least 10 rounds leave H = 10 the only choice, a short round
+        "--global-batch",
+        "8",
+        "--seq-len",
+        "32",
+        "--all-sites",
+        "--strategy",
+        "diloco",
+        "--no-simulate",
+        "--out",
+        str(out),
+        env={"COLUMNS": "200"},
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "predicted efficiency" in proc.stdout
+    plan = load_plan(out)
+    east, west = plan.sites
+    assert east.batch == west.batch == 4 and east.inner_steps > west.inner_steps
+    assert plan.sync.inner_steps == 10 and east.inner_steps + west.inner_steps == 20
+    assert plan.predicted is not None and 0.8 < (plan.predicted.efficiency or 0) <= 1.0
+
+    cfg = tiny_config(tmp_path, tiny_data, train={"checkpoint_every": 0, "eval_every": 0})
+    rounds = 2  # the command line wins over the plan: a short run of two rounds
+    proc = run_atoll(
+        "train",
+        str(cfg),
+        "--topology",
+        str(topology),
+        "--wan",
+        "emulated",
+        "--plan",
+        str(out),
+        f"--train.steps={rounds * plan.sync.inner_steps}",
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "does not honor" not in proc.stderr + proc.stdout
+    finals = {}
+    for site in plan.sites:
+        rows = read_metrics(tmp_path / "runs" / "t" / "sites" / site.name)
+        final = [r for r in rows if "sync_rounds" in r][-1]
+        assert [int(r[1]) for r in final["sync_rounds"]] == [site.inner_steps] * rounds
+        finals[site.name] = [r for r in rows if "params_checksum" in r][-1]["params_checksum"]
+    assert finals["east"] == finals["west"]

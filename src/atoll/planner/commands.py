@@ -144,6 +144,7 @@ def handle_plan(args: argparse.Namespace, extra: list[str]) -> int:
     console = Console()
     _print_header(console, result, args)
     _print_table(console, result)
+    console.print(result.recommended.efficiency.describe(), highlight=False)
     console.print("[bold]why this plan[/]")
     for line in result.recommended.reasons:
         console.print(f"  • {line}", highlight=False)
@@ -205,16 +206,17 @@ def _print_table(console: Console, result: object) -> None:
     console.print(table)
     rec = result.recommended
     sites = Table(title="recommended plan, per site")
-    for col in ("site", "devices", "layout", "batch", "step s", "MFU", "memory GB/device"):
-        sites.add_column(col, justify="right" if col in ("batch", "step s", "MFU", "memory GB/device") else "left")
+    for col in ("site", "devices", "layout", "batch", "H", "step s", "MFU", "memory GB/device"):
+        sites.add_column(col, justify="left" if col in ("site", "devices", "layout") else "right")
     mfu = rec.mfu_by_kind()
-    for sp in rec.sites:
+    for sp, site_h in zip(rec.sites, rec.site_inner_steps):
         est = sp.estimate
         sites.add_row(
             sp.name,
             " + ".join(f"{g.count} {g.device.kind}" for g in est.groups),
             est.layout.describe(),
             str(est.batch),
+            str(site_h),
             f"{est.seconds:.3g}",
             ", ".join(f"{mfu[g.device.kind]:.0%}" for g in est.groups),
             ", ".join(f"{m.total / 1e9:.1f} of {m.capacity / 1e9:.0f}" for m in est.memory),

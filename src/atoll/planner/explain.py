@@ -35,8 +35,8 @@ def explain(c: Candidate, shape: ModelShape, req: PlanRequest) -> list[tuple[str
                     "parameters incl. the head)"
                 ),
                 (
-                    f"steps = ceil(tokens / (batch x seq)) = ceil({req.tokens:.4g} / ({c.global_batch} x {s})) "
-                    f"= {c.steps:,}"
+                    f"steps = ceil(tokens / (batch x seq)), whole rounds of H = ceil({req.tokens:.4g} / "
+                    f"({c.global_batch} x {s})) = {c.steps:,}"
                 ),
             ],
         )
@@ -123,10 +123,11 @@ def explain(c: Candidate, shape: ModelShape, req: PlanRequest) -> list[tuple[str
         }[sync.strategy]
         lines.append(f"{rule} = {_t(exposed)}")
         lines.append(
-            f"wall step = slowest site {_t(c.compute_step_s)} + {_t(exposed)} / {sync.inner_steps} = "
+            f"wall step = slowest site's round / H {_t(c.compute_step_s)} + {_t(exposed)} / {sync.inner_steps} = "
             f"{_t(c.wall_step_s)}"
         )
         out.append(("WAN exchange", lines))
+    out.append(("efficiency", _efficiency_lines(c)))
     out.append(
         (
             "time to train",
@@ -147,3 +148,24 @@ def explain(c: Candidate, shape: ModelShape, req: PlanRequest) -> list[tuple[str
         )
     )
     return out
+
+
+def _efficiency_lines(c: Candidate) -> list[str]:
+    """How `c.efficiency` comes about: per site H, step, round and solo rate, then the factors."""
+    eff = c.efficiency
+    lines = []
+    for sp, h in zip(c.sites, c.site_inner_steps):
+        est = sp.estimate
+        solo = eff.sites[sp.name]
+        lines.append(
+            f"{sp.name}: H {h} x step {_t(est.seconds)} = {_t(h * est.seconds)} per round, "
+            f"{est.batch} sequences per step; its throughput in the run / alone = {solo:.4f}"
+        )
+    lines += [
+        "alone: each group of alike devices runs whole micro-batches with its own data-parallel traffic",
+        f"inside sites = sum(batch / step) / sum(solo) = {eff.ranks:.4f} (shares, micro-batches)",
+        f"rounds = sum(H x batch) / slowest round / sum(batch / step) = {eff.rounds:.4f} (whole inner steps)",
+        f"exchange = slowest round / (slowest round + exposed exchange) = {eff.exchange:.4f}",
+        f"efficiency = {eff.ranks:.4f} x {eff.rounds:.4f} x {eff.exchange:.4f} = {eff.efficiency:.4f}",
+    ]
+    return lines

@@ -4,18 +4,18 @@
     model: qwen1.5-107b
     tokens: 1.0e+11
     seq_len: 4096
-    global_batch: 1024            # sequences per (inner) step, all sites together
+    global_batch: 1024            # sequences per (inner) step, all sites together (each the same batch)
     sync: {strategy: delayed, inner_steps: 50, codec: int8, fragments: 1, overlap_steps: 0,
            outer_lr: 0.7, outer_momentum: 0.9}
     sites:
       - name: beijing
         devices: [{kind: a800, count: 80}]
         batch: 512                # sequences per inner step in this site
-        inner_steps: 50           # this site's H (equal to sync.inner_steps unless speeds differ)
+        inner_steps: 50           # this site's H (diloco, delayed: sites x H split by step speed)
         layout: {tp: 4, pp: 1, dp: 20, vp: 1, micro_batch: 1, zero: 3, recompute: none,
                  sequence_parallel: true}
-        predicted: {step_s: 90.1, mfu: 0.64, memory_gb: 59.2}
-    predicted: {...}              # the planner's numbers, for reports; the trainer ignores them
+        predicted: {step_s: 90.1, mfu: 0.64, memory_gb: 59.2, efficiency: 0.97}
+    predicted: {..., efficiency: 0.97}  # the planner's numbers, for reports; the trainer ignores them
     reasons: [...]
 
 A trainer reads the sections it implements and reports the rest with `unhonored`, instead of
@@ -95,6 +95,9 @@ class SitePredicted(Section):
     step_s: float
     mfu: float
     memory_gb: float
+    efficiency: float | None = Field(
+        None, description="The site's throughput in the run over its devices' solo throughput."
+    )
 
 
 class SiteSettings(Section):
@@ -116,6 +119,14 @@ class Predicted(Section):
     days: float
     cost_usd: float
     mfu_by_kind: dict[str, float] = Field(default_factory=dict)
+    efficiency: float | None = Field(
+        None,
+        description="Throughput over the sum of the devices' solo throughputs (planner.hetero): the product "
+        "of efficiency_ranks, efficiency_rounds and efficiency_exchange.",
+    )
+    efficiency_ranks: float | None = Field(None, description="Inside sites: shares and micro-batches.")
+    efficiency_rounds: float | None = Field(None, description="Between sites: whole inner steps per round.")
+    efficiency_exchange: float | None = Field(None, description="The exchange time compute waits for.")
 
 
 class Plan(Section):
@@ -197,8 +208,9 @@ def plan_from_candidate(candidate: Candidate, *, model: str, model_params: int, 
     """The plan.yaml content for one of the search's candidates."""
     c = candidate
     mfu = c.mfu_by_kind()
+    eff = c.efficiency
     sites = []
-    for sp in c.sites:
+    for sp, site_h in zip(c.sites, c.site_inner_steps, strict=True):
         est = sp.estimate
         lay = est.layout
         devices = [
@@ -213,7 +225,7 @@ def plan_from_candidate(candidate: Candidate, *, model: str, model_params: int, 
                 name=sp.name,
                 devices=devices,
                 batch=est.batch,
-                inner_steps=c.sync.inner_steps,
+                inner_steps=site_h,
                 layout=LayoutSettings(
                     tp=lay.tp,
                     pp=lay.pp,
@@ -228,6 +240,7 @@ def plan_from_candidate(candidate: Candidate, *, model: str, model_params: int, 
                     step_s=round(est.seconds, 6),
                     mfu=round(site_mfu, 4),
                     memory_gb=round(max(m.total for m in est.memory) / 1e9, 2),
+                    efficiency=round(eff.sites[sp.name], 4),
                 ),
             )
         )
@@ -258,6 +271,10 @@ def plan_from_candidate(candidate: Candidate, *, model: str, model_params: int, 
             days=round(c.days, 3),
             cost_usd=round(c.cost_usd, 2),
             mfu_by_kind={k: round(v, 4) for k, v in mfu.items()},
+            efficiency=round(eff.efficiency, 4),
+            efficiency_ranks=round(eff.ranks, 4),
+            efficiency_rounds=round(eff.rounds, 4),
+            efficiency_exchange=round(eff.exchange, 4),
         ),
         reasons=list(c.reasons),
     )

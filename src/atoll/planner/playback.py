@@ -23,17 +23,20 @@ class Playback:
 
 
 def sim_inputs(c: Candidate, shape: ModelShape, *, grad_bytes: int = 2) -> tuple[list[SimSite], SimSync, float]:
-    """The simulators' view of candidate `c`: sites, sync and the heal download (bytes)."""
+    """The simulators' view of candidate `c`: sites, sync and the heal download (bytes).
+
+    The simulators step every site H times per round; a site that runs H_i steps of its own is
+    played as H nominal steps of H_i / H of its step each (its round's time and tokens exactly)."""
     sites = [
         SimSite(
             name=sp.name,
-            step_s=sp.estimate.seconds,
-            tokens_per_step=sp.estimate.tokens,
+            step_s=sp.estimate.seconds * c.steps_per_nominal(i),
+            tokens_per_step=round(sp.estimate.tokens * c.steps_per_nominal(i)),
             devices=sp.estimate.devices_total,
             link=sp.link,
             failure_rate_per_s=sum(g.count / (g.device.mtbf_hours * 3600.0) for g in sp.estimate.groups),
         )
-        for sp in c.sites
+        for i, sp in enumerate(c.sites)
     ]
     s = c.sync
     if len(sites) > 1:

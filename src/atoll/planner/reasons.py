@@ -29,23 +29,33 @@ def explain_choice(
         f"{chosen.global_batch} sequences x {chosen.seq_len} tokens = {tokens_per_step / 1e6:.2f}M tokens per step; "
         f"{chosen.steps:,} steps for {req.tokens:.3g} tokens"
     )
-    total_batch = sum(sp.estimate.batch for sp in chosen.sites)
-    for sp in chosen.sites:
+    rounds = chosen.sync.strategy != "ddp" and len(chosen.sites) > 1
+    for sp, site_h in zip(chosen.sites, chosen.site_inner_steps):
         est = sp.estimate
         mem = max(m.total for m in est.memory) / 1e9
         cap = min(m.capacity for m in est.memory) / 1e9
         kinds = "+".join(f"{g.count}x{g.device.kind}" for g in est.groups)
         idle = est.devices_total - est.devices_used
         r.append(
-            f"site {sp.name} ({kinds}): {est.layout.describe()}, {est.batch} sequences per step "
-            f"({est.batch / total_batch:.0%} of the batch), {est.seconds:.3g} s per step, {mem:.1f} of "
+            f"site {sp.name} ({kinds}): {est.layout.describe()}, {est.batch} sequences per step"
+            + (f", {site_h} inner steps per round" if rounds else "")
+            + f", {est.seconds:.3g} s per step, {mem:.1f} of "
             f"{cap:.0f} GB per device" + (f"; {idle} devices idle (the layout does not divide them)" if idle else "")
         )
         if len(est.groups) > 1:
             shares = ", ".join(f"{g.device.kind} {s}" for g, s in zip(est.groups, est.sequences))
-            r.append(f"site {sp.name}: sequences split by measured speed (Metis' rule): {shares}")
-    if len(chosen.sites) > 1:
-        r.append("batch split across sites in proportion to their throughput, so inner steps end together")
+            r.append(f"site {sp.name}: sequences split by speed (the runtime's largest-remainder split): {shares}")
+    if rounds and len(set(chosen.site_inner_steps)) > 1:
+        r.append(
+            f"every site runs the same batch; the round's {chosen.sync.inner_steps} x {len(chosen.sites)} inner "
+            "steps are split by the sites' step speeds, so they reach each exchange together (outer average "
+            "weighted by tokens)"
+        )
+    elif len(chosen.sites) > 1 and len({round(sp.estimate.seconds, 9) for sp in chosen.sites}) > 1:
+        r.append(
+            f"every site runs the same batch and, with {chosen.sync.strategy}, the same steps: the faster sites "
+            "wait for the slowest (diloco or delayed would give them more inner steps per round)"
+        )
     for name in chosen.unused_sites:
         with_all = [c for c in cands if name in {sp.name for sp in c.sites}]
         if with_all:

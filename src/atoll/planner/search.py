@@ -1,21 +1,25 @@
 """The cross-site search: which sites, what batch each, which sync strategy, H and codec.
 
-For every subset of sites, the global batch is split in proportion to each site's throughput
-(so that sites finish an inner step together), each site gets its fastest layout that fits,
-and every sync option the loss-risk budget allows is scored: wall time per step = the slowest
-site's step + the WAN time compute waits for, amortized over H; time to train = steps x that,
-stretched by the expected cost of failures. The recommended plan is the safest option (smallest
-H, least lossy codec) whose time is within `time_tolerance` of the fastest.
+For every subset of sites, every site runs the same batch (the global batch over the sites, as the
+runtime's `train.global_batch` is per site), each site gets its fastest layout that fits, and
+every sync option the loss-risk budget allows is scored. Sites of different speeds run different
+numbers of inner steps per round (diloco, delayed: the round's sites x H steps split by speed, the
+runtime's `split_steps`), so they reach each exchange together; the outer average weighs them by
+tokens. Wall time per nominal step = the round's slowest site (its steps x step time) + the WAN
+time compute waits for, over H; time to train = steps x that, stretched by the expected cost of
+failures. The recommended plan is the safest option (smallest H, least lossy codec) whose time
+is within `time_tolerance` of the fastest.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Sequence
 
 from atoll.config.topology import Topology
 from atoll.errors import AtollError
-from atoll.hardware import get_device
+from atoll.hardware import DeviceSpec, get_device, replace_fields
 from atoll.planner.candidates import (
     Candidate,
     Objective,
@@ -27,10 +31,11 @@ from atoll.planner.candidates import (
 )
 from atoll.planner.reasons import explain_choice
 from atoll.planner.shape import ModelShape
-from atoll.planner.sites import DeviceGroup, SiteEstimate, apportion, best_site_layout, min_devices_needed
+from atoll.planner.sites import DeviceGroup, SiteEstimate, best_site_layout, min_devices_needed
 from atoll.planner.wan import STRATEGIES, codec_bytes, exposed_per_round, link_from_mbps
 from atoll.sync.codec_specs import CODEC_NAMES
 from atoll.sync.link_model import WanLink, allgather_bytes, allgather_latency, allgather_seconds
+from atoll.sync.pacing import split_steps
 
 RISK_BUDGETS: dict[str, RiskBudget] = {
     # INTELLECT-1: H=100 with int8; OpenDiLoCo: fp16; Streaming DiLoCo: H=100, equal loss.
@@ -54,10 +59,11 @@ HEAL_STATE_FACTOR = 5.0
 
 
 def site_groups(topology: Topology) -> dict[str, tuple[DeviceGroup, ...]]:
-    """Device groups per site; raises `AtollError` when a site mixes collective backends."""
+    """Device groups per site (a lab's emulated slowdown slows its devices); raises `AtollError`
+    when a site mixes collective backends."""
     out = {}
     for site in topology.sites:
-        groups = tuple(DeviceGroup(get_device(d.kind), d.count, d.per_node) for d in site.devices)
+        groups = tuple(DeviceGroup(_slowed(get_device(d.kind), d.slowdown), d.count, d.per_node) for d in site.devices)
         backends = sorted({g.device.backend for g in groups})
         if len(backends) > 1:
             raise AtollError(
@@ -66,6 +72,16 @@ def site_groups(topology: Topology) -> dict[str, tuple[DeviceGroup, ...]]:
             )
         out[site.name] = groups
     return out
+
+
+def _slowed(device: DeviceSpec, slowdown: float) -> DeviceSpec:
+    """The device as the lab emulates it `slowdown` times slower (compute, then sleep): its
+    arithmetic and memory rates divided by the factor (the same kind, so plan shares still name it)."""
+    if slowdown == 1.0:
+        return device
+    return replace_fields(
+        device, peak_tflops=device.peak_tflops / slowdown, memory_bw_tbs=device.memory_bw_tbs / slowdown
+    )
 
 
 def site_links(topology: Topology) -> dict[str, WanLink]:
@@ -97,48 +113,36 @@ def default_global_batch(shape: ModelShape, seq_len: int) -> int:
 # ---------------------------------------------------------------- search
 
 
-def _site_throughputs(
+def _site_estimates(
     shape: ModelShape,
     groups: dict[str, tuple[DeviceGroup, ...]],
-    names: list[str],
+    names: Sequence[str],
     *,
     batch: int,
     seq_len: int,
     req: PlanRequest,
-    weights: dict[str, float],
 ) -> tuple[dict[str, SiteEstimate], list[str]]:
-    """Split `batch` across `names` in proportion to `weights` (throughputs) and find each site's
-    layout; one refinement pass when the sites' step times still differ by more than 5%."""
-    w = dict(weights)
+    """Each site's fastest layout for the same per-site `batch` (what the runtime runs: one
+    `train.global_batch` everywhere); the sites that cannot run it."""
     chosen: dict[str, SiteEstimate] = {}
     problems: list[str] = []
-    for _ in range(2):
-        split = _apportion_positive(batch, [w[n] for n in names])
-        chosen, problems = {}, []
-        for n, b in zip(names, split):
-            found = best_site_layout(shape, groups[n], batch=b, seq_len=seq_len, space=req.space, runtime=req.runtime)
-            if not found:
-                problems.append(n)
-                continue
+    for n in names:
+        found = best_site_layout(shape, groups[n], batch=batch, seq_len=seq_len, space=req.space, runtime=req.runtime)
+        if found:
             chosen[n] = found[0]
-        if problems or len(names) == 1:
-            return chosen, problems
-        times = [chosen[n].seconds for n in names]
-        if max(times) <= 1.05 * min(times):
-            break
-        w = {n: chosen[n].batch / chosen[n].seconds for n in names}
+        else:
+            problems.append(n)
     return chosen, problems
 
 
-def _apportion_positive(total: int, weights: list[float]) -> list[int]:
-    parts = apportion(total, weights)
-    # Every site gets at least one sequence (else it would not be in the subset).
-    for i, p in enumerate(parts):
-        if p == 0:
-            j = max(range(len(parts)), key=lambda k: parts[k])
-            parts[j] -= 1
-            parts[i] = 1
-    return parts
+def site_round_steps(sync: SyncChoice, step_seconds: Sequence[float]) -> tuple[int, ...]:
+    """Each site's inner steps per round. diloco and delayed: the round's work (sites x H steps)
+    split by `atoll.sync.pacing.split_steps`, the runtime's balanced split, so sites of different
+    speeds reach each exchange together; ddp and streaming: every site H (ddp 1), since their
+    exchanges follow step counts."""
+    if sync.strategy in ("diloco", "delayed") and len(step_seconds) > 1:
+        return tuple(split_steps(sync.inner_steps * len(step_seconds), step_seconds))
+    return (1 if sync.strategy == "ddp" else sync.inner_steps,) * len(step_seconds)
 
 
 def _sync_options(
@@ -174,17 +178,23 @@ def _risk_key(c: Candidate) -> tuple[int, int, int, int]:
 
 
 def _failure_overhead(
-    sync: SyncChoice, sites: tuple[SitePlan, ...], *, shape: ModelShape, round_s: float, req: PlanRequest
+    sync: SyncChoice,
+    sites: tuple[SitePlan, ...],
+    counts: Sequence[int],
+    *,
+    shape: ModelShape,
+    round_s: float,
+    req: PlanRequest,
 ) -> float:
     rate = {sp.name: sum(g.count / (g.device.mtbf_hours * 3600.0) for g in sp.estimate.groups) for sp in sites}
     if sync.strategy == "ddp" or len(sites) == 1:
         # Synchronous: every failure stops everyone and rolls back half a checkpoint interval.
         return sum(rate.values()) * (req.recovery_s + req.checkpoint_interval_s / 2)
-    total_tokens = sum(sp.estimate.tokens for sp in sites)
+    tokens = [sp.estimate.tokens * c for sp, c in zip(sites, counts)]  # a round's, per site
     lost = 0.0
-    for sp in sites:
+    for sp, site_tokens in zip(sites, tokens):
         heal = HEAL_STATE_FACTOR * 4.0 * shape.num_params() / sp.link.down_bytes_per_s if sp.link else 0.0
-        lost += rate[sp.name] * (req.recovery_s + heal + round_s / 2) * sp.estimate.tokens / total_tokens
+        lost += rate[sp.name] * (req.recovery_s + heal + round_s / 2) * site_tokens / sum(tokens)
     lost = min(lost, 0.9)
     return lost / (1.0 - lost)
 
@@ -203,7 +213,6 @@ def plan(topology: Topology, shape: ModelShape, req: PlanRequest) -> PlanResult:
     groups = site_groups(topology)
     links = site_links(topology)
     names = [s.name for s in topology.sites]
-    steps = math.ceil(req.tokens / (batch * seq_len))
 
     fits_alone = {}
     for n in names:
@@ -226,31 +235,51 @@ def plan(topology: Topology, shape: ModelShape, req: PlanRequest) -> PlanResult:
     else:
         subsets = [tuple(usable)] + [tuple(x for x in usable if x != n) for n in usable] + [(n,) for n in usable]
 
-    # Throughput weights from all usable sites sharing the batch in proportion to sustained peak.
-    peak = [sum(g.count * g.device.matmul_flops for g in groups[n]) for n in usable]
+    # Each usable site's throughput (sequences/s) when all of them share the batch: a bound that
+    # skips subsets that could not win even over a free WAN.
+    share = max(1, round(batch / len(usable)))
     weights = {}
-    for n, b in zip(usable, _apportion_positive(batch, peak) if len(usable) <= batch else [1] * len(usable)):
-        found = best_site_layout(shape, groups[n], batch=b, seq_len=seq_len, space=req.space, runtime=req.runtime)
-        weights[n] = found[0].batch / found[0].seconds if found else peak[usable.index(n)] / 1e15
+    for n in usable:
+        found = best_site_layout(shape, groups[n], batch=share, seq_len=seq_len, space=req.space, runtime=req.runtime)
+        weights[n] = found[0].batch / found[0].seconds if found else 1e-15
 
     candidates: list[Candidate] = []
     key = (lambda c: c.cost_usd) if req.objective == "cost" else (lambda c: c.time_to_train_s)
+    too_few_steps = 0  # a subset of sites had no sync option: the run is too short for its rounds
     for subset in subsets:
         if len(subset) > batch:
             continue
+        # Every site runs the same batch (the runtime's `train.global_batch`); the global batch is
+        # the sites' together, as near the requested one as whole sequences allow.
+        site_batch = max(1, round(batch / len(subset)))
+        sub_batch = site_batch * len(subset)
+        sub_steps = math.ceil(req.tokens / (sub_batch * seq_len))
         if candidates and _cannot_win(
-            subset, weights, groups, steps=steps, batch=batch, best=min(map(key, candidates)), objective=req.objective
+            subset,
+            weights,
+            groups,
+            steps=sub_steps,
+            batch=sub_batch,
+            best=min(map(key, candidates)),
+            objective=req.objective,
         ):
             continue
-        chosen, problems = _site_throughputs(
-            shape, groups, list(subset), batch=batch, seq_len=seq_len, req=req, weights=weights
-        )
+        chosen, problems = _site_estimates(shape, groups, subset, batch=site_batch, seq_len=seq_len, req=req)
         if problems:
             continue
         site_plans = tuple(SitePlan(n, chosen[n], links.get(n)) for n in subset)
-        compute = max(sp.estimate.seconds for sp in site_plans)
+        times = [sp.estimate.seconds for sp in site_plans]
         sub_links = [links[n] for n in subset if n in links]
-        for sync in _sync_options(len(subset), budget, req, steps=steps, num_layers=shape.num_layers):
+        options = _sync_options(len(subset), budget, req, steps=sub_steps, num_layers=shape.num_layers)
+        if not options:
+            too_few_steps = sub_steps
+        for sync in options:
+            counts = site_round_steps(sync, times)
+            h = 1 if sync.strategy == "ddp" else sync.inner_steps
+            if sync.strategy != "ddp" and max(counts) > budget.max_inner_steps:
+                continue  # the fastest site's H is what the loss-risk budget bounds
+            compute = max(c * t for c, t in zip(counts, times)) / h  # a round's compute per nominal step
+            steps = math.ceil(sub_steps / h) * h  # whole rounds: the runtime runs train.steps // H of them
             if len(subset) == 1:
                 sync_s, wan_bytes, exposed, latency = 0.0, 0.0, 0.0, 0.0
             else:
@@ -273,12 +302,14 @@ def plan(topology: Topology, shape: ModelShape, req: PlanRequest) -> PlanResult:
                     )
                     / sync.inner_steps
                 )
-            overhead = _failure_overhead(sync, site_plans, shape=shape, round_s=sync.inner_steps * compute, req=req)
+            overhead = _failure_overhead(
+                sync, site_plans, counts, shape=shape, round_s=sync.inner_steps * compute, req=req
+            )
             candidates.append(
                 Candidate(
                     sites=site_plans,
                     sync=sync,
-                    global_batch=batch,
+                    global_batch=sub_batch,
                     seq_len=seq_len,
                     steps=steps,
                     compute_step_s=compute,
@@ -287,9 +318,16 @@ def plan(topology: Topology, shape: ModelShape, req: PlanRequest) -> PlanResult:
                     wan_bytes_per_sync=wan_bytes,
                     exposed_per_step_s=exposed,
                     failure_overhead=overhead,
+                    site_inner_steps=counts,
                     unused_sites=tuple(n for n in names if n not in subset),
                 )
             )
+    if not candidates and too_few_steps:
+        raise AtollError(
+            f"no plan: {req.tokens:.3g} tokens are {too_few_steps} steps of {batch} x {seq_len} tokens, too few "
+            f"for {budget.min_rounds} outer rounds of the smallest H ({min(INNER_STEP_CHOICES)}) that risk "
+            f"{budget.level} allows across sites; raise --tokens or lower --global-batch"
+        )
     if not candidates:
         raise AtollError(
             f"no plan: the global batch of {batch} sequences is too small to give every data-parallel replica "

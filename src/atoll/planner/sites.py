@@ -2,9 +2,9 @@
 
 A site may hold several device groups (kinds) that share one collective backend. They share one
 TP x PP layout (it must fit the smallest memory); each group contributes count/(tp·pp) replicas,
-and the site's micro-batches are split across replicas in proportion to their speed (Metis'
-rule, remainders to the largest fractional parts), so that a step ends at the same time
-everywhere.
+and the site's sequences are split across replicas in proportion to their speed as the runtime
+splits them (`atoll.data.shares.split_counts`: largest remainder, at least one each), so that a
+step ends at about the same time everywhere.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import itertools
 import math
 from dataclasses import dataclass, field
 
+from atoll.data.shares import split_counts
 from atoll.errors import AtollError
 from atoll.hardware import DeviceSpec
 from atoll.planner.memory import MemoryEstimate, estimate_memory
@@ -140,6 +141,7 @@ def evaluate_site(
             return None
     if len(groups) == 1:
         sequences = [batch]
+        busiest = [math.ceil(batch / total_replicas)]  # an even split
     else:
         # Speed of one replica of each group: one micro-batch through its stage.
         speeds = [
@@ -157,8 +159,14 @@ def evaluate_site(
             else 0.0
             for g, r in zip(groups, replicas)
         ]
-        sequences = apportion(batch, [v * r for v, r in zip(speeds, replicas)])
-    micro = [math.ceil(sequences[i] / (replicas[i] * b)) if replicas[i] else 0 for i in range(len(groups))]
+        # The runtime's split (`atoll.data.shares.split_counts`): replica by replica, by speed,
+        # largest remainder, at least one sequence each; a group's pace is its busiest replica's.
+        weights = [v for v, r in zip(speeds, replicas) for _ in range(r)]
+        counts = split_counts(batch, weights)
+        owner = [i for i, r in enumerate(replicas) for _ in range(r)]
+        sequences = [sum(c for c, o in zip(counts, owner) if o == i) for i in range(len(groups))]
+        busiest = [max((c for c, o in zip(counts, owner) if o == i), default=0) for i in range(len(groups))]
+    micro = [math.ceil(busiest[i] / b) if replicas[i] else 0 for i in range(len(groups))]
     steps, mems = [], []
     for i, g in enumerate(groups):
         if replicas[i] == 0:
