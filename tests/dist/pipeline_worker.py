@@ -1,0 +1,174 @@
+"""One rank of a pipeline-parallel job on gloo, and the one-rank reference it is compared with.
+
+``python -m tests.dist.pipeline_worker SCENARIO OUT_DIR [CHECKPOINT_IN]``, started by
+`tests/dist/test_pipeline.py` through atoll's local launcher (RANK and WORLD_SIZE in the
+environment). Scenarios:
+
+- ``schedules`` (2 ranks, pp 2): trains the same model with gpipe, 1f1b and interleaved_1f1b
+  (vp 2) for STEPS steps on fixed micro-batches; records the step losses, gradient norms and a
+  held-out loss; then trains two steps more and saves a DCP checkpoint of its stage (canonical
+  keys) to OUT_DIR/ckpt-pp, and loads CHECKPOINT_IN (a full model's) into its stage and
+  evaluates the held-out batch.
+- ``pp_dp`` (4 ranks, pp 2 × dp 2 on a 2-D mesh): 1f1b, each data-parallel replica taking half of
+  each step's micro-batches, gradients averaged over dp.
+
+Rank 0 writes OUT_DIR/SCENARIO.json.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.device_mesh import init_device_mesh
+
+from atoll.model import PRESETS
+from atoll.model.llama import Transformer
+from atoll.model.loss import token_loss_sum
+from atoll.parallel.pipeline import PipelineRunner, build_stage_model
+
+CFG = dataclasses.replace(PRESETS["tiny"], num_layers=4, tie_embeddings=False)
+STEPS = 4
+MICRO = 4  # micro-batches per step
+SEQ = 16
+LR = 1e-2
+CLIP = 1.0
+CPU = torch.device("cpu")
+
+
+def step_batches(step: int, num_micro: int = MICRO) -> list[torch.Tensor]:
+    """The micro-batches of one step, (2, SEQ+1) tokens each, the same on every rank."""
+    g = torch.Generator().manual_seed(1000 + step)
+    return [torch.randint(0, CFG.vocab_size, (2, SEQ + 1), generator=g) for _ in range(num_micro)]
+
+
+def held_out() -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(7)
+    return [torch.randint(0, CFG.vocab_size, (2, SEQ + 1), generator=g) for _ in range(2)]
+
+
+def full_model(seed: int = 0) -> Transformer:
+    torch.manual_seed(seed)
+    return Transformer(CFG)
+
+
+def full_eval(model: Transformer) -> float:
+    with torch.no_grad():
+        sums = [token_loss_sum(model, mb, device=CPU, dtype="fp32") for mb in held_out()]
+    return sum(float(s) for s, _ in sums) / sum(n for _, n in sums)
+
+
+def reference(*, steps: int = STEPS, num_micro: int = MICRO) -> dict[str, Any]:
+    """One rank, the whole model, the training loop's arithmetic: per-step losses and norms."""
+    model = full_model()
+    opt = torch.optim.AdamW(model.parameters(), lr=LR)
+    losses, norms = [], []
+    for step in range(steps):
+        mbs = step_batches(step, num_micro)
+        targets = sum(mb[:, 1:].numel() for mb in mbs)
+        total = 0.0
+        for mb in mbs:
+            loss, _ = token_loss_sum(model, mb, device=CPU, dtype="fp32")
+            (loss / targets).backward()
+            total += float(loss.detach())
+        norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)))
+        losses.append(total / targets)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return {"losses": losses, "norms": norms, "eval": full_eval(model), "model": model}
+
+
+def train_pipeline(
+    runner: PipelineRunner, model: Transformer, *, steps: int, micro: slice = slice(None), dp: int = 1
+) -> dict[str, list[float]]:
+    """The training loop as it would drive a step runner; losses summed over every rank."""
+    opt = torch.optim.AdamW(model.parameters(), lr=LR)
+    losses, norms = [], []
+    for step in range(steps):
+        mbs = step_batches(step, MICRO * dp)
+        targets = sum(mb[:, 1:].numel() for mb in mbs)
+        counted = runner.forward_backward(mbs[micro], scale=dp / targets)  # dp: averaged over replicas
+        norms.append(runner.clip_grad_norm(list(model.parameters()), CLIP))
+        total = torch.tensor([counted], dtype=torch.float64)
+        dist.all_reduce(total)
+        losses.append(float(total) / targets)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return {"losses": losses, "norms": norms}
+
+
+def evaluate(runner: PipelineRunner) -> float:
+    total, n = runner.evaluate(held_out())
+    both = torch.tensor([total, float(n)], dtype=torch.float64)
+    dist.all_reduce(both)
+    return float(both[0] / both[1])
+
+
+def schedules(out: Path, checkpoint_in: Path, rank: int) -> dict[str, Any]:
+    group = dist.group.WORLD
+    result: dict[str, Any] = {}
+    for name, vp in (("gpipe", 1), ("1f1b", 1), ("interleaved_1f1b", 2)):
+        torch.manual_seed(0)
+        model = build_stage_model(CFG, pp=2, pp_rank=rank, vp=vp)
+        runner = PipelineRunner(model, schedule=name, num_micro_batches=MICRO, group=group, device=CPU, vp=vp)
+        record = train_pipeline(runner, model, steps=STEPS)
+        record["eval"] = evaluate(runner)
+        record["keys"] = sorted(model.state_dict())
+        result[name] = record
+    # Checkpoints across layouts: pp 2 -> one rank, and one rank -> pp 2.
+    torch.manual_seed(0)
+    model = build_stage_model(CFG, pp=2, pp_rank=rank)
+    runner = PipelineRunner(model, schedule="1f1b", num_micro_batches=MICRO, group=group, device=CPU)
+    train_pipeline(runner, model, steps=2)
+    dcp.save(model.state_dict(), checkpoint_id=out / "ckpt-pp", process_group=group)
+    result["saved_eval"] = evaluate(runner)
+    torch.manual_seed(1)
+    loaded = build_stage_model(CFG, pp=2, pp_rank=rank)
+    state = loaded.state_dict()
+    dcp.load(state, checkpoint_id=checkpoint_in, process_group=group)
+    loaded.load_state_dict(state)
+    runner = PipelineRunner(loaded, schedule="1f1b", num_micro_batches=MICRO, group=group, device=CPU)
+    result["loaded_eval"] = evaluate(runner)
+    return result
+
+
+def pp_dp(rank: int) -> dict[str, Any]:
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("pp", "dp"))
+    pp_rank, dp_rank = mesh["pp"].get_local_rank(), mesh["dp"].get_local_rank()
+    torch.manual_seed(0)
+    model = build_stage_model(CFG, pp=2, pp_rank=pp_rank)
+    runner = PipelineRunner(
+        model, schedule="1f1b", num_micro_batches=MICRO, group=mesh["pp"], device=CPU, dp_group=mesh["dp"].get_group()
+    )
+    mine = slice(dp_rank * MICRO, (dp_rank + 1) * MICRO)
+    return train_pipeline(runner, model, steps=STEPS, micro=mine, dp=2)
+
+
+def main() -> None:
+    scenario, out = sys.argv[1], Path(sys.argv[2])
+    torch.set_num_threads(1)
+    rank = int(os.environ["RANK"])
+    dist.init_process_group("gloo", timeout=timedelta(seconds=120))
+    try:
+        if scenario == "schedules":
+            result = schedules(out, Path(sys.argv[3]), rank)
+        elif scenario == "pp_dp":
+            result = pp_dp(rank)
+        else:
+            raise SystemExit(f"unknown scenario {scenario}")
+        if rank == 0:
+            (out / f"{scenario}.json").write_text(json.dumps(result))
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

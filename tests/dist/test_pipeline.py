@@ -1,0 +1,102 @@
+"""Pipeline parallelism on gloo: pp 2 (GPipe, 1F1B, interleaved) and pp 2 × dp 2 reproduce one
+rank's training; DCP checkpoints move between pp 2 and one rank.
+
+The ranks run `tests/dist/pipeline_worker.py`; the one-rank reference runs in this process on the
+same micro-batches with the training loop's arithmetic (summed loss × 1/targets, clip, AdamW).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+
+from atoll.parallel.launch import launch_local
+from tests.conftest import REPO
+from tests.dist import pipeline_worker as worker
+
+ENV = dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{REPO / 'src'}")
+FULL_SEED = 3  # the one-rank checkpoint the pipeline loads
+
+
+def launch(scenario: str, out: Path, nproc: int, *extra: str) -> dict[str, Any]:
+    rc = launch_local([scenario, str(out), *extra], nproc=nproc, module="tests.dist.pipeline_worker", env=ENV)
+    assert rc == 0
+    return json.loads((out / f"{scenario}.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def pp2(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
+    out = tmp_path_factory.mktemp("pp2")
+    dcp.save(worker.full_model(FULL_SEED).state_dict(), checkpoint_id=out / "ckpt-full", no_dist=True)
+    return out, launch("schedules", out, 2, str(out / "ckpt-full"))
+
+
+@pytest.fixture(scope="module")
+def one_rank() -> dict[str, Any]:
+    return worker.reference()
+
+
+def assert_close(got: list[float], want: list[float]) -> None:
+    assert len(got) == len(want) == worker.STEPS
+    for step, (g, w) in enumerate(zip(got, want, strict=True)):
+        assert g == pytest.approx(w, rel=1e-5), step
+
+
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b", "interleaved_1f1b"])
+def test_pp2_reproduces_one_ranks_losses_and_norms(
+    schedule: str, pp2: tuple[Path, dict[str, Any]], one_rank: dict[str, Any]
+) -> None:
+    record = pp2[1][schedule]
+    assert_close(record["losses"], one_rank["losses"])
+    assert_close(record["norms"], one_rank["norms"])  # the whole model's norm, before clipping
+    assert max(one_rank["norms"]) > worker.CLIP  # so clipping changed the updates the losses follow
+    assert record["eval"] == pytest.approx(one_rank["eval"], rel=1e-5)  # forward-only through the pipeline
+
+
+def test_each_rank_holds_its_stages_under_canonical_names(pp2: tuple[Path, dict[str, Any]]) -> None:
+    rank0 = pp2[1]
+    # rank 0 of pp 2: layers 0-1 (1f1b), or stages 0 and 2 = layers 0 and 2 (interleaved, vp 2).
+    assert {k.split(".")[1] for k in rank0["1f1b"]["keys"] if k.startswith("layers.")} == {"0", "1"}
+    assert {k.split(".")[1] for k in rank0["interleaved_1f1b"]["keys"] if k.startswith("layers.")} == {"0", "2"}
+    assert "embed.weight" in rank0["1f1b"]["keys"] and "lm_head.weight" not in rank0["1f1b"]["keys"]
+
+
+def test_checkpoint_from_pp2_loads_into_one_rank(pp2: tuple[Path, dict[str, Any]]) -> None:
+    out, record = pp2
+    full = worker.full_model(seed=9)  # other values, all overwritten by the load
+    state = full.state_dict()
+    dcp.load(state, checkpoint_id=out / "ckpt-pp", no_dist=True)
+    full.load_state_dict(state)
+    assert worker.full_eval(full) == pytest.approx(record["saved_eval"], rel=1e-6)
+    assert record["saved_eval"] != pytest.approx(worker.full_eval(worker.full_model()), rel=1e-6)  # it trained
+
+
+def test_checkpoint_from_one_rank_loads_into_pp2(pp2: tuple[Path, dict[str, Any]]) -> None:
+    want = worker.full_eval(worker.full_model(FULL_SEED))
+    assert pp2[1]["loaded_eval"] == pytest.approx(want, rel=1e-6)
+    assert want != pytest.approx(worker.full_eval(worker.full_model(1)), rel=1e-6)  # the load changed the stages
+
+
+def test_pp2_by_dp2_reproduces_one_rank(tmp_path: Path) -> None:
+    # 4 ranks on a (pp 2, dp 2) mesh, each replica half of every step's 8 micro-batches.
+    record = launch("pp_dp", tmp_path, 4)
+    want = worker.reference(num_micro=2 * worker.MICRO)
+    assert_close(record["losses"], want["losses"])
+    assert_close(record["norms"], want["norms"])
+
+
+def test_reference_is_the_training_loops_arithmetic() -> None:
+    # The reference's step loss is the global-batch mean of the summed losses.
+    model = worker.full_model()
+    mbs = worker.step_batches(0)
+    with torch.no_grad():
+        mean = torch.cat([model(mb[:, :-1]) for mb in mbs]).log_softmax(-1)
+    targets = torch.cat([mb[:, 1:] for mb in mbs])
+    loss = -mean.gather(-1, targets[..., None]).mean()
+    assert worker.reference(steps=1)["losses"][0] == pytest.approx(float(loss), rel=1e-5)
