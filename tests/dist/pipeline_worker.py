@@ -9,8 +9,9 @@ environment). Scenarios:
   held-out loss; then trains two steps more and saves a DCP checkpoint of its stage (canonical
   keys) to OUT_DIR/ckpt-pp, and loads CHECKPOINT_IN (a full model's) into its stage and
   evaluates the held-out batch.
-- ``pp_dp`` (4 ranks, pp 2 × dp 2 on a 2-D mesh): 1f1b, each data-parallel replica taking half of
-  each step's micro-batches, gradients averaged over dp.
+- ``four`` (4 ranks): pp 2 × dp 2 on a 2-D mesh (1f1b, each data-parallel replica taking half of
+  each step's micro-batches, gradients averaged over dp), then pp 2 × tp 2 (torch's tensor
+  parallel plans on each block, so parameters and gradients are DTensors).
 
 Rank 0 writes OUT_DIR/SCENARIO.json.
 """
@@ -29,6 +30,8 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
 from atoll.model import PRESETS
 from atoll.model.llama import Transformer
@@ -140,7 +143,7 @@ def schedules(out: Path, checkpoint_in: Path, rank: int) -> dict[str, Any]:
     return result
 
 
-def pp_dp(rank: int) -> dict[str, Any]:
+def pp_dp() -> dict[str, Any]:
     mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("pp", "dp"))
     pp_rank, dp_rank = mesh["pp"].get_local_rank(), mesh["dp"].get_local_rank()
     torch.manual_seed(0)
@@ -152,6 +155,33 @@ def pp_dp(rank: int) -> dict[str, Any]:
     return train_pipeline(runner, model, steps=STEPS, micro=mine, dp=2)
 
 
+def pp_tp() -> dict[str, Any]:
+    """Tensor parallelism inside each stage with torch's own plans (heads and the MLP's hidden
+    units split over tp 2): the parameters and gradients are DTensors, activations plain."""
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("pp", "tp"))
+    torch.manual_seed(0)
+    model = build_stage_model(CFG, pp=2, pp_rank=mesh["pp"].get_local_rank())
+    plan = {
+        "attn.q_proj": ColwiseParallel(),
+        "attn.k_proj": ColwiseParallel(),
+        "attn.v_proj": ColwiseParallel(),
+        "attn.o_proj": RowwiseParallel(),
+        "mlp.gate_proj": ColwiseParallel(),
+        "mlp.up_proj": ColwiseParallel(),
+        "mlp.down_proj": RowwiseParallel(),
+    }
+    for block in model.layers:
+        parallelize_module(block, mesh["tp"], plan)
+    counts = mesh["tp"].get_local_rank() == 0  # the last stage's loss once, not once per tp rank
+    runner = PipelineRunner(
+        model, schedule="1f1b", num_micro_batches=MICRO, group=mesh["pp"], device=CPU, count_loss=counts
+    )
+    record: dict[str, Any] = train_pipeline(runner, model, steps=STEPS)
+    record["eval"] = evaluate(runner)
+    record["dtensors"] = sum(isinstance(p, DTensor) for p in model.parameters())
+    return record
+
+
 def main() -> None:
     scenario, out = sys.argv[1], Path(sys.argv[2])
     torch.set_num_threads(1)
@@ -160,8 +190,8 @@ def main() -> None:
     try:
         if scenario == "schedules":
             result = schedules(out, Path(sys.argv[3]), rank)
-        elif scenario == "pp_dp":
-            result = pp_dp(rank)
+        elif scenario == "four":
+            result = {"pp_dp": pp_dp(), "pp_tp": pp_tp()}
         else:
             raise SystemExit(f"unknown scenario {scenario}")
         if rank == 0:

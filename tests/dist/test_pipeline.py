@@ -83,12 +83,24 @@ def test_checkpoint_from_one_rank_loads_into_pp2(pp2: tuple[Path, dict[str, Any]
     assert want != pytest.approx(worker.full_eval(worker.full_model(1)), rel=1e-6)  # the load changed the stages
 
 
-def test_pp2_by_dp2_reproduces_one_rank(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def four_ranks(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    return launch("four", tmp_path_factory.mktemp("four"), 4)
+
+
+def test_pp2_by_dp2_reproduces_one_rank(four_ranks: dict[str, Any]) -> None:
     # 4 ranks on a (pp 2, dp 2) mesh, each replica half of every step's 8 micro-batches.
-    record = launch("pp_dp", tmp_path, 4)
     want = worker.reference(num_micro=2 * worker.MICRO)
-    assert_close(record["losses"], want["losses"])
-    assert_close(record["norms"], want["norms"])
+    assert_close(four_ranks["pp_dp"]["losses"], want["losses"])
+    assert_close(four_ranks["pp_dp"]["norms"], want["norms"])
+
+
+def test_pp2_by_tp2_reproduces_one_rank(four_ranks: dict[str, Any], one_rank: dict[str, Any]) -> None:
+    record = four_ranks["pp_tp"]
+    assert record["dtensors"] == 2 * 7  # two blocks per stage, seven projections each
+    assert_close(record["losses"], one_rank["losses"])
+    assert_close(record["norms"], one_rank["norms"])  # DTensor gradients counted over the tp mesh
+    assert record["eval"] == pytest.approx(one_rank["eval"], rel=1e-5)
 
 
 def test_reference_is_the_training_loops_arithmetic() -> None:

@@ -300,19 +300,33 @@ def clip_grad_norm(
     params: list[nn.Parameter], max_norm: float, *, group: dist.ProcessGroup, device: torch.device
 ) -> float:
     """Total 2-norm of the gradients of a model split across `group` (each rank passes its own
-    parameters), clipped to `max_norm` when positive (as `clip_grad_norm_` would on one rank)."""
+    parameters), clipped to `max_norm` when positive, as `clip_grad_norm_` would on one rank.
+
+    Plain gradients count as they are (replicated ones are the same on every rank that holds
+    them); DTensor gradients (tensor parallelism, FSDP2) count over their whole mesh.
+    """
     grads = [p.grad for p in params if p.grad is not None]
-    if grads:
-        local = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
-        if isinstance(local, DTensor):
-            local = local.full_tensor()  # tensor parallelism: the norm over the whole mesh
-        squared = local.float().to(device) ** 2
-    else:
-        squared = torch.zeros((), device=device)
+    squared = torch.zeros((), device=device)
+    plain = [g for g in grads if not isinstance(g, DTensor)]
+    if plain:
+        squared += torch.nn.utils.get_total_norm(plain).float().to(device) ** 2
+    meshes: dict[int, list[torch.Tensor]] = {}
+    for g in grads:
+        if isinstance(g, DTensor):
+            meshes.setdefault(id(g.device_mesh), []).append(g)
+    for on_mesh in meshes.values():  # one norm per mesh: torch does not stack DTensors of different meshes
+        norm = torch.nn.utils.get_total_norm(on_mesh)
+        norm = norm.full_tensor() if isinstance(norm, DTensor) else norm
+        squared += norm.float().to(device) ** 2
     dist.all_reduce(squared, group=group)
     total = squared.sqrt()
     if max_norm > 0:
-        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+        # clip_grads_with_norm_'s coefficient, applied as a number: its foreach path does not mix
+        # DTensor and plain gradients
+        coef = float(torch.clamp(max_norm / (total + 1e-6), max=1.0))
+        if coef < 1.0:
+            for g in grads:
+                g.mul_(coef)
     return float(total)
 
 
