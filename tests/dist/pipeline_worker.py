@@ -6,9 +6,9 @@ environment). Scenarios:
 
 - ``schedules`` (2 ranks, pp 2): trains the same model with gpipe, 1f1b and interleaved_1f1b
   (vp 2) for STEPS steps on fixed micro-batches; records the step losses, gradient norms and a
-  held-out loss; then trains two steps more and saves a DCP checkpoint of its stage (canonical
-  keys) to OUT_DIR/ckpt-pp, and loads CHECKPOINT_IN (a full model's) into its stage and
-  evaluates the held-out batch.
+  held-out loss; then trains two steps afresh with 1f1b and saves a DCP checkpoint (model and
+  optimizer, canonical keys) to OUT_DIR/ckpt-pp; then resumes CHECKPOINT_IN (a one-rank run's
+  after two steps) and trains the steps after it.
 - ``four`` (4 ranks): pp 2 × dp 2 on a 2-D mesh (1f1b, each data-parallel replica taking half of
   each step's micro-batches, gradients averaged over dp), then pp 2 × tp 2 (torch's tensor
   parallel plans on each block, so parameters and gradients are DTensors).
@@ -29,6 +29,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
@@ -69,12 +71,10 @@ def full_eval(model: Transformer) -> float:
     return sum(float(s) for s, _ in sums) / sum(n for _, n in sums)
 
 
-def reference(*, steps: int = STEPS, num_micro: int = MICRO) -> dict[str, Any]:
+def train_full(model: Transformer, opt: torch.optim.Optimizer, steps: range, num_micro: int = MICRO) -> dict[str, Any]:
     """One rank, the whole model, the training loop's arithmetic: per-step losses and norms."""
-    model = full_model()
-    opt = torch.optim.AdamW(model.parameters(), lr=LR)
     losses, norms = [], []
-    for step in range(steps):
+    for step in steps:
         mbs = step_batches(step, num_micro)
         targets = sum(mb[:, 1:].numel() for mb in mbs)
         total = 0.0
@@ -86,16 +86,41 @@ def reference(*, steps: int = STEPS, num_micro: int = MICRO) -> dict[str, Any]:
         losses.append(total / targets)
         opt.step()
         opt.zero_grad(set_to_none=True)
-    return {"losses": losses, "norms": norms, "eval": full_eval(model), "model": model}
+    return {"losses": losses, "norms": norms}
+
+
+def reference(*, steps: int = STEPS, num_micro: int = MICRO) -> dict[str, Any]:
+    model = full_model()
+    record = train_full(model, torch.optim.AdamW(model.parameters(), lr=LR), range(steps), num_micro)
+    return record | {"eval": full_eval(model)}
+
+
+def save(model: nn.Module, opt: torch.optim.Optimizer, path: Path, **kw: Any) -> None:
+    """As `atoll.train.checkpoint` saves: model and optimizer state keyed by parameter names."""
+    model_sd, optim_sd = get_state_dict(model, opt)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=path, **kw)
+
+
+def load(model: nn.Module, opt: torch.optim.Optimizer, path: Path, **kw: Any) -> None:
+    model_sd, optim_sd = get_state_dict(model, opt)
+    state = {"model": model_sd, "optim": optim_sd}
+    dcp.load(state, checkpoint_id=path, **kw)
+    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
 
 
 def train_pipeline(
-    runner: PipelineRunner, model: Transformer, *, steps: int, micro: slice = slice(None), dp: int = 1
+    runner: PipelineRunner,
+    model: Transformer,
+    *,
+    steps: range = range(STEPS),
+    opt: torch.optim.Optimizer | None = None,
+    micro: slice = slice(None),
+    dp: int = 1,
 ) -> dict[str, list[float]]:
     """The training loop as it would drive a step runner; losses summed over every rank."""
-    opt = torch.optim.AdamW(model.parameters(), lr=LR)
+    opt = opt or torch.optim.AdamW(model.parameters(), lr=LR)
     losses, norms = [], []
-    for step in range(steps):
+    for step in steps:
         mbs = step_batches(step, MICRO * dp)
         targets = sum(mb[:, 1:].numel() for mb in mbs)
         counted = runner.forward_backward(mbs[micro], scale=dp / targets)  # dp: averaged over replicas
@@ -122,24 +147,23 @@ def schedules(out: Path, checkpoint_in: Path, rank: int) -> dict[str, Any]:
         torch.manual_seed(0)
         model = build_stage_model(CFG, pp=2, pp_rank=rank, vp=vp)
         runner = PipelineRunner(model, schedule=name, num_micro_batches=MICRO, group=group, device=CPU, vp=vp)
-        record = train_pipeline(runner, model, steps=STEPS)
+        record = train_pipeline(runner, model)
         record["eval"] = evaluate(runner)
         record["keys"] = sorted(model.state_dict())
         result[name] = record
-    # Checkpoints across layouts: pp 2 -> one rank, and one rank -> pp 2.
+    # Checkpoints across layouts: this pipeline's after two steps, and a one-rank run's resumed here.
     torch.manual_seed(0)
     model = build_stage_model(CFG, pp=2, pp_rank=rank)
+    opt = torch.optim.AdamW(model.parameters(), lr=LR)
     runner = PipelineRunner(model, schedule="1f1b", num_micro_batches=MICRO, group=group, device=CPU)
-    train_pipeline(runner, model, steps=2)
-    dcp.save(model.state_dict(), checkpoint_id=out / "ckpt-pp", process_group=group)
-    result["saved_eval"] = evaluate(runner)
+    train_pipeline(runner, model, steps=range(2), opt=opt)
+    save(model, opt, out / "ckpt-pp", process_group=group)
     torch.manual_seed(1)
-    loaded = build_stage_model(CFG, pp=2, pp_rank=rank)
-    state = loaded.state_dict()
-    dcp.load(state, checkpoint_id=checkpoint_in, process_group=group)
-    loaded.load_state_dict(state)
-    runner = PipelineRunner(loaded, schedule="1f1b", num_micro_batches=MICRO, group=group, device=CPU)
-    result["loaded_eval"] = evaluate(runner)
+    model = build_stage_model(CFG, pp=2, pp_rank=rank)
+    opt = torch.optim.AdamW(model.parameters(), lr=LR)
+    load(model, opt, checkpoint_in, process_group=group)
+    runner = PipelineRunner(model, schedule="1f1b", num_micro_batches=MICRO, group=group, device=CPU)
+    result["resumed"] = train_pipeline(runner, model, steps=range(2, STEPS), opt=opt)
     return result
 
 
@@ -152,7 +176,7 @@ def pp_dp() -> dict[str, Any]:
         model, schedule="1f1b", num_micro_batches=MICRO, group=mesh["pp"], device=CPU, dp_group=mesh["dp"].get_group()
     )
     mine = slice(dp_rank * MICRO, (dp_rank + 1) * MICRO)
-    return train_pipeline(runner, model, steps=STEPS, micro=mine, dp=2)
+    return train_pipeline(runner, model, micro=mine, dp=2)
 
 
 def pp_tp() -> dict[str, Any]:
@@ -176,7 +200,7 @@ def pp_tp() -> dict[str, Any]:
     runner = PipelineRunner(
         model, schedule="1f1b", num_micro_batches=MICRO, group=mesh["pp"], device=CPU, count_loss=counts
     )
-    record: dict[str, Any] = train_pipeline(runner, model, steps=STEPS)
+    record: dict[str, Any] = train_pipeline(runner, model)
     record["eval"] = evaluate(runner)
     record["dtensors"] = sum(isinstance(p, DTensor) for p in model.parameters())
     return record

@@ -1,5 +1,6 @@
 """Pipeline parallelism on gloo: pp 2 (GPipe, 1F1B, interleaved) and pp 2 × dp 2 reproduce one
-rank's training; DCP checkpoints move between pp 2 and one rank.
+rank's training, and so does pp 2 × tp 2; a DCP checkpoint (model and optimizer) of either
+layout resumes on the other with the same losses.
 
 The ranks run `tests/dist/pipeline_worker.py`; the one-rank reference runs in this process on the
 same micro-batches with the training loop's arithmetic (summed loss × 1/targets, clip, AdamW).
@@ -14,14 +15,12 @@ from typing import Any
 
 import pytest
 import torch
-import torch.distributed.checkpoint as dcp
 
 from atoll.parallel.launch import launch_local
 from tests.conftest import REPO
 from tests.dist import pipeline_worker as worker
 
 ENV = dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{REPO / 'src'}")
-FULL_SEED = 3  # the one-rank checkpoint the pipeline loads
 
 
 def launch(scenario: str, out: Path, nproc: int, *extra: str) -> dict[str, Any]:
@@ -33,7 +32,10 @@ def launch(scenario: str, out: Path, nproc: int, *extra: str) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def pp2(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
     out = tmp_path_factory.mktemp("pp2")
-    dcp.save(worker.full_model(FULL_SEED).state_dict(), checkpoint_id=out / "ckpt-full", no_dist=True)
+    model = worker.full_model()  # one rank's first two steps, for the pipeline to resume
+    opt = torch.optim.AdamW(model.parameters(), lr=worker.LR)
+    worker.train_full(model, opt, range(2))
+    worker.save(model, opt, out / "ckpt-full", no_dist=True)
     return out, launch("schedules", out, 2, str(out / "ckpt-full"))
 
 
@@ -67,20 +69,17 @@ def test_each_rank_holds_its_stages_under_canonical_names(pp2: tuple[Path, dict[
     assert "embed.weight" in rank0["1f1b"]["keys"] and "lm_head.weight" not in rank0["1f1b"]["keys"]
 
 
-def test_checkpoint_from_pp2_loads_into_one_rank(pp2: tuple[Path, dict[str, Any]]) -> None:
-    out, record = pp2
-    full = worker.full_model(seed=9)  # other values, all overwritten by the load
-    state = full.state_dict()
-    dcp.load(state, checkpoint_id=out / "ckpt-pp", no_dist=True)
-    full.load_state_dict(state)
-    assert worker.full_eval(full) == pytest.approx(record["saved_eval"], rel=1e-6)
-    assert record["saved_eval"] != pytest.approx(worker.full_eval(worker.full_model()), rel=1e-6)  # it trained
+def test_a_pp2_checkpoint_resumes_on_one_rank(pp2: tuple[Path, dict[str, Any]], one_rank: dict[str, Any]) -> None:
+    model = worker.full_model(seed=9)  # other values, all overwritten by the load
+    opt = torch.optim.AdamW(model.parameters(), lr=worker.LR)
+    worker.load(model, opt, pp2[0] / "ckpt-pp", no_dist=True)
+    record = worker.train_full(model, opt, range(2, worker.STEPS))
+    assert record["losses"] == pytest.approx(one_rank["losses"][2:], rel=1e-5)  # as if never stopped
 
 
-def test_checkpoint_from_one_rank_loads_into_pp2(pp2: tuple[Path, dict[str, Any]]) -> None:
-    want = worker.full_eval(worker.full_model(FULL_SEED))
-    assert pp2[1]["loaded_eval"] == pytest.approx(want, rel=1e-6)
-    assert want != pytest.approx(worker.full_eval(worker.full_model(1)), rel=1e-6)  # the load changed the stages
+def test_a_one_rank_checkpoint_resumes_on_pp2(pp2: tuple[Path, dict[str, Any]], one_rank: dict[str, Any]) -> None:
+    assert pp2[1]["resumed"]["losses"] == pytest.approx(one_rank["losses"][2:], rel=1e-5)
+    assert pp2[1]["resumed"]["norms"] == pytest.approx(one_rank["norms"][2:], rel=1e-5)
 
 
 @pytest.fixture(scope="module")
