@@ -34,7 +34,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
+from torch.distributed.pipelining import (
+    PipelineStage,
+    Schedule1F1B,
+    ScheduleGPipe,
+    ScheduleInterleaved1F1B,
+    ScheduleLoopedBFS,
+)
 from torch.distributed.tensor import DTensor
 
 from atoll.errors import AtollError
@@ -237,14 +243,19 @@ class PipelineRunner:
         shape gets new stages (all ranks see the same ones, in the same order)."""
         key = (num, shape, train)
         if key not in self._schedules:
-            check_schedule(self.schedule_name, pp=self.pp, vp=self.vp, num_micro_batches=num)
+            if train:
+                check_schedule(self.schedule_name, pp=self.pp, vp=self.vp, num_micro_batches=num)
+                cls = SCHEDULES[self.schedule_name]
+            else:  # forward only: no backward to interleave, and no constraint on the count
+                cls = ScheduleGPipe if len(self.parts) == 1 else ScheduleLoopedBFS
             stages = [
                 PipelineStage(part, sid, self.num_stages, self.device, group=self.group)
                 for sid, part in zip(self.stage_ids, self.parts, strict=True)
             ]
-            cls = SCHEDULES[self.schedule_name]
-            first = stages if self.schedule_name == "interleaved_1f1b" else stages[0]
-            self._schedules[key] = cls(first, n_microbatches=num, loss_fn=self._loss, scale_grads=False)
+            multi = cls in (ScheduleInterleaved1F1B, ScheduleLoopedBFS)
+            self._schedules[key] = cls(
+                stages if multi else stages[0], n_microbatches=num, loss_fn=self._loss, scale_grads=False
+            )
         return self._schedules[key]
 
     def _run(self, micro_batches: list[torch.Tensor], *, train: bool) -> tuple[float, int]:
@@ -284,7 +295,8 @@ class PipelineRunner:
         return total
 
     def evaluate(self, micro_batches: list[torch.Tensor]) -> tuple[float, int]:
-        """Forward only: (summed next-token loss, number of targets) this rank counts; (0.0, 0)
+        """Forward only (GPipe's order, or looped breadth-first with virtual stages: any number of
+        micro-batches): (summed next-token loss, number of targets) this rank counts; (0.0, 0)
         except on the last stage."""
         self._scale = 1.0
         return self._run(micro_batches, train=False)
