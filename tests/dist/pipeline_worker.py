@@ -32,6 +32,7 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
@@ -169,16 +170,29 @@ def schedules(out: Path, checkpoint_in: Path, rank: int) -> dict[str, Any]:
     return result
 
 
-def pp_dp() -> dict[str, Any]:
+def pp_dp(*, fsdp: bool) -> dict[str, Any]:
+    """Gradients averaged over dp by the runner, or by FSDP2 on each stage over the dp sub-mesh."""
     mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("pp", "dp"))
     pp_rank, dp_rank = mesh["pp"].get_local_rank(), mesh["dp"].get_local_rank()
     torch.manual_seed(0)
     model = build_stage_model(CFG, pp=2, pp_rank=pp_rank)
     runner = PipelineRunner(
-        model, schedule="1f1b", num_micro_batches=MICRO, group=mesh["pp"], device=CPU, dp_group=mesh["dp"].get_group()
+        model,
+        schedule="1f1b",
+        num_micro_batches=MICRO,
+        group=mesh["pp"],
+        device=CPU,
+        dp_group=None if fsdp else mesh["dp"].get_group(),
     )
+    if fsdp:
+        for part in runner.parts:
+            for block in part.layers:
+                fully_shard(block, mesh=mesh["dp"])
+            fully_shard(part, mesh=mesh["dp"])
     mine = slice(dp_rank * MICRO, (dp_rank + 1) * MICRO)
-    return train_pipeline(runner, model, micro=mine, dp=2)
+    record: dict[str, Any] = train_pipeline(runner, model, micro=mine, dp=2)
+    record["dtensors"] = sum(isinstance(p, DTensor) for p in model.parameters())
+    return record
 
 
 def pp_tp() -> dict[str, Any]:
@@ -217,7 +231,7 @@ def main() -> None:
         if scenario == "schedules":
             result = schedules(out, Path(sys.argv[3]), rank)
         elif scenario == "four":
-            result = {"pp_dp": pp_dp(), "pp_tp": pp_tp()}
+            result = {"pp_dp": pp_dp(fsdp=False), "pp_fsdp": pp_dp(fsdp=True), "pp_tp": pp_tp()}
         else:
             raise SystemExit(f"unknown scenario {scenario}")
         if rank == 0:

@@ -1,6 +1,6 @@
-"""Pipeline parallelism on gloo: pp 2 (GPipe, 1F1B, interleaved) and pp 2 × dp 2 reproduce one
-rank's training, and so does pp 2 × tp 2; a DCP checkpoint (model and optimizer) of either
-layout resumes on the other with the same losses.
+"""Pipeline parallelism on gloo: pp 2 (GPipe, 1F1B, interleaved), pp 2 × dp 2 (gradients averaged
+by the runner or by FSDP2) and pp 2 × tp 2 reproduce one rank's training; a DCP checkpoint (model
+and optimizer) of pp 2 resumes on one rank with the same losses, and the reverse.
 
 The ranks run `tests/dist/pipeline_worker.py`; the one-rank reference runs in this process on the
 same micro-batches with the training loop's arithmetic (summed loss × 1/targets, clip, AdamW).
@@ -87,11 +87,15 @@ def four_ranks(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     return launch("four", tmp_path_factory.mktemp("four"), 4)
 
 
-def test_pp2_by_dp2_reproduces_one_rank(four_ranks: dict[str, Any]) -> None:
-    # 4 ranks on a (pp 2, dp 2) mesh, each replica half of every step's 8 micro-batches.
+@pytest.mark.parametrize("layout", ["pp_dp", "pp_fsdp"])
+def test_pp2_by_dp2_reproduces_one_rank(layout: str, four_ranks: dict[str, Any]) -> None:
+    # 4 ranks on a (pp 2, dp 2) mesh, each replica half of every step's 8 micro-batches; gradients
+    # averaged by the runner (pp_dp) or by FSDP2 on each stage over the dp sub-mesh (pp_fsdp).
+    record = four_ranks[layout]
     want = worker.reference(num_micro=2 * worker.MICRO)
-    assert_close(four_ranks["pp_dp"]["losses"], want["losses"])
-    assert_close(four_ranks["pp_dp"]["norms"], want["norms"])
+    assert_close(record["losses"], want["losses"])
+    assert_close(record["norms"], want["norms"])
+    assert record["dtensors"] == (19 if layout == "pp_fsdp" else 0)  # rank 0: embed + 2 blocks x 9
 
 
 def test_pp2_by_tp2_reproduces_one_rank(four_ranks: dict[str, Any], one_rank: dict[str, Any]) -> None:
