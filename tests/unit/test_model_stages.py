@@ -57,14 +57,15 @@ def test_an_interleaved_container_runs_each_virtual_stage_alone() -> None:
 
 def test_layers_behave_like_a_module_list() -> None:
     model = Transformer(CFG, layers=[1, 3], embed=False)
-    assert len(model.layers) == 2 and list(model.layers) == [model.layers[1], model.layers[3]]
-    wrapped = torch.nn.Sequential(model.layers[3])
-    model.layers[3] = wrapped
-    assert model.layers[3] is wrapped and "layers.3.0.attn.q_proj.weight" in model.state_dict()
+    held = model.layers
+    assert len(held) == 2 and list(held) == [held.block(1), held.block(3)] == [held[0], held[1]]
+    for k, block in enumerate(held):  # how recomputation wraps blocks: by position
+        held[k] = torch.nn.Sequential(block)
+    assert held.block(3) is held[-1] and "layers.3.0.attn.q_proj.weight" in model.state_dict()
     with pytest.raises(IndexError, match="layer 0 is not held"):
-        model.layers[0]
-    with pytest.raises(IndexError):
-        model.layers[0] = wrapped
+        held.block(0)
+    with pytest.raises(IndexError, match="2 blocks held"):
+        held[2] = torch.nn.Identity()
 
 
 def test_bad_parts_are_refused() -> None:

@@ -224,9 +224,11 @@ class Block(nn.Module):
 class Layers(nn.Module):
     """The decoder blocks a model holds, each registered under its index in the full model.
 
-    Behaves like the `nn.ModuleList` of a full model (iteration in order, `len`, `layers[i]`,
-    `layers[i] = wrapped`), but a pipeline stage's blocks keep their original index, so their
-    parameters are `layers.{i}.*` whatever the layout.
+    Behaves like the `nn.ModuleList` of a full model: iteration in order, `len`, and `layers[k]`
+    / `layers[k] = wrapped` by position among the blocks held (so `for k, b in
+    enumerate(layers): layers[k] = wrap(b)` works on any part). A pipeline stage's blocks keep
+    their index in the full model as their name, so their parameters are `layers.{i}.*` whatever
+    the layout; `block(i)` and `items()` go by that index.
     """
 
     def __init__(self, blocks: dict[int, nn.Module]) -> None:
@@ -242,17 +244,27 @@ class Layers(nn.Module):
         """(index in the full model, block) pairs, ascending."""
         return [(int(name), block) for name, block in self._modules.items() if block is not None]
 
-    def __getitem__(self, index: int) -> nn.Module:
+    def block(self, index: int) -> nn.Module:
+        """The block of layer `index` of the full model; IndexError when this part does not hold it."""
         block = self._modules.get(str(index))
         if block is None:
             raise IndexError(f"layer {index} is not held here (layers {self.indices()})")
         return block
 
-    def __setitem__(self, index: int, block: nn.Module) -> None:
-        """Replace a held block (e.g. by a wrapped one); the set of indices does not change."""
-        if str(index) not in self._modules:
-            raise IndexError(f"layer {index} is not held here (layers {self.indices()})")
-        self._modules[str(index)] = block
+    def _name_at(self, position: int) -> str:
+        names = list(self._modules)
+        if not -len(names) <= position < len(names):
+            raise IndexError(f"position {position} out of range: {len(names)} blocks held (layers {self.indices()})")
+        return names[position]
+
+    def __getitem__(self, position: int) -> nn.Module:
+        block = self._modules[self._name_at(position)]
+        assert block is not None
+        return block
+
+    def __setitem__(self, position: int, block: nn.Module) -> None:
+        """Replace a held block (e.g. by a wrapped one) under the same name."""
+        self._modules[self._name_at(position)] = block
 
     def __iter__(self) -> Iterator[nn.Module]:
         return iter(block for block in self._modules.values() if block is not None)
@@ -413,7 +425,7 @@ class Transformer(nn.Module):
         positions = torch.arange(start, start + num_new, device=inputs.device)
         cos, sin = rotary_tables(positions, head_dim=self.cfg.head_dim, theta=self.cfg.rope_theta)
 
-        blocks = self.layers.items() if layers is None else [(i, self.layers[i]) for i in layers]
+        blocks = self.layers.items() if layers is None else [(i, self.layers.block(i)) for i in layers]
         x = self.embed(inputs) if embed and self.embed is not None else inputs  # (B, T, dim)
         for i, block in blocks:
             x = block(x, cos=cos, sin=sin, cache=cache, layer=i)

@@ -157,7 +157,7 @@ class StagePart(nn.Module):
         self.first, self.last = first, last
         self.run_device, self.dtype = device, dtype
         self.embed = model.embed if first else None
-        self.layers = Layers({i: model.layers[i] for i in self.layer_ids})
+        self.layers = Layers({i: model.layers.block(i) for i in self.layer_ids})
         self.norm = model.norm if last else None
         self.lm_head = model.lm_head if last else None
         object.__setattr__(self, "_model", model)  # not a child: its other stages are not this one's
