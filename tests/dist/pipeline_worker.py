@@ -10,8 +10,8 @@ environment). Scenarios:
   optimizer, canonical keys) to OUT_DIR/ckpt-pp; then resumes CHECKPOINT_IN (a one-rank run's
   after two steps) and trains the steps after it.
 - ``four`` (4 ranks): pp 2 × dp 2 on a 2-D mesh (1f1b, each data-parallel replica taking half of
-  each step's micro-batches, gradients averaged over dp), then pp 2 × tp 2 (torch's tensor
-  parallel plans on each block, so parameters and gradients are DTensors).
+  each step's micro-batches, gradients averaged over dp by the runner or by FSDP2), then
+  pp 2 × tp 2 without and with sequence parallelism (torch's tensor-parallel plans).
 
 Rank 0 writes OUT_DIR/SCENARIO.json.
 """
@@ -31,10 +31,17 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import fully_shard
-from torch.distributed.tensor import DTensor
-from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    PrepareModuleInput,
+    RowwiseParallel,
+    SequenceParallel,
+    loss_parallel,
+    parallelize_module,
+)
 
 from atoll.model import PRESETS
 from atoll.model.llama import Transformer
@@ -195,26 +202,55 @@ def pp_dp(*, fsdp: bool) -> dict[str, Any]:
     return record
 
 
-def pp_tp() -> dict[str, Any]:
-    """Tensor parallelism inside each stage with torch's own plans (heads and the MLP's hidden
-    units split over tp 2): the parameters and gradients are DTensors, activations plain."""
+def tensor_parallel(model: Transformer, mesh: DeviceMesh, *, sp: bool) -> None:
+    """Megatron-style tensor parallelism on a stage with torch's plans: vocabulary-parallel
+    embedding and head (logits left sharded for `loss_parallel`), heads and MLP hidden units split;
+    with `sp` the norms run on a slice of the sequence, so stages send each other slices."""
+    stream = Shard(1) if sp else Replicate()
+    top: dict[str, Any] = {}
+    if model.embed is not None:
+        top["embed"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=stream)
+    if model.lm_head is not None:
+        top["lm_head"] = ColwiseParallel(input_layouts=stream, output_layouts=Shard(-1), use_local_output=False)
+        if sp:
+            top["norm"] = SequenceParallel()
+    parallelize_module(model, mesh, top)
+    for block in model.layers:
+        plan: dict[str, Any] = {
+            "attn.q_proj": ColwiseParallel(),
+            "attn.k_proj": ColwiseParallel(),
+            "attn.v_proj": ColwiseParallel(),
+            "attn.o_proj": RowwiseParallel(output_layouts=stream),
+            "mlp.gate_proj": ColwiseParallel(),
+            "mlp.up_proj": ColwiseParallel(),
+            "mlp.down_proj": RowwiseParallel(output_layouts=stream),
+        }
+        if sp:
+            gather = {"input_layouts": (Shard(1),), "desired_input_layouts": (Replicate(),), "use_local_output": True}
+            plan |= {
+                "attn_norm": SequenceParallel(),
+                "mlp_norm": SequenceParallel(),
+                "attn": PrepareModuleInput(**gather),
+                "mlp": PrepareModuleInput(**gather),
+            }
+        parallelize_module(block, mesh, plan)
+
+
+def pp_tp(*, sp: bool) -> dict[str, Any]:
+    """Parameters and gradients are DTensors; activations between stages plain tensors (whole,
+    or each tp rank's slice of the sequence with `sp`)."""
     mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("pp", "tp"))
     torch.manual_seed(0)
     model = build_stage_model(CFG, pp=2, pp_rank=mesh["pp"].get_local_rank())
-    plan = {
-        "attn.q_proj": ColwiseParallel(),
-        "attn.k_proj": ColwiseParallel(),
-        "attn.v_proj": ColwiseParallel(),
-        "attn.o_proj": RowwiseParallel(),
-        "mlp.gate_proj": ColwiseParallel(),
-        "mlp.up_proj": ColwiseParallel(),
-        "mlp.down_proj": RowwiseParallel(),
-    }
-    for block in model.layers:
-        parallelize_module(block, mesh["tp"], plan)
-    counts = mesh["tp"].get_local_rank() == 0  # the last stage's loss once, not once per tp rank
+    tensor_parallel(model, mesh["tp"], sp=sp)
     runner = PipelineRunner(
-        model, schedule="1f1b", num_micro_batches=MICRO, group=mesh["pp"], device=CPU, count_loss=counts
+        model,
+        schedule="1f1b",
+        num_micro_batches=MICRO,
+        group=mesh["pp"],
+        device=CPU,
+        count_loss=mesh["tp"].get_local_rank() == 0,  # the last stage's loss once, not once per tp rank
+        loss_context=loss_parallel,
     )
     record: dict[str, Any] = train_pipeline(runner, model)
     record["eval"] = evaluate(runner)
@@ -231,7 +267,12 @@ def main() -> None:
         if scenario == "schedules":
             result = schedules(out, Path(sys.argv[3]), rank)
         elif scenario == "four":
-            result = {"pp_dp": pp_dp(fsdp=False), "pp_fsdp": pp_dp(fsdp=True), "pp_tp": pp_tp()}
+            result = {
+                "pp_dp": pp_dp(fsdp=False),
+                "pp_fsdp": pp_dp(fsdp=True),
+                "pp_tp": pp_tp(sp=False),
+                "pp_sp": pp_tp(sp=True),
+            }
         else:
             raise SystemExit(f"unknown scenario {scenario}")
         if rank == 0:

@@ -1,6 +1,7 @@
 """Pipeline parallelism on gloo: pp 2 (GPipe, 1F1B, interleaved), pp 2 × dp 2 (gradients averaged
-by the runner or by FSDP2) and pp 2 × tp 2 reproduce one rank's training; a DCP checkpoint (model
-and optimizer) of pp 2 resumes on one rank with the same losses, and the reverse.
+by the runner or by FSDP2) and pp 2 × tp 2 (with and without sequence parallelism) reproduce one
+rank's training; a DCP checkpoint (model and optimizer) of pp 2 resumes on one rank with the same
+losses, and the reverse.
 
 The ranks run `tests/dist/pipeline_worker.py`; the one-rank reference runs in this process on the
 same micro-batches with the training loop's arithmetic (summed loss × 1/targets, clip, AdamW).
@@ -98,12 +99,19 @@ def test_pp2_by_dp2_reproduces_one_rank(layout: str, four_ranks: dict[str, Any])
     assert record["dtensors"] == (19 if layout == "pp_fsdp" else 0)  # rank 0: embed + 2 blocks x 9
 
 
-def test_pp2_by_tp2_reproduces_one_rank(four_ranks: dict[str, Any], one_rank: dict[str, Any]) -> None:
-    record = four_ranks["pp_tp"]
-    assert record["dtensors"] == 2 * 7  # two blocks per stage, seven projections each
+@pytest.mark.parametrize(("layout", "dtensors"), [("pp_tp", 1 + 2 * 7), ("pp_sp", 1 + 2 * 9)])
+def test_pp2_by_tp2_reproduces_one_rank(
+    layout: str, dtensors: int, four_ranks: dict[str, Any], one_rank: dict[str, Any]
+) -> None:
+    # Tensor parallelism in each stage (vocabulary-parallel embedding and head under loss_parallel),
+    # without and with sequence parallelism (stages then send each other sequence slices).
+    record = four_ranks[layout]
+    assert record["dtensors"] == dtensors  # rank 0: the embedding, two blocks' projections (and norms with SP)
     assert_close(record["losses"], one_rank["losses"])
-    assert_close(record["norms"], one_rank["norms"])  # DTensor gradients counted over the tp mesh
     assert record["eval"] == pytest.approx(one_rank["eval"], rel=1e-5)
+    # Split matmuls round differently, and AdamW's normalized update grows that into a 1e-5
+    # relative difference of the step-4 norm (1e-7 at step 1); the losses agree to 1e-7.
+    assert record["norms"] == pytest.approx(one_rank["norms"], rel=1e-4)
 
 
 def test_reference_is_the_training_loops_arithmetic() -> None:

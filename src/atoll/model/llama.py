@@ -395,6 +395,7 @@ class Transformer(nn.Module):
         layers: Sequence[int] | None = None,
         embed: bool | None = None,
         head: bool | None = None,
+        seq_len: int | None = None,
     ) -> torch.Tensor:
         """Logits (B, T, vocab_size) for token ids (B, T), for the whole model.
 
@@ -407,6 +408,8 @@ class Transformer(nn.Module):
         takes token ids (B, T), else `inputs` are hidden states (B, T, dim); then the held blocks
         whose index is in `layers` (default: all held), in order; then, with `head` (default:
         whether this module holds the head), the final norm and logits, else the hidden states.
+        `seq_len` is the length the rotary positions cover when the hidden states are a slice of
+        the sequence (sequence parallelism hands a stage its rank's slice); default T.
         """
         embed = self.embed is not None if embed is None else embed
         head = self.norm is not None if head is None else head
@@ -415,7 +418,7 @@ class Transformer(nn.Module):
         if inputs.dim() != (2 if embed else 3):
             what = "tokens must have shape (batch, seq)" if embed else "hidden states must have shape (batch, seq, dim)"
             raise AtollError(f"{what}, got {tuple(inputs.shape)}")
-        num_new = inputs.shape[1]
+        num_new = inputs.shape[1] if seq_len is None else seq_len
         start = cache.length if cache is not None else 0
         if start + num_new > self.cfg.max_seq_len:
             raise AtollError(

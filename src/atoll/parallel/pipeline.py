@@ -25,8 +25,10 @@ others need their count and shape).
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
@@ -160,11 +162,13 @@ class StagePart(nn.Module):
         self.layers = Layers({i: model.layers.block(i) for i in self.layer_ids})
         self.norm = model.norm if last else None
         self.lm_head = model.lm_head if last else None
+        self.seq_len: int | None = None
+        """The step's sequence length, set by the runner (a sequence-parallel stage gets a slice)."""
         object.__setattr__(self, "_model", model)  # not a child: its other stages are not this one's
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         with autocast(self.run_device, self.dtype):
-            return self._model(inputs, layers=self.layer_ids, embed=self.first, head=self.last)
+            return self._model(inputs, layers=self.layer_ids, embed=self.first, head=self.last, seq_len=self.seq_len)
 
 
 def _summed_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -179,6 +183,8 @@ class PipelineRunner:
     index. With `dp_group`, gradients are averaged over it after each step (what DDP gives); leave
     it None when the stages are wrapped by DDP/FSDP2 outside. `count_loss` false makes this rank
     report no loss even on the last stage (e.g. every tensor-parallel rank but one).
+    `loss_context` is entered around each step's schedule (forward, loss and backward): tensor
+    parallelism's `loss_parallel` for vocabulary-sharded logits.
 
     Each method is collective over the pipeline group (and `dp_group`) and blocks until its part
     of the schedule is done; the groups' timeouts bound the waits.
@@ -197,6 +203,7 @@ class PipelineRunner:
         dtype: str = "fp32",
         dp_group: dist.ProcessGroup | None = None,
         count_loss: bool = True,
+        loss_context: Callable[[], AbstractContextManager[Any]] | None = None,
     ) -> None:
         self.group = group.get_group() if isinstance(group, DeviceMesh) else group
         self.pp = dist.get_world_size(self.group)
@@ -223,6 +230,7 @@ class PipelineRunner:
             StagePart(model, ranges[s], first=s == 0, last=s == self.num_stages - 1, device=device, dtype=dtype)
             for s in self.stage_ids
         ]
+        self.loss_context = loss_context or contextlib.nullcontext
         self._scale = 1.0
         self._schedules: dict[tuple[Any, ...], Any] = {}
 
@@ -265,31 +273,38 @@ class PipelineRunner:
                 f"the pipeline needs micro-batches of one (batch, seq+1) shape, got {sorted(shapes)}; "
                 "give every micro-batch of a step the same size"
             )
-        schedule = self._schedule_for(len(micro_batches), next(iter(shapes)), train=train)
+        shape = next(iter(shapes))
+        schedule = self._schedule_for(len(micro_batches), shape, train=train)
+        for part in self.parts:
+            part.seq_len = shape[1] - 1
         batch = torch.cat(micro_batches).to(self.device, non_blocking=True)  # split back by the schedule
         args = (batch[:, :-1],) if self.has_first else ()
         target = batch[:, 1:] if self.has_last else None
         losses: list[torch.Tensor] | None = [] if self.has_last else None
-        if train:
-            schedule.step(*args, target=target, losses=losses, return_outputs=False)
-        else:
-            with torch.no_grad():
-                schedule.eval(*args, target=target, losses=losses)
+        with self.loss_context():
+            if train:
+                schedule.step(*args, target=target, losses=losses, return_outputs=False)
+            else:
+                with torch.no_grad():
+                    schedule.eval(*args, target=target, losses=losses)
         if not self.counts or losses is None:
             return 0.0, 0
-        total = torch.stack([loss.atoll_unscaled for loss in losses]).sum()  # type: ignore[attr-defined]
-        return float(total), target.numel() if target is not None else 0
+        values = [loss.atoll_unscaled for loss in losses]  # type: ignore[attr-defined]
+        values = [v.to_local() if isinstance(v, DTensor) else v for v in values]  # replicated: whole
+        return float(torch.stack(values).sum()), target.numel() if target is not None else 0
 
     # ------------------------------------------------------------------ the step-runner protocol
 
     def forward_backward(self, micro_batches: list[torch.Tensor], scale: float) -> float:
         """Forward and backward over this step's micro-batches (each (B, T+1) tokens), each
         micro-batch's summed next-token loss times `scale` before backward; gradients accumulate
-        into the parameters (averaged over `dp_group` when given). Returns the summed unscaled
+        into the parameters, in their parameter's placement (a sequence-parallel norm's pending
+        partial sums are summed over tp), averaged over `dp_group` when given. Returns the summed unscaled
         loss this rank counts: the last stage's, 0.0 elsewhere, so a sum over the site counts
         each target once per data-parallel replica."""
         self._scale = float(scale)
         total, _ = self._run(micro_batches, train=True)
+        settle_partial_gradients(list(self.model.parameters()))
         if self.dp_group is not None:
             average_gradients(list(self.model.parameters()), group=self.dp_group)
         return total
@@ -354,3 +369,14 @@ def average_gradients(params: list[nn.Parameter], *, group: dist.ProcessGroup) -
     for g in grads:
         g.copy_(flat[offset : offset + g.numel()].view_as(g))
         offset += g.numel()
+
+
+@torch.no_grad()
+def settle_partial_gradients(params: list[nn.Parameter]) -> None:
+    """Give DTensor gradients left as pending partial sums (a sequence-parallel norm's weight: each
+    tp rank saw a slice of the sequence) their parameter's placement; collective over those
+    meshes, in parameter order. FSDP2 does this in its reduce-scatter."""
+    for p in params:
+        g = p.grad
+        if isinstance(g, DTensor) and any(pl.is_partial() for pl in g.placements):
+            p.grad = g.redistribute(g.device_mesh, p.placements)  # type: ignore[attr-defined]
