@@ -43,6 +43,7 @@ from torch.distributed.tensor.parallel import (
     parallelize_module,
 )
 
+from atoll.errors import AtollError
 from atoll.model import PRESETS
 from atoll.model.llama import Transformer
 from atoll.model.loss import token_loss_sum
@@ -174,7 +175,33 @@ def schedules(out: Path, checkpoint_in: Path, rank: int) -> dict[str, Any]:
     load(model, opt, checkpoint_in, process_group=group)
     runner = PipelineRunner(model, schedule="1f1b", num_micro_batches=MICRO, group=group, device=CPU)
     result["resumed"] = train_pipeline(runner, model, steps=range(2, STEPS), opt=opt)
+    result["errors"] = misuse(runner, rank)
     return result
+
+
+def misuse(runner: PipelineRunner, rank: int) -> list[str]:
+    """What a caller can get wrong, each refused on every rank before any message is sent."""
+    attempts = [
+        lambda: runner.forward_backward(
+            [torch.zeros(2, SEQ + 1, dtype=torch.long)] * 3 + [torch.zeros(1, SEQ + 1)], 1.0
+        ),
+        lambda: runner.forward_backward([torch.zeros(2, SEQ + 1, dtype=torch.long)], 1.0),
+        lambda: PipelineRunner(
+            build_stage_model(CFG, pp=2, pp_rank=rank, vp=2),
+            schedule="interleaved_1f1b",
+            num_micro_batches=MICRO,
+            group=dist.group.WORLD,
+            device=CPU,
+        ),
+    ]
+    errors = []
+    for attempt in attempts:
+        try:
+            attempt()
+        except AtollError as exc:
+            errors.append(str(exc))
+    dist.barrier()
+    return errors
 
 
 def pp_dp(*, fsdp: bool) -> dict[str, Any]:

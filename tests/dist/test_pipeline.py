@@ -83,6 +83,14 @@ def test_a_one_rank_checkpoint_resumes_on_pp2(pp2: tuple[Path, dict[str, Any]], 
     assert pp2[1]["resumed"]["norms"] == pytest.approx(one_rank["norms"][2:], rel=1e-5)
 
 
+def test_misuse_is_refused_in_one_line(pp2: tuple[Path, dict[str, Any]]) -> None:
+    errors = pp2[1]["errors"]
+    assert len(errors) == 3 and all("\n" not in e for e in errors)
+    assert "micro-batches of one (batch, seq+1) shape" in errors[0]
+    assert "1f1b needs at least pp (2) micro-batches per step, got 1" in errors[1]
+    assert "should hold layers [0, 1] but its model holds [0, 2]" in errors[2]
+
+
 @pytest.fixture(scope="module")
 def four_ranks(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     return launch("four", tmp_path_factory.mktemp("four"), 4)
