@@ -1,14 +1,14 @@
 """One rank of a pipeline-parallel job on gloo, and the one-rank reference it is compared with.
 
-``python -m tests.dist.pipeline_worker SCENARIO OUT_DIR [CHECKPOINT_IN]``, started by
+``python -m tests.dist.pipeline_worker SCENARIO OUT_DIR [RUN_IN]``, started by
 `tests/dist/test_pipeline.py` through atoll's local launcher (RANK and WORLD_SIZE in the
 environment). Scenarios:
 
 - ``schedules`` (2 ranks, pp 2): trains the same model with gpipe, 1f1b and interleaved_1f1b
   (vp 2) for STEPS steps on fixed micro-batches; records the step losses, gradient norms and a
   held-out loss; then trains two steps afresh with 1f1b and saves a DCP checkpoint (model and
-  optimizer, canonical keys) to OUT_DIR/ckpt-pp; then resumes CHECKPOINT_IN (a one-rank run's
-  after two steps) and trains the steps after it.
+  optimizer, canonical keys, by `atoll.train.checkpoint`) in OUT_DIR/run-pp; then resumes
+  RUN_IN's checkpoint (a one-rank run's after two steps) and trains the steps after it.
 - ``four`` (4 ranks): pp 2 × dp 2 on a 2-D mesh (1f1b, each data-parallel replica taking half of
   each step's micro-batches, gradients averaged over dp by the runner or by FSDP2), then
   pp 2 × tp 2 without and with sequence parallelism (torch's tensor-parallel plans).
@@ -28,9 +28,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, Replicate, Shard
@@ -47,7 +45,9 @@ from atoll.errors import AtollError
 from atoll.model import PRESETS
 from atoll.model.llama import Transformer
 from atoll.model.loss import token_loss_sum
+from atoll.parallel.dist import dist_env_from_environ
 from atoll.parallel.pipeline import PipelineRunner, build_stage_model
+from atoll.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 
 CFG = dataclasses.replace(PRESETS["tiny"], num_layers=4, tie_embeddings=False)
 STEPS = 4
@@ -106,17 +106,16 @@ def reference(*, steps: int = STEPS, num_micro: int = MICRO) -> dict[str, Any]:
     return record | {"eval": full_eval(model)}
 
 
-def save(model: nn.Module, opt: torch.optim.Optimizer, path: Path, **kw: Any) -> None:
-    """As `atoll.train.checkpoint` saves: model and optimizer state keyed by parameter names."""
-    model_sd, optim_sd = get_state_dict(model, opt)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=path, **kw)
+def save(model: nn.Module, opt: torch.optim.Optimizer, run_dir: Path) -> None:
+    """atoll's own checkpoint (DCP: model and optimizer state by parameter name) of step 2."""
+    env = dist_env_from_environ()
+    save_checkpoint(run_dir, step=2, model=model, optimizer=opt, extra={}, env=env, device=CPU, keep=1)
 
 
-def load(model: nn.Module, opt: torch.optim.Optimizer, path: Path, **kw: Any) -> None:
-    model_sd, optim_sd = get_state_dict(model, opt)
-    state = {"model": model_sd, "optim": optim_sd}
-    dcp.load(state, checkpoint_id=path, **kw)
-    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+def load(model: nn.Module, opt: torch.optim.Optimizer, run_dir: Path) -> None:
+    """atoll's own resume: the run's latest checkpoint into this rank's model and optimizer."""
+    ckpt = list_checkpoints(run_dir)[-1].path
+    load_checkpoint(ckpt, model=model, optimizer=opt, env=dist_env_from_environ(), device=CPU)
 
 
 def train_pipeline(
@@ -151,7 +150,7 @@ def evaluate(runner: PipelineRunner) -> float:
     return float(both[0] / both[1])
 
 
-def schedules(out: Path, checkpoint_in: Path, rank: int) -> dict[str, Any]:
+def schedules(out: Path, run_in: Path, rank: int) -> dict[str, Any]:
     group = dist.group.WORLD
     result: dict[str, Any] = {}
     for name, vp in (("gpipe", 1), ("1f1b", 1), ("interleaved_1f1b", 2)):
@@ -168,11 +167,12 @@ def schedules(out: Path, checkpoint_in: Path, rank: int) -> dict[str, Any]:
     opt = torch.optim.AdamW(model.parameters(), lr=LR)
     runner = PipelineRunner(model, schedule="1f1b", num_micro_batches=MICRO, group=group, device=CPU)
     train_pipeline(runner, model, steps=range(2), opt=opt)
-    save(model, opt, out / "ckpt-pp", process_group=group)
+    save(model, opt, out / "run-pp")
+    result["saved_eval"] = evaluate(runner)
     torch.manual_seed(1)
     model = build_stage_model(CFG, pp=2, pp_rank=rank)
     opt = torch.optim.AdamW(model.parameters(), lr=LR)
-    load(model, opt, checkpoint_in, process_group=group)
+    load(model, opt, run_in)
     runner = PipelineRunner(model, schedule="1f1b", num_micro_batches=MICRO, group=group, device=CPU)
     result["resumed"] = train_pipeline(runner, model, steps=range(2, STEPS), opt=opt)
     result["errors"] = misuse(runner, rank)

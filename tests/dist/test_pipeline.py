@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from atoll.parallel.launch import launch_local
+from atoll.train.checkpoint import list_checkpoints, load_model_weights
 from tests.conftest import REPO
 from tests.dist import pipeline_worker as worker
 
@@ -36,8 +37,8 @@ def pp2(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]
     model = worker.full_model()  # one rank's first two steps, for the pipeline to resume
     opt = torch.optim.AdamW(model.parameters(), lr=worker.LR)
     worker.train_full(model, opt, range(2))
-    worker.save(model, opt, out / "ckpt-full", no_dist=True)
-    return out, launch("schedules", out, 2, str(out / "ckpt-full"))
+    worker.save(model, opt, out / "run-full")
+    return out, launch("schedules", out, 2, str(out / "run-full"))
 
 
 @pytest.fixture(scope="module")
@@ -73,9 +74,15 @@ def test_each_rank_holds_its_stages_under_canonical_names(pp2: tuple[Path, dict[
 def test_a_pp2_checkpoint_resumes_on_one_rank(pp2: tuple[Path, dict[str, Any]], one_rank: dict[str, Any]) -> None:
     model = worker.full_model(seed=9)  # other values, all overwritten by the load
     opt = torch.optim.AdamW(model.parameters(), lr=worker.LR)
-    worker.load(model, opt, pp2[0] / "ckpt-pp", no_dist=True)
+    worker.load(model, opt, pp2[0] / "run-pp")
     record = worker.train_full(model, opt, range(2, worker.STEPS))
     assert record["losses"] == pytest.approx(one_rank["losses"][2:], rel=1e-5)  # as if never stopped
+
+
+def test_export_reads_a_pp2_checkpoint_whole(pp2: tuple[Path, dict[str, Any]]) -> None:
+    model = worker.full_model(seed=9)
+    load_model_weights(list_checkpoints(pp2[0] / "run-pp")[-1].path, model)  # what `atoll export` loads
+    assert worker.full_eval(model) == pytest.approx(pp2[1]["saved_eval"], rel=1e-6)
 
 
 def test_a_one_rank_checkpoint_resumes_on_pp2(pp2: tuple[Path, dict[str, Any]], one_rank: dict[str, Any]) -> None:
