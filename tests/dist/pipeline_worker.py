@@ -82,7 +82,9 @@ def full_eval(model: Transformer) -> float:
     return sum(float(s) for s, _ in sums) / sum(n for _, n in sums)
 
 
-def train_full(model: Transformer, opt: torch.optim.Optimizer, steps: range, num_micro: int = MICRO) -> dict[str, Any]:
+def train_full(
+    model: Transformer, opt: torch.optim.Optimizer, steps: range, num_micro: int = MICRO, dtype: str = "fp32"
+) -> dict[str, Any]:
     """One rank, the whole model, the training loop's arithmetic: per-step losses and norms."""
     losses, norms = [], []
     for step in steps:
@@ -90,7 +92,7 @@ def train_full(model: Transformer, opt: torch.optim.Optimizer, steps: range, num
         targets = sum(mb[:, 1:].numel() for mb in mbs)
         total = 0.0
         for mb in mbs:
-            loss, _ = token_loss_sum(model, mb, device=CPU, dtype="fp32")
+            loss, _ = token_loss_sum(model, mb, device=CPU, dtype=dtype)
             (loss / targets).backward()
             total += float(loss.detach())
         norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)))
@@ -161,6 +163,11 @@ def schedules(out: Path, run_in: Path, rank: int) -> dict[str, Any]:
         record["eval"] = evaluate(runner)
         record["keys"] = sorted(model.state_dict())
         result[name] = record
+    # bf16 autocast inside each stage, as the loop's loss function applies it to the whole model.
+    torch.manual_seed(0)
+    model = build_stage_model(CFG, pp=2, pp_rank=rank)
+    runner = PipelineRunner(model, schedule="1f1b", num_micro_batches=MICRO, group=group, device=CPU, dtype="bf16")
+    result["bf16"] = train_pipeline(runner, model, steps=range(2))
     # Checkpoints across layouts: this pipeline's after two steps, and a one-rank run's resumed here.
     torch.manual_seed(0)
     model = build_stage_model(CFG, pp=2, pp_rank=rank)

@@ -63,6 +63,15 @@ def test_pp2_reproduces_one_ranks_losses_and_norms(
     assert record["eval"] == pytest.approx(one_rank["eval"], rel=1e-5)  # forward-only through the pipeline
 
 
+def test_pp2_under_bf16_autocast_matches_one_rank(pp2: tuple[Path, dict[str, Any]]) -> None:
+    model = worker.full_model()
+    want = worker.train_full(model, torch.optim.AdamW(model.parameters(), lr=worker.LR), range(2), dtype="bf16")
+    fp32 = worker.reference(steps=2)
+    assert pp2[1]["bf16"]["losses"] == pytest.approx(want["losses"], rel=1e-5)
+    assert pp2[1]["bf16"]["norms"] == pytest.approx(want["norms"], rel=1e-4)
+    assert want["norms"] != pytest.approx(fp32["norms"], rel=1e-4)  # bf16 matmuls did run
+
+
 def test_each_rank_holds_its_stages_under_canonical_names(pp2: tuple[Path, dict[str, Any]]) -> None:
     rank0 = pp2[1]
     # rank 0 of pp 2: layers 0-1 (1f1b), or stages 0 and 2 = layers 0 and 2 (interleaved, vp 2).
