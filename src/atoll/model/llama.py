@@ -21,6 +21,12 @@ Parameter names (the keys of `Transformer.state_dict()`):
 With `tie_embeddings` there is no `lm_head` module: the logits use `embed.weight` directly, so
 the state dict holds the shared matrix exactly once.
 
+A pipeline stage is a `Transformer` that holds only some of these: `Transformer(cfg, layers=[2, 3],
+embed=False, head=True)` holds `layers.2.*`, `layers.3.*`, `norm.weight` and `lm_head.weight`
+under the very names the full model gives them, so optimizer state, checkpoints and exports need
+no renaming across layouts. Its forward takes token ids when it holds the embedding, else hidden
+states (B, T, dim), and returns logits when it holds the head, else hidden states.
+
 Numerics follow Hugging Face's `LlamaForCausalLM`: RMSNorm in fp32 cast back to the input dtype,
 rotary embeddings in the "rotate_half" (non-interleaved) layout so HF q/k weights load without
 permutation.
@@ -29,6 +35,7 @@ permutation.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -214,21 +221,106 @@ class Block(nn.Module):
         return x + self.mlp(self.mlp_norm(x))
 
 
+class Layers(nn.Module):
+    """The decoder blocks a model holds, each registered under its index in the full model.
+
+    Behaves like the `nn.ModuleList` of a full model: iteration in order, `len`, and `layers[k]`
+    / `layers[k] = wrapped` by position among the blocks held (so `for k, b in
+    enumerate(layers): layers[k] = wrap(b)` works on any part). A pipeline stage's blocks keep
+    their index in the full model as their name, so their parameters are `layers.{i}.*` whatever
+    the layout; `block(i)` and `items()` go by that index.
+    """
+
+    def __init__(self, blocks: dict[int, nn.Module]) -> None:
+        super().__init__()
+        for index in sorted(blocks):
+            self.add_module(str(index), blocks[index])
+
+    def indices(self) -> list[int]:
+        """Indices (in the full model) of the blocks held, ascending."""
+        return [int(name) for name in self._modules]
+
+    def items(self) -> list[tuple[int, nn.Module]]:
+        """(index in the full model, block) pairs, ascending."""
+        return [(int(name), block) for name, block in self._modules.items() if block is not None]
+
+    def block(self, index: int) -> nn.Module:
+        """The block of layer `index` of the full model; IndexError when this part does not hold it."""
+        block = self._modules.get(str(index))
+        if block is None:
+            raise IndexError(f"layer {index} is not held here (layers {self.indices()})")
+        return block
+
+    def _name_at(self, position: int) -> str:
+        names = list(self._modules)
+        if not -len(names) <= position < len(names):
+            raise IndexError(f"position {position} out of range: {len(names)} blocks held (layers {self.indices()})")
+        return names[position]
+
+    def __getitem__(self, position: int) -> nn.Module:
+        block = self._modules[self._name_at(position)]
+        assert block is not None
+        return block
+
+    def __setitem__(self, position: int, block: nn.Module) -> None:
+        """Replace a held block (e.g. by a wrapped one) under the same name."""
+        self._modules[self._name_at(position)] = block
+
+    def __iter__(self) -> Iterator[nn.Module]:
+        return iter(block for block in self._modules.values() if block is not None)
+
+    def __len__(self) -> int:
+        return len(self._modules)
+
+
 class Transformer(nn.Module):
     """Llama-family decoder-only language model; see the module docstring for parameter names.
+
+    By default the whole model. A pipeline stage passes `layers` (indices into the full model),
+    `embed` (holds the token embedding: the first stage) and `head` (holds the final norm and the
+    output projection: the last stage). Raises `AtollError` for a layer index out of range, and
+    for tied embeddings split between stages (the shared matrix would have to live twice).
 
     Weights are initialized by `init_weights()` at construction (a no-op on the meta device;
     call it again after `to_empty`).
     """
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(
+        self, cfg: ModelConfig, *, layers: Sequence[int] | None = None, embed: bool = True, head: bool = True
+    ) -> None:
         super().__init__()
         self.cfg = cfg
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
-        self.norm = RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        indices = list(range(cfg.num_layers)) if layers is None else sorted(set(layers))
+        if any(not 0 <= i < cfg.num_layers for i in indices):
+            raise AtollError(f"layers {indices} are not all in 0..{cfg.num_layers - 1} (model.num_layers)")
+        if cfg.tie_embeddings and embed != head:
+            raise AtollError(
+                "tied embeddings cannot be split between pipeline stages (the first stage embeds, the last "
+                "projects with the same matrix); set model.tie_embeddings: false to train with pp > 1"
+            )
+        # A part builds (and drops, one at a time) the modules it does not hold, so that the
+        # constructors draw the random numbers the full model's do and `init_weights` starts from
+        # the same generator state: under the same seed a stage's values are the full model's.
+        # Free under a meta device, where a large model is built before `to_empty`.
+        self.embed: nn.Embedding | None = nn.Embedding(cfg.vocab_size, cfg.dim)
+        if not embed:
+            self.embed = None
+        blocks: dict[int, nn.Module] = {}
+        for i in range(cfg.num_layers):
+            block = Block(cfg)
+            if i in indices:
+                blocks[i] = block
+        self.layers = Layers(blocks)
+        self.norm: RMSNorm | None = RMSNorm(cfg.dim, eps=cfg.norm_eps) if head else None
         self.lm_head: nn.Linear | None = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if not head:
+            self.lm_head = None
         self.init_weights()
+
+    @property
+    def is_whole(self) -> bool:
+        """True when this module holds the whole model (not a pipeline stage's part)."""
+        return self.embed is not None and self.norm is not None and len(self.layers) == self.cfg.num_layers
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -237,11 +329,43 @@ class Transformer(nn.Module):
         Normal(0, 0.02) for embeddings and projections; the residual-branch outputs (attention
         `o_proj`, MLP `down_proj`) get std 0.02 / sqrt(2 * num_layers) so the residual stream's
         variance does not grow with depth. Norm weights are 1, biases 0.
+
+        A pipeline stage draws, in the full model's order, the random numbers of the parts it
+        does not hold too (and throws them away), so under the same seed every stage holds
+        exactly the values the full model would.
         """
+        cfg = self.cfg
         std = 0.02
-        residual_std = std / math.sqrt(2 * self.cfg.num_layers)
-        nn.init.normal_(self.embed.weight, std=std)
-        for block in self.layers:
+        residual_std = std / math.sqrt(2 * cfg.num_layers)
+        like = next(self.parameters(), None)
+        if like is None or like.is_meta:
+            return
+        held = dict(self.layers.items())
+        # Nothing after the last part held needs drawing: the random stream past it is not read.
+        last_held = max(held, default=-1) if self.norm is None else cfg.num_layers
+
+        def draw(param: torch.Tensor | None, shape: tuple[int, ...], std: float) -> None:
+            if param is not None:
+                nn.init.normal_(param, std=std)
+            else:
+                torch.empty(shape, dtype=like.dtype, device=like.device).normal_(std=std)
+
+        draw(self.embed.weight if self.embed is not None else None, (cfg.vocab_size, cfg.dim), std)
+        q_out, kv_out = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        for i in range(min(cfg.num_layers, last_held + 1)):
+            block = held.get(i)
+            if block is None:
+                for shape, sd in (
+                    ((q_out, cfg.dim), std),
+                    ((kv_out, cfg.dim), std),
+                    ((kv_out, cfg.dim), std),
+                    ((cfg.dim, q_out), residual_std),
+                    ((cfg.ffn_dim, cfg.dim), std),
+                    ((cfg.ffn_dim, cfg.dim), std),
+                    ((cfg.dim, cfg.ffn_dim), residual_std),
+                ):
+                    draw(None, shape, sd)
+                continue
             assert isinstance(block, Block)
             block.attn_norm.weight.fill_(1.0)
             block.mlp_norm.weight.fill_(1.0)
@@ -254,7 +378,8 @@ class Transformer(nn.Module):
             nn.init.normal_(block.mlp.gate_proj.weight, std=std)
             nn.init.normal_(block.mlp.up_proj.weight, std=std)
             nn.init.normal_(block.mlp.down_proj.weight, std=residual_std)
-        self.norm.weight.fill_(1.0)
+        if self.norm is not None:
+            self.norm.weight.fill_(1.0)
         if self.lm_head is not None:
             nn.init.normal_(self.lm_head.weight, std=std)
 
@@ -262,32 +387,57 @@ class Transformer(nn.Module):
         """An empty KV cache sized for this model's layers and `max_seq_len`."""
         return KVCache(num_layers=self.cfg.num_layers, max_seq_len=self.cfg.max_seq_len)
 
-    def forward(self, tokens: torch.Tensor, *, cache: KVCache | None = None) -> torch.Tensor:
-        """Logits (B, T, vocab_size) for token ids (B, T).
+    def forward(
+        self,
+        inputs: torch.Tensor,
+        *,
+        cache: KVCache | None = None,
+        layers: Sequence[int] | None = None,
+        embed: bool | None = None,
+        head: bool | None = None,
+        seq_len: int | None = None,
+    ) -> torch.Tensor:
+        """Logits (B, T, vocab_size) for token ids (B, T), for the whole model.
 
         Without `cache`, positions are 0..T-1. With `cache`, the tokens continue the cached
         sequence at position `cache.length`, and the cache is extended by T: a prompt followed by
         one token at a time gives the same logits as one uncached forward over the whole sequence.
         Raises `AtollError` when the sequence would pass `max_seq_len`.
+
+        A pipeline stage runs a part: `embed` (default: whether this module holds the embedding)
+        takes token ids (B, T), else `inputs` are hidden states (B, T, dim); then the held blocks
+        whose index is in `layers` (default: all held), in order; then, with `head` (default:
+        whether this module holds the head), the final norm and logits, else the hidden states.
+        `seq_len` is the length the rotary positions cover when the hidden states are a slice of
+        the sequence (sequence parallelism hands a stage its rank's slice); default T.
         """
-        if tokens.dim() != 2:
-            raise AtollError(f"tokens must have shape (batch, seq), got {tuple(tokens.shape)}")
-        num_new = tokens.shape[1]
+        embed = self.embed is not None if embed is None else embed
+        head = self.norm is not None if head is None else head
+        if embed and self.embed is None or head and self.norm is None:
+            raise AtollError("this part of the model holds no embedding or no output head to run")
+        if inputs.dim() != (2 if embed else 3):
+            what = "tokens must have shape (batch, seq)" if embed else "hidden states must have shape (batch, seq, dim)"
+            raise AtollError(f"{what}, got {tuple(inputs.shape)}")
+        num_new = inputs.shape[1] if seq_len is None else seq_len
         start = cache.length if cache is not None else 0
         if start + num_new > self.cfg.max_seq_len:
             raise AtollError(
                 f"sequence of {start + num_new} tokens exceeds model.max_seq_len "
                 f"({self.cfg.max_seq_len}); shorten the input or raise max_seq_len"
             )
-        positions = torch.arange(start, start + num_new, device=tokens.device)
+        positions = torch.arange(start, start + num_new, device=inputs.device)
         cos, sin = rotary_tables(positions, head_dim=self.cfg.head_dim, theta=self.cfg.rope_theta)
 
-        x = self.embed(tokens)  # (B, T, dim)
-        for i, block in enumerate(self.layers):
+        blocks = self.layers.items() if layers is None else [(i, self.layers.block(i)) for i in layers]
+        x = self.embed(inputs) if embed and self.embed is not None else inputs  # (B, T, dim)
+        for i, block in blocks:
             x = block(x, cos=cos, sin=sin, cache=cache, layer=i)
-        x = self.norm(x)
         if cache is not None:
             cache.length = start + num_new
+        if not head or self.norm is None:
+            return x  # a pipeline stage before the last hands on hidden states
+        x = self.norm(x)
         if self.lm_head is None:
+            assert self.embed is not None  # tied embeddings are never split between stages
             return F.linear(x, self.embed.weight)
         return self.lm_head(x)
