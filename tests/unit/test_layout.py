@@ -71,3 +71,12 @@ def test_config_keys_validate_without_a_model() -> None:
         RunConfig, REPO / "examples" / "configs" / "demo.yaml", ["--parallel.tp=2", "--parallel.recompute=selective"]
     )
     assert (cfg.parallel.tp, cfg.parallel.recompute) == (2, "selective")
+
+
+def test_pipeline_settings_without_stages_are_reported_as_ignored() -> None:
+    from atoll.config.schema import ignored_settings
+
+    cfg = load_config(RunConfig, REPO / "examples" / "configs" / "demo.yaml", ["--parallel.pp_schedule=gpipe"])
+    assert ignored_settings(cfg) == [
+        "parallel.pp_schedule is ignored: it applies only when parallel.pp is above 1; remove it or set parallel.pp"
+    ]
