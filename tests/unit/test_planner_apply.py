@@ -33,14 +33,41 @@ def test_plan_settings_become_config_overrides() -> None:
     assert (cfg.sync.strategy, cfg.sync.inner_steps, cfg.sync.codec, cfg.sync.block_size) == ("delayed", 20, "int4", 64)
     assert cfg.sync.site_inner_steps == {"west": 30}
     assert (cfg.data.seq_len, cfg.train.steps, cfg.train.global_batch, cfg.train.micro_batch) == (128, 200, 8, 1)
+    # The planner's default zero 1 with one replica per site shards nothing: no override.
+    assert (cfg.parallel.tp, cfg.parallel.zero, cfg.parallel.recompute) == (1, None, "none")
     assert ignored == []
 
 
 def test_what_cannot_be_honored_is_listed() -> None:
-    _, ignored = plan_overrides(make_plan(batch=4, layout={"tp": 2, "pp": 2, "zero": 2}))
+    _, ignored = plan_overrides(make_plan(batch=4, layout={"tp": 2, "pp": 2, "dp": 2, "zero": 2}))
     assert "sites.east.batch=8" in ignored and "sites.west.batch=4" in ignored
-    assert "sites.west.layout.tp=2" in ignored and "sites.west.layout.pp=2" in ignored
-    assert "sites.west.layout.zero=2" in ignored
+    # One config serves every site: layouts that differ between sites cannot be honored.
+    assert "sites.west.layout.tp=2" in ignored and "sites.east.layout.tp=1" in ignored
+    assert "sites.west.layout.pp=2" in ignored and "sites.west.layout.zero=2" in ignored
+
+
+def test_a_layout_every_site_shares_becomes_parallel_overrides() -> None:
+    layout = {"tp": 2, "pp": 2, "vp": 2, "dp": 2, "zero": 3, "recompute": "selective", "sequence_parallel": True}
+    plan = make_plan(layout=layout)
+    for site in plan.sites:
+        site.layout = site.layout.model_validate(layout)
+    args, ignored = plan_overrides(plan)
+    assert ignored == []
+    cfg = load_config(RunConfig, REPO / "examples" / "configs" / "demo.yaml", args)
+    p = cfg.parallel
+    assert (p.tp, p.pp, p.vp, p.pp_schedule, p.zero) == (2, 2, 2, "interleaved_1f1b", 3)
+    assert (p.recompute, p.sequence_parallel) == ("selective", True)
+
+
+def test_sites_of_mixed_devices_keep_whole_replicas() -> None:
+    plan = make_plan(
+        devices=[{"kind": "a100-80g", "count": 2, "sequences": 6}, {"kind": "h20", "count": 2, "sequences": 2}],
+        layout={"tp": 2, "dp": 2, "zero": 1, "recompute": "full"},
+    )
+    args, ignored = plan_overrides(plan)
+    assert "sites.west.layout.tp=2" in ignored and "sites.west.layout.zero=1" in ignored
+    assert "--parallel.recompute=full" not in args  # east keeps none: the sites differ
+    assert not any(a.startswith(("--parallel.tp", "--parallel.zero")) for a in args)
 
 
 def test_planner_predicts_the_efficiency_of_uneven_sites_and_ranks() -> None:

@@ -204,7 +204,31 @@ class ParallelSection(Section):
         "auto", description="Collective library inside a site: gloo on CPU, NCCL on CUDA, HCCL on Ascend NPUs."
     )
     shard: Literal["ddp", "fsdp"] = Field(
-        "ddp", description="Replicate (DDP) or shard (FSDP2 fully_shard) inside a site."
+        "ddp",
+        description="Replicate (DDP) or shard (FSDP2 fully_shard) inside a site; an alias of zero "
+        "(ddp = 0, fsdp = 3): parallel.zero, when set, wins, and shard=fsdp with a zero other than 3 is an error.",
+    )
+    zero: int | None = Field(
+        None,
+        ge=0,
+        le=3,
+        description="Sharding over the data-parallel ranks: 0 replicates (DDP); 1 and 2 shard parameters, "
+        "gradients and optimizer state with FSDP2, kept unsharded from forward to backward; 3 also reshards "
+        "after forward (full sharding). Default: from parallel.shard.",
+    )
+    tp: int = Field(1, gt=0, description="Tensor-parallel ranks per model replica (must divide heads and kv heads).")
+    pp: int = Field(1, gt=0, description="Pipeline stages per model replica (must divide layers with vp).")
+    vp: int = Field(1, gt=0, description="Virtual pipeline stages per rank (interleaved_1f1b only).")
+    pp_schedule: Literal["gpipe", "1f1b", "interleaved_1f1b"] = Field(
+        "1f1b", description="Pipeline schedule of the micro-batches (pp > 1)."
+    )
+    sequence_parallel: bool = Field(
+        False, description="With tp > 1: shard the norms' activations along the sequence over the tp ranks."
+    )
+    recompute: Literal["none", "selective", "full"] = Field(
+        "none",
+        description="Activation recomputation: full recomputes every decoder block in backward; selective "
+        "recomputes each block's attention only; none keeps every activation.",
     )
     dtype: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="Compute dtype; `auto`: bf16 autocast on CUDA, fp32 on CPU."
@@ -240,7 +264,21 @@ class ParallelSection(Section):
             raise ValueError(
                 f"rank_slowdowns must be at least 1 (a rank this many times slower), got {self.rank_slowdowns}"
             )
+        if self.shard == "fsdp" and self.zero is not None and self.zero != 3:
+            raise ValueError(
+                f"shard is fsdp (zero 3) but zero is {self.zero}: drop parallel.shard and keep parallel.zero"
+            )
         return self
+
+    def ignored_keys(self, path: str) -> list[str]:
+        found = []
+        if self.pp == 1:
+            found += [
+                f"{path}.{key} is ignored: it applies only when {path}.pp is above 1; remove it or set {path}.pp"
+                for key in ("vp", "pp_schedule")
+                if key in self.model_fields_set
+            ]
+        return found
 
 
 # Sync keys that only some strategies read: key -> the strategies that read it. ddp exchanges

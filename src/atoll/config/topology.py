@@ -187,9 +187,9 @@ def check_sites(topology: Topology, *, sync: SyncSection, parallel: ParallelSect
     supported across sites yet), a site whose devices need different collective libraries, or
     `sync.site_inner_steps` naming a site `topology_path` lacks.
     """
-    if parallel.shard != "ddp":
+    if parallel.shard != "ddp" or (parallel.zero or 0) > 0:
         raise AtollError(
-            "multi-site training uses parallel.shard=ddp inside each site (FSDP2 sites are not supported yet)"
+            "multi-site training uses parallel.shard=ddp inside each site (zero 0: FSDP2 sites are not supported yet)"
         )
     names = [s.name for s in topology.sites]
     for site in topology.sites:

@@ -165,4 +165,10 @@ class FinetuneConfig(Section):
                 "parallel.shard: fine-tuning replicates the model in a site (ddp); fsdp is not supported "
                 "for fine-tuning yet"
             )
+        par = self.parallel
+        if par.tp > 1 or par.pp > 1 or (par.zero or 0) > 0:
+            raise ValueError(
+                "parallel.tp/pp/zero: fine-tuning replicates the whole model on every rank of a site; "
+                "set --parallel.tp=1 --parallel.pp=1 --parallel.zero=0"
+            )
         return self

@@ -1,1 +1,2 @@
-"""Intra-site parallelism: process groups, DDP/FSDP2, local launching."""
+"""Intra-site parallelism: process groups, the site's layout (tp x pp x dp), DDP/FSDP2, tensor
+parallelism, activation recompute, local launching."""

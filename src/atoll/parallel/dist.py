@@ -11,12 +11,18 @@ import logging
 import os
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from atoll.errors import AtollError
+from atoll.parallel.layout import Layout
+from atoll.parallel.recompute import apply_recompute
+
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
 
 log = logging.getLogger(__name__)
 
@@ -160,21 +166,75 @@ def destroy_process_group() -> None:
         dist.destroy_process_group()
 
 
-def wrap_model(model: nn.Module, *, shard: str, device: torch.device, env: DistEnv) -> nn.Module:
-    """Replicate (DDP) or shard (FSDP2 `fully_shard`, one unit per decoder layer) across the site."""
+def wrap_model(
+    model: nn.Module,
+    *,
+    device: torch.device,
+    env: DistEnv,
+    shard: str = "ddp",
+    layout: Layout | None = None,
+    mesh: DeviceMesh | None = None,
+) -> nn.Module:
+    """The model as the site's layout runs it; collective over the site.
+
+    In order: tensor parallelism over ``mesh["tp"]`` (`atoll.parallel.tensor`), activation
+    recompute (`atoll.parallel.recompute`), then the data-parallel wrapping over the dp ranks:
+    zero 0 replicates (DDP; with tp > 1 the model is left as is and the step runner averages the
+    gradients over ``mesh["dp"]`` itself, since DDP does not take DTensor parameters), zero 1 and
+    2 shard with FSDP2 (one unit per decoder layer) keeping parameters unsharded from forward to
+    backward, zero 3 reshards after forward; with one replica (dp 1) there is nothing to shard
+    over: zero is then read as 0. Without `layout`, `shard` (ddp or fsdp) on every rank
+    of the site, as fine-tuning uses it. `mesh` is `atoll.parallel.layout.build_mesh`'s, needed
+    when a replica spans ranks.
+    """
+    if layout is None:
+        layout = Layout(dp=env.world_size, zero=3 if shard == "fsdp" else 0)
+    if layout.tp > 1:
+        from atoll.parallel.tensor import parallelize
+
+        assert mesh is not None, "tensor parallelism needs the site's mesh"
+        parallelize(model, mesh["tp"], sequence_parallel=layout.sequence_parallel)
+    apply_recompute(model, layout.recompute)
     if not dist.is_initialized():
         return model
-    if shard == "fsdp":
+    dp_mesh = mesh["dp"] if mesh is not None else None
+    if layout.zero > 0 and layout.dp > 1:
         from torch.distributed.fsdp import fully_shard
 
+        reshard = layout.zero == 3
         for layer in getattr(model, "layers", []):
-            fully_shard(layer)
-        fully_shard(model)
+            fully_shard(layer, mesh=dp_mesh, reshard_after_forward=reshard)
+        fully_shard(model, mesh=dp_mesh, reshard_after_forward=reshard)
         return model
+    if layout.split:
+        return model  # replicas average their gradients in the step runner (zero 0), or dp is 1
     from torch.nn.parallel import DistributedDataParallel
 
     device_ids = [device.index] if device.type == "cuda" else None
     return DistributedDataParallel(model, device_ids=device_ids)
+
+
+def average_gradients(params: list[nn.Parameter], *, group: dist.ProcessGroup, size: int) -> None:
+    """Average the gradients' local tensors over `group` (`size` ranks) in one flat all-reduce:
+    what DDP does, for parameters DDP cannot take (tensor-parallel DTensors). Blocks."""
+    if size == 1:
+        return
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    grads = [_local(p.grad) for p in params]  # type: ignore[arg-type]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, group=group)
+    flat /= size
+    offset = 0
+    for g in grads:
+        n = g.numel()
+        g.copy_(flat[offset : offset + n].view_as(g))
+        offset += n
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t  # a DTensor's own shard
 
 
 def all_reduce_sum(values: list[float], *, device: torch.device) -> list[float]:

@@ -2,17 +2,19 @@
 
 Pure: no torch. The trainer honors the cross-site settings (strategy, H per site, codec and its
 options, fragments, overlap, outer optimizer), the sequence length, the step count, the batch
-per site and the micro-batch, and full sharding (FSDP2). What it does not do yet (tensor and
-pipeline parallelism, sequence parallelism, recomputation, different batches per site) is
-listed, never silently dropped. A plan's per-site H becomes `sync.site_inner_steps` (fixed
-counts; without them the trainer balances rounds by measurement), and its per-device sequences
-become `parallel.device_shares`: where uneven ranks start before the trainer re-measures them.
+per site and the micro-batch, and each site's layout (`parallel.tp`, `pp`, `vp`, `pp_schedule`,
+`sequence_parallel`, `recompute`, `zero`; dp is what the site's ranks leave) when every site
+has the same one: one config serves all sites. What it cannot do (layouts or batches that differ
+between sites, sharding over ranks of different speeds) is listed, never silently dropped.
+A plan's per-site H becomes `sync.site_inner_steps` (fixed counts; without them the trainer
+balances rounds by measurement), and its per-device sequences become `parallel.device_shares`:
+where uneven ranks start before the trainer re-measures them.
 """
 
 from __future__ import annotations
 
 from atoll.config.schema import sync_key_applies
-from atoll.planner.plan import Plan, plan_settings
+from atoll.planner.plan import Plan
 
 _SYNC_KEYS = {
     "strategy": "sync.strategy",
@@ -26,7 +28,11 @@ _SYNC_KEYS = {
     "topk_fraction": "sync.topk_fraction",
     "lowrank_rank": "sync.rank",
 }
-_NEUTRAL_LAYOUT = {"tp": 1, "pp": 1, "vp": 1, "recompute": "none", "sequence_parallel": False}
+# The layout keys the runtime reads (`atoll.parallel.layout`); dp is the ranks' remainder.
+_LAYOUT_KEYS = ("tp", "pp", "vp", "pp_schedule", "sequence_parallel", "recompute", "zero")
+# What a site whose ranks differ in speed must keep: its uneven batch split needs every rank to
+# be a whole replica (`atoll.train.loop.rank_balancer`).
+_REPLICATED = {"tp": 1, "pp": 1, "vp": 1, "sequence_parallel": False, "zero": 0}
 
 
 def plan_overrides(plan: Plan) -> tuple[list[str], list[str]]:
@@ -54,17 +60,34 @@ def plan_overrides(plan: Plan) -> tuple[list[str], list[str]]:
     shares = {d.kind: d.sequences / d.count for s in plan.sites for d in s.devices if d.sequences is not None}
     if shares:  # where each site's ranks start; the trainer then re-measures them
         overrides.append("--parallel.device_shares={" + ", ".join(f"{k}: {v:g}" for k, v in shares.items()) + "}")
-    zeros = {s.layout.zero for s in plan.sites}
-    if zeros == {3}:
-        overrides.append("--parallel.shard=fsdp")
-    elif not zeros <= {0, 1}:
-        unhonored += [f"sites.{s.name}.layout.zero={s.layout.zero}" for s in plan.sites if s.layout.zero not in (0, 1)]
-    for key, value in plan_settings(plan).items():
-        leaf = key.rsplit(".", 1)[-1]
-        if ".layout." in key and leaf in _NEUTRAL_LAYOUT and value != _NEUTRAL_LAYOUT[leaf]:
-            unhonored.append(f"{key}={value}")
-        elif ".devices." in key and not key.endswith(".sequences"):
-            unhonored.append(f"{key}={value}")
+    layout_args, layout_unhonored = _layout_overrides(plan)
+    overrides += layout_args
+    unhonored += layout_unhonored
+    return overrides, unhonored
+
+
+def _layout_overrides(plan: Plan) -> tuple[list[str], list[str]]:
+    """The sites' layout as ``--parallel.*`` overrides where the sites agree; the rest listed."""
+    overrides: list[str] = []
+    unhonored: list[str] = []
+    mixed = any(len(s.devices) > 1 or any(d.sequences is not None for d in s.devices) for s in plan.sites)
+    for key in _LAYOUT_KEYS:
+        values = {s.name: getattr(s.layout, key) for s in plan.sites if hasattr(s.layout, key)}
+        if not values:
+            continue  # an older plan without this key
+        if key == "zero" and all(s.layout.dp == 1 for s in plan.sites):
+            continue  # one replica per site: nothing to shard over, whatever level the plan names
+        if mixed and key in _REPLICATED:
+            unhonored += [f"sites.{n}.layout.{key}={v}" for n, v in values.items() if v != _REPLICATED[key]]
+        elif len(set(values.values())) > 1:
+            unhonored += [f"sites.{n}.layout.{key}={v}" for n, v in values.items()]
+        else:
+            value = next(iter(values.values()))
+            if key in ("vp", "pp_schedule") and plan.sites[0].layout.pp == 1:
+                continue  # read only with pipeline stages
+            overrides.append(f"--parallel.{key}={str(value).lower() if isinstance(value, bool) else value}")
+            if key == "vp" and value > 1 and not hasattr(plan.sites[0].layout, "pp_schedule"):
+                overrides.append("--parallel.pp_schedule=interleaved_1f1b")
     return overrides, unhonored
 
 

@@ -49,7 +49,7 @@ def _cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
     cfg = load_config(RunConfig, args.config, extra)
     if args.topology is not None:
         return train_sites(cfg, args, extra)
-    prepare_run(cfg, resume=args.resume)
+    prepare_run(cfg, resume=args.resume, world_size=args.nproc)
     if args.nproc > 1:
         from atoll.parallel.launch import launch_local
 
@@ -104,7 +104,7 @@ def train_sites(
         raise AtollError(f"topology {args.topology} has one site: train it without --topology")
     check_sites(topology, sync=cfg.sync, parallel=cfg.parallel, topology_path=args.topology)
     for site in topology.sites:
-        prepare_run(site_config(cfg, site.name), resume=args.resume)
+        prepare_run(site_config(cfg, site.name), resume=args.resume, world_size=args.ranks_per_site)
     mode = wan_mode or args.wan
     if mode == "emulated":
         log.info("WAN emulated in the transport (bandwidth and latency from %s)", args.topology)

@@ -18,6 +18,7 @@ from torch import nn
 
 from atoll.errors import RunFailure
 from atoll.parallel.dist import DistEnv, all_reduce_sum
+from atoll.parallel.layout import RankPlace
 from atoll.train.balance import RankBalancer
 from atoll.train.checkpoint import load_checkpoint, save_checkpoint
 
@@ -42,6 +43,24 @@ class BatchSource(Protocol):
 
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]  # (model, micro-batch) -> summed loss
+
+
+class StepRunner(Protocol):
+    """How one step's micro-batches go through the site's model: the loop calls these two and
+    never asks how the model is split (`atoll.train.runner.LocalRunner` for data and tensor
+    parallelism, a pipeline runner for pipeline stages)."""
+
+    def forward_backward(self, micro_batches: list[Any], scale: float) -> float:
+        """Forward and backward over this rank's micro-batches of one step, each micro-batch's
+        summed loss multiplied by `scale` before backward; returns the summed (unscaled) loss
+        this rank counts (0.0 where it must not count), so a sum over the site counts each
+        target exactly once."""
+        ...
+
+    def clip_grad_norm(self, params: list[nn.Parameter], max_norm: float) -> float:
+        """Clip (max_norm > 0) and return the total gradient norm over the whole model (collective
+        where the model is split across ranks)."""
+        ...
 
 
 class DivergedError(RunFailure):
@@ -129,6 +148,9 @@ class TrainingJob:
     sync: SiteSync = field(default_factory=NoSync)
     slowdown: float = 1.0  # emulate a slower chip: compute, then sleep (slowdown - 1) x as long
     balancer: RankBalancer | None = None  # this rank's share of the batch, by speed (atoll.train.balance)
+    # Where this rank sits in the site's layout; None: every rank a data-parallel replica.
+    place: RankPlace | None = None
+    runner: StepRunner | None = None  # None: atoll.train.runner.LocalRunner over model and loss_fn
 
     @property
     def params(self) -> list[nn.Parameter]:

@@ -7,14 +7,14 @@ metrics, evaluation and checkpoints the same way for both.
 
 One step, on every rank:
 
-    forward/backward over the rank's micro-batches   (each summed loss scaled by
-                                                      world_size / targets in the global batch,
+    runner.forward_backward(micro-batches)            (each summed loss scaled by
+                                                      dp_size / targets in the global batch,
                                                       so DDP's mean is the global-batch mean;
                                                       ranks of different speeds hold uneven
                                                       shares, atoll.train.balance)
     sync.commit_gradients(tokens)                     (`ddp` across sites averages gradients here;
                                                       False: skip the inner step, as torchft does)
-    clip; the guard judges the site's loss and gradient norm (atoll.train.guard):
+    runner.clip_grad_norm; the guard judges the site's loss and gradient norm (atoll.train.guard):
       apply -> optimizer.step;  skip (not finite) -> no optimizer step;
       rollback -> back to the last good checkpoint (one site) or to the sites' shared
       parameters (several), skipping the batches that led there
@@ -30,7 +30,6 @@ The loop never asks which strategy runs: a single site gets `NoSync`, several si
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import statistics
@@ -47,6 +46,8 @@ from atoll.config import ParallelSection, SyncSection, TrainSection
 from atoll.config.topology import SiteSpec
 from atoll.errors import AtollError
 from atoll.parallel.dist import DistEnv, all_reduce_max, all_reduce_mean_gradients, all_reduce_sum
+from atoll.parallel.layout import RankPlace, zero_level
+from atoll.parallel.recompute import plain_name
 from atoll.report.metrics import MetricsWriter
 from atoll.report.progress import ProgressSink
 from atoll.sync.site_env import SiteEnv
@@ -60,6 +61,7 @@ from atoll.train.job import (
     save,
 )
 from atoll.train.recovery import REMEMBERED_STEPS, draw, log_verdict, roll_back
+from atoll.train.runner import LocalRunner
 from atoll.train.schedule import warmup_cosine
 
 log = logging.getLogger(__name__)
@@ -77,7 +79,9 @@ class TrainableParameters(nn.Module):
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         inner = model.module if hasattr(model, "module") else model
-        self._named = [(n.removeprefix("base_model.model."), p) for n, p in inner.named_parameters() if p.requires_grad]
+        self._named = [
+            (plain_name(n).removeprefix("base_model.model."), p) for n, p in inner.named_parameters() if p.requires_grad
+        ]
 
     def named_parameters(  # type: ignore[override]
         self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True
@@ -135,15 +139,32 @@ def site_backend(site_env: SiteEnv | None) -> str | None:
 
 
 def rank_balancer(
-    parallel: ParallelSection, site: SiteSpec | None, *, global_batch: int, env: DistEnv, device: torch.device
+    parallel: ParallelSection,
+    site: SiteSpec | None,
+    *,
+    global_batch: int,
+    env: DistEnv,
+    device: torch.device,
+    place: RankPlace | None = None,
 ) -> RankBalancer:
-    """This rank's share of each global batch and its emulated slowdown (`atoll.train.balance`)."""
-    devices = rank_devices(parallel, site, world_size=env.world_size)
-    if parallel.shard == "fsdp" and len(set(devices)) > 1:
+    """This rank's share of each global batch and its emulated slowdown (`atoll.train.balance`).
+
+    The batch is split over the data-parallel replicas (`place`; default: every rank one): the
+    tensor- and pipeline-parallel ranks of a replica read the same rows.
+    """
+    place = place or RankPlace.data_parallel(env.rank, env.world_size)
+    devices = rank_devices(parallel, site, world_size=place.dp_size)
+    uneven = len(set(devices)) > 1 or bool(parallel.rank_slowdowns)
+    if uneven and place.dp_size != env.world_size:
+        raise AtollError(
+            "ranks of different speeds share a batch unevenly only when every rank is a replica: "
+            "drop parallel.rank_slowdowns (or the site's mixed devices) or use --parallel.tp=1 --parallel.pp=1"
+        )
+    if zero_level(parallel) > 0 and len(set(devices)) > 1:
         raise AtollError("ranks of different speeds share a batch unevenly under parallel.shard=ddp only: use ddp")
     return RankBalancer(
         global_batch,
-        env.rank,
+        place.dp_rank,
         devices,
         every=parallel.rebalance_every,
         sum_over_site=lambda values: all_reduce_sum(values, device=device),
@@ -190,26 +211,6 @@ def make_scheduler(
     )
 
 
-def no_sync(model: nn.Module, *, skip: bool) -> contextlib.AbstractContextManager[None]:
-    """Skip the gradient all-reduce on all but the last micro-batch of an accumulation."""
-    if not skip:
-        return contextlib.nullcontext()
-    if hasattr(model, "no_sync"):  # DDP
-        return model.no_sync()  # type: ignore[no-any-return,operator]
-    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
-        return _fsdp_no_sync(model)
-    return contextlib.nullcontext()
-
-
-@contextlib.contextmanager
-def _fsdp_no_sync(model: nn.Module) -> Iterator[None]:
-    model.set_requires_gradient_sync(False)  # type: ignore[operator]
-    try:
-        yield
-    finally:
-        model.set_requires_gradient_sync(True)  # type: ignore[operator]
-
-
 def _sync_record(sync: SiteSync, values: dict[str, Any], *, device: torch.device) -> dict[str, Any]:
     """The sync's metrics with the per-rank counters summed over the site (collective)."""
     record = dict(values)
@@ -254,6 +255,8 @@ def run_loop(
     state.finished = not sync.paced and state.step >= total_steps  # resumed at the end
     balancer = job.balancer
     uneven = balancer is not None and balancer.uneven and env.world_size > 1
+    place = job.place or RankPlace.data_parallel(env.rank, env.world_size)
+    runner = job.runner or LocalRunner(model, job.loss_fn, place=place, uneven=uneven)
     model.train()
     try:
         while state.step < end_step and not state.finished:
@@ -261,16 +264,11 @@ def run_loop(
             batch, batch_index = draw(job.batches, state)
             if batch.global_targets is not None:
                 global_targets = float(batch.global_targets)
-            else:
-                (global_targets,) = all_reduce_sum([float(batch.local_targets)], device=device)
-            scale = env.world_size / max(global_targets, 1.0)
-            loss_sum = 0.0
-            last = len(batch.micro_batches) - 1
-            for i, micro in enumerate(batch.micro_batches):
-                with no_sync(model, skip=uneven or i < last):  # uneven: the rank's compute is timed alone
-                    loss = job.loss_fn(model, micro)
-                    (loss * scale).backward()
-                loss_sum += loss.item()
+            else:  # each target counted by one rank only (the others of its replica read the same rows)
+                (global_targets,) = all_reduce_sum([float(batch.local_targets) if place.counts else 0.0], device=device)
+            # DDP, FSDP2 and the runner average gradients over the dp replicas: scaled by dp_size
+            # here, their mean is the global-batch mean (the tp ranks of a replica share its loss).
+            loss_sum = runner.forward_backward(batch.micro_batches, place.dp_size / max(global_targets, 1.0))
             compute = time.perf_counter() - t0
             if job.slowdown > 1.0:
                 time.sleep((job.slowdown - 1.0) * compute)
@@ -282,10 +280,7 @@ def run_loop(
             tokens = int(global_targets)
             committed = sync.commit_gradients(tokens=tokens)
             t1 = time.perf_counter()
-            if t.grad_clip > 0:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, t.grad_clip))
-            else:
-                grad_norm = float(torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
+            grad_norm = runner.clip_grad_norm(params, t.grad_clip)
             (total,) = all_reduce_sum([loss_sum], device=device)  # every rank judges the same numbers
             train_loss = total / max(global_targets, 1.0)
             judged_loss = train_loss if not sync.lockstep or math.isfinite(train_loss) else 0.0

@@ -35,6 +35,8 @@ from atoll.parallel.dist import (
     set_cpu_threads,
     wrap_model,
 )
+from atoll.parallel.layout import RankPlace, build_mesh, resolve_layout
+from atoll.parallel.tensor import loss_context, scalar
 from atoll.report.metrics import MetricsWriter
 from atoll.report.progress import NullProgress, ProgressSink
 from atoll.rundir.layout import read_model_json
@@ -50,6 +52,7 @@ from atoll.train.loop import (
     site_backend,
     site_steps,
 )
+from atoll.train.runner import LocalRunner
 from atoll.train.setup import classify_init, prepare_run, site_config
 
 log = logging.getLogger(__name__)
@@ -92,11 +95,22 @@ def init_weights_from(model: Transformer, source: Path) -> None:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, dataset: TokenDataset, cfg: RunConfig, *, env: DistEnv, device: torch.device) -> float:
-    """Mean validation loss over fixed batches, summed over the site's ranks."""
+def evaluate(
+    model: nn.Module,
+    dataset: TokenDataset,
+    cfg: RunConfig,
+    *,
+    env: DistEnv,
+    device: torch.device,
+    place: RankPlace | None = None,
+    tensor_parallel: bool = False,
+) -> float:
+    """Mean validation loss over fixed batches, summed over the site's replicas (`place`, default
+    every rank one; each target counted by one rank of its replica); collective over the site."""
+    place = place or RankPlace.data_parallel(env.rank, env.world_size)
     model.eval()
     total, count = 0.0, 0
-    start, count_here = even_split(cfg.train.global_batch, env.world_size, env.rank)
+    start, count_here = even_split(cfg.train.global_batch, place.dp_size, place.dp_rank)
     batches = eval_batches(
         dataset,
         global_batch=cfg.train.global_batch,
@@ -106,10 +120,13 @@ def evaluate(model: nn.Module, dataset: TokenDataset, cfg: RunConfig, *, env: Di
     )
     for batch in batches:
         for chunk in batch.split(cfg.train.micro_batch):
-            loss, n = token_loss_sum(model, chunk, device=device, dtype=cfg.parallel.dtype)
-            total += loss.item()
+            with loss_context(tensor_parallel):
+                loss, n = token_loss_sum(model, chunk, device=device, dtype=cfg.parallel.dtype)
+            total += scalar(loss)
             count += n
     model.train()
+    if not place.counts:
+        total, count = 0.0, 0
     total, count = all_reduce_sum([total, float(count)], device=device)
     return total / max(count, 1.0)
 
@@ -170,11 +187,11 @@ def run_training(
 
 
 def _prepare_everywhere(cfg: RunConfig, *, env: DistEnv, resume: bool) -> ModelConfig:
-    """The main rank checks and writes the run directory; the others learn the outcome."""
+    """The main rank checks and writes the run directory (and the layout); the others learn the outcome."""
     problem: str | None = None
     if env.is_main:
         try:
-            prepare_run(cfg, resume=resume)
+            prepare_run(cfg, resume=resume, world_size=env.world_size)
         except AtollError as exc:
             problem = str(exc)
     problem = broadcast_object(problem)  # type: ignore[assignment]
@@ -203,7 +220,10 @@ def _train(
     model = build_model(mcfg, device=device)
     if cfg.model.init_from is not None and not resume:
         init_weights_from(model, cfg.model.init_from)
-    model = wrap_model(model, shard=cfg.parallel.shard, device=device, env=env)
+    layout = resolve_layout(cfg.parallel, world_size=env.world_size, model=mcfg, seq_len=cfg.data.seq_len)
+    place = layout.place(env.rank)
+    mesh = build_mesh(layout, device_type=device.type) if layout.split and env.launched else None
+    model = wrap_model(model, device=device, env=env, layout=layout, mesh=mesh)
     optimizer = make_optimizer(model, t, device=device)
     # Each site trains on its own stream: the shards the data's placement gives it (all of them
     # without a site map), in an order of its own. Validation is the whole held-out split on
@@ -211,7 +231,7 @@ def _train(
     train_ds = TokenDataset(cfg.data.dir, "train", seq_len=cfg.data.seq_len, site=site)
     val_ds = TokenDataset(cfg.data.dir, "validation", seq_len=cfg.data.seq_len)
     sync, site_spec = build_sync(model, cfg.sync, site_env=site_env, env=env, steps=t.steps, device=device)
-    balancer = rank_balancer(cfg.parallel, site_spec, global_batch=t.global_batch, env=env, device=device)
+    balancer = rank_balancer(cfg.parallel, site_spec, global_batch=t.global_batch, env=env, device=device, place=place)
     start, count = balancer.slice()  # in proportion to the ranks' speeds (even when they are alike)
     stream = BatchStream(train_ds, global_batch=t.global_batch, seed=cfg.run.seed, rank_start=start, rank_count=count)
     clock = sync.schedule_step if sync.paced else None
@@ -221,10 +241,22 @@ def _train(
         scheduler=make_scheduler(optimizer, t, total_steps=total_steps, clock=clock),
         batches=TokenBatches(stream, micro_batch=t.micro_batch, global_batch=t.global_batch, seq_len=cfg.data.seq_len),
         loss_fn=lambda m, chunk: token_loss_sum(m, chunk, device=device, dtype=cfg.parallel.dtype)[0],
-        evaluate=lambda: evaluate(model, val_ds, cfg, env=env, device=device),
+        evaluate=lambda: evaluate(
+            model, val_ds, cfg, env=env, device=device, place=place, tensor_parallel=layout.tp > 1
+        ),
         sync=sync,
         slowdown=balancer.slowdown,
         balancer=balancer,
+        place=place,
+    )
+    job.runner = LocalRunner(
+        model,
+        job.loss_fn,
+        place=place,
+        uneven=balancer.uneven and env.world_size > 1,
+        tensor_parallel=layout.tp > 1,
+        # zero 0 with tp > 1: no DDP wrapper, the replicas average their gradients in the runner
+        dp_group=mesh["dp"].get_group() if mesh is not None and layout.zero == 0 and layout.dp > 1 else None,
     )
 
     if resume:
@@ -246,11 +278,16 @@ def _train(
     if env.is_main:
         progress.start(total=total_steps, completed=state.step, description=site or cfg.run.name)
         log.info(
-            "model %s: %.2fM parameters; %d rank(s) on %s; global batch %d x %d tokens",
+            "model %s: %.2fM parameters; %d rank(s) on %s (tp %d x pp %d x dp %d, zero %d); "
+            "global batch %d x %d tokens",
             cfg.model.preset or "init",
             mcfg.num_params() / 1e6,
             env.world_size,
             device.type,
+            layout.tp,
+            layout.pp,
+            layout.dp,
+            layout.zero,
             t.global_batch,
             cfg.data.seq_len,
         )
