@@ -121,6 +121,8 @@ def test_model_shape_comes_from_init_from_or_a_preset(tmp_path: Path) -> None:
         ("sync:\n  codec: int8\n", ["--sync.topk_fraction=0.1", "--sync.rank=8"], ["sync.topk_fraction", "sync.rank"]),
         ("sync:\n  error_feedback: false\n", [], ["sync.error_feedback"]),
         ("sync:\n  round_seconds: 60\n  balance: always\n", [], ["sync.balance"]),
+        ("sync:\n  site_inner_steps: {east: 9}\n  balance: auto\n", [], ["sync.balance"]),
+        ("sync:\n  site_inner_steps: {east: 9}\n  balance: always\n", [], []),  # read: the first split
         ("sync:\n  round_seconds: 60\n", [], []),  # read: rounds run on the wall clock
         ("data:\n  prepare: none\n  vocab_size: 1024\n", [], ["data.vocab_size"]),
         ("model:\n  preset: demo\n  init_from: runs/x\n", [], ["model.preset"]),

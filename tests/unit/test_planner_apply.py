@@ -32,6 +32,7 @@ def test_plan_settings_become_config_overrides() -> None:
     cfg = load_config(RunConfig, REPO / "examples" / "configs" / "demo.yaml", args)
     assert (cfg.sync.strategy, cfg.sync.inner_steps, cfg.sync.codec, cfg.sync.block_size) == ("delayed", 20, "int4", 64)
     assert cfg.sync.site_inner_steps == {"west": 30}
+    assert cfg.sync.balance == "always"  # the plan's split starts the rounds; measurement takes over
     assert (cfg.data.seq_len, cfg.train.steps, cfg.train.global_batch, cfg.train.micro_batch) == (128, 200, 8, 1)
     # The planner's default zero 1 with one replica per site shards nothing: no override.
     assert (cfg.parallel.tp, cfg.parallel.zero, cfg.parallel.recompute) == (1, None, "none")

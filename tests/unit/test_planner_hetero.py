@@ -142,6 +142,7 @@ def test_a_heterogeneous_plan_is_honoured_by_the_trainer() -> None:
     assert "--train.global_batch=8" in overrides
     if p.sync.strategy in ("diloco", "delayed"):
         assert f"--sync.site_inner_steps={{east: {east.inner_steps}, west: {west.inner_steps}}}" in overrides
+        assert "--sync.balance=always" in overrides  # the plan's split starts the run, then it is re-measured
     assert not [u for u in unhonored if ".batch=" in u or ".inner_steps=" in u or ".devices." in u]
 
 

@@ -40,6 +40,9 @@ def test_pace_mode_follows_the_config_and_the_topology() -> None:
     assert pace_mode(SyncSection(), sites_differ=True) == "balanced"
     assert pace_mode(SyncSection(balance="always"), sites_differ=False) == "balanced"
     assert pace_mode(SyncSection(balance="never"), sites_differ=True) == "fixed"
+    counts = {"site_inner_steps": {"s0": 12}}
+    assert pace_mode(SyncSection(**counts), sites_differ=True) == "fixed"  # hand-set counts stand
+    assert pace_mode(SyncSection(**counts, balance="always"), sites_differ=True) == "balanced"  # a plan's start
     assert pace_mode(SyncSection(site_inner_steps={"a": 3}), sites_differ=True) == "fixed"
     assert pace_mode(SyncSection(round_seconds=5.0), sites_differ=False) == "budget"
     assert pace_mode(SyncSection(strategy="streaming"), sites_differ=True) == "fixed"
@@ -202,3 +205,19 @@ def test_the_first_round_follows_the_catalog_then_measurement_keeps_it_when_clos
     assert [p.planned for p in pacers] == [14, 7, 3]
     pacers[0].observe([("s0", encode_pace(1.05)), ("s1", encode_pace(2.0)), ("s2", encode_pace(3.9))])
     assert pacers[0].planned == 14  # within the tolerance of the best split: no change
+
+
+def test_a_plans_split_starts_the_rounds_and_measurement_takes_over() -> None:
+    # A plan split 16 steps as 12 + 4 (speeds 1 : 3 on paper); the sites measure 1 : 2.
+    split = {"s0": 12, "s1": 4}
+    pacers = [Pacer("balanced", f"s{i}", split[f"s{i}"], rounds=3, first_split=split) for i in range(2)]
+    assert [p.planned for p in pacers] == [12, 4]  # the plan's split, not H or the catalog's
+    for p in pacers:
+        p.observe([("s0", encode_pace(1.0)), ("s1", encode_pace(2.0))])
+    # The same 16 steps, re-split by the measured times: 11 x 1 s and 5 x 2 s beat 12 x 1 s by > 10 %?
+    # 12 + 4 lasts max(12, 8) = 12 s; the best, 11 + 5, lasts max(11, 10) = 11 s: 8 % shorter, kept.
+    assert [p.planned for p in pacers] == [12, 4]
+    for p in pacers:
+        p.observe([("s0", encode_pace(1.0)), ("s1", encode_pace(1.0))])
+    # Now alike: 8 + 8 lasts 8 s against 12 s: taken, and the round's work stays 16 steps.
+    assert [p.planned for p in pacers] == [8, 8]

@@ -333,9 +333,10 @@ class SyncSection(Section):
     )
     balance: Literal["auto", "always", "never"] = Field(
         "auto",
-        description="Without round_seconds or site_inner_steps: split each round's inner steps (sites x "
-        "inner_steps) between sites by their measured step times, so they reach the exchange together. "
-        "auto: when the topology's sites differ in devices or slowdowns; always; never: every site runs H.",
+        description="Without round_seconds: split each round's inner steps (sites x inner_steps, or the sum "
+        "of site_inner_steps) between sites by their measured step times, so they reach the exchange together. "
+        "auto: when the topology's sites differ and no site_inner_steps are set; always: also starting from "
+        "site_inner_steps (a plan's split, then re-measured); never: every site runs its own H.",
     )
     balance_tolerance: float = Field(
         0.1,
@@ -385,10 +386,12 @@ class SyncSection(Section):
     def ignored_keys(self, path: str) -> list[str]:
         found = self._unread(path, setting="strategy", readers=SYNC_STRATEGY_KEYS)
         found += self._unread(path, setting="codec", readers=SYNC_CODEC_KEYS)
-        if "balance" in self.model_fields_set and (self.round_seconds is not None or self.site_inner_steps):
+        if "balance" in self.model_fields_set and self.round_seconds is not None:
+            found.append(f"{path}.balance is ignored: {path}.round_seconds sets the rounds' length; remove one of them")
+        elif "balance" in self.model_fields_set and self.site_inner_steps and self.balance == "auto":
             found.append(
-                f"{path}.balance is ignored: {path}.round_seconds or {path}.site_inner_steps sets the rounds' "
-                f"length; remove one of them"
+                f"{path}.balance is ignored: auto keeps {path}.site_inner_steps as the rounds' split; remove it, "
+                f"or set always to start from them and re-measure"
             )
         return found
 

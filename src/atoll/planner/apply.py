@@ -6,9 +6,10 @@ per site and the micro-batch, and each site's layout (`parallel.tp`, `pp`, `vp`,
 `sequence_parallel`, `recompute`, `zero`; dp is what the site's ranks leave) when every site
 has the same one: one config serves all sites. What it cannot do (layouts or batches that differ
 between sites, sharding over ranks of different speeds) is listed, never silently dropped.
-A plan's per-site H becomes `sync.site_inner_steps` (fixed counts; without them the trainer
-balances rounds by measurement), and its per-device sequences become `parallel.device_shares`:
-where uneven ranks start before the trainer re-measures them.
+A plan's per-site H becomes `sync.site_inner_steps` with `sync.balance: always`: the first
+round's split, re-measured from then on (`--sync.balance=never` after `--plan` keeps it fixed).
+Its per-device sequences become `parallel.device_shares`: where uneven ranks start before the
+trainer re-measures them.
 """
 
 from __future__ import annotations
@@ -57,6 +58,10 @@ def plan_overrides(plan: Plan) -> tuple[list[str], list[str]]:
     site_h = {s.name: s.inner_steps for s in plan.sites if s.inner_steps != plan.sync.inner_steps}
     if site_h:
         overrides.append("--sync.site_inner_steps={" + ", ".join(f"{k}: {v}" for k, v in site_h.items()) + "}")
+        if plan.sync.strategy in ("diloco", "delayed"):
+            # The plan's split starts the run; the trainer then re-measures the sites' step times
+            # (a loaded or throttled site is slower than on paper). --sync.balance=never pins it.
+            overrides.append("--sync.balance=always")
     shares = {d.kind: d.sequences / d.count for s in plan.sites for d in s.devices if d.sequences is not None}
     if shares:  # where each site's ranks start; the trainer then re-measures them
         overrides.append("--parallel.device_shares={" + ", ".join(f"{k}: {v:g}" for k, v in shares.items()) + "}")

@@ -8,8 +8,9 @@ pairs the sites' k-th sends whatever step each is at. Three modes:
 - `fixed`: the site's own H (`sync.inner_steps`, `sync.site_inner_steps`), as before.
 - `budget` (`sync.round_seconds`): as many inner steps as fit in the budget, measured: the round
   ends before a step that would overrun it (at least one step).
-- `balanced` (neither a budget nor per-site counts, and the sites differ or `sync.balance: always`):
-  the first round is split by the catalog's figures (peak FLOP/s over emulated slowdowns); then each
+- `balanced` (no budget, and `sync.balance: always`, or `auto` over sites that differ without
+  per-site counts): the first round is split as `sync.site_inner_steps` says (a plan's split) or,
+  without them, by the catalog's figures (peak FLOP/s over emulated slowdowns); then each
   site reports its step time (a moving average) in its envelope (`Header.pace`, authenticated);
   after every exchange, every site splits the round's total work (the sites' H summed) from the
   same gathered paces, so all reach the same plan without another message: the split that
@@ -45,14 +46,17 @@ _LOG_OFFSET = 32.0  # ... from 2^-32 s up to 2^32 s, in 16 bits; 0 means "not me
 
 
 def pace_mode(cfg: SyncSection, *, sites_differ: bool) -> PaceMode:
-    """How a run's rounds end: `budget` with `round_seconds`; `fixed` with `site_inner_steps`, for
-    streaming and ddp, or when balancing is `never` (or `auto` over alike sites: their H is already
-    the balanced split, and measuring could only add noise); `balanced` otherwise."""
+    """How a run's rounds end: `budget` with `round_seconds`; `fixed` for streaming and ddp, when
+    balancing is `never`, with `site_inner_steps` unless balancing is `always` (then they are the
+    first round's split), or `auto` over alike sites (their H is already the balanced split, and
+    measuring could only add noise); `balanced` otherwise."""
     if cfg.strategy not in ("diloco", "delayed"):
         return "fixed"
     if cfg.round_seconds is not None:
         return "budget"
-    if cfg.site_inner_steps or cfg.balance == "never" or (cfg.balance == "auto" and not sites_differ):
+    if cfg.balance == "never" or (cfg.site_inner_steps and cfg.balance != "always"):
+        return "fixed"
+    if cfg.balance == "auto" and not sites_differ:
         return "fixed"
     return "balanced"
 
@@ -111,6 +115,7 @@ class Pacer:
     tolerance: float = 0.1
     agree: Callable[[float], float] = field(default=lambda x: x, repr=False)
     prior: dict[str, float] | None = None  # balanced: every site's relative step time on paper (the catalog)
+    first_split: dict[str, int] | None = None  # balanced: the first round's steps per site (a plan's split)
     # state (checkpointed)
     rounds_sent: int = 0
     steps_in_round: int = 0
@@ -128,7 +133,11 @@ class Pacer:
         if self.mode == "budget" and not self.round_seconds:
             raise ValueError("a budget pacer needs round_seconds")
         self.planned = self.planned or self.inner_steps
-        if self.mode == "balanced" and self.prior and self.site in self.prior and not self.plan:
+        if self.mode == "balanced" and self.first_split and self.site in self.first_split and not self.plan:
+            # The run's own split (a plan's) stands until measured paces beat it by the tolerance.
+            self.plan = dict(self.first_split)
+            self.planned = self.plan[self.site]
+        elif self.mode == "balanced" and self.prior and self.site in self.prior and not self.plan:
             # The first round follows the catalog (no absolute time yet, so no deadline); measured
             # paces replace it from the first exchange on, when they beat it by the tolerance.
             names = sorted(self.prior)
@@ -201,7 +210,8 @@ class Pacer:
             return  # a site has not measured yet: keep the current plan
         names = [site for site, _ in known]
         seconds = [float(s) for _, s in known]  # type: ignore[arg-type]
-        total = self.inner_steps * len(names)
+        # The round's work: the sites' H summed (a first split's own counts, where it gives them).
+        total = sum((self.first_split or {}).get(site, self.inner_steps) for site in names)
         best = split_steps(total, seconds)
         current = [self.plan.get(site, self.inner_steps) for site in names]
         if sum(current) != total or makespan(best, seconds) * (1.0 + self.tolerance) < makespan(current, seconds):

@@ -117,6 +117,10 @@ def build_sync(
         tolerance=cfg.balance_tolerance,
         agree=lambda x: all_reduce_max(x, device=device),
         prior={site.name: 1.0 / site_speed(site) for site in topology.sites},
+        # Per-site counts (a plan's split) start a balanced run; every site, listed or not, alike.
+        first_split={site.name: cfg.inner_steps_for(site.name) for site in topology.sites}
+        if cfg.site_inner_steps
+        else None,
     )
     sync = sync_for_site(
         TrainableParameters(model),
