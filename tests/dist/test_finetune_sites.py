@@ -75,3 +75,23 @@ def test_each_site_prepares_the_stage_on_its_own_machine(parent: Path, tmp_path:
     assert ends[0]["sync_applied"][-1] == [6, 6] and ends[1]["heals"] == 0
     assert "(lora) finished at step 6/6" in outputs["east"][0]
     assert "site west: stage sites at step 6/6" in "".join(outputs["west"][0].split("\n"))
+
+
+def test_sites_sharing_a_disk_prepare_the_stage_once(parent: Path, tmp_path: Path) -> None:
+    """On one filesystem the second site to arrive verifies and uses the first's preparation and
+    rewrites nothing under its ranks; a stage prepared with another config is prepared again."""
+    from atoll.finetune.config import FinetuneConfig
+    from atoll.finetune.setup import prepare_site_stage
+    from atoll.rundir.layout import site_dir
+
+    data = domain_docs(tmp_path / "domain")
+    cfg = load_config(FinetuneConfig, ft_config(tmp_path, parent, data, name="shared"))
+    run_dir = cfg.run.path
+    prepare_site_stage(cfg, resume=False, first_site=False, own_dir=site_dir(run_dir, "west"))  # west first
+    written = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()}
+    assert run_dir / "data" / "train_tokens.npy" in written
+    prepare_site_stage(cfg, resume=False, first_site=True, own_dir=run_dir)  # then east, the first site
+    assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()} == written
+    other = load_config(FinetuneConfig, ft_config(tmp_path, parent, data, name="shared", train={"steps": 9}))
+    prepare_site_stage(other, resume=False, first_site=False, own_dir=site_dir(run_dir, "west"))
+    assert read_lineage(run_dir)["planned_steps"] == 9
