@@ -61,6 +61,7 @@ CONFIG = REPO / "examples" / "configs" / "tiny.yaml"
 ATOLL = [sys.executable, "-m", "atoll.cli"]
 POLL_S = 0.02
 TRIAL_LIMIT_S = 420.0
+CUT_SLOWDOWN = 10.0  # the between-exchanges cut's sites: see grid()
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,7 @@ class Trial:
     site: str | None = None  # the site the fault hits
     phase: str = "none"  # compute, exchange, checkpoint, join
     after_step: int = 0  # the fault is injected once the site has logged this step
+    slowdown: float = 1.0  # every site's emulated slowdown (compute, then sleep): the same θ, longer steps
 
 
 def grid(steps: int, h: int, ckpt: int) -> list[Trial]:
@@ -89,7 +91,12 @@ def grid(steps: int, h: int, ckpt: int) -> list[Trial]:
         Trial(f"kill-east-exchange-{6 * h}", "kill_site", two, "east", "exchange", 6 * h - 1),
         Trial(f"kill-west-checkpoint-{first_ckpt}", "kill_site", two, "west", "checkpoint", first_ckpt - 2),
         Trial(f"kill-west-checkpoint-{last_ckpt}", "kill_site", two, "west", "checkpoint", last_ckpt - 2),
-        Trial("cut-west", "cut_link", two, "west", "compute", 2 * h + 2),
+        # A lone survivor's round costs no exchange, so at the tiny model's 0.05 s a step east would
+        # finish the run alone within 2 s of dropping west, long before the link is back (the first
+        # recorded cut-west: west came back to no peer). Steps of ~0.5 s on both sites (alike, so
+        # the split and θ stay those of the fault-free run) keep the survivor training past the cut,
+        # as a real run's rounds of minutes would.
+        Trial("cut-west", "cut_link", two, "west", "compute", 2 * h + 2, slowdown=CUT_SLOWDOWN),
         Trial(f"cut-west-exchange-{5 * h}", "cut_link", two, "west", "exchange", 5 * h - 1),
         Trial("wrong-secret-joiner", "wrong_secret", two, "mallory", "join", h // 2),
         Trial(f"kill-north-compute-{3 * h + 3}-3site", "kill_site", three, "north", "compute", 3 * h + 2),
@@ -100,10 +107,13 @@ def grid(steps: int, h: int, ckpt: int) -> list[Trial]:
 # ---------------------------------------------------------------- small helpers
 
 
-def write_topology(path: Path, sites: tuple[str, ...]) -> Path:
+def write_topology(path: Path, sites: tuple[str, ...], *, slowdown: float = 1.0) -> Path:
+    device: dict[str, Any] = {"kind": "cpu", "count": 1, "per_node": 1}
+    if slowdown != 1.0:
+        device["slowdown"] = slowdown
     topo = {
         "name": f"chaos-{len(sites)}-sites",
-        "sites": [{"name": s, "devices": [{"kind": "cpu", "count": 1, "per_node": 1}]} for s in sites],
+        "sites": [{"name": s, "devices": [dict(device)]} for s in sites],
         "links": [{"site": s, "uplink_mbps": MBPS, "latency_ms": LATENCY_MS} for s in sites],
         "lighthouse": {"site": sites[0]},
     }
@@ -220,7 +230,7 @@ def run_trial(trial: Trial, *, args: argparse.Namespace, mode: str, work: Path) 
     if tdir.exists():
         subprocess.run(["rm", "-rf", str(tdir)], check=True)
     tdir.mkdir(parents=True)
-    topology = write_topology(tdir / "topology.yaml", trial.sites)
+    topology = write_topology(tdir / "topology.yaml", trial.sites, slowdown=trial.slowdown)
     run_root = tdir / "runs" / trial.name
     overrides = [
         f"--run.dir={tdir / 'runs'}",
@@ -244,6 +254,8 @@ def run_trial(trial: Trial, *, args: argparse.Namespace, mode: str, work: Path) 
             [*ATOLL, *argv], cwd=REPO, env=cli_env(), stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True
         )
     rec: dict[str, Any] = {"trial": trial.name, "fault": trial.fault, "site": trial.site, "phase": trial.phase}
+    if trial.slowdown != 1.0:
+        rec["slowdown"] = trial.slowdown
     rec["command"] = "atoll " + shlex.join(argv)
     try:
         if trial.fault != "none":

@@ -23,19 +23,18 @@ HEAL_TAG_BYTES = 32  # a heal carries θ (fp32) and the outer momentum (bf16) an
 # rerun that misses differently needs these lines rewritten.
 WHY = {
     "cut-west": (
-        "(rerun after two fixes: a failed torchft quorum is forgotten, and a run failure exits 3) east "
-        "dropped west at step 24 (round 2) and west "
-        "dropped east at step 32, and after the link was back each formed quorums of one to the end (6 rounds "
-        "lost): both reached step 64 with different θ, and the launcher, comparing the final digests, exited 3 "
-        "naming them (before the fixes west exited 2 and the launcher stopped the healthy east at step 47). "
-        "Why the two never meet again is not established; the likely cause is that the cut site's torchft "
-        "Manager stops heartbeating to the Lighthouse, which then gives each site a quorum of its own."
+        "(history: the first recordings missed here) in the 64-step run at full speed east finished its last "
+        "five rounds alone within 2 s of dropping west, before the link was back, and west trained alone to a "
+        "different θ; with the sites 10x slower the first joint quorum after the cut failed to configure its "
+        "gloo group and torchft never configured it again (same quorum id): fixed by reporting the failed "
+        "exchange as a commit failure (`transport.report_failed_commit`, docs/decisions.md)."
     ),
     "cut-west-exchange-40": (
-        "(rerun after the fixes) the cut caught both sites in round 5's exchange; the survivor waited exactly "
-        "its 15 s gloo timeout, so its longest step is the timeout plus that step's compute (missed by 0.01 s). "
-        "After the link was back the sites met again, west healed from east (1,230,752 bytes) and both ended "
-        "with the same θ (before the fixes: two different θ and exit 0)."
+        "the cut caught both sites in round 5's exchange; the survivor waited out its 15 s gloo timeout "
+        "(held 15.06 s after the fault; its longest step also holds the second of the exchange before the cut), "
+        "then both rolled that round back alike and went on together: no heal was needed, and both ended with "
+        "the same θ. Detecting a silent peer takes one timeout by construction; the 2 cores were shared with "
+        "other engineers' jobs (load average 9-15) during the run."
     ),
 }
 
@@ -280,6 +279,8 @@ def landing_words(rec: dict[str, Any]) -> str:
             )
     elif rec["fault"] == "cut_link":
         parts.append(rec.get("note") or f"`{rec.get('link_cut')}` at step {rec.get('at_step')}")
+        if rec.get("slowdown"):
+            parts.append(f"every site's steps emulated {rec['slowdown']:g}x slower (the survivor outlasts the cut)")
     elif rec["fault"] == "wrong_secret":
         parts.append(
             f"joiner started at step {rec.get('at_step')}, exit {rec.get('joiner_rc')}"

@@ -10,7 +10,10 @@ sites run the plain worker:
 - ``perturb:N``: after inner step N the site's θ is changed by 1e-3 in one element (a forced
   disagreement), and it trains on;
 - ``nan:N``: the site's training loss is NaN at inner steps N, N+1 and N+2 (two micro-batches a
-  step), so its guard skips them and then takes the sites' shared θ (a rollback with peers).
+  step), so its guard skips them and then takes the sites' shared θ (a rollback with peers);
+- ``pause:N``: after inner step N the rank stops itself (SIGSTOP: its torchft Manager stops
+  heartbeating too, as a site cut off between exchanges looks to the Lighthouse) and a helper
+  continues it ``ATOLL_TEST_PAUSE_SECONDS`` later.
 
 Every site first waits, once its sync is built (its torchft Manager heartbeating), until every
 site got there (``ATOLL_TEST_BARRIER``, a directory, and ``ATOLL_NUM_SITES``): with
@@ -37,6 +40,16 @@ def _die() -> None:
     if marker:
         Path(marker).write_text("died\n", encoding="utf-8")
     os._exit(DIED)
+
+
+def _pause(seconds: float) -> None:
+    import signal
+
+    marker = os.environ.get("ATOLL_TEST_MARKER")
+    if marker:
+        Path(marker).write_text("paused\n", encoding="utf-8")
+    subprocess.Popen(["/bin/sh", "-c", f"sleep {seconds}; kill -CONT {os.getpid()}"], start_new_session=True)
+    os.kill(os.getpid(), signal.SIGSTOP)
 
 
 def _start_barrier() -> None:
@@ -71,6 +84,8 @@ def _install(kind: str, n: int) -> None:
         after_step(self, step, tokens=tokens, seconds=seconds)
         if step == n and kind == "round":
             _die()
+        if step == n and kind == "pause":
+            _pause(float(os.environ["ATOLL_TEST_PAUSE_SECONDS"]))
         if step == n and kind == "perturb":
             with torch.no_grad():
                 self.units[0].outer.params[0].view(-1)[0] += 1e-3  # type: ignore[union-attr]
@@ -117,7 +132,7 @@ def main() -> int:
     if os.environ.get("ATOLL_SITE") != site:
         _start_barrier()
         return worker_main()
-    if kind in ("perturb", "nan") or os.environ.get("ATOLL_TEST_CHILD"):
+    if kind in ("perturb", "nan", "pause") or os.environ.get("ATOLL_TEST_CHILD"):
         _start_barrier()
         _install(kind, int(n))
         return worker_main()

@@ -31,14 +31,23 @@ FAULTS = {
     "mid-exchange": "west:exchange:2",
     "disagreement": "west:perturb:2",
     "diverged": "west:nan:3",
+    "paused": "west:pause:3",
 }
 STEPS = 8
+# The paused site is away longer than the Lighthouse's heartbeat timeout, between exchanges; both
+# sites' steps are emulated 20x slower (alike: same split, same θ) and the run has 24 steps, so the
+# survivor, which goes on alone, is still training when the paused site comes back.
+PAUSE_SECONDS = HEARTBEAT_SECONDS + 3
+PAUSED_STEPS, PAUSED_SLOWDOWN = 24, 20.0
 
 
 def run(tmp_path: Path, data: Path, fault: str) -> subprocess.CompletedProcess[str]:
     sync = {"strategy": "diloco", "inner_steps": 2, "min_sites": 1, "timeout_seconds": TIMEOUT_SECONDS}
-    cfg = tiny_config(tmp_path, data, train={"steps": STEPS, "checkpoint_every": 0, "eval_every": 0}, sync=sync)
-    topology = write_topology(tmp_path, Scenario(("east", "west"), sync))
+    paused = ":pause:" in fault
+    train = {"steps": PAUSED_STEPS if paused else STEPS, "checkpoint_every": 0, "eval_every": 0}
+    cfg = tiny_config(tmp_path, data, train=train, sync=sync)
+    slowdown = dict.fromkeys(("east", "west"), PAUSED_SLOWDOWN) if paused else {}
+    topology = write_topology(tmp_path, Scenario(("east", "west"), sync, slowdown=slowdown))
     args = [sys.executable, "-m", "atoll.cli", "train", str(cfg), "--topology", str(topology), "--wan", "none"]
     env = dict(
         os.environ,
@@ -48,6 +57,7 @@ def run(tmp_path: Path, data: Path, fault: str) -> subprocess.CompletedProcess[s
         ATOLL_TEST_FAULT=fault,
         ATOLL_TEST_MARKER=str(tmp_path / "west-died"),
         ATOLL_TEST_BARRIER=str(tmp_path / "barrier"),
+        ATOLL_TEST_PAUSE_SECONDS=str(PAUSE_SECONDS),
     )
     (tmp_path / "barrier").mkdir()
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
@@ -128,3 +138,28 @@ def test_a_diverged_site_takes_the_shared_theta_and_stays_in_step(faults: dict[s
     assert east_final["theta_digest"] == west_final["theta_digest"]
     assert west_final["sync_applied"] == east_final["sync_applied"] and west_final["sync_applied"][-1] == [STEPS, STEPS]
     assert not any("guard" in r for r in read_metrics(dirs["east"]))
+
+
+def test_a_site_away_between_exchanges_rejoins_heals_and_the_sites_end_equal(faults: dict[str, Future[Any]]) -> None:
+    """West stops (SIGSTOP, torchft's heartbeats included) after step 3, mid-round, for longer than
+    the Lighthouse's heartbeat timeout: east drops it and goes on alone; back, west meets east at
+    east's next exchange, heals from it and both end with the same θ (the chaos benchmark's link
+    cut between exchanges, on loopback)."""
+    dirs, tmp = sites_of(faults, "paused")
+    assert (tmp / "west-died").read_text() == "paused\n", "the fault did not fire"
+    east, west = final_record(dirs["east"]), final_record(dirs["west"])
+    assert east["theta_digest"] == west["theta_digest"] == check_site_digests(dirs["east"].parent.parent)
+    assert max(per_step(dirs["west"], "loss")) == PAUSED_STEPS
+    dropped, rejoined = east["sync_site_events"]
+    assert (dropped["event"], dropped["site"], rejoined["event"], rejoined["site"]) == (
+        "dropped",
+        "west",
+        "rejoined",
+        "west",
+    )
+    assert rejoined["rounds_missed"] >= 1 and rejoined["step"] < PAUSED_STEPS
+    assert west["heals"] >= 1 and east["heals_served"] == west["heals"]
+    # East waited for west at most until the Lighthouse gave up on west's heartbeats (plus its own
+    # emulated step, and the load of a shared machine).
+    slowest = max(per_step(dirs["east"], "step_seconds").values())
+    assert slowest < HEARTBEAT_SECONDS + 10, slowest

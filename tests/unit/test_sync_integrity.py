@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import logging
+import re
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -182,6 +183,26 @@ def test_the_final_digest_is_sha256_of_the_parameters() -> None:
 # ---------------------------------------------------------------------------- authenticity
 
 
+def run_catching(sites: list[Site], steps: range) -> list[AtollError | None]:
+    """`run_steps` with one token a step, but a site's `AtollError` is caught in its own thread and
+    returned (per site), without breaking the hub's barrier: a site with the wrong secret raises
+    after its last exchange, which the others finished too."""
+
+    def one_site(site: Site) -> AtollError | None:
+        try:
+            for step in steps:
+                drift(site.model, site=site.index, step=step)
+                site.before_sync[step] = params_of(site.model)
+                site.sync.after_step(step, tokens=1)
+                site.after[step] = params_of(site.model)
+        except AtollError as exc:
+            return exc
+        return None
+
+    with ThreadPoolExecutor(max_workers=len(sites)) as pool:
+        return [f.result() for f in [pool.submit(one_site, site) for site in sites]]
+
+
 def test_a_site_with_the_wrong_secret_is_refused_logged_with_its_address_and_the_run_goes_on(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -192,18 +213,57 @@ def test_a_site_with_the_wrong_secret_is_refused_logged_with_its_address_and_the
         secret = b"an intruder's guess at the secret" if s == 2 else None
         kwargs = {"secret": secret} if secret else {}
         sites.append(Site(s, model, make_sync(model, hub, s, DILOCO, inner_steps=2, **kwargs)))
+    # The intruder authenticates nobody in two exchanges in a row: it stops, naming the fix.
     with caplog.at_level(logging.WARNING, logger="atoll.sync.engine"):
-        run_steps(sites, range(1, 7), tokens=lambda s, step: 1)
+        errors = run_catching(sites, range(1, 5))
+    assert errors[:2] == [None, None]
+    error = errors[2]
+    assert re.match(r"site s2: no other site's .* set ATOLL_RUN_SECRET or ATOLL_RUN_SECRET_FILE", str(error))
+    assert "\n" not in str(error)
 
     ref = ReferenceOuter(params_of(small_model()))
-    for step in (2, 4, 6):  # sites 0 and 1 never apply site 2's update
+    for step in (2, 4):  # sites 0 and 1 never apply site 2's update, and finish their rounds
         ref.step(weighted_avg_by_hand(ref.theta, [s.before_sync[step] for s in sites[:2]], [2.0, 2.0]))
         for site in sites[:2]:
             assert_equal(site.after[step], ref.theta, f"site {site.index} after step {step}")
-    assert [s.sync.refused for s in sites] == [3, 3, 6]
+    assert 4 not in sites[2].after
+    assert [s.sync.refused for s in sites] == [2, 2, 4]
     assert all(s.sync.rejected == s.sync.refused for s in sites)
     refusals = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
     assert any("'s2' at 10.0.0.3" in m and "secret" in m for m in refusals), refusals
+
+
+def test_a_refused_site_does_not_count_toward_min_sites() -> None:
+    """min_sites 3 with two honest sites and an intruder: the quorum has 3 members, but only two
+    contributions authenticate, so no round is applied (each rolls back) until the intruder leaves."""
+    hub = Hub(3)
+    cfg = DILOCO.model_copy(update={"min_sites": 3})
+    sites = []
+    for s in range(3):
+        model = small_model()
+        kwargs = {"secret": b"an intruder's guess at the secret"} if s == 2 else {}
+        sites.append(Site(s, model, make_sync(model, hub, s, cfg, inner_steps=2, **kwargs)))
+    errors = run_catching(sites, range(1, 5))
+    assert errors[:2] == [None, None] and "join secret is not the run's" in str(errors[2])
+    for site in sites[:2]:
+        assert site.sync.rounds_applied == 0 and site.sync.refused == 2 and site.sync.units[0].round == 0
+        assert_equal(theta_of(site), params_of(small_model()), f"site {site.index}'s θ")
+        assert site.sync.membership.secret.trusted  # the honest sites authenticated each other
+
+
+def test_two_sites_that_never_authenticated_each_other_both_stop() -> None:
+    """The refusal is symmetric: with no third site and no history, neither can tell whose secret is
+    the run's, so both stop with the fix (a real run's sites have authenticated each other)."""
+    hub = Hub(2)
+    a, b = small_model(), small_model()
+    sites = [
+        Site(0, a, make_sync(a, hub, 0, DILOCO, inner_steps=2)),
+        Site(1, b, make_sync(b, hub, 1, DILOCO, inner_steps=2, secret=b"an intruder's guess at the secret")),
+    ]
+    errors = run_catching(sites, range(1, 5))
+    assert all("join secret is not the run's" in str(e) for e in errors)
+    assert [s.sync.membership.secret.refused_in_a_row for s in sites] == [2, 2]
+    assert 4 not in sites[0].after and 4 not in sites[1].after
 
 
 def test_a_payload_altered_in_transit_is_refused_then_the_sites_heal() -> None:

@@ -128,13 +128,23 @@ def worker_main(argv: Sequence[str] | None = None) -> int:
 def _run_worker(args: argparse.Namespace, extra: list[str]) -> int:
     from atoll.config import load_config
     from atoll.finetune.config import FinetuneConfig
-    from atoll.finetune.trainer import run_finetune
+    from atoll.finetune.trainer import run_finetune, site_stage_dir
+    from atoll.sync.site_env import SiteEnv
 
     launched = "ATOLL_LAUNCHED" in os.environ  # the atoll launcher prepared the stage already
     cfg = load_config(FinetuneConfig, args.config, extra, warn_ignored=not launched and launched_rank() == 0)
-    run_finetune(cfg, resume=args.resume, stop_after=args.stop_after, prepared=launched)
+    result = run_finetune(cfg, resume=args.resume, stop_after=args.stop_after, prepared=launched)
     if not launched and launched_rank() == 0:
-        _print_stage_summary(cfg.run.path)
+        site = SiteEnv.from_environ()
+        if site is None or site.index == 0:
+            _print_stage_summary(cfg.run.path)
+        else:  # `atoll site --finetune` on another data center: the stage's record is the first site's
+            print(
+                f"site {site.site}: stage {cfg.run.name} at step {result.step}/{result.total_steps}; its checkpoints "
+                f"and metrics: {site_stage_dir(cfg.run.path, site.site, index=site.index)} (the first site writes "
+                "the stage's lineage and adapter)",
+                flush=True,
+            )
     return 0
 
 

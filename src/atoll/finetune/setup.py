@@ -3,17 +3,21 @@
 `prepare_finetune` runs in the CLI before any rank starts (and on the main rank of a stage that
 torchrun started directly). It writes the run directory: config.yaml, model.json, the parent's
 tokenizer files and chat template, the tokenized data and lineage.json. Idempotent on resume;
-never overwrites a checkpoint.
+never overwrites a checkpoint. `prepare_site_stage` is what each site of a multi-site stage runs
+on its own machine (`atoll site --finetune`): the same preparation, or the one already there.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +37,7 @@ from atoll.rundir.layout import (
 )
 from atoll.rundir.lineage import (
     LINEAGE_FORMAT,
+    LINEAGE_JSON,
     LINEAGE_VERSION,
     Stage,
     check_parent,
@@ -206,3 +211,43 @@ def prepare_finetune(cfg: FinetuneConfig, *, resume: bool) -> ModelConfig:
         f"{trainable:,}",
     )
     return mcfg
+
+
+@contextmanager
+def _preparing(run_dir: Path) -> Iterator[None]:
+    """Hold an exclusive lock beside `run_dir` while a site prepares it: sites that share a
+    filesystem (one machine, or a shared mount) then prepare it once, one after the other."""
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    with (run_dir.parent / f".{run_dir.name}.prepare.lock").open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def prepare_site_stage(cfg: FinetuneConfig, *, resume: bool, first_site: bool, own_dir: Path) -> ModelConfig:
+    """Make the stage's directory ready on this site's machine; the main rank of every site calls it.
+
+    Each data center prepares what its ranks read (config.yaml, model.json, tokenizer, the
+    tokenized data, lineage.json) from the same config, parent and data files, so the prepared
+    rows are the same everywhere (the preparation is deterministic). A directory another site
+    already prepared with this very config (a shared filesystem) is verified and used as it is,
+    never rewritten under that site's ranks. `own_dir` is where this site keeps its checkpoints
+    (the stage's directory for the first site, RUN/sites/NAME for the others). Raises AtollError.
+    """
+    run_dir = cfg.run.path
+    with _preparing(run_dir):
+        if resume and first_site:
+            return prepare_finetune(cfg, resume=True)  # verifies, writes nothing
+        config = run_dir / CONFIG_YAML
+        ready = (run_dir / LINEAGE_JSON).is_file() and config.is_file()  # lineage.json is written last
+        if not ready or config.read_text(encoding="utf-8") != dump_config(cfg):
+            return prepare_finetune(cfg, resume=False)
+        if not resume and latest_checkpoint(own_dir) is not None:
+            raise AtollError(
+                f"{own_dir} already holds checkpoints: add --resume to continue it, or choose another --run.name"
+            )
+        read_data_summary(run_dir / DATA_DIR, verify=True)
+        log.info("stage %s: already prepared with this config; using it", run_dir)
+        return model_config_of(Stage(run_dir, cfg.finetune.method))

@@ -30,7 +30,7 @@ from atoll.errors import AtollError
 from atoll.finetune.config import FinetuneConfig
 from atoll.finetune.data import ExampleSet, ExampleStream
 from atoll.finetune.lora import apply_lora
-from atoll.finetune.setup import prepare_finetune
+from atoll.finetune.setup import prepare_finetune, prepare_site_stage
 from atoll.model import Transformer
 from atoll.model.loss import masked_loss_sum
 from atoll.parallel.dist import (
@@ -179,9 +179,13 @@ def run_finetune(
     try:
         if not prepared:
             problem: str | None = None
-            if env.is_main and (site_env is None or site_env.index == 0):
+            if env.is_main:  # every site prepares on its own machine: data centers share no disk
                 try:
-                    prepare_finetune(cfg, resume=resume)
+                    if site_env is None:
+                        prepare_finetune(cfg, resume=resume)
+                    else:
+                        own_dir = site_stage_dir(cfg.run.path, site_env.site, index=site_env.index)
+                        prepare_site_stage(cfg, resume=resume, first_site=site_env.index == 0, own_dir=own_dir)
                 except AtollError as exc:
                     problem = str(exc)
             problem = broadcast_object(problem)  # type: ignore[assignment]

@@ -14,7 +14,10 @@ reaches the same plan without another message:
   them against the reference digest, and from then on holds the run's θ.
 
 `Membership` keeps, across exchanges, which sites took part, so that a site's loss and its return
-are stated in the metrics (when, and how many rounds it missed).
+are stated in the metrics (when, and how many rounds it missed), and whether this site's own secret
+can be the run's (`SecretCheck`: a site with the wrong one stops instead of staying in every quorum).
+A site whose contribution was refused counts toward no plan: an exchange with fewer authenticated
+sites than `sync.min_sites` is not applied.
 """
 
 from __future__ import annotations
@@ -22,9 +25,13 @@ from __future__ import annotations
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
+from atoll.errors import AtollError
+from atoll.sync.auth import SECRET_ENV, SECRET_FILE_ENV
 from atoll.sync.envelope import KIND_CHECK, Header
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -42,13 +49,15 @@ class Plan:
         return index in self.heal
 
 
-def plan_exchange(headers: list[Header | None]) -> Plan | None:
+def plan_exchange(headers: list[Header | None], *, min_sites: int = 1) -> Plan | None:
     """The plan of an exchange from its envelopes in quorum order (None for a refused one).
 
-    Returns None when there is nothing to agree on (every envelope refused).
+    Returns None when there is nothing to agree on: fewer than `min_sites` envelopes authenticate
+    (torchft's quorum counts every site that joined it, one with the wrong secret too; a round
+    is only as good as the sites that could take part in it).
     """
     present = [(i, h) for i, h in enumerate(headers) if h is not None]
-    if not present:
+    if not present or len(present) < min_sites:
         return None
     top = max(h.round for _, h in present)
     at_top = [(i, h) for i, h in present if h.round == top]
@@ -61,11 +70,49 @@ def plan_exchange(headers: list[Header | None]) -> Plan | None:
     return Plan(top, digest, in_sync, heal, source=in_sync[0], finished=finished)
 
 
+WRONG_SECRET_EXCHANGES = 2  # exchanges in a row in which no peer authenticates, before a site gives up
+
+
+@dataclass
+class SecretCheck:
+    """Whether this site's join secret is the run's, judged from the exchanges it took part in.
+
+    A tag that does not check is symmetric: two sites with different secrets each refuse the
+    other, and no message could say which secret is the run's without the secret itself. What
+    breaks the symmetry is history: a site that ever authenticated a peer shares its secret with
+    someone in the run and never gives up; a site that has authenticated nobody, while every peer
+    of `WRONG_SECRET_EXCHANGES` exchanges in a row was refused, is the odd one out (the run's
+    sites authenticate each other) and stops with the fix, instead of staying in every quorum.
+    """
+
+    trusted: bool = False  # a peer's contribution authenticated once: the secret is shared
+    refused_in_a_row: int = 0
+
+    def observe(self, authenticated: list[bool], *, own: int, site: str) -> None:
+        """Record one exchange of site `site`: which contributions (quorum order) authenticated,
+        `own` its own. Raises `AtollError` when the site's secret is evidently not the run's."""
+        peers = [ok for i, ok in enumerate(authenticated) if i != own]
+        if not peers:  # alone in the quorum: says nothing either way
+            return
+        if any(peers):
+            self.trusted, self.refused_in_a_row = True, 0
+            return
+        self.refused_in_a_row += 1
+        if not self.trusted and self.refused_in_a_row >= WRONG_SECRET_EXCHANGES:
+            raise AtollError(
+                f"site {site}: no other site's contribution authenticated with this site's join secret in "
+                f"{self.refused_in_a_row} exchanges in a row, and none ever did: this site's join secret is not the "
+                f"run's (or its peers are not this run's sites); set {SECRET_ENV} or {SECRET_FILE_ENV} "
+                "(or --secret-file) to the run's secret"
+            )
+
+
 @dataclass
 class Membership:
     """Which sites took part in this rank's exchanges, and the events when that changed."""
 
     current: set[str] = field(default_factory=set)
+    secret: SecretCheck = field(default_factory=SecretCheck)
     dropped: dict[str, dict[str, Any]] = field(default_factory=dict)  # site -> its open "dropped" event
     events: list[dict[str, Any]] = field(default_factory=list)
 
@@ -87,6 +134,12 @@ class Membership:
         self.current = set(sites)
         self.events.extend(new)
         return new
+
+    def vet(self, opened: list[T], *, own: int, site: str) -> list[T]:
+        """`opened` (one exchange's contributions in quorum order, None where refused), after
+        `SecretCheck.observe` found this site's secret plausible; raises `AtollError` if not."""
+        self.secret.observe([o is not None for o in opened], own=own, site=site)
+        return opened
 
     def summary(self, *, round: int) -> list[dict[str, Any]]:
         """Every event so far; a site still away shows the rounds it has missed until `round`."""

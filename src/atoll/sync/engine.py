@@ -293,13 +293,13 @@ class CrossSiteSync:
                 if i != gathered.rank:
                     self.refused += 1
                     self.rejected += 1
-        return out
+        return self.membership.vet(out, own=gathered.rank, site=self.site_name)  # a wrong secret stops here
 
     def _plan(self, unit: Unit, gathered: Gathered, opened: list[Opened], step: int) -> Plan | None:
         """The exchange's plan, or None when it cannot be used (this site's own contribution is
         missing or the sites exchanged different units: the round then fails everywhere alike)."""
         headers = [o[0] if o is not None else None for o in opened]
-        plan = plan_exchange(headers)
+        plan = plan_exchange(headers, min_sites=self.cfg.min_sites or 1)  # refused sites do not count
         if plan is None or headers[gathered.rank] is None:
             return None
         if any(h is not None and h.unit != unit.index for h in headers):

@@ -59,7 +59,7 @@ def sync_for_site(
     )
     return CrossSiteSync(
         model,
-        cfg,
+        cfg.model_copy(update={"min_sites": cfg.min_sites or site.num_sites}),  # refused sites do not count
         transport=transport,
         site_name=site.name,
         local_rank=site.local_rank,

@@ -222,6 +222,7 @@ class TorchftTransport:
         except (RuntimeError, TimeoutError, ConnectionError, OSError, AssertionError) as exc:  # uncommitted
             self._manager.report_error(exc)
             forget_failed_quorum(self._manager)
+            report_failed_commit(self._manager)
             log.warning("site %s: exchange failed (%s); this round is not applied", self.site.name, exc)
             self.counter.failed += 1
             return None
@@ -246,6 +247,7 @@ class TorchftTransport:
                 self._pg.recv([tensor], src, 0).wait()
         except (RuntimeError, TimeoutError, ConnectionError, OSError, AssertionError) as exc:
             self._manager.report_error(exc)
+            report_failed_commit(self._manager)
             log.warning("site %s: heal transfer failed (%s)", self.site.name, exc)
             return None
         moved = tensor.numel() * (len(dst) if rank == src else 1)
@@ -309,3 +311,18 @@ def forget_failed_quorum(manager: object) -> bool:
         return False
     manager._quorum_future = None  # type: ignore[attr-defined]
     return True
+
+
+def report_failed_commit(manager: object) -> None:
+    """Make a torchft `Manager`'s next quorum request say that its last exchange failed.
+
+    torchft 0.2.0 records a new quorum's id *before* it configures the process group for it, and
+    configures only when the id changes; the Lighthouse changes the id only when the members
+    change or one of them reports commit failures. A configure that failed (a peer that came back
+    from a cut link and timed out in the store's rendezvous) therefore left the group unconfigured
+    for every later quorum of the same sites ("process group not initialized" to the end of the
+    chaos benchmark's `cut-west`). torchft counts a failure only in `should_commit`, which a
+    failed exchange never reaches; counting it here makes the Lighthouse issue a new id, and every
+    member configures its group afresh, under a new store prefix. A committed exchange resets it.
+    """
+    manager._commit_failures = getattr(manager, "_commit_failures", 0) + 1  # type: ignore[attr-defined]
