@@ -175,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--quick",
         action="store_true",
-        help="smoke test: tiny model, 2 rounds of 4 steps, one seed, one record per kind, written to /tmp",
+        help="smoke test: tiny model, 2 rounds of 4 steps, one seed, one record per kind (~5 min), written to /tmp",
     )
     return ap
 
@@ -207,8 +207,8 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
 
 def grid(args: argparse.Namespace) -> list[tuple[str, str, str]]:
     """(system, strategy, codec) of every run with the first seed, in order."""
-    if args.quick:  # one record per kind: ddp, each atoll strategy, each torchft peer
-        runs = [("atoll", "ddp", "none"), ("atoll", "diloco", "int8"), ("atoll", "streaming", "none")]
+    if args.quick:  # one record per kind: ddp, each atoll strategy (both pairs' atoll side), each torchft peer
+        runs = [("atoll", "ddp", "none"), ("atoll", "diloco", "none"), ("atoll", "streaming", "none")]
         runs.append(("atoll", "delayed", "int8"))
     else:
         runs = []
