@@ -31,12 +31,14 @@ The like-for-like pairs: torchft's plain DiLoCo against atoll's `diloco` (fp32),
 streaming DiLoCo against atoll's `streaming` with the same fragments, tau (overlap steps), H and
 codec (fp32: torchft quantizes only on CUDA); bench/torchft_peer.py runs torchft.
 
-How the default grid fits in about 90 minutes on 2 cores: the demo preset (~5M parameters) at
-batch 2 x 128 tokens computes an inner step in about 0.25 s with both sites sharing the cores;
-16 rounds of H = 32 are 512 steps; an fp32 exchange at R = 53 costs 2R = 106 steps, an int8 one
-~27, int4 ~14; summed over the 21 runs (13 with the first seed, 8 with the second) that is about
-22,000 step-times, ~90 minutes, plus ~20 s of start-up per run. The calibration prints the
-prediction for the measured step time before the grid starts.
+How the default grid is sized for about 90 minutes on 2 cores: 16 rounds of H = 32 are 512
+inner steps of 2 x 128 tokens on the demo preset (~5M parameters); an fp32 exchange at R = 53
+costs 2R = 106 inner steps, an int8 one ~28, int4 ~15; the 11 runs with the first seed and the 6
+repeated with the second come to about 19,400 step-times (the fp32 pairs are most of it), so
+the grid takes 19,400 x the calibrated step time: 80-90 minutes at 0.25-0.28 s per step. That
+step time is an estimate for quiet cores (v1 measured 0.85 s for 4 x 256 tokens); on this
+machine, loaded by other work (load average 14 on 2 cores), the calibration measured 0.707 s
+and predicted 228 minutes. `--plan-only` prints the prediction for the machine at hand.
 
 Writes OUT/wan.json, wan.md, wan_runs.json (every record with its curves: `--resume` reads it)
 and the loss plots (OUT defaults to bench/results; `--quick` defaults to /tmp/atoll-wan-quick).
