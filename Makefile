@@ -14,9 +14,9 @@ help:
 	@echo "make format - format the tree and apply ruff's safe fixes"
 	@echo "make bench  - throughput benchmark (bench/results/throughput.{json,md})"
 	@echo "make finetune-demo - general -> networking (LoRA) -> netlink (LoRA), evaluation table, then serve"
-	@echo "make bench-wan - multi-site strategies and codecs over a scaled-down WAN (bench/results/wan.*)"
+	@echo "make bench-wan - multi-site strategies and codecs over a scaled-down WAN, 2 seeds, torchft peers (bench/results/wan.*)"
 	@echo "make bench-chaos - kill -9 sites, cut a link, a wrong-secret joiner, in the netns lab (bench/results/chaos.*)"
-	@echo "make bench-data - data pipeline MB/s per stage, side by side with HF datatrove (bench/results/data.*)"
+	@echo "make bench-data - data pipeline end to end, files to tokens, like for like with HF datatrove (bench/results/data.*)"
 	@echo "make report-shot - the README's report screenshot (docs/report.png) from a real two-site run"
 
 # Debian tools the WAN lab needs (ip, tc); installed when missing and we are root. Without them
@@ -64,6 +64,8 @@ format: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/throughput.py
 
+# About 90 minutes on 2 quiet cores (the calibration prints its prediction); --resume continues an
+# interrupted grid; `$(PY) bench/wan.py --quick` is a few-minute smoke run written to /tmp.
 bench-wan: $(STAMP)
 	$(PY) bench/wan.py
 
@@ -84,7 +86,7 @@ peer-env: $(PEER_VENV)/.installed
 
 bench-data: $(STAMP) peer-env
 	@test -d /usr/share/doc/python3.11/html/_sources || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3.11-doc >/dev/null; } || echo "note: python3.11-doc missing: the corpus is Shakespeare only"
-	$(PY) bench/data.py --corpora 1x 4x --workers 1 2 --peer datatrove
+	$(PY) bench/data.py --corpora 4x --workers 1 2 --peer datatrove
 
 clean-runs:
 	rm -rf runs

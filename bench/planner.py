@@ -209,6 +209,19 @@ def lab(path: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     return out, notes
 
 
+# bench/wan.py v1's defaults, for a wan.json written before it recorded its settings.
+WAN_V1_SETTINGS = {
+    "steps": 320,
+    "inner_steps": 80,
+    "batch": 4,
+    "seq_len": 256,
+    "preset": "demo",
+    "fragments": 4,
+    "overlap_steps": 10,
+    "latency_ms": 15.0,
+}
+
+
 def lab_wan(path: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Predict the multi-site runs of bench/wan.py: wall-clock per inner step and utilization.
 
@@ -221,7 +234,7 @@ def lab_wan(path: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     import shlex
 
     sys.path.insert(0, str(REPO / "bench"))
-    from wan import build_parser  # bench/wan.py: the settings the results were produced with
+    from wan import build_parser, resolve  # bench/wan.py: the settings the results were produced with
 
     from atoll.config.schema import SyncSection
     from atoll.model.config import get_preset
@@ -231,13 +244,15 @@ def lab_wan(path: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     from atoll.sync.link_model import allgather_bytes, allgather_latency
 
     data = json.loads(path.read_text())
-    args = build_parser().parse_args(shlex.split(data["command"])[2:])
+    args = resolve(build_parser().parse_args(shlex.split(data["command"])[2:]))
+    for name, value in data.get("settings", WAN_V1_SETTINGS).items():  # wan.json records them (v2 on)
+        setattr(args, name, value)
     step_s = float(data["scenario"]["step_seconds"])
     mbps = float(data["scenario"]["emulated_mbps"])
     defaults = SyncSection()
-    shape = shape_from_config(get_preset("demo"), name="demo")
+    shape = shape_from_config(get_preset(args.preset), name=args.preset)
     links = [link_from_mbps(n, up_mbps=mbps, down_mbps=mbps, latency_ms=args.latency_ms) for n in ("east", "west")]
-    sites = [SimSite(link.name, step_s, args.batch * 256, 1, link) for link in links]
+    sites = [SimSite(link.name, step_s, args.batch * args.seq_len, 1, link) for link in links]
     out = []
     for rec in data["runs"]:
         codec = rec["codec"]
@@ -248,7 +263,7 @@ def lab_wan(path: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
             1 if rec["strategy"] == "ddp" else args.inner_steps,
             allgather_bytes(payload, 2),
             allgather_latency(links),
-            defaults.fragments if streaming else 1,
+            args.fragments if streaming else 1,
             args.overlap_steps if streaming else 0,
         )
         sim = simulate(sites, sync, num_steps=args.steps)

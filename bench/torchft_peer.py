@@ -1,4 +1,4 @@
-"""torchft's own `DiLoCo`, driven directly on atoll's setup: the peer of bench/wan.py.
+"""torchft's own `DiLoCo`, plain or streaming, driven directly on atoll's setup: the peer of bench/wan.py.
 
 One process per rank of every site, started by atoll's multi-site launcher like `atoll.train`
 ranks (same environment: RANK, WORLD_SIZE, MASTER_ADDR/PORT of the site's store, ATOLL_SITE,
@@ -8,15 +8,21 @@ TORCHFT_LIGHTHOUSE, ATOLL_PROCS_ON_HOST):
     python bench/torchft_peer.py CONFIG.yaml [--section.key=value ...]
     launch_sites([CONFIG, *overrides], ..., module="bench.torchft_peer")  # cwd or PYTHONPATH: the repo root
 
-It trains what atoll's `diloco` strategy trains for the same config: the same model (preset +
-the data's vocabulary, seeded with run.seed), the same per-site data streams (seed run.seed +
-7919 * (site_index + 1)), the same AdamW + warm-up/cosine inner optimizer, clipping, H =
-sync.inner_steps inner steps per round, the same number of rounds, outer SGD (outer_lr,
+It trains what atoll's `diloco` or `streaming` strategy trains for the same config: the same model
+(preset + the data's vocabulary, seeded with run.seed), the same per-site data streams (seed
+run.seed + 7919 * (site_index + 1)), the same AdamW + warm-up/cosine inner optimizer, clipping,
+H = sync.inner_steps inner steps per round, the same number of rounds, outer SGD (outer_lr,
 outer_momentum, nesterov), the same validation batches. The outer loop is torchft 0.2.0's
 `torchft.local_sgd.DiLoCo` on a torchft `Manager` + `ProcessGroupGloo` per rank (one replica
-group per site), not atoll's engine. Differences that are torchft's, not this script's: every
-rank of a site exchanges the whole model (no sharded exchange), fp32 pseudo-gradients (no codec:
-torchft quantizes only on CUDA with Triton), an unweighted mean over sites.
+group per site), not atoll's engine. With `sync.strategy=streaming` it is torchft's streaming
+DiLoCo: atoll's `sync.fragments` fragments (the same layers in each, `split_fragments`), one
+synced every H / fragments steps in turn, each allreduce overlapping `sync.overlap_steps` (tau)
+inner steps (`fragment_sync_delay`), then the global fragment taken as it is
+(`fragment_update_alpha` 0; atoll keeps the tau steps' local progress on top of it). torchft
+needs H divisible by the fragments and tau below H / fragments. Differences that are torchft's,
+not this script's: every rank of a site exchanges the whole model (no sharded exchange), fp32
+pseudo-gradients (no codec: torchft quantizes only on CUDA with Triton), an unweighted mean over
+sites.
 
 The WAN: in the netns lab the kernel shapes bandwidth; elsewhere torchft's traffic is not shaped,
 so the manager's allreduce is wrapped to count bytes ((M-1) x tensor bytes per allreduce, as
@@ -36,6 +42,7 @@ import hashlib
 import logging
 import math
 import os
+import re
 import statistics
 import sys
 import time
@@ -194,18 +201,48 @@ def _check(cfg: RunConfig, site: SiteInfo, env: DistEnv) -> None:
         )
     if cfg.parallel.shard != "ddp":
         raise AtollError("the torchft peer replicates the model inside a site: use parallel.shard=ddp")
-    if env.is_main and (s.strategy != "diloco" or s.codec != "none"):
-        log.info(
-            "site %s: sync.strategy=%s codec=%s are atoll's; the peer runs torchft's DiLoCo on the whole model, fp32",
-            site.name,
-            s.strategy,
-            s.codec,
+    if s.strategy not in ("diloco", "streaming"):
+        raise AtollError(
+            f"sync.strategy={s.strategy}: the torchft peer runs torchft's DiLoCo (diloco) or its streaming "
+            "DiLoCo (streaming); set one of them"
         )
+    if s.strategy == "streaming":
+        frags = s.fragments
+        if s.inner_steps % frags != 0 or s.overlap_steps >= s.inner_steps // frags:
+            raise AtollError(
+                f"torchft's streaming DiLoCo needs sync.inner_steps ({s.inner_steps}) divisible by sync.fragments "
+                f"({frags}) and sync.overlap_steps ({s.overlap_steps}) below inner_steps / fragments: change them"
+            )
+    if env.is_main and s.codec != "none":
+        log.info("site %s: sync.codec=%s is atoll's; the peer exchanges fp32", site.name, s.codec)
     if env.is_main and s.site_inner_steps:
         log.warning(
             "sync.site_inner_steps: torchft averages the sites' pseudo-gradients unweighted "
             "(atoll weights them by tokens)"
         )
+
+
+def model_fragments(model: nn.Module, num_fragments: int) -> list[nn.Module]:
+    """atoll's streaming fragments (`split_fragments`, sequential) as modules for torchft's DiLoCo:
+    each holds the decoder layers (and the embedding, final norm and head) its fragment names, so
+    both systems exchange the same parameters at each fragment's turn."""
+    from atoll.sync.fragments import split_fragments
+
+    names = [n for n, _ in model.named_parameters()]
+    layers = len({m.group(1) for n in names if (m := re.search(r"(?:^|\.)layers\.(\d+)\.", n))})
+    out = []
+    for frag in split_fragments(names, num_fragments=min(num_fragments, layers)):
+        holder = nn.Module()
+        for path in dict.fromkeys(_module_path(n) for n in frag):
+            holder.add_module(path.replace(".", "_"), model.get_submodule(path))
+        out.append(holder)
+    return out
+
+
+def _module_path(name: str) -> str:
+    """The module a parameter belongs to at fragment granularity: `layers.N` or a top-level module."""
+    parts = name.split(".")
+    return ".".join(parts[:2]) if parts[0] == "layers" else parts[0]
 
 
 def _prepare(cfg: RunConfig, env: DistEnv) -> None:
@@ -308,13 +345,18 @@ def _train(cfg: RunConfig, *, env: DistEnv, site: SiteInfo, device: torch.device
         init_sync=False,  # every site seeds its weights identically
     )
     nesterov = s.nesterov and s.outer_momentum > 0
-    outer = torch.optim.SGD(model.parameters(), lr=s.outer_lr, momentum=s.outer_momentum, nesterov=nesterov)
     model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    streaming = s.strategy == "streaming"
+    fragments = model_fragments(model, s.fragments) if streaming else [model]
+    # One outer SGD per fragment (torchft steps a fragment's optimizer at its turn; momentum stays per fragment).
+    outers = [
+        torch.optim.SGD(f.parameters(), lr=s.outer_lr, momentum=s.outer_momentum, nesterov=nesterov) for f in fragments
+    ]
     diloco = DiLoCo(
         manager,
-        [model],
+        fragments,
         optimizer,
-        outer,
+        outers if streaming else outers[0],
         sync_every=H,
         backup_device=torch.device("cpu"),
         pin_memory=False,  # no CUDA
@@ -322,7 +364,12 @@ def _train(cfg: RunConfig, *, env: DistEnv, site: SiteInfo, device: torch.device
         # the whole model: 0.2.0's bucketing skips tensors when a model spans several buckets.
         use_bucketization=True,
         bucket_cap_mb=model_bytes / 2**20 + 1,
+        # Streaming: a fragment's allreduce overlaps tau inner steps (atoll's overlap_steps); alpha 0,
+        # torchft's default, takes the global fragment as it is (atoll adds the tau steps' progress on top).
+        fragment_sync_delay=s.overlap_steps if streaming else 0,
+        fragment_update_alpha=0.0,
     )
+    syncs_per_round = len(fragments)
 
     train_ds = TokenDataset(cfg.data.dir, "train", seq_len=cfg.data.seq_len)
     val_ds = TokenDataset(cfg.data.dir, "validation", seq_len=cfg.data.seq_len)
@@ -340,8 +387,10 @@ def _train(cfg: RunConfig, *, env: DistEnv, site: SiteInfo, device: torch.device
     metrics = MetricsWriter(cfg.run.path, enabled=env.is_main)
     if env.is_main:
         log.info(
-            "site %s: torchft DiLoCo, model %.2fM parameters, %d rank(s), H=%d, %d steps, WAN %s",
+            "site %s: torchft %s DiLoCo, %d fragment(s), model %.2fM parameters, %d rank(s), H=%d, %d steps, WAN %s",
             site.name,
+            "streaming" if streaming else "plain",
+            len(fragments),
             mcfg.num_params() / 1e6,
             env.world_size,
             H,
@@ -401,7 +450,7 @@ def _train(cfg: RunConfig, *, env: DistEnv, site: SiteInfo, device: torch.device
                         "tokens_per_s": global_tokens / elapsed, "tokens_seen": tokens_seen, "step_seconds": elapsed,
                         "wan_bytes_sent": int(sent), "wan_bytes_received": int(received),
                         "wan_exchanges": c.exchanges, "wan_seconds": c.seconds,
-                        "wan_failed": step // H - manager.current_step(),
+                        "wan_failed": step * syncs_per_round // H - manager.current_step(),
                         "sync_wait_seconds": sync_seconds, "sync_rejected": 0,
                         "compute_seconds": compute_seconds, "wall_seconds": wall,
                         "compute_utilization": compute_seconds / wall, "params_checksum": param_checksum(model),

@@ -19,8 +19,9 @@ pytest.importorskip("torchft")
 
 
 @pytest.mark.timeout(240)
+@pytest.mark.parametrize("strategy", ["diloco", "streaming"])
 def test_two_sites_end_identical_with_falling_loss(
-    tmp_path: Path, tiny_data: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, tiny_data: Path, monkeypatch: pytest.MonkeyPatch, strategy: str
 ) -> None:
     topo = tmp_path / "topology.yaml"
     topo.write_text(
@@ -40,7 +41,8 @@ def test_two_sites_end_identical_with_falling_loss(
         tmp_path,
         tiny_data,
         train={"steps": 8, "log_every": 2, "eval_every": 0, "checkpoint_every": 0},
-        sync={"strategy": "diloco", "inner_steps": 4, "timeout_seconds": 120},
+        # streaming: the tiny model's 2 layers in 2 fragments, one synced every 2 steps, tau 1.
+        sync={"strategy": strategy, "inner_steps": 4, "fragments": 2, "overlap_steps": 1, "timeout_seconds": 120},
     )
     # bench/ is not a package: `-m bench.torchft_peer` finds it as a namespace package from the repo root.
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(REPO), str(REPO / "src")]))
@@ -69,10 +71,15 @@ def test_two_sites_end_identical_with_falling_loss(
         n_params = ModelConfig(
             **json.loads((tmp_path / "runs" / "t" / "sites" / site / "model.json").read_text())
         ).num_params()
-        # Two rounds, each one fp32 allreduce of the whole model: (M-1) x model bytes per round.
+        # Two rounds, each one fp32 allreduce of the whole model (streaming: of its two fragments in
+        # turn, every parameter once per round): (M-1) x model bytes per round.
         assert last["wan_bytes_sent"] == 2 * 4 * n_params
         vals += [r["val_loss"] for r in records if "val_loss" in r]
         finals.append(records[-1])
-    assert finals[0]["torchft_commits"] == finals[1]["torchft_commits"] == 2
-    assert finals[0]["params_sha256"] == finals[1]["params_sha256"]  # bitwise-identical parameters
-    assert len(vals) == 2 and vals[0] == vals[1]
+    # A commit per allreduce: per round (diloco) or per fragment's turn (streaming, 2 per round).
+    assert finals[0]["torchft_commits"] == finals[1]["torchft_commits"] == (2 if strategy == "diloco" else 4)
+    if strategy == "diloco":
+        assert finals[0]["params_sha256"] == finals[1]["params_sha256"]  # bitwise-identical parameters
+        assert len(vals) == 2 and vals[0] == vals[1]
+    else:  # fragment 0 trained locally after its last sync at step 6: the sites differ there
+        assert len(vals) == 2 and finals[0]["params_sha256"] != finals[1]["params_sha256"]

@@ -42,6 +42,16 @@ def test_fp32_exchange_doubles_r() -> None:
     assert SCENARIOS["diloco-107b-1gbps-fp32"].ratio == pytest.approx(2 * SCENARIOS["diloco-107b-1gbps"].ratio)
 
 
+def test_intellect1_has_another_ratio_at_int8_width() -> None:
+    s = get_scenario("intellect-1")
+    assert s.bytes_per_param == 1  # its int8 all-reduce
+    assert s.send_seconds == pytest.approx(10e9 * 8 / 1e9)
+    assert s.step_seconds == pytest.approx(6 * 10e9 * 0.5e6 / (8 * 989e12 * 0.38))
+    assert s.ratio == pytest.approx(8.0, abs=0.1)
+    assert s.ratio < SCENARIOS["diloco-107b-1gbps"].ratio / 5
+    assert "arXiv:2412.01152" in s.assumptions() and "assumed" in s.assumptions()
+
+
 def test_scenario_errors_name_the_fix() -> None:
     with pytest.raises(AtollError, match="known: diloco-107b-1gbps"):
         get_scenario("nope")

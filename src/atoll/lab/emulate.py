@@ -99,12 +99,21 @@ class Scenario:
 
 
 _DILOCOX = "DiLoCoX-like, shared/REFERENCES.md 'Scaling a scenario down to the lab'"
+# INTELLECT-1 (Jaghouar et al. 2024, arXiv:2412.01152): a 10B model, DiLoCo with an int8
+# all-reduce of the pseudo-gradients (1 byte per parameter), nodes of 8 H100s (989 TFLOP/s bf16
+# dense), 36.2-41.4% MFU (0.38 here). The report gives neither the per-node link nor the tokens
+# per node per inner step: 1 Gbit/s and 0.5M tokens are assumptions, stated in the source line.
+_INTELLECT1 = (
+    "INTELLECT-1, arXiv:2412.01152: 10B, int8 all-reduce, 8 x H100 nodes, 36.2-41.4% MFU; "
+    "assumed: 1 Gbit/s per node, 0.5M tokens per node per inner step"
+)
 
 SCENARIOS: dict[str, Scenario] = {
     s.name: s
     for s in (
         Scenario("diloco-107b-1gbps", 107e9, 2, 1000, 2, 80, 312e12, 0.40, 0.5e6, _DILOCOX + ", bf16 exchange"),
         Scenario("diloco-107b-1gbps-fp32", 107e9, 4, 1000, 2, 80, 312e12, 0.40, 0.5e6, _DILOCOX + ", fp32 exchange"),
+        Scenario("intellect-1", 10e9, 1, 1000, 14, 8, 989e12, 0.38, 0.5e6, _INTELLECT1),
     )
 }
 DEFAULT_SCENARIO = "diloco-107b-1gbps"

@@ -1,0 +1,91 @@
+"""bench/wan.py v2: its settings checks, what runs again per seed, and the table's means and spreads."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import pytest
+
+from tests.conftest import REPO
+
+sys.path.insert(0, str(REPO / "bench"))
+
+import wan  # noqa: E402
+import wan_report  # noqa: E402
+
+
+def parse(*argv: str) -> Any:
+    return wan.resolve(wan.build_parser().parse_args(list(argv)))
+
+
+def test_defaults_run_16_rounds_and_fit_torchft_streaming() -> None:
+    args = parse()
+    assert args.rounds >= 16 and args.steps == args.rounds * args.inner_steps
+    assert args.inner_steps % args.fragments == 0 and args.overlap_steps < args.inner_steps // args.fragments
+    assert args.out == wan.RESULTS and len(args.seeds) >= 2
+
+
+def test_quick_never_writes_bench_results() -> None:
+    args = parse("--quick")
+    assert args.out == wan.QUICK_OUT != wan.RESULTS
+    assert args.seeds == [0] and args.rounds * args.inner_steps == args.steps == 8
+    kinds = wan.grid(args)
+    assert {k[1] for k in kinds} == {"ddp", "diloco", "streaming", "delayed"}
+    assert ("torchft", "streaming", "none") in kinds and ("atoll", "streaming", "none") in kinds
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [("--rounds", "8"), ("--inner-steps", "30"), ("--overlap-steps", "8"), ("--rounds", "16", "--steps", "100")],
+)
+def test_bad_settings_stop_with_the_fix(argv: tuple[str, ...]) -> None:
+    with pytest.raises(SystemExit, match="rounds|fragments|steps"):
+        parse(*argv)
+
+
+def record(system: str, strategy: str, codec: str, seed: int, val: float, wall: float, sent: float) -> dict[str, Any]:
+    return {
+        "system": system,
+        "strategy": strategy,
+        "codec": codec,
+        "seed": seed,
+        "val_loss": val,
+        "wall_s": wall,
+        "wan_bytes": sent,
+        "compute_utilization": 0.5,
+    }
+
+
+def test_means_spreads_and_the_repeats_after_the_first_seed() -> None:
+    recs = [
+        record("atoll", "ddp", "none", 0, 5.0, 1000.0, 1e9),
+        record("atoll", "ddp", "none", 1, 5.2, 1200.0, 1e9),
+        record("atoll", "diloco", "none", 0, 5.3, 300.0, 1e8),
+        record("atoll", "streaming", "int4", 0, 5.1, 100.0, 1e6),
+        record("torchft", "diloco", "none", 0, 5.3, 320.0, 1e8),
+    ]
+    for r in recs:  # as write_results sets them: against the same seed's DDP
+        ddp = next(d for d in recs if d["strategy"] == "ddp" and d["seed"] == r["seed"])
+        r["bytes_reduction_vs_ddp"] = ddp["wan_bytes"] / r["wan_bytes"]
+        r["val_loss_vs_ddp"] = r["val_loss"] / ddp["val_loss"] - 1
+    rows = {(r["system"], r["strategy"], r["codec"]): r for r in wan_report.aggregate(recs)}
+    ddp = rows[("atoll", "ddp", "none")]
+    assert ddp["seeds"] == 2
+    assert ddp["val_loss"]["mean"] == pytest.approx(5.1) and ddp["val_loss"]["spread"] == pytest.approx(0.1)
+    assert wan_report.pm(ddp["wall_s"], ",.0f") == "1,100 ± 100"
+    assert wan_report.pm(rows[("atoll", "diloco", "none")]["wall_s"], ",.0f") == "300"  # one seed: no spread
+    assert wan_report.check_targets(recs)["best"] == "streaming int4"  # 1,000x fewer bytes, within 2%
+    args = parse("--seeds", "0", "1")
+    again = wan.repeats(args, recs)
+    assert again[:2] == [("atoll", "ddp", "none"), ("atoll", "streaming", "int4")]
+    assert {("atoll", "diloco", "none"), ("atoll", "streaming", "none")} <= set(again)
+    assert {("torchft", "diloco", "none"), ("torchft", "streaming", "none")} <= set(again)
+
+
+def test_predicted_time_counts_fp32_exchanges_at_twice_a_bf16_scenario() -> None:
+    args = parse()
+    diloco = wan.predicted_seconds(("atoll", "diloco", "none"), args, 50.0, 2.0)
+    assert diloco == pytest.approx(args.steps + args.rounds * 50.0 * 4 / 2)
+    overlapped = wan.predicted_seconds(("atoll", "delayed", "int4"), args, 50.0, 2.0)
+    assert args.steps <= overlapped < diloco
