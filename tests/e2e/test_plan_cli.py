@@ -190,3 +190,7 @@ def test_a_plan_for_sites_of_two_speeds_trains_as_planned(tmp_path: Path, tiny_d
     work = east.inner_steps + west.inner_steps
     assert all(1 <= w <= e and e + w <= work for e, w in zip(steps["east"], steps["west"])), steps
     assert finals["east"] == finals["west"]
+    # The run's own report sets the plan's predictions beside what the sites measured.
+    page = (tmp_path / "runs" / "t" / "report.html").read_text(encoding="utf-8")
+    assert "Plan: predicted against measured" in page and "predicted efficiency" in page
+    assert f"<td>{east.inner_steps}</td><td>{steps['east'][0]} then" in page  # planned H, then H run

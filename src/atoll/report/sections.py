@@ -379,19 +379,34 @@ def chain_section(run: RunData) -> str:
     return "".join(parts)
 
 
+def _rounds_run(steps: Sequence[int]) -> str:
+    """The inner steps a site ran per round: the first round's (a plan's split), then the mean of
+    the others (re-measured)."""
+    if not steps:
+        return "n/a"
+    if len(steps) == 1:
+        return str(steps[0])
+    return f"{steps[0]} then {sum(steps[1:]) / len(steps[1:]):.3g}"
+
+
 def plan_section(run: RunData) -> str:
     """The plan's predictions beside what the run measured."""
     plan = run.plan
     if plan is None:
         return ""
     measured = {m.name: m for m in site_measures(run)}
+    sites = {site.name: site for site in run.sites}
     rows = []
     for s in plan.sites:
         m = measured.get(s.name)
         pred = s.predicted
+        rounds = sites[s.name].last("sync_rounds") if s.name in sites else None
+        steps = [int(r[1]) for r in rounds or []]
         rows.append(
             [
                 s.name,
+                s.inner_steps,
+                _rounds_run(steps),
                 num(pred.step_s if pred else None, ".4g"),
                 num(m.median_step_seconds if m else None, ".4g"),
                 pct(pred.mfu if pred else None),
@@ -402,6 +417,8 @@ def plan_section(run: RunData) -> str:
         )
     head = [
         "site",
+        "planned H",
+        "H run (first round, then mean)",
         "predicted step s",
         "measured median step s",
         "predicted MFU",
@@ -409,9 +426,11 @@ def plan_section(run: RunData) -> str:
         "predicted utilization",
         "measured utilization",
     ]
+    efficiency = plan.predicted.efficiency if plan.predicted else None
+    predicted = f"; predicted efficiency {pct(efficiency)} of the sites' summed throughput" if efficiency else ""
     return (
         f"<p>Plan for <b>{esc(plan.model)}</b> on {esc(plan.topology)} ({esc(plan.sync.strategy)}, "
-        f"H={plan.sync.inner_steps}, codec {esc(plan.sync.codec)})</p>" + table(head, rows, cls="num")
+        f"H={plan.sync.inner_steps}, codec {esc(plan.sync.codec)}){predicted}</p>" + table(head, rows, cls="num")
     )
 
 
