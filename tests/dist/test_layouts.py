@@ -132,14 +132,27 @@ def test_a_plan_with_pipeline_stages_trains_as_one_rank(tmp_path: Path, tiny_dat
     assert_same_training(one_rank, tmp_path / "runs" / "t")
 
 
-def test_interleaved_pp2_vp2_matches_one_rank(tmp_path: Path, tiny_data: Path) -> None:
-    # Four layers in pp 2 x vp 2 stages: rank 0 runs layers 0 and 2, rank 1 layers 1 and 3.
+def test_a_one_rank_checkpoint_resumes_on_interleaved_pp2_vp2_as_one_rank_goes_on(
+    tmp_path: Path, tiny_data: Path
+) -> None:
+    # Four layers in pp 2 x vp 2 stages (rank 0 runs layers 0 and 2, rank 1 layers 1 and 3). A
+    # one-rank run's step-2 checkpoint (whole model, AdamW state of both parameter groups) loads
+    # into the stages, which then train steps 3-6 as the one rank did.
     deep = {"preset": "tiny", "num_layers": 4}
+    longer = {"steps": 6, "checkpoint_every": 2, "keep_checkpoints": 3}
     (tmp_path / "one").mkdir()
-    (tmp_path / "pp").mkdir()
-    reference = train(tmp_path / "one", tiny_data, model=deep)
+    reference = train(tmp_path / "one", tiny_data, model=deep, train=longer)
+    cfg = tiny_config(tmp_path, tiny_data, model=deep, train={**TRAIN, **longer})
+    run = tmp_path / "runs" / "t"
+    shutil.copytree(reference, run)
+    for step in (4, 6):
+        shutil.rmtree(run / "checkpoints" / f"step_{step:08d}")
     args = ("--parallel.pp=2", "--parallel.vp=2", "--parallel.pp_schedule=interleaved_1f1b")
-    assert_same_training(reference, train(tmp_path / "pp", tiny_data, *args, nproc=2, model=deep))
+    proc = run_atoll("train", str(cfg), "--resume", "--nproc", "2", *args, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "tp 1 x pp 2 x dp 1" in proc.stderr
+    assert_same_training(reference, run, steps=6)
+    assert set(metric(run, "val_loss")) == {2, 4, 6}
 
 
 def test_pp2_by_tp2_matches_one_rank_resumes_on_one_rank_and_exports_the_same_model(
