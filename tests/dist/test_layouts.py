@@ -1,12 +1,15 @@
-"""Layouts inside a site on gloo: tensor, sequence and data parallelism and their sharding levels
-compute the same training as one rank (same data order), and their checkpoints load at any tp."""
+"""Layouts inside a site on gloo: tensor, sequence, pipeline and data parallelism and their
+sharding levels compute the same training as one rank (same data order), and their checkpoints
+load at any layout."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from atoll.report.metrics import read_metrics
@@ -94,6 +97,80 @@ def test_zero_1_matches_one_rank(tmp_path: Path, tiny_data: Path, one_rank: Path
     assert_same_training(one_rank, train(tmp_path, tiny_data, "--parallel.zero=1", nproc=2))
 
 
+def assert_same_export(run: Path, reference: Path, tmp: Path) -> None:
+    ours, theirs = tmp / "hf", tmp / "hf-one"
+    assert run_atoll("export", str(run), str(ours)).returncode == 0
+    assert run_atoll("export", str(reference), str(theirs)).returncode == 0
+    a, b = load_file(ours / "model.safetensors"), load_file(theirs / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].shape == b[k].shape and torch.allclose(a[k], b[k], rtol=0, atol=1e-5), k
+
+
+def test_a_plan_with_pipeline_stages_trains_as_one_rank(tmp_path: Path, tiny_data: Path, one_rank: Path) -> None:
+    # A one-site plan whose layout is pp 2 (1f1b, the default schedule): `atoll train --plan`
+    # honours it (nothing listed as ignored) and the two stages train as the one rank does.
+    layout = {"tp": 1, "pp": 2, "dp": 1, "vp": 1, "micro_batch": 2, "zero": 1}
+    plan = {
+        "version": 1,
+        "model": "tiny",
+        "model_params": 100_000,
+        "topology": "lab.yaml",
+        "tokens": 512.0,
+        "seq_len": 32,
+        "global_batch": 4,
+        "steps": STEPS,
+        "sync": {"strategy": "ddp", "inner_steps": 1},
+        "sites": [{"name": "lab", "devices": [{"kind": "cpu", "count": 2}], "batch": 4, "layout": layout}],
+    }
+    (tmp_path / "plan.yaml").write_text(yaml.safe_dump(plan), encoding="utf-8")
+    cfg = tiny_config(tmp_path, tiny_data, train=TRAIN)
+    proc = run_atoll("train", str(cfg), "--nproc", "2", "--plan", str(tmp_path / "plan.yaml"), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "does not honor" not in proc.stderr, proc.stderr
+    assert "tp 1 x pp 2 x dp 1" in proc.stderr
+    assert_same_training(one_rank, tmp_path / "runs" / "t")
+
+
+def test_a_one_rank_checkpoint_resumes_on_interleaved_pp2_vp2_as_one_rank_goes_on(
+    tmp_path: Path, tiny_data: Path
+) -> None:
+    # Four layers in pp 2 x vp 2 stages (rank 0 runs layers 0 and 2, rank 1 layers 1 and 3). A
+    # one-rank run's step-2 checkpoint (whole model, AdamW state of both parameter groups) loads
+    # into the stages, which then train steps 3-6 as the one rank did.
+    deep = {"preset": "tiny", "num_layers": 4}
+    longer = {"steps": 6, "checkpoint_every": 2, "keep_checkpoints": 3}
+    (tmp_path / "one").mkdir()
+    reference = train(tmp_path / "one", tiny_data, model=deep, train=longer)
+    cfg = tiny_config(tmp_path, tiny_data, model=deep, train={**TRAIN, **longer})
+    run = tmp_path / "runs" / "t"
+    shutil.copytree(reference, run)
+    for step in (4, 6):
+        shutil.rmtree(run / "checkpoints" / f"step_{step:08d}")
+    args = ("--parallel.pp=2", "--parallel.vp=2", "--parallel.pp_schedule=interleaved_1f1b")
+    proc = run_atoll("train", str(cfg), "--resume", "--nproc", "2", *args, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "tp 1 x pp 2 x dp 1" in proc.stderr
+    assert_same_training(reference, run, steps=6)
+    assert set(metric(run, "val_loss")) == {2, 4, 6}
+
+
+def test_pp2_by_tp2_matches_one_rank_resumes_on_one_rank_and_exports_the_same_model(
+    tmp_path: Path, tiny_data: Path, one_rank: Path
+) -> None:
+    # Four ranks: two stages, each split over two tp ranks (vocabulary-parallel embedding and
+    # head under loss_parallel), zero 0. Checkpoints at steps 2 and 4.
+    run = train(tmp_path, tiny_data, "--parallel.pp=2", "--parallel.tp=2", nproc=4, train={"checkpoint_every": 2})
+    assert_same_training(one_rank, run)
+    assert_same_export(run, one_rank, tmp_path)
+    # Its step-2 checkpoint (model and AdamW state, both parameter groups) resumes on one rank.
+    shutil.rmtree(run / "checkpoints" / f"step_{STEPS:08d}")
+    proc = run_atoll("train", str(tmp_path / "config.yaml"), "--resume")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resumed" in proc.stderr
+    assert_same_training(one_rank, run)
+
+
 def test_tied_embeddings_under_tp2_match_one_rank(tmp_path: Path, tiny_data: Path) -> None:
     tied = {"preset": "tiny", "tie_embeddings": True}
     short = {"steps": 3, "eval_every": 0}
@@ -109,7 +186,12 @@ def test_tied_embeddings_under_tp2_match_one_rank(tmp_path: Path, tiny_data: Pat
     [
         (["--nproc", "2", "--parallel.tp=2", "--model.num_heads=2", "--model.num_kv_heads=1"], "num_kv_heads (1)"),
         (["--nproc", "3", "--parallel.tp=2"], "3 ranks, not a multiple of parallel.tp x parallel.pp = 2 x 1"),
-        (["--nproc", "4", "--parallel.pp=4"], "2 layers do not split into parallel.pp x parallel.vp = 4 x 1"),
+        (["--nproc", "4", "--parallel.pp=4"], "parallel.pp 4 is more than the model's 2 layers"),
+        (
+            ["--nproc", "2", "--parallel.pp=2", "--parallel.vp=2", "--parallel.pp_schedule=interleaved_1f1b"],
+            "2 layers do not split into parallel.pp x parallel.vp = 2 x 2 = 4 stages",
+        ),
+        (["--nproc", "2", "--parallel.pp=2", "--train.global_batch=2"], "1f1b needs at least pp (2) micro-batches"),
     ],
 )
 def test_a_bad_layout_is_one_line_and_exit_2(tmp_path: Path, tiny_data: Path, args: list[str], message: str) -> None:

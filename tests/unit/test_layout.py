@@ -49,8 +49,8 @@ def test_zero_follows_shard_unless_set() -> None:
         ({"tp": 3}, 3, "parallel.tp 3 does not divide the model's num_heads"),
         ({"tp": 4}, 4, "parallel.tp 4 does not divide the model's num_kv_heads"),
         ({"tp": 2}, 3, "3 ranks, not a multiple of parallel.tp x parallel.pp = 2 x 1"),
-        ({"pp": 4}, 4, "2 layers do not split into parallel.pp x parallel.vp = 4 x 1"),
-        ({"pp": 2}, 2, "pipeline parallelism is not available yet"),
+        ({"pp": 4}, 4, "parallel.pp 4 is more than the model's 2 layers"),
+        ({"pp": 2, "vp": 2, "pp_schedule": "interleaved_1f1b"}, 4, "2 layers do not split into .* = 4 stages"),
         ({"vp": 2}, 1, "virtual stages need --parallel.pp_schedule=interleaved_1f1b"),
         ({"sequence_parallel": True}, 2, "sequence_parallel needs tensor parallelism"),
         ({"tp": 2, "sequence_parallel": True}, 2, "seq_len is 33"),
@@ -60,6 +60,26 @@ def test_a_bad_layout_is_one_line_naming_the_fix(kw: dict[str, object], world: i
     with pytest.raises(AtollError, match=message) as exc:
         resolve_layout(par(**kw), world_size=world, model=TINY, seq_len=33)
     assert "\n" not in str(exc.value)
+
+
+def test_a_pipeline_needs_untied_embeddings_and_equal_micro_batches_its_schedule_runs() -> None:
+    import dataclasses
+
+    from atoll.parallel.pipeline import pipeline_micro_batches
+
+    layout = resolve_layout(par(pp=2), world_size=4, model=TINY)  # pp 2 x dp 2
+    assert (layout.pp, layout.dp) == (2, 2)
+    assert pipeline_micro_batches(layout, global_batch=8, micro_batch=2) == 2
+    assert pipeline_micro_batches(resolve_layout(par(), world_size=2), global_batch=3, micro_batch=2) == 0
+    with pytest.raises(AtollError, match="set model.tie_embeddings: false"):
+        resolve_layout(par(pp=2), world_size=2, model=dataclasses.replace(TINY, tie_embeddings=True))
+    for batch, micro, message in (
+        (6, 2, "global_batch 6 is not a multiple of dp x train.micro_batch = 2 x 2"),
+        (4, 2, "gives 1 micro-batches per step, and 1f1b needs at least pp \\(2\\)"),
+    ):
+        with pytest.raises(AtollError, match=message) as exc:
+            pipeline_micro_batches(layout, global_batch=batch, micro_batch=micro)
+        assert "\n" not in str(exc.value)
 
 
 def test_config_keys_validate_without_a_model() -> None:

@@ -185,7 +185,8 @@ def wrap_model(
     backward, zero 3 reshards after forward; with one replica (dp 1) there is nothing to shard
     over: zero is then read as 0. Without `layout`, `shard` (ddp or fsdp) on every rank
     of the site, as fine-tuning uses it. `mesh` is `atoll.parallel.layout.build_mesh`'s, needed
-    when a replica spans ranks.
+    when a replica spans ranks. With pipeline stages (pp > 1) only tensor parallelism and
+    recompute are applied here: FSDP2 wraps each stage after the pipeline runner builds them.
     """
     if layout is None:
         layout = Layout(dp=env.world_size, zero=3 if shard == "fsdp" else 0)
@@ -195,7 +196,9 @@ def wrap_model(
         assert mesh is not None, "tensor parallelism needs the site's mesh"
         parallelize(model, mesh["tp"], sequence_parallel=layout.sequence_parallel)
     apply_recompute(model, layout.recompute)
-    if not dist.is_initialized():
+    if not dist.is_initialized() or layout.pp > 1:
+        # A pipeline stage's part is sharded per stage once its runner has built them
+        # (`atoll.parallel.pipeline.shard_stages`); with zero 0 the runner averages over dp.
         return model
     dp_mesh = mesh["dp"] if mesh is not None else None
     if layout.zero > 0 and layout.dp > 1:

@@ -131,10 +131,6 @@ def resolve_layout(
         raise AtollError("parallel.sequence_parallel needs tensor parallelism: set --parallel.tp above 1 or drop it")
     if model is not None:
         _check_model(layout, model, seq_len=seq_len)
-    if pp > 1:
-        raise AtollError(
-            f"parallel.pp is {pp}: pipeline parallelism is not available yet in this trainer: use --parallel.pp=1"
-        )
     return layout
 
 
@@ -149,6 +145,16 @@ def _check_model(layout: Layout, model: ModelConfig, *, seq_len: int | None) -> 
         if value % tp:
             raise AtollError(f"parallel.tp {tp} does not divide the model's {key} ({value}): use a tp that divides it")
     stages = layout.pp * layout.vp
+    if layout.pp > model.num_layers:
+        raise AtollError(
+            f"parallel.pp {layout.pp} is more than the model's {model.num_layers} layers: every pipeline stage "
+            f"needs a layer: use a pp of at most {model.num_layers}"
+        )
+    if layout.pp > 1 and model.tie_embeddings:
+        raise AtollError(
+            f"parallel.pp is {layout.pp} but the model ties its embeddings (the first stage embeds, the last "
+            "projects with the same matrix): set model.tie_embeddings: false, or use --parallel.pp=1"
+        )
     if model.num_layers % stages:
         raise AtollError(
             f"the model's {model.num_layers} layers do not split into parallel.pp x parallel.vp = "

@@ -49,6 +49,8 @@ from atoll.errors import AtollError
 from atoll.model.config import ModelConfig
 from atoll.model.llama import Layers, Transformer
 from atoll.model.loss import autocast
+from atoll.parallel.dist import average_gradients
+from atoll.parallel.layout import Layout
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +125,30 @@ def check_schedule(schedule: str, *, pp: int, vp: int, num_micro_batches: int) -
                 f"interleaved_1f1b runs {m} micro-batches in {rounds} rounds of pp ({pp}) and needs a multiple "
                 f"of {rounds}; use a multiple of pp micro-batches per step"
             )
+
+
+def pipeline_micro_batches(layout: Layout, *, global_batch: int, micro_batch: int) -> int:
+    """Micro-batches each pipeline runs per step: its replica's rows (global batch / dp) in
+    micro-batches of `micro_batch` rows, which must divide them (a pipeline's micro-batches share
+    one shape). Raises `AtollError` (one line) when they do not, or when `layout.pp_schedule`
+    cannot run that many; 0 without pipeline stages (pp 1). Pure: no process group."""
+    if layout.pp == 1:
+        return 0
+    rows = layout.dp * micro_batch
+    if global_batch % rows:
+        raise AtollError(
+            f"pipeline stages need equal micro-batches: train.global_batch {global_batch} is not a multiple of "
+            f"dp x train.micro_batch = {layout.dp} x {micro_batch}: use a global batch divisible by {rows}"
+        )
+    count = global_batch // rows
+    try:
+        check_schedule(layout.pp_schedule, pp=layout.pp, vp=layout.vp, num_micro_batches=count)
+    except AtollError as exc:
+        raise AtollError(
+            f"train.global_batch {global_batch} / (dp {layout.dp} x train.micro_batch {micro_batch}) gives "
+            f"{count} micro-batches per step, and {exc}"
+        ) from None
+    return count
 
 
 def build_stage_model(
@@ -306,7 +332,8 @@ class PipelineRunner:
         total, _ = self._run(micro_batches, train=True)
         settle_partial_gradients(list(self.model.parameters()))
         if self.dp_group is not None:
-            average_gradients(list(self.model.parameters()), group=self.dp_group)
+            params = [p for p in self.model.parameters() if p.requires_grad]
+            average_gradients(params, group=self.dp_group, size=dist.get_world_size(self.dp_group))
         return total
 
     def evaluate(self, micro_batches: list[torch.Tensor]) -> tuple[float, int]:
@@ -321,6 +348,20 @@ class PipelineRunner:
         pipeline group; DTensor gradients counted over their whole mesh), clipping `params` to
         `max_norm` when it is positive. Same number on every rank of the pipeline group."""
         return clip_grad_norm(params, max_norm, group=self.group, device=self.device)
+
+
+def shard_stages(runner: PipelineRunner, *, mesh: DeviceMesh, zero: int) -> None:
+    """FSDP2 over `mesh` (the dp sub-mesh) on each of `runner`'s stages: every block, then the
+    stage itself (not the rank's container: the schedule runs its stages one at a time); zero 3
+    reshards after forward, 1 and 2 do not. Collective over `mesh`; call before the first step
+    and before building the optimizer (the parameters become sharded DTensors)."""
+    from torch.distributed.fsdp import fully_shard
+
+    reshard = zero == 3
+    for part in runner.parts:
+        for block in part.layers:
+            fully_shard(block, mesh=mesh, reshard_after_forward=reshard)
+        fully_shard(part, mesh=mesh, reshard_after_forward=reshard)
 
 
 def clip_grad_norm(
@@ -355,20 +396,6 @@ def clip_grad_norm(
             for g in grads:
                 g.mul_(coef)
     return float(total)
-
-
-def average_gradients(params: list[nn.Parameter], *, group: dist.ProcessGroup) -> None:
-    """Average the gradients over `group` in one flat all-reduce (data parallelism without DDP)."""
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat, group=group)
-    flat /= dist.get_world_size(group)
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset : offset + g.numel()].view_as(g))
-        offset += g.numel()
 
 
 @torch.no_grad()

@@ -44,18 +44,24 @@ from torch.distributed.tensor.parallel import (
 
 
 def parallelize(model: nn.Module, mesh: DeviceMesh, *, sequence_parallel: bool) -> None:
-    """Shard `model` (a `Transformer`, unwrapped) over the 1-D tp `mesh` in place; collective."""
+    """Shard `model` (a `Transformer`, unwrapped, whole or a pipeline stage's part) over the 1-D tp
+    `mesh` in place; collective. A part without the embedding (every stage but the first) or the
+    head (every stage but the last) shards only what it holds."""
     sp = sequence_parallel
     stream = Shard(1) if sp else Replicate()  # the residual stream between blocks
-    top: dict[str, Any] = {
-        "embed": RowwiseParallel(input_layouts=Replicate(), output_layouts=stream),
-    }
-    if sp:
+    has_embed = getattr(model, "embed", None) is not None
+    has_norm = getattr(model, "norm", None) is not None
+    has_head = getattr(model, "lm_head", None) is not None
+    top: dict[str, Any] = {}
+    if has_embed:
+        top["embed"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=stream)
+    if sp and has_norm:
         top["norm"] = SequenceParallel()
-    if getattr(model, "lm_head", None) is not None:
+    if has_head:
         top["lm_head"] = ColwiseParallel(input_layouts=stream, output_layouts=Shard(-1), use_local_output=False)
-    parallelize_module(model, mesh, top)
-    if getattr(model, "lm_head", None) is None:  # tied: logits = F.linear(norm(x), embed.weight)
+    if top:
+        parallelize_module(model, mesh, top)
+    if has_norm and not has_head:  # tied: logits = F.linear(norm(x), embed.weight)
         model.norm.register_forward_hook(lambda _m, _args, out: _replicated(out, mesh))  # type: ignore[union-attr]
     for block in model.layers:  # type: ignore[union-attr]
         plan: dict[str, Any] = {

@@ -3,7 +3,9 @@
 Layout of one checkpoint, ``RUN/checkpoints/step_00000100/``:
 
 - the DCP files (``.metadata`` and one ``*.distcp`` per writer) with model and optimizer state,
-  sharded as the model is (DDP: replicated; FSDP2: each rank its shards);
+  sharded as the model is (DDP: replicated; FSDP2 and tensor parallelism: each rank its shards;
+  pipeline stages: each rank its layers), all under the whole model's parameter names (the
+  optimizer's too, flattened), so any layout loads any other's;
 - ``rank{r}.pt``: each rank's own state: its CPU (and CUDA) generator state, and what the
   caller passes as `rank_state` (e.g. the cross-site sync state of that rank's shard);
 - ``meta.json``, written last: step, scheduler and data-loader state, and the sha256 of every
@@ -28,6 +30,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
     get_model_state_dict,
     get_state_dict,
     set_model_state_dict,
@@ -42,6 +45,11 @@ log = logging.getLogger(__name__)
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 META = "meta.json"
+# The optimizer's state and hyper-parameters stored per parameter name, not per parameter group:
+# a pipeline stage's ranks hold different parameters in each group (decay / no decay), so only
+# names make the state load into another layout. Checkpoints say so in meta.json ("optim_flat");
+# older ones without the key are read as they were written.
+FLAT = StateDictOptions(flatten_optimizer_state_dict=True)
 
 
 @dataclass(frozen=True)
@@ -153,13 +161,13 @@ def save_checkpoint(
             shutil.rmtree(tmp)
         tmp.mkdir()
     barrier()
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=FLAT)
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
     torch.save({"rng": _rng_state(device), "state": rank_state or {}}, tmp / f"rank{env.rank}.pt")
     barrier()
     if env.is_main:
         files = {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
-        meta = {"step": step, "world_size": env.world_size, "files": files, **extra}
+        meta = {"step": step, "world_size": env.world_size, "files": files, "optim_flat": True, **extra}
         meta_tmp = tmp / (META + ".tmp")
         meta_tmp.write_text(json.dumps(meta, indent=1), encoding="utf-8")
         os.replace(meta_tmp, tmp / META)
@@ -205,10 +213,11 @@ def load_checkpoint(
     if problem:
         raise AtollError(problem)
     meta = read_meta(ckpt)
+    options = FLAT if meta.get("optim_flat") else None
     if optimizer is None:
         state: dict[str, Any] = {"model": get_model_state_dict(model)}
     else:
-        model_sd, optim_sd = get_state_dict(model, optimizer)
+        model_sd, optim_sd = get_state_dict(model, optimizer, options=options)
         state = {"model": model_sd, "optim": optim_sd}
     try:
         dcp.load(state, checkpoint_id=str(ckpt))
@@ -220,7 +229,9 @@ def load_checkpoint(
     if optimizer is None:
         set_model_state_dict(model, state["model"])
     else:
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        set_state_dict(
+            model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"], options=options
+        )
         rank_file = ckpt / f"rank{env.rank}.pt"
         if rank_file.is_file() and meta.get("world_size") == env.world_size:
             saved = torch.load(rank_file, weights_only=False)

@@ -186,11 +186,16 @@ def site_steps(steps: int, sync: SyncSection, site: str | None) -> int:
 
 
 def make_optimizer(model: nn.Module, t: TrainSection, *, device: torch.device) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters; matrices decay, norms and biases (1-D) do not."""
+    """AdamW over the trainable parameters; matrices decay, norms and biases (1-D) do not.
+
+    A group without parameters (LoRA adapters are all matrices) is left out: checkpoints store
+    the optimizer's hyper-parameters by parameter name (`atoll.train.checkpoint`), and an empty
+    group has none to store them under."""
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(
-        [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        [g for g in groups if g["params"]],
         lr=t.lr,
         betas=(t.beta1, t.beta2),
         fused=device.type == "cuda",

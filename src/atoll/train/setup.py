@@ -20,6 +20,7 @@ from atoll.errors import AtollError
 from atoll.model import ModelConfig, get_preset
 from atoll.model.hf import load_hf_model, model_config_from_hf
 from atoll.parallel.layout import resolve_layout
+from atoll.parallel.pipeline import pipeline_micro_batches
 from atoll.rundir.layout import (
     CONFIG_YAML,
     HF_CONFIG_JSON,
@@ -115,13 +116,14 @@ def prepare_run(cfg: RunConfig, *, resume: bool, world_size: int | None = None) 
     """Check data, model, checkpoints; write the run directory's config, model.json and tokenizer.
 
     `world_size`: the site's rank count when known; the layout (`parallel.tp`, ...) is then checked
-    against it and the model. Raises AtollError for every user mistake. Never deletes or
+    against it, the model and (pipeline stages) the batch. Raises AtollError for every user mistake. Never deletes or
     overwrites a checkpoint.
     """
     manifest = load_data_manifest(cfg, prepare=True)
     mcfg = resolve_model_config(cfg, manifest)
     if world_size is not None:
-        resolve_layout(cfg.parallel, world_size=world_size, model=mcfg, seq_len=cfg.data.seq_len)
+        layout = resolve_layout(cfg.parallel, world_size=world_size, model=mcfg, seq_len=cfg.data.seq_len)
+        pipeline_micro_batches(layout, global_batch=cfg.train.global_batch, micro_batch=cfg.train.micro_batch)
     if cfg.model.init_from is not None and classify_init(cfg.model.init_from).kind == "hf":
         load_hf_model(cfg.model.init_from)  # fail now on unreadable weights, not inside the ranks
     if cfg.model.init_from is not None and classify_init(cfg.model.init_from).kind == "run":

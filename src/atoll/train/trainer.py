@@ -35,7 +35,8 @@ from atoll.parallel.dist import (
     set_cpu_threads,
     wrap_model,
 )
-from atoll.parallel.layout import RankPlace, build_mesh, resolve_layout
+from atoll.parallel.layout import Layout, RankPlace, build_mesh, resolve_layout
+from atoll.parallel.pipeline import PipelineRunner, build_stage_model, pipeline_micro_batches, shard_stages
 from atoll.parallel.tensor import loss_context, scalar
 from atoll.report.metrics import MetricsWriter
 from atoll.report.progress import NullProgress, ProgressSink
@@ -71,17 +72,28 @@ class TrainResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def build_model(mcfg: ModelConfig, *, device: torch.device) -> Transformer:
-    model = Transformer(mcfg)
-    model.init_weights()
-    return model.to(device)
+def build_model(
+    mcfg: ModelConfig, *, device: torch.device, layout: Layout | None = None, place: RankPlace | None = None
+) -> Transformer:
+    """The whole model, or with pipeline stages (`layout.pp` > 1) the part of the rank at `place`;
+    initialized at construction, so under one seed a part holds the whole model's values."""
+    if layout is not None and layout.pp > 1:
+        assert place is not None, "a pipeline stage needs the rank's place"
+        return build_stage_model(mcfg, pp=layout.pp, pp_rank=place.pp_rank, vp=layout.vp).to(device)
+    return Transformer(mcfg).to(device)
 
 
 def init_weights_from(model: Transformer, source: Path) -> None:
-    """Overwrite fresh weights with a Hugging Face model's or an atoll run's."""
+    """Overwrite fresh weights with a Hugging Face model's or an atoll run's (a pipeline stage's
+    part takes the weights it holds)."""
     src = classify_init(source)
     if src.kind == "hf":
         _, state = load_hf_model(source)
+        if not model.is_whole:  # the other stages' weights are theirs
+            with torch.device("meta"):
+                whole = set(Transformer(model.cfg).state_dict())
+            held = set(model.state_dict())
+            state = {k: v for k, v in state.items() if k in held or k not in whole}
         missing, unexpected = model.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise AtollError(
@@ -104,9 +116,12 @@ def evaluate(
     device: torch.device,
     place: RankPlace | None = None,
     tensor_parallel: bool = False,
+    pipeline: PipelineRunner | None = None,
 ) -> float:
     """Mean validation loss over fixed batches, summed over the site's replicas (`place`, default
-    every rank one; each target counted by one rank of its replica); collective over the site."""
+    every rank one; each target counted by one rank of its replica); collective over the site.
+    With `pipeline` the batches run forward through its stages (every rank of a pipeline reads
+    the same rows)."""
     place = place or RankPlace.data_parallel(env.rank, env.world_size)
     model.eval()
     total, count = 0.0, 0
@@ -119,6 +134,12 @@ def evaluate(
         rank_count=count_here,
     )
     for batch in batches:
+        if pipeline is not None:
+            for run in _same_shape_runs(list(batch.split(cfg.train.micro_batch))):
+                loss_sum, n = pipeline.evaluate(run)
+                total += loss_sum
+                count += n
+            continue
         for chunk in batch.split(cfg.train.micro_batch):
             with loss_context(tensor_parallel):
                 loss, n = token_loss_sum(model, chunk, device=device, dtype=cfg.parallel.dtype)
@@ -129,6 +150,17 @@ def evaluate(
         total, count = 0.0, 0
     total, count = all_reduce_sum([total, float(count)], device=device)
     return total / max(count, 1.0)
+
+
+def _same_shape_runs(chunks: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    """Consecutive chunks grouped by shape: a pipeline runs micro-batches of one shape at a time."""
+    runs: list[list[torch.Tensor]] = []
+    for chunk in chunks:
+        if runs and runs[-1][0].shape == chunk.shape:
+            runs[-1].append(chunk)
+        else:
+            runs.append([chunk])
+    return runs
 
 
 class TokenBatches:
@@ -216,14 +248,34 @@ def _train(
     mcfg = _prepare_everywhere(cfg, env=env, resume=resume)
     total_steps = site_steps(t.steps, cfg.sync, site)
 
-    torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
-    model = build_model(mcfg, device=device)
-    if cfg.model.init_from is not None and not resume:
-        init_weights_from(model, cfg.model.init_from)
     layout = resolve_layout(cfg.parallel, world_size=env.world_size, model=mcfg, seq_len=cfg.data.seq_len)
     place = layout.place(env.rank)
+    num_micro = pipeline_micro_batches(layout, global_batch=t.global_batch, micro_batch=t.micro_batch)
+    torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank (a stage: its layers')
+    model = build_model(mcfg, device=device, layout=layout, place=place)
+    if cfg.model.init_from is not None and not resume:
+        init_weights_from(model, cfg.model.init_from)
     mesh = build_mesh(layout, device_type=device.type) if layout.split and env.launched else None
     model = wrap_model(model, device=device, env=env, layout=layout, mesh=mesh)
+    # zero 0 with tp or pp > 1: no DDP wrapper, the replicas average their gradients in the runner
+    dp_group = mesh["dp"].get_group() if mesh is not None and layout.zero == 0 and layout.dp > 1 else None
+    pipeline: PipelineRunner | None = None
+    if layout.pp > 1:
+        assert mesh is not None  # pp > 1 means several ranks, launched
+        pipeline = PipelineRunner(
+            model,  # type: ignore[arg-type]
+            schedule=layout.pp_schedule,
+            num_micro_batches=num_micro,
+            group=mesh["pp"],
+            device=device,
+            vp=layout.vp,
+            dtype=cfg.parallel.dtype,
+            dp_group=dp_group,
+            count_loss=place.counts,  # the last stage's tp rank 0, once per replica
+            loss_context=(lambda: loss_context(True)) if layout.tp > 1 else None,
+        )
+        if layout.zero > 0 and layout.dp > 1:
+            shard_stages(pipeline, mesh=mesh["dp"], zero=layout.zero)
     optimizer = make_optimizer(model, t, device=device)
     # Each site trains on its own stream: the shards the data's placement gives it (all of them
     # without a site map), in an order of its own. Validation is the whole held-out split on
@@ -242,21 +294,20 @@ def _train(
         batches=TokenBatches(stream, micro_batch=t.micro_batch, global_batch=t.global_batch, seq_len=cfg.data.seq_len),
         loss_fn=lambda m, chunk: token_loss_sum(m, chunk, device=device, dtype=cfg.parallel.dtype)[0],
         evaluate=lambda: evaluate(
-            model, val_ds, cfg, env=env, device=device, place=place, tensor_parallel=layout.tp > 1
+            model, val_ds, cfg, env=env, device=device, place=place, tensor_parallel=layout.tp > 1, pipeline=pipeline
         ),
         sync=sync,
         slowdown=balancer.slowdown,
         balancer=balancer,
         place=place,
     )
-    job.runner = LocalRunner(
+    job.runner = pipeline or LocalRunner(
         model,
         job.loss_fn,
         place=place,
         uneven=balancer.uneven and env.world_size > 1,
         tensor_parallel=layout.tp > 1,
-        # zero 0 with tp > 1: no DDP wrapper, the replicas average their gradients in the runner
-        dp_group=mesh["dp"].get_group() if mesh is not None and layout.zero == 0 and layout.dp > 1 else None,
+        dp_group=dp_group,
     )
 
     if resume:
