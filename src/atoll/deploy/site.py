@@ -130,10 +130,11 @@ def site_environ(placement: SitePlacement, base: Mapping[str, str], *, torchrun:
     env = dict(base)
     env.update(placement.env.to_environ())
     env.setdefault("ATOLL_PROCS_ON_HOST", str(placement.nproc))  # how many ranks share this host's cores
-    env.setdefault(DEFAULT_RANKS, str(placement.nproc))  # sites the topology gives no `ranks` run as many as this one
     env.setdefault("RUST_LOG", "warn")  # torchft's Lighthouse and Manager log every quorum at info
     env.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")  # c10d warns that namespaced peers have no hostname
     if not torchrun:
+        # Sites the topology gives no `ranks` run as many as this one (under torchrun: its WORLD_SIZE).
+        env.setdefault(DEFAULT_RANKS, str(placement.nproc))
         env["MASTER_ADDR"] = placement.env.address
         env["MASTER_PORT"] = str(placement.store_port or free_port("0.0.0.0"))
     return env
