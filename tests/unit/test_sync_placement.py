@@ -171,3 +171,18 @@ def test_a_rank_refuses_a_site_size_other_than_its_topology_entry(
     env = SiteEnv(site="east", index=0, num_sites=2, topology=path, lighthouse="http://127.0.0.1:1")
     with pytest.raises(AtollError, match="site east runs 1 rank\\(s\\) but its topology entry says ranks: 2"):
         sync_for_site(Transformer(get_preset("tiny")), SyncSection(), env, local_rank=0, local_world_size=1)
+
+
+def test_cross_site_ddp_refuses_sites_whose_inner_steps_would_round_differently() -> None:
+    from atoll.config.schema import ParallelSection, SyncSection
+    from atoll.config.topology import check_sites
+
+    ddp, diloco = SyncSection(strategy="ddp"), SyncSection(strategy="diloco")
+    mixed = topology([{"name": "a"}, {"name": "b", "parallel": {"shard": "fsdp"}}])
+    with pytest.raises(AtollError, match="sync.strategy=ddp needs the same intra-site layout"):
+        check_sites(mixed, sync=ddp, parallel=ParallelSection(), topology_path="t.yaml")
+    check_sites(mixed, sync=diloco, parallel=ParallelSection(), topology_path="t.yaml")
+    sizes = topology([{"name": "a", "ranks": 2}, {"name": "b", "ranks": 1}])
+    check_sites(sizes, sync=ddp, parallel=ParallelSection(), topology_path="t.yaml")  # DDP sites step alike
+    with pytest.raises(AtollError, match="sync.strategy=ddp"):
+        check_sites(sizes, sync=ddp, parallel=ParallelSection(shard="fsdp"), topology_path="t.yaml")

@@ -231,8 +231,24 @@ def check_sites(topology: Topology, *, sync: SyncSection, parallel: ParallelSect
     Sites may shard differently inside (`parallel` per site): the exchange does not depend on it.
     """
     names = [s.name for s in topology.sites]
+    if sync.strategy == "ddp" and _inner_steps_differ(topology, parallel):
+        raise AtollError(
+            f"sync.strategy=ddp needs the same intra-site layout at every site of {topology_path} (the sites' own "
+            "`parallel` or `ranks` differ): their inner steps (gradient clipping sums the norm per layout) would "
+            "drift apart with no θ to bring them back; use diloco, delayed or streaming"
+        )
     for site in topology.sites:
         _ = site.backend  # raises for a site mixing collective backends, as the planner does
     for name in sync.site_inner_steps:
         if name not in names:
             raise AtollError(f"sync.site_inner_steps names {name!r}, which is not a site of {topology_path}")
+
+
+def _inner_steps_differ(topology: Topology, parallel: ParallelSection) -> bool:
+    """Whether some sites' inner steps may round differently: other parallel settings, or FSDP2
+    over sites of different sizes (both change the order in which a step's sums are taken)."""
+    effective = [{**parallel.model_dump(mode="json"), **s.parallel} for s in topology.sites]
+    if len({json.dumps(e, sort_keys=True) for e in effective}) > 1:
+        return True
+    sizes = {s.ranks for s in topology.sites if s.ranks is not None}
+    return effective[0]["shard"] != "ddp" and len(sizes) > 1
