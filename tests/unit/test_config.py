@@ -210,5 +210,5 @@ def test_check_sites_meets_config_and_topology(tmp_path: Path) -> None:
     check_sites(topology, sync=SyncSection(site_inner_steps={names[0]: 3}), parallel=ddp, topology_path="t.yaml")
     with pytest.raises(AtollError, match=r"sync.site_inner_steps names 'north', which is not a site of t.yaml"):
         check_sites(topology, sync=SyncSection(site_inner_steps={"north": 3}), parallel=ddp, topology_path="t.yaml")
-    with pytest.raises(AtollError, match=r"parallel.shard=ddp inside each site"):
-        check_sites(topology, sync=SyncSection(), parallel=ParallelSection(shard="fsdp"), topology_path="t.yaml")
+    # FSDP2 sites exchange like DDP ones (atoll.sync.lanes): nothing to refuse.
+    check_sites(topology, sync=SyncSection(), parallel=ParallelSection(shard="fsdp"), topology_path="t.yaml")

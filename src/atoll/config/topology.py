@@ -6,6 +6,8 @@
         devices: [{kind: a800, count: 80, per_node: 8}]
       - name: shanghai
         devices: [{kind: a800, count: 80, per_node: 8}]
+        ranks: 4                    # optional: the processes this site runs (default: the launcher's)
+        parallel: {shard: fsdp}     # optional: parallel.* settings of this site's ranks only
     links:
       - {site: beijing, uplink_mbps: 1000, latency_ms: 15}
       - {site: shanghai, uplink_mbps: 1000, latency_ms: 15}
@@ -13,13 +15,17 @@
 
 Each site reaches the others through its own uplink (a star through the WAN): traffic from site
 A to site B is limited by min(A's uplink, B's downlink) and delayed by both latencies. Device
-kinds name entries of the hardware catalog (`atoll.hardware`), which users can extend.
+kinds name entries of the hardware catalog (`atoll.hardware`), which users can extend. Sites
+may run different numbers of ranks and different layouts inside (`ranks`, `parallel`): the
+cross-site exchange then re-splits parameters to whole tensors (`Topology.lane_plan`).
 """
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
+from typing import Any
 
 from pydantic import Field, field_validator, model_validator
 
@@ -50,6 +56,13 @@ class DeviceGroup(Section):
 class SiteSpec(Section):
     name: str = Field(description="Short identifier: lowercase letters, digits and dashes.")
     devices: list[DeviceGroup] = Field(min_length=1)
+    ranks: int | None = Field(
+        None, gt=0, description="Processes this site runs (default: the launcher's --ranks-per-site, or --nproc)."
+    )
+    parallel: dict[str, Any] = Field(
+        default_factory=dict,
+        description="parallel.* settings for this site's ranks only, e.g. {shard: fsdp}; the config's elsewhere.",
+    )
 
     @field_validator("name")
     @classmethod
@@ -59,6 +72,25 @@ class SiteSpec(Section):
                 f"site name {name!r} must be lowercase letters, digits and dashes (at most 31, starting with a letter)"
             )
         return name
+
+    @model_validator(mode="after")
+    def _known_parallel(self) -> SiteSpec:
+        known = sorted(ParallelSection.model_fields)
+        for key in self.parallel:
+            if key not in known:
+                raise ValueError(
+                    f"site {self.name}: parallel.{key} is not a parallel setting; use one of {', '.join(known)}"
+                )
+        try:
+            ParallelSection.model_validate(self.parallel)
+        except ValueError as exc:
+            first = str(exc).splitlines()[1:3]
+            raise ValueError(f"site {self.name}: parallel {self.parallel} is not valid ({' '.join(first)})") from None
+        return self
+
+    def parallel_overrides(self) -> list[str]:
+        """This site's `parallel` as command-line overrides (``--parallel.KEY=VALUE``, JSON values)."""
+        return [f"--parallel.{k}={json.dumps(v)}" for k, v in sorted(self.parallel.items())]
 
     @property
     def num_devices(self) -> int:
@@ -156,6 +188,17 @@ class Topology(Section):
         """Whether some sites compute with other devices (kinds, counts or emulated slowdowns)."""
         return len({str(s.signature()) for s in self.sites}) > 1
 
+    def lane_plan(self, *, default_ranks: int) -> tuple[str, int]:
+        """How the sites cut the cross-site exchange (`atoll.sync.lanes`), the same answer on every
+        site: ("shard", R) when every site runs R ranks with the same `parallel` settings (each rank
+        exchanges the blocks it holds), else ("canonical", fewest ranks of any site) (whole
+        parameters, re-split inside each site). `default_ranks`: a site's ranks when it gives none."""
+        ranks = [s.ranks or default_ranks for s in self.sites]
+        layouts = {json.dumps(s.parallel, sort_keys=True) for s in self.sites}
+        if len(set(ranks)) == 1 and len(layouts) == 1:
+            return "shard", ranks[0]
+        return "canonical", min(ranks)
+
     def link(self, site: str) -> LinkSpec | None:
         for link in self.links:
             if link.site == site:
@@ -183,17 +226,29 @@ def check_sites(topology: Topology, *, sync: SyncSection, parallel: ParallelSect
     """Check a run config against the topology its sites will train on: where the two meet.
 
     Called by the multi-site verbs (`atoll train --topology`, `atoll lab run`) before they
-    launch anything. Raises `AtollError` naming the key and the fix: FSDP2 inside a site (not
-    supported across sites yet), a site whose devices need different collective libraries, or
-    `sync.site_inner_steps` naming a site `topology_path` lacks.
+    launch anything. Raises `AtollError` naming the key and the fix: a site whose devices need
+    different collective libraries, or `sync.site_inner_steps` naming a site `topology_path` lacks.
+    Sites may shard differently inside (`parallel` per site): the exchange does not depend on it.
     """
-    if parallel.shard != "ddp" or (parallel.zero or 0) > 0:
-        raise AtollError(
-            "multi-site training uses parallel.shard=ddp inside each site (zero 0: FSDP2 sites are not supported yet)"
-        )
     names = [s.name for s in topology.sites]
+    if sync.strategy == "ddp" and _inner_steps_differ(topology, parallel):
+        raise AtollError(
+            f"sync.strategy=ddp needs the same intra-site layout at every site of {topology_path} (the sites' own "
+            "`parallel` or `ranks` differ): their inner steps (gradient clipping sums the norm per layout) would "
+            "drift apart with no θ to bring them back; use diloco, delayed or streaming"
+        )
     for site in topology.sites:
         _ = site.backend  # raises for a site mixing collective backends, as the planner does
     for name in sync.site_inner_steps:
         if name not in names:
             raise AtollError(f"sync.site_inner_steps names {name!r}, which is not a site of {topology_path}")
+
+
+def _inner_steps_differ(topology: Topology, parallel: ParallelSection) -> bool:
+    """Whether some sites' inner steps may round differently: other parallel settings, or FSDP2
+    over sites of different sizes (both change the order in which a step's sums are taken)."""
+    effective = [{**parallel.model_dump(mode="json"), **s.parallel} for s in topology.sites]
+    if len({json.dumps(e, sort_keys=True) for e in effective}) > 1:
+        return True
+    sizes = {s.ranks for s in topology.sites if s.ranks is not None}
+    return effective[0]["shard"] != "ddp" and len(sizes) > 1

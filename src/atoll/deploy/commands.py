@@ -86,9 +86,19 @@ def _cmd_site(args: argparse.Namespace, extra: list[str]) -> int:
     from atoll.parallel.launch import exit_status
 
     torchrun = under_torchrun(os.environ)
-    if torchrun and args.nproc != 1:
+    if torchrun and args.nproc not in (None, 1):
         raise AtollError("under torchrun each `atoll site` is one rank: drop --nproc (torchrun's --nproc-per-node)")
     topology = load_topology(args.topology)
+    spec = next((s for s in topology.sites if s.name == args.site), None)
+    declared = spec.ranks if spec is not None else None
+    if not torchrun and args.nproc is not None and declared is not None and args.nproc != declared:
+        raise AtollError(
+            f"--nproc {args.nproc} but site {args.site} has ranks: {declared} in {args.topology}: "
+            "drop --nproc or make them agree"
+        )
+    args.nproc = 1 if torchrun else (args.nproc if args.nproc is not None else declared or 1)
+    if spec is not None:  # the topology's parallel settings for this site, before the command line's
+        extra = [*spec.parallel_overrides(), *extra]
     placement = place_site(
         topology,
         topology_path=args.topology,
@@ -220,7 +230,12 @@ def register(sub: Any) -> None:
         metavar="ADDR",
         help="the address the other sites reach this one at (default: this host's name; 127.0.0.1 on loopback)",
     )
-    p.add_argument("--nproc", type=int, default=1, help="ranks to start on this machine (not under torchrun)")
+    p.add_argument(
+        "--nproc",
+        type=int,
+        default=None,
+        help="ranks to start on this machine (default: the site's `ranks` in the topology, else 1; not under torchrun)",
+    )
     p.add_argument(
         "--store-port", type=int, default=0, metavar="PORT", help="the site's store port, open to the other sites"
     )

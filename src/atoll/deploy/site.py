@@ -29,7 +29,7 @@ from atoll.errors import AtollError
 from atoll.parallel.launch import RankFailure, free_port, start_ranks, wait_ranks
 from atoll.report.sites import SiteWatch
 from atoll.sync.lighthouse import lighthouse_url
-from atoll.sync.site_env import SiteEnv
+from atoll.sync.site_env import DEFAULT_RANKS, SiteEnv
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +133,8 @@ def site_environ(placement: SitePlacement, base: Mapping[str, str], *, torchrun:
     env.setdefault("RUST_LOG", "warn")  # torchft's Lighthouse and Manager log every quorum at info
     env.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")  # c10d warns that namespaced peers have no hostname
     if not torchrun:
+        # Sites the topology gives no `ranks` run as many as this one (under torchrun: its WORLD_SIZE).
+        env.setdefault(DEFAULT_RANKS, str(placement.nproc))
         env["MASTER_ADDR"] = placement.env.address
         env["MASTER_PORT"] = str(placement.store_port or free_port("0.0.0.0"))
     return env

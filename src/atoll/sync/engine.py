@@ -2,9 +2,10 @@
 
 Called by the trainer on every rank of every site. The model's parameters are cut into
 *exchange units* (the whole model for `diloco` and `delayed`, layer fragments for `streaming`).
-Inside a unit each parameter is *owned* by one local rank (whole parameters, balanced by size),
-and only its owner sends it across the WAN, to the same local rank of the other sites: no byte
-crosses the WAN twice, and every codec sees real tensors (low-rank needs matrices).
+Inside a unit each *piece* (a whole parameter, or a block of one that a rank holds) is exchanged
+by one *lane* (local rank g, talking to lane g of the other sites; `atoll.sync.lanes`), whatever
+the site's layout (`atoll.sync.placement`: DDP replicas, FSDP2 or TP shards, pipeline stages):
+no byte crosses the WAN twice, and every codec sees real tensors (low-rank needs matrices).
 
 A unit is sent at the end of each round (`streaming`: every H inner steps, at its offset inside
 the round; `diloco` and `delayed`: when the site's pacer says so, `atoll.sync.pacing`: after H
@@ -46,21 +47,23 @@ from atoll.config.schema import SyncSection
 from atoll.errors import AtollError, RunFailure
 from atoll.sync.agreement import Membership, Plan, plan_exchange
 from atoll.sync.codecs import Codec, Encoded, ErrorFeedback, codec_from_config, pack_payload, unpack_payload
-from atoll.sync.digest import FINAL_DIGEST_KEY, theta_digest
+from atoll.sync.digest import theta_digest
 from atoll.sync.envelope import FLAG_MOMENTUM, KIND_CHECK, KIND_UPDATE, Header, Refused, Sealer
-from atoll.sync.fragments import StreamingSchedule, assign_owners, gather_owned, split_fragments
+from atoll.sync.fragments import StreamingSchedule, split_fragments
 from atoll.sync.heal import MOMENTUM_DTYPE, run_heal
+from atoll.sync.lanes import LanePlan, Lanes, broadcast_state
 from atoll.sync.outer import OuterOptimizer, weighted_average
 from atoll.sync.pacing import Pacer
+from atoll.sync.placement import SiteView, local_tensor
 from atoll.sync.rounds import ExchangeListener, Opened, Pending, Transport, Unit, ignore_exchange
-from atoll.sync.tensors import checksum, host_copy, unwrap
+from atoll.sync.state import final_sync_metrics, load_sync_state, sync_metrics, sync_state
+from atoll.sync.tensors import unwrap
 from atoll.sync.transport import Gathered
 
 log = logging.getLogger(__name__)
 
 _NO_DIGEST = bytes(32)
 _NEXT_ROUND = 2**62  # a paced delayed round lands when the next round ends, whatever its step
-_COUNTS = ("rejected", "refused", "heals", "heals_served", "heal_bytes", "heal_seconds", "disagreements")
 
 
 class CrossSiteSync:
@@ -79,6 +82,7 @@ class CrossSiteSync:
         secret: bytes,
         address: str = "127.0.0.1",
         pacer: Pacer | None = None,
+        lanes: LanePlan | None = None,
     ) -> None:
         self.cfg = cfg
         self.transport = transport
@@ -88,9 +92,12 @@ class CrossSiteSync:
         self.local_rank = local_rank
         self.local_world_size = local_world_size
         self.H = inner_steps
-        self.params: dict[str, nn.Parameter] = dict(unwrap(model).named_parameters())
-        names = list(self.params)
-        self.owner = assign_owners({n: p.numel() for n, p in self.params.items()}, num_ranks=local_world_size)
+        self.params: dict[str, nn.Parameter] = dict(unwrap(model).named_parameters())  # what this rank holds
+        plan = lanes or LanePlan()
+        self.view = SiteView.gather(list(self.params.items()), num_ranks=local_world_size)
+        self.lanes = Lanes(self.view, mode=plan.mode, num_lanes=plan.num_lanes or local_world_size, rank=local_rank)
+        self.idle_ranks = self.lanes.num_lanes < local_world_size  # ranks past the lanes exchange nothing
+        names = self.view.names
         if cfg.strategy == "streaming":
             frags = split_fragments(names, num_fragments=min(cfg.fragments, _num_layers(names)))
             offsets = StreamingSchedule(len(frags), self.H).offsets
@@ -107,15 +114,18 @@ class CrossSiteSync:
         self._step_end = time.perf_counter()
         nesterov = cfg.nesterov and cfg.outer_momentum > 0
         for unit in self.units:
-            unit.owned = [n for n in unit.params if self.owner[n] == local_rank]
+            unit.keys = self.lanes.keys(unit.params)
+            unit.owned = self.lanes.owned(unit.params)
+        initial = self._read([k for u in self.units for k in u.keys])
+        for unit in self.units:
             if unit.owned:
                 unit.outer = OuterOptimizer(
-                    [self.params[n] for n in unit.owned],
+                    [initial[k] for k in unit.owned],
                     lr=cfg.outer_lr,
                     momentum=cfg.outer_momentum,
                     nesterov=nesterov,
                 )
-        self.anchor = {n: host_copy(self.params[n]) for u in self.units for n in u.owned}
+        self.anchor = {k: initial[k] for u in self.units for k in u.owned}
         codec = codec_from_config(cfg)
         self.codec: Codec | ErrorFeedback = ErrorFeedback(codec) if cfg.error_feedback else codec
         self.tokens_since = {u.name: 0 for u in self.units}
@@ -130,7 +140,9 @@ class CrossSiteSync:
         self.membership = Membership()
         self.rounds_applied = 0
         self.applied_log: list[tuple[int, int]] = []  # (step applied, step sent), for tests and reports
-        self._staged: dict[str, torch.Tensor] = {}  # new values of owned tensors, before the site gathers them
+        self._staged: dict[str, torch.Tensor] = {}  # new values of owned pieces, before the site gets them
+        self._pace = 0  # the pace code of this round's envelopes (taken on every rank: it is collective)
+        self._observed: list[tuple[str, int]] | None = None  # the sites' paces of the exchange being applied
 
     # ------------------------------------------------------------------ schedule
 
@@ -189,10 +201,10 @@ class CrossSiteSync:
                     self._send(unit, step)
                     self._apply(self.pending.pop(), step)
             for unit in self.units:
-                if not unit.final:
+                if not unit.final and self.lanes.is_lane:
                     self._check(unit, step)
                 self._stage_theta(unit)  # a site that learned the end from a peer drops its later steps
-                self._gather_into_params(unit)
+                self._write(unit)
         self._executor.shutdown(wait=True)
 
     @property
@@ -211,7 +223,7 @@ class CrossSiteSync:
             self._stage_theta(unit)
             for pending in (p for p in self.pending if p.unit is unit):
                 pending.sent.update({n: self.anchor[n].clone() for n in unit.owned})
-            self._gather_into_params(unit)
+            self._write(unit)
         return True
 
     # ------------------------------------------------------------------ exchange
@@ -232,11 +244,19 @@ class CrossSiteSync:
             digest=theta_digest(outer.params if outer is not None else []),
             kind=kind,
             flags=FLAG_MOMENTUM if has_momentum else 0,
-            pace=self.pacer.pace(),
+            pace=self._pace,
         )
 
     def _send(self, unit: Unit, step: int) -> None:
-        current = {n: host_copy(self.params[n]) for n in unit.owned}
+        current = self._read(unit.keys)  # this rank's pieces, assembled from their holders (collective)
+        self._pace = self.pacer.pace()  # collective over the site when the pacer measures
+        if not self.lanes.is_lane:  # an idle rank only lends its blocks to the lanes
+            self.last_sent[unit.name] = step
+            if unit.index == 0 and self.cfg.strategy != "streaming":
+                self.pacer.round_sent()
+            apply_at = step + self.delay if not self.pacer.paced else _NEXT_ROUND
+            self.pending.append(Pending(unit, apply_at, {}, {}, [], sent_step=step, done=True))
+            return
         delta = {n: self.anchor[n] - current[n] for n in unit.owned}
         codec_state = self.codec.snapshot(unit.owned) if isinstance(self.codec, ErrorFeedback) else None
         encoded = self._encode(unit, delta)
@@ -305,7 +325,8 @@ class CrossSiteSync:
         if any(h is not None and h.unit != unit.index for h in headers):
             log.warning("site %s: sites exchanged different units at step %d; round not applied", self.site_name, step)
             return None
-        self.pacer.observe([(h.site, h.pace) for h in headers if h is not None and h.kind == KIND_UPDATE])
+        self._observed = [(h.site, h.pace) for h in headers if h is not None and h.kind == KIND_UPDATE]
+        self.pacer.observe(self._observed)
         for event in self.membership.observe(
             [h.site for h in headers if h is not None], step=step, round=plan.reference_round
         ):
@@ -318,6 +339,17 @@ class CrossSiteSync:
         return plan
 
     def _apply(self, pending: Pending, step: int) -> None:
+        """Apply one exchange's result (or roll it back); collective over the site: every rank
+        takes part in the reads and writes that bring the lanes' pieces to their holders."""
+        # The parameters moved on since the send only if steps ran in between.
+        current = pending.sent if pending.sent_step == step else self._read(pending.unit.keys)
+        self._observed = None
+        if self.lanes.is_lane:
+            self._apply_lane(pending, step, current)
+        self._write(pending.unit)
+        self._share_state(pending.unit)
+
+    def _apply_lane(self, pending: Pending, step: int, current: dict[str, torch.Tensor]) -> None:
         if not pending.done:
             assert pending.future is not None
             if not pending.future.done():
@@ -357,12 +389,11 @@ class CrossSiteSync:
         unit.final = plan.finished
         for i, n in enumerate(unit.owned):
             theta = unit.outer.params[i]  # type: ignore[union-attr]
-            progress = host_copy(self.params[n]) - pending.sent[n]
+            progress = current[n] - pending.sent[n]
             # A site whose own parameters diverged (its update was rejected) or that healed restarts from θ.
             keep = not healed and bool(torch.isfinite(progress).all())
             self._staged[n] = theta + progress if keep else theta.detach().clone()
             self.anchor[n] = theta.detach().clone()
-        self._gather_into_params(unit)
         self.rounds_applied += 1
         self.applied_log.append((step, pending.sent_step))
         self.listener("applied", step, unit.round, unit.name)
@@ -375,7 +406,7 @@ class CrossSiteSync:
             unit.outer.round_momentum(MOMENTUM_DTYPE)  # on every site: the healed copy is then bitwise the same
         if rank != plan.source and rank not in plan.heal:
             return True
-        numel = sum(self.params[n].numel() for n in unit.owned)
+        numel = self.lanes.numel(unit.owned)
         done = run_heal(
             plan,
             rank=rank,
@@ -440,26 +471,35 @@ class CrossSiteSync:
             log.warning("rejected a malformed update (%s)", exc)
             return None
         for n, t in zip(unit.owned, tensors):
-            if t.shape != self.params[n].shape or not torch.isfinite(t).all():
+            if tuple(t.shape) != self.lanes.shape(n) or not torch.isfinite(t).all():
                 log.warning("rejected an update for %s: wrong shape or not finite", n)
                 return None
         return tensors
 
-    # ------------------------------------------------------------------ intra-site reassembly
+    # ------------------------------------------------------------------ inside the site
 
-    def _gather_into_params(self, unit: Unit) -> None:
-        """Every rank of the site gets the new values of the whole unit from their owners."""
-        self._gather_owned(unit, {n: self.params[n] for n in unit.params})
+    def local_blocks(self, *, grads: bool = False) -> dict[str, torch.Tensor]:
+        """This rank's blocks of its parameters (or of their gradients), by canonical name."""
+        if grads:
+            return {n: local_tensor(p.grad) for n, p in self.params.items() if p.grad is not None}
+        return {n: local_tensor(p) for n, p in self.params.items()}
 
-    def _gather_owned(self, unit: Unit, targets: dict[str, torch.Tensor]) -> None:
-        gather_owned(
-            unit.params,
-            self.owner,
-            self._staged,
-            targets,
-            local_rank=self.local_rank,
-            local_world_size=self.local_world_size,
-        )
+    def _read(self, keys: list[str], *, grads: bool = False) -> dict[str, torch.Tensor]:
+        """This rank's pieces among `keys`, float32 in host memory (collective over the site)."""
+        return self.lanes.read(keys, self.local_blocks(grads=grads))
+
+    def _write(self, unit: Unit, *, grads: bool = False) -> None:
+        """Every holder gets the staged new values of the unit's pieces (collective over the site)."""
+        self.lanes.write(unit.keys, self._staged, self.local_blocks(grads=grads))
+
+    def _share_state(self, unit: Unit) -> None:
+        """Ranks past the lanes learn the unit's round, whether the run ended (they decide what
+        `finish` still exchanges) and the sites' paces (a balanced pacer re-plans from them): from
+        rank 0, a lane. Collective when there are any."""
+        if self.idle_ranks:
+            unit.round, unit.final, paces = broadcast_state((unit.round, unit.final, self._observed))
+            if not self.lanes.is_lane and paces is not None:
+                self.pacer.observe(paces)
 
     # ------------------------------------------------------------------ cross-site DDP
 
@@ -478,13 +518,20 @@ class CrossSiteSync:
         """`ddp` strategy: average the site-averaged gradients across sites (token-weighted).
 
         Call after backward, before the optimizer step. Returns False if the exchange failed
-        (the caller then skips the step, as torchft's should_commit demands).
+        (the caller then skips the step, as torchft's should_commit demands). Collective over the site.
         """
         unit = self.units[0]
         for p in self.params.values():
             if p.grad is None:  # a parameter the loss did not reach still takes the average
                 p.grad = torch.zeros_like(p)
-        grads = {n: host_copy(self.params[n].grad) for n in unit.owned}  # type: ignore[arg-type]
+        grads = self._read(unit.keys, grads=True)
+        ok = self.lanes.is_lane and self._reduce_on_lane(unit, grads, tokens=tokens)
+        self._write(unit, grads=True)
+        if self.idle_ranks:
+            (ok,) = broadcast_state((ok,))
+        return ok
+
+    def _reduce_on_lane(self, unit: Unit, grads: dict[str, torch.Tensor], *, tokens: int) -> bool:
         codec_state = self.codec.snapshot(unit.owned) if isinstance(self.codec, ErrorFeedback) else None
         encoded = self._encode(unit, grads)
         payload = pack_payload(encoded) if encoded else torch.empty(0, dtype=torch.uint8)
@@ -506,90 +553,28 @@ class CrossSiteSync:
             average = weighted_average([d for d, _ in valid], [w for _, w in valid])
             for n, g in zip(unit.owned, average):
                 self._staged[n] = g
-        self._gather_owned(unit, {n: self.params[n].grad for n in unit.params})  # type: ignore[misc]
         return True
 
-    # ------------------------------------------------------------------ checkpoints
+    # ------------------------------------------------------------------ checkpoints and metrics (atoll.sync.state)
 
     def state_dict(self) -> dict[str, Any]:
         """This rank's share of the sync state. Waits for exchanges in flight (their results are kept)."""
-        for p in self.pending:
-            if not p.done:
-                assert p.future is not None
-                p.result, p.done = p.future.result(), True
-        keys = ("apply_at", "sent", "previous_anchor", "result", "like", "sent_step", "weight", "codec_state")
-        return {
-            "outer": {u.name: u.outer.state_dict() for u in self.units if u.outer is not None},
-            "anchor": self.anchor,
-            "codec": self.codec.state_dict(),
-            "tokens_since": dict(self.tokens_since),
-            "pending": [{"unit": p.unit.name, **{k: getattr(p, k) for k in keys}} for p in self.pending],
-            "rounds": {u.name: [u.round, u.final] for u in self.units},
-            "counter": self.transport.counter.as_dict(),
-            "wait_seconds": self.wait_seconds,
-            "counts": {k: getattr(self, k) for k in _COUNTS},
-            "pacer": self.pacer.state_dict(),
-        }
+        return sync_state(self)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore `state_dict()`'s output (a checkpoint from before rounds were numbered too)."""
-        for unit in self.units:
-            if unit.outer is not None:
-                unit.outer.load_state_dict(state["outer"][unit.name])
-            unit.round, unit.final = state.get("rounds", {}).get(unit.name, (0, False))
-        self.anchor = {n: t.clone() for n, t in state["anchor"].items()}
-        self.codec.load_state_dict(state["codec"])
-        self.tokens_since = dict(state["tokens_since"])
-        units = {u.name: u for u in self.units}
-        self.pending = deque()
-        for p in state["pending"]:
-            # An older checkpoint's result has no envelopes: that round is rolled back, and carried.
-            result = p["result"] if isinstance(p["result"], Gathered) else None
-            kept = {k: p[k] for k in ("apply_at", "sent", "previous_anchor", "like", "sent_step")}
-            extra = {"weight": p.get("weight", 0.0), "codec_state": p.get("codec_state")}
-            self.pending.append(Pending(units[p["unit"]], **kept, **extra, result=result, done=True))
-        c = self.transport.counter
-        saved = state["counter"]
-        c.sent, c.received, c.exchanges, c.seconds, c.failed = (
-            int(saved["wan_bytes_sent"]),
-            int(saved["wan_bytes_received"]),
-            int(saved["wan_exchanges"]),
-            float(saved["wan_seconds"]),
-            int(saved["wan_failed"]),
-        )
-        self.wait_seconds = float(state["wait_seconds"])
-        for k, v in state.get("counts", {}).items():
-            setattr(self, k, v)
-        if "pacer" in state:
-            self.pacer.load_state_dict(state["pacer"])
+        load_sync_state(self, state)
 
     def metrics(self) -> dict[str, Any]:
-        """This rank's counters and a fingerprint of the synchronized parameters (to compare sites)."""
-        return {
-            **self.transport.counter.as_dict(),
-            "sync_wait_seconds": self.wait_seconds,
-            "sync_rejected": self.rejected,
-            "sync_refused": self.refused,
-            "sync_disagreements": self.disagreements,
-            "sync_round": min(u.round for u in self.units),
-            "round_steps_planned": self.pacer.expected_steps(),
-            "heals": self.heals,
-            "heals_served": self.heals_served,
-            "heal_bytes": self.heal_bytes,
-            "heal_seconds": self.heal_seconds,
-            "params_checksum": checksum(self.params.values()),
-        }
+        """This rank's counters and a fingerprint of the synchronized parameters (to compare sites).
+        Collective over the site when its ranks hold parts of the model."""
+        return sync_metrics(self)
 
     def final_metrics(self) -> dict[str, Any]:
         """After `finish`: the metrics, which rounds were applied when ([step applied, step sent]),
-        the sites that dropped out or came back, and the SHA-256 of the parameters (hex)."""
-        return {
-            **self.metrics(),
-            "sync_applied": self.applied_log,
-            "sync_site_events": self.membership.summary(round=min(u.round for u in self.units)),
-            "sync_rounds": [list(h) for h in self.pacer.history],  # [round, steps, compute seconds]
-            FINAL_DIGEST_KEY: theta_digest(self.params.values()).hex(),
-        }
+        the sites that dropped out or came back, and the SHA-256 of the parameters (hex, on the
+        site's rank 0: over full tensors in canonical order, whatever the layout). Collective."""
+        return final_sync_metrics(self)
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)

@@ -9,8 +9,8 @@ Two independent splits, both pure functions of names and sizes, identical on eve
   F fragments of whole decoder layers; fragment f syncs after the steps t with
   (t − offset_f) mod H = 0, offsets spread evenly over H (`StreamingSchedule`).
 
-Who calls: the cross-site sync engine, once at setup and at every sync (`due`). Only
-`gather_owned`, which puts a site's shards back together, uses the site's process group.
+Who calls: the cross-site sync engine, once at setup and at every sync (`due`); `atoll.sync.lanes`
+uses `assign_owners` for whole parameters. Pure: no process group.
 """
 
 from __future__ import annotations
@@ -20,12 +20,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-import torch
-import torch.distributed as dist
-
 from atoll.errors import AtollError
 
-__all__ = ["StreamingSchedule", "assign_owners", "gather_owned", "split_fragments"]
+__all__ = ["StreamingSchedule", "assign_owners", "split_fragments"]
 
 
 def assign_owners(sizes: dict[str, int], *, num_ranks: int) -> dict[str, int]:
@@ -141,43 +138,3 @@ class StreamingSchedule:
         """The first step > `step` after which `fragment` syncs."""
         wait = (self.offsets[fragment] - step) % self.sync_every
         return step + (wait or self.sync_every)
-
-
-@torch.no_grad()
-def gather_owned(
-    names: Sequence[str],
-    owner: dict[str, int],
-    staged: dict[str, torch.Tensor],
-    targets: dict[str, torch.Tensor],
-    *,
-    local_rank: int,
-    local_world_size: int,
-) -> None:
-    """Copy the staged values of this rank's tensors into `targets` (parameters or their gradients)
-    on every rank of the site: each rank contributes what it owns among `names`, one all-gather
-    over the site's default process group. Collective inside the site; pops what it copies from
-    `staged`."""
-    if local_world_size == 1 or not dist.is_initialized():
-        for n in names:
-            if n in staged:
-                targets[n].copy_(staged.pop(n))
-        return
-    counts = [0] * local_world_size
-    for n in names:
-        counts[owner[n]] += targets[n].numel()
-    width = max(counts)
-    # On the site's own devices: its process group is NCCL when it trains on CUDA.
-    device = targets[names[0]].device
-    mine = torch.zeros(width, dtype=torch.float32, device=device)
-    offset = 0
-    for n in (n for n in names if owner[n] == local_rank):
-        value = staged.pop(n) if n in staged else targets[n].detach().float()
-        mine[offset : offset + value.numel()] = value.reshape(-1).to(device)
-        offset += value.numel()
-    gathered = [torch.empty(width, dtype=torch.float32, device=device) for _ in range(local_world_size)]
-    dist.all_gather(gathered, mine)
-    offsets = [0] * local_world_size
-    for n in names:
-        r, t = owner[n], targets[n]
-        t.copy_(gathered[r][offsets[r] : offsets[r] + t.numel()].view_as(t).to(t.device, t.dtype))
-        offsets[r] += t.numel()

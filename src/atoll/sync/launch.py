@@ -32,6 +32,7 @@ from atoll.parallel.launch import describe_exit, die_with_parent, exit_status, s
 from atoll.report.sites import SiteWatch
 from atoll.sync.auth import SECRET_ENV, SECRET_FILE_ENV, new_secret
 from atoll.sync.lighthouse import parse_ready_line
+from atoll.sync.site_env import DEFAULT_RANKS
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +140,9 @@ def launch_sites(
     """
     base = dict(os.environ)
     base["ATOLL_LAUNCHED"] = "1"
-    base["ATOLL_PROCS_ON_HOST"] = str(len(topology.sites) * ranks_per_site)  # share the cores
+    ranks = {s.name: s.ranks or ranks_per_site for s in topology.sites}  # a site's own `ranks` wins
+    base["ATOLL_PROCS_ON_HOST"] = str(sum(ranks.values()))  # share the cores
+    base[DEFAULT_RANKS] = str(ranks_per_site)  # so every site knows the others' sizes (the exchange's lanes)
     base.setdefault("RUST_LOG", "warn")  # torchft's Lighthouse and Manager log every quorum at info
     base.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")  # c10d warns that namespaced peers have no hostname
     base.pop(SECRET_ENV, None)
@@ -157,10 +160,9 @@ def launch_sites(
                 env=base,
             )
         log.info(
-            "lighthouse at %s; %d sites x %d rank(s); WAN %s",
+            "lighthouse at %s; sites %s; WAN %s",
             lighthouse_addr,
-            len(topology.sites),
-            ranks_per_site,
+            ", ".join(f"{name} ({n} rank{'s' if n > 1 else ''})" for name, n in ranks.items()),
             wan_mode,
         )
         site_env = dict(base, **{SECRET_ENV: new_secret()})  # one fresh secret per run, for the sites only
@@ -177,7 +179,7 @@ def launch_sites(
                 "--advertise",
                 host.site_address(site.name),
                 "--nproc",
-                str(ranks_per_site),
+                str(ranks[site.name]),
                 "--wan",
                 wan_mode,
                 "--worker",

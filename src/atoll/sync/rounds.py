@@ -38,8 +38,9 @@ class Unit:
     params: list[str]
     offset: int  # inner step inside the round at which it is sent (0 means the end of the round)
     index: int = 0
-    owned: list[str] = field(default_factory=list)  # the parameters this local rank sends
-    outer: OuterOptimizer | None = None  # θ of the owned parameters (None when it owns none)
+    keys: list[str] = field(default_factory=list)  # every piece of its parameters (`atoll.sync.lanes`)
+    owned: list[str] = field(default_factory=list)  # the pieces this local rank sends (its lane's)
+    outer: OuterOptimizer | None = None  # θ of the owned pieces (None when it owns none)
     round: int = 0  # rounds applied (the same on every site holding the run's θ)
     final: bool = False  # a peer finished the run at this θ: no more exchanges, end on θ
 

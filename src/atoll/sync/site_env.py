@@ -26,6 +26,7 @@ SITE_ADDR = "ATOLL_SITE_ADDR"
 TOPOLOGY = "ATOLL_TOPOLOGY"
 WAN_MODE = "ATOLL_WAN_MODE"
 LIGHTHOUSE = "TORCHFT_LIGHTHOUSE"  # torchft's own name: its Manager reads it too
+DEFAULT_RANKS = "ATOLL_DEFAULT_RANKS"  # ranks of a topology's site that gives no `ranks` (the launcher's)
 
 
 @dataclass(frozen=True)
@@ -39,10 +40,13 @@ class SiteEnv:
     lighthouse: str
     address: str = "127.0.0.1"  # this site's address as the other sites reach it
     wan_mode: str = "emulated"  # how the WAN is modelled (see atoll.sync.transport.WAN_MODES)
+    default_ranks: int | None = None  # ranks of the sites whose topology entry gives no `ranks`
 
     def to_environ(self) -> dict[str, str]:
         """The variables a launcher adds to a rank's environment."""
+        extra = {DEFAULT_RANKS: str(self.default_ranks)} if self.default_ranks is not None else {}
         return {
+            **extra,
             SITE: self.site,
             SITE_INDEX: str(self.index),
             NUM_SITES: str(self.num_sites),
@@ -76,6 +80,7 @@ class SiteEnv:
             lighthouse=environ[LIGHTHOUSE],
             address=environ.get(SITE_ADDR, "127.0.0.1"),
             wan_mode=environ.get(WAN_MODE, "emulated"),
+            default_ranks=int(environ[DEFAULT_RANKS]) if environ.get(DEFAULT_RANKS) else None,
         )
 
     def site_info(self, *, local_rank: int, local_world_size: int) -> SiteInfo:
