@@ -40,6 +40,7 @@ SCENARIOS: dict[str, dict[str, tuple[int | None, dict[str, Any]]]] = {
     "fsdp-pair": {"west": (None, {"shard": "fsdp"}), "east": (None, {"shard": "fsdp"})},
     "sizes": {"west": (2, {"shard": "fsdp"}), "east": (1, {})},
     "mixed-heal": {"west": (None, {}), "east": (None, {"shard": "fsdp"})},  # west's θ is perturbed: it heals
+    "tp-vs-pp": {"west": (None, {"tp": 2}), "east": (None, {"pp": 2})},  # DTensor shards against stages
 }
 FAULTS = {"mixed-heal": "west:perturb:2"}  # tests/dist/faulty_site.py
 
@@ -189,3 +190,15 @@ def test_a_site_heals_from_a_site_of_another_layout(runs: Runs) -> None:
     numel = read_model_json(dirs["west"]).num_params()
     assert west["heal_bytes"] == west["heals"] * (6 * numel + 2 * 32)
     assert [a for a, _ in west["sync_applied"]][-1] == STEPS
+
+
+def test_a_tensor_parallel_site_and_a_pipeline_site_end_with_the_same_theta(runs: Runs) -> None:
+    dirs = runs.sites("tp-vs-pp")  # west: each rank half of every matrix; east: each rank half of the layers
+    found = digests(dirs)
+    assert len(set(found.values())) == 1, found
+    for d in dirs.values():
+        assert final_record(d)["sync_applied"] == [[2, 2], [4, 4]]
+        assert final_record(d)["wan_failed"] == 0 and final_record(d)["sync_rejected"] == 0
+    # Each site's checkpoint, written in its own layout, reads back whole to the same θ.
+    west, east = final_weights(dirs["west"]), final_weights(dirs["east"])
+    assert all(torch.equal(v, east[k]) for k, v in west.items())
