@@ -33,6 +33,18 @@ def test_one_refusal_between_authenticated_exchanges_is_forgiven() -> None:
     assert check.trusted and check.refused_in_a_row == 0
 
 
+def test_refusals_of_an_outsider_say_nothing_about_the_sites_own_secret() -> None:
+    # An impostor ("mallory", in no topology of the run) reaches the quorum before west: east
+    # refuses it twice, but keeps its secret; west's refusal would count.
+    check = SecretCheck(members=frozenset({"east", "west"}))
+    for _ in range(3):
+        check.observe([True, False], own=0, site="east", claims=[None, "mallory"])
+    assert not check.trusted and check.refused_in_a_row == 0
+    check.observe([True, False], own=0, site="east", claims=[None, "west"])
+    with pytest.raises(AtollError, match=r"^site east: .* 2 exchanges in a row"):
+        check.observe([True, False, False], own=0, site="east", claims=[None, "mallory", "west"])
+
+
 def header(site: str) -> Header:
     return Header(site, "10.0.0.1", 0, 3, 1.0, 0, bytes(32))
 

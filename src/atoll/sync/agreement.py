@@ -83,15 +83,28 @@ class SecretCheck:
     someone in the run and never gives up; a site that has authenticated nobody, while every peer
     of `WRONG_SECRET_EXCHANGES` exchanges in a row was refused, is the odd one out (the run's
     sites authenticate each other) and stops with the fix, instead of staying in every quorum.
+    Only refusals of contributions that claim one of the run's sites (`members`, the topology's)
+    count: an impostor claiming another name that reaches the quorum before the honest peers is
+    an outsider, and says nothing about this site's secret.
     """
 
     trusted: bool = False  # a peer's contribution authenticated once: the secret is shared
     refused_in_a_row: int = 0
 
-    def observe(self, authenticated: list[bool], *, own: int, site: str) -> None:
+    members: frozenset[str] | None = None  # the run's sites; None: every claim counts
+
+    def observe(
+        self, authenticated: list[bool], *, own: int, site: str, claims: list[str | None] | None = None
+    ) -> None:
         """Record one exchange of site `site`: which contributions (quorum order) authenticated,
-        `own` its own. Raises `AtollError` when the site's secret is evidently not the run's."""
-        peers = [ok for i, ok in enumerate(authenticated) if i != own]
+        `own` its own, and the site each refused one claims (`claims`). Raises `AtollError` when
+        the site's secret is evidently not the run's."""
+        claims = claims or [None] * len(authenticated)
+
+        def counts(i: int, ok: bool) -> bool:
+            return ok or self.members is None or claims[i] in self.members  # an outsider's refusal: no evidence
+
+        peers = [ok for i, ok in enumerate(authenticated) if i != own and counts(i, ok)]
         if not peers:  # alone in the quorum: says nothing either way
             return
         if any(peers):
@@ -135,10 +148,11 @@ class Membership:
         self.events.extend(new)
         return new
 
-    def vet(self, opened: list[T], *, own: int, site: str) -> list[T]:
-        """`opened` (one exchange's contributions in quorum order, None where refused), after
-        `SecretCheck.observe` found this site's secret plausible; raises `AtollError` if not."""
-        self.secret.observe([o is not None for o in opened], own=own, site=site)
+    def vet(self, opened: list[T], *, own: int, site: str, claims: list[str | None] | None = None) -> list[T]:
+        """`opened` (one exchange's contributions in quorum order, None where refused; `claims`:
+        the site each refused one claims), after `SecretCheck.observe` found this site's secret
+        plausible; raises `AtollError` if not."""
+        self.secret.observe([o is not None for o in opened], own=own, site=site, claims=claims)
         return opened
 
     def summary(self, *, round: int) -> list[dict[str, Any]]:

@@ -304,16 +304,20 @@ class CrossSiteSync:
     def _open(self, gathered: Gathered) -> list[Opened]:
         """Every site's contribution, or None for those whose envelope does not authenticate."""
         out: list[Opened] = []
+        claims: list[str | None] = []
         for i, (envelope, body) in enumerate(gathered.items):
             try:
                 out.append(self.sealer.open(envelope, body))
+                claims.append(None)
             except Refused as exc:
                 log.warning("site %s: quorum member %d: %s", self.site_name, i, exc)
                 out.append(None)
+                claims.append(exc.claimed_site)
                 if i != gathered.rank:
                     self.refused += 1
                     self.rejected += 1
-        return self.membership.vet(out, own=gathered.rank, site=self.site_name)  # a wrong secret stops here
+        # A wrong secret stops here.
+        return self.membership.vet(out, own=gathered.rank, site=self.site_name, claims=claims)
 
     def _plan(self, unit: Unit, gathered: Gathered, opened: list[Opened], step: int) -> Plan | None:
         """The exchange's plan, or None when it cannot be used (this site's own contribution is

@@ -69,7 +69,7 @@ def sync_for_site(
             min_sites=cfg.min_sites or site.num_sites,
             chunk_bytes=cfg.chunk_kib * 1024 if cfg.chunk_kib else chunk_bytes_for(topology),
         )
-    return CrossSiteSync(
+    sync = CrossSiteSync(
         model,
         cfg.model_copy(update={"min_sites": cfg.min_sites or site.num_sites}),  # refused sites do not count
         transport=transport,
@@ -82,6 +82,9 @@ def sync_for_site(
         pacer=pacer,
         lanes=LanePlan(mode, num_lanes),  # type: ignore[arg-type]
     )
+    # Only refusals of the topology's own sites tell a site its secret may be wrong.
+    sync.membership.secret.members = frozenset(s.name for s in topology.sites)
+    return sync
 
 
 class IdleTransport:
