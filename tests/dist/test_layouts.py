@@ -155,7 +155,7 @@ def test_a_one_rank_checkpoint_resumes_on_interleaved_pp2_vp2_as_one_rank_goes_o
     assert set(metric(run, "val_loss")) == {2, 4, 6}
 
 
-def test_pp2_by_tp2_matches_one_rank_resumes_on_one_rank_and_exports_the_same_model(
+def test_pp2_by_tp2_matches_one_rank_resumes_at_dp4_and_exports_the_same_model(
     tmp_path: Path, tiny_data: Path, one_rank: Path
 ) -> None:
     # Four ranks: two stages, each split over two tp ranks (vocabulary-parallel embedding and
@@ -163,11 +163,12 @@ def test_pp2_by_tp2_matches_one_rank_resumes_on_one_rank_and_exports_the_same_mo
     run = train(tmp_path, tiny_data, "--parallel.pp=2", "--parallel.tp=2", nproc=4, train={"checkpoint_every": 2})
     assert_same_training(one_rank, run)
     assert_same_export(run, one_rank, tmp_path)
-    # Its step-2 checkpoint (model and AdamW state, both parameter groups) resumes on one rank.
+    # Its step-2 checkpoint (model and AdamW state, both parameter groups) resumes on four
+    # data-parallel replicas of one sequence each.
     shutil.rmtree(run / "checkpoints" / f"step_{STEPS:08d}")
-    proc = run_atoll("train", str(tmp_path / "config.yaml"), "--resume")
+    proc = run_atoll("train", str(tmp_path / "config.yaml"), "--resume", "--nproc", "4", "--train.micro_batch=1")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "resumed" in proc.stderr
+    assert "resumed" in proc.stderr and "tp 1 x pp 1 x dp 4" in proc.stderr
     assert_same_training(one_rank, run)
 
 

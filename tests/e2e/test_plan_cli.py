@@ -194,3 +194,49 @@ def test_a_plan_for_sites_of_two_speeds_trains_as_planned(tmp_path: Path, tiny_d
     page = (tmp_path / "runs" / "t" / "report.html").read_text(encoding="utf-8")
     assert "Plan: predicted against measured" in page and "predicted efficiency" in page
     assert f"<td>{east.inner_steps}</td><td>{steps['east'][0]} then" in page  # planned H, then H run
+
+
+def test_a_planned_layout_for_a_model_that_needs_tensor_parallelism_runs_at_lab_scale(
+    tmp_path: Path, tiny_data: Path
+) -> None:
+    """The planner splits a 107B model inside each A800 site (one replica does not fit one
+    device); `atoll train --plan` runs that layout on CPU ranks with a tiny model, honouring every
+    layout key, and trains what one rank trains."""
+    from atoll.report.metrics import read_metrics
+    from tests.conftest import tiny_config
+
+    out = tmp_path / "plan.yaml"
+    proc = run_atoll(
+        "plan",
+        "--topology",
+        str(TOPOLOGIES / "two-cluster-1gbps.yaml"),
+        "--model",
+        "qwen1.5-107b",
+        "--tokens",
+        "100B",
+        "--no-simulate",
+        "--out",
+        str(out),
+    )
+    assert proc.returncode == 0, proc.stderr
+    layout = load_plan(out).sites[0].layout
+    assert layout.tp * layout.pp > 1, layout  # 107B needs more than one device per replica
+    ranks = layout.tp * layout.pp
+    assert ranks <= 4, layout  # the lab runs it on this machine's cores
+    # A tiny model whose heads, kv heads, MLP and vocabulary the plan's tp divides; the run's
+    # size (steps, sequence, batch) from the command line, which wins over the plan.
+    model = {"preset": "tiny", "num_heads": 4, "num_kv_heads": 4}
+    size = ["--train.steps=4", "--data.seq_len=32", "--train.global_batch=4", "--train.micro_batch=1"]
+    (tmp_path / "one").mkdir()
+    one = tiny_config(tmp_path / "one", tiny_data, model=model, train={"checkpoint_every": 0, "eval_every": 0})
+    proc = run_atoll("train", str(one), *size)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cfg = tiny_config(tmp_path, tiny_data, model=model, train={"checkpoint_every": 0, "eval_every": 0})
+    proc = run_atoll("train", str(cfg), "--plan", str(out), "--nproc", str(ranks), *size, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "does not honor" not in proc.stderr + proc.stdout
+    assert f"tp{layout.tp}xpp{layout.pp}xdp1" in "".join(proc.stderr.split())  # rich wraps log lines
+    losses = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "runs" / "t") if "loss" in r}
+    reference = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "one" / "runs" / "t") if "loss" in r}
+    assert sorted(losses) == [1, 2, 3, 4]
+    assert all(losses[s] == pytest.approx(reference[s], rel=1e-5) for s in losses), (losses, reference)
