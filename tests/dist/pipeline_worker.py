@@ -29,17 +29,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
-from torch.distributed.tensor import DTensor, Replicate, Shard
-from torch.distributed.tensor.parallel import (
-    ColwiseParallel,
-    PrepareModuleInput,
-    RowwiseParallel,
-    SequenceParallel,
-    loss_parallel,
-    parallelize_module,
-)
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.parallel import loss_parallel
 
 from atoll.errors import AtollError
 from atoll.model import PRESETS
@@ -47,6 +40,7 @@ from atoll.model.llama import Transformer
 from atoll.model.loss import token_loss_sum
 from atoll.parallel.dist import dist_env_from_environ
 from atoll.parallel.pipeline import PipelineRunner, build_stage_model
+from atoll.parallel.tensor import parallelize
 from atoll.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 
 CFG = dataclasses.replace(PRESETS["tiny"], num_layers=4, tie_embeddings=False)
@@ -236,47 +230,13 @@ def pp_dp(*, fsdp: bool) -> dict[str, Any]:
     return record
 
 
-def tensor_parallel(model: Transformer, mesh: DeviceMesh, *, sp: bool) -> None:
-    """Megatron-style tensor parallelism on a stage with torch's plans: vocabulary-parallel
-    embedding and head (logits left sharded for `loss_parallel`), heads and MLP hidden units split;
-    with `sp` the norms run on a slice of the sequence, so stages send each other slices."""
-    stream = Shard(1) if sp else Replicate()
-    top: dict[str, Any] = {}
-    if model.embed is not None:
-        top["embed"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=stream)
-    if model.lm_head is not None:
-        top["lm_head"] = ColwiseParallel(input_layouts=stream, output_layouts=Shard(-1), use_local_output=False)
-        if sp:
-            top["norm"] = SequenceParallel()
-    parallelize_module(model, mesh, top)
-    for block in model.layers:
-        plan: dict[str, Any] = {
-            "attn.q_proj": ColwiseParallel(),
-            "attn.k_proj": ColwiseParallel(),
-            "attn.v_proj": ColwiseParallel(),
-            "attn.o_proj": RowwiseParallel(output_layouts=stream),
-            "mlp.gate_proj": ColwiseParallel(),
-            "mlp.up_proj": ColwiseParallel(),
-            "mlp.down_proj": RowwiseParallel(output_layouts=stream),
-        }
-        if sp:
-            gather = {"input_layouts": (Shard(1),), "desired_input_layouts": (Replicate(),), "use_local_output": True}
-            plan |= {
-                "attn_norm": SequenceParallel(),
-                "mlp_norm": SequenceParallel(),
-                "attn": PrepareModuleInput(**gather),
-                "mlp": PrepareModuleInput(**gather),
-            }
-        parallelize_module(block, mesh, plan)
-
-
 def pp_tp(*, sp: bool) -> dict[str, Any]:
     """Parameters and gradients are DTensors; activations between stages plain tensors (whole,
     or each tp rank's slice of the sequence with `sp`)."""
     mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("pp", "tp"))
     torch.manual_seed(0)
     model = build_stage_model(CFG, pp=2, pp_rank=mesh["pp"].get_local_rank())
-    tensor_parallel(model, mesh["tp"], sp=sp)
+    parallelize(model, mesh["tp"], sequence_parallel=sp)
     runner = PipelineRunner(
         model,
         schedule="1f1b",
