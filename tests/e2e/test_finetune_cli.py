@@ -162,24 +162,19 @@ def test_lineage_prints_the_chain(chain: dict[str, Path], capsys: pytest.Capture
     assert [r["method"] for r in json.loads(out)] == ["pretrain", "lora"]
 
 
+def eval_chain(
+    capsys: pytest.CaptureFixture[str], chain: dict[str, Path], general: Path, out: Path, *extra: str
+) -> tuple[int, str, str]:
+    """`atoll eval` of the base run and the LoRA stage on the general and the domain sets, as JSON in `out`."""
+    data = ["--data", f"general={general}", "--data", f"domain={chain['stage']}"]
+    return atoll(capsys, "eval", str(chain["base"]), str(chain["stage"]), *data, "--json", str(out), *extra)
+
+
 def test_eval_table_chart_json_and_domain_gain(
     chain: dict[str, Path], tiny_data: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     tmp = chain["tmp"]
-    code, out, _ = atoll(
-        capsys,
-        "eval",
-        str(chain["base"]),
-        str(chain["stage"]),
-        "--data",
-        f"general={tiny_data}",
-        "--data",
-        f"domain={chain['stage']}",
-        "--json",
-        str(tmp / "res.json"),
-        "--plot",
-        str(tmp / "res.png"),
-    )
+    code, out, _ = eval_chain(capsys, chain, tiny_data, tmp / "res.json", "--plot", str(tmp / "res.png"))
     assert code == 0 and "perplexity on held-out sets" in out
     results = json.loads((tmp / "res.json").read_text())
     assert results["command"].startswith("atoll eval ")
@@ -196,18 +191,7 @@ def test_report_of_a_real_stage_shows_its_lineage_and_evaluation(
     chain: dict[str, Path], tiny_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     results = tmp_path / "eval.json"
-    code, _, err = atoll(
-        capsys,
-        "eval",
-        str(chain["base"]),
-        str(chain["stage"]),
-        "--data",
-        f"general={tiny_data}",
-        "--data",
-        f"domain={chain['stage']}",
-        "--json",
-        str(results),
-    )
+    code, _, err = eval_chain(capsys, chain, tiny_data, results)
     assert code == 0, err
     page_path = tmp_path / "stage.html"
     code, out, err = atoll(capsys, "report", str(chain["stage"]), "--eval", str(results), "--out", str(page_path))
