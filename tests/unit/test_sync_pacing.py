@@ -214,8 +214,8 @@ def test_a_plans_split_starts_the_rounds_and_measurement_takes_over() -> None:
     assert [p.planned for p in pacers] == [12, 4]  # the plan's split, not H or the catalog's
     for p in pacers:
         p.observe([("s0", encode_pace(1.0)), ("s1", encode_pace(2.0))])
-    # The same 16 steps, re-split by the measured times: 11 x 1 s and 5 x 2 s beat 12 x 1 s by > 10 %?
-    # 12 + 4 lasts max(12, 8) = 12 s; the best, 11 + 5, lasts max(11, 10) = 11 s: 8 % shorter, kept.
+    # The same 16 steps re-split by the measured times: 12 + 4 lasts max(12, 8) = 12 s, the best
+    # split, 11 + 5, max(11, 10) = 11 s: 8 % shorter, within the 10 % tolerance, so the plan's stays.
     assert [p.planned for p in pacers] == [12, 4]
     for p in pacers:
         p.observe([("s0", encode_pace(1.0)), ("s1", encode_pace(1.0))])
