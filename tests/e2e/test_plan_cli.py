@@ -240,3 +240,54 @@ def test_a_planned_layout_for_a_model_that_needs_tensor_parallelism_runs_at_lab_
     reference = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "one" / "runs" / "t") if "loss" in r}
     assert sorted(losses) == [1, 2, 3, 4]
     assert all(losses[s] == pytest.approx(reference[s], rel=1e-5) for s in losses), (losses, reference)
+
+
+def test_a_plan_whose_sites_have_different_layouts_runs_each_site_in_its_own(tmp_path: Path, tiny_data: Path) -> None:
+    """A plan with a tensor-parallel site and a pipeline site: `atoll train --plan --topology`
+    gives each site its layout through the topology it launches with (RUN/topology.yaml),
+    honours every key, and both sites end with one model."""
+    import yaml
+
+    from atoll.planner.plan import Plan, write_plan
+    from tests.conftest import tiny_config
+
+    def site(name: str, layout: dict[str, object]) -> dict[str, object]:
+        devices = [{"kind": "cpu", "count": 2}]
+        return {"name": name, "devices": devices, "batch": 4, "inner_steps": 2, "layout": {**layout, "dp": 1}}
+
+    plan = Plan.model_validate(
+        {
+            "model": "tiny",
+            "model_params": 1,
+            "topology": "t.yaml",
+            "tokens": 1e4,
+            "seq_len": 32,
+            "global_batch": 8,
+            "steps": 4,
+            "sync": {"strategy": "diloco", "inner_steps": 2, "codec": "none", "outer_lr": 1.0, "outer_momentum": 0.0},
+            "sites": [site("east", {"tp": 2}), site("west", {"pp": 2})],
+        }
+    )
+    write_plan(plan, tmp_path / "plan.yaml")
+    topo = tmp_path / "sites.yaml"
+    topo.write_text(
+        yaml.safe_dump(
+            {
+                "name": "two",
+                "sites": [{"name": n, "devices": [{"kind": "cpu", "count": 2}]} for n in ("east", "west")],
+                "links": [{"site": n, "uplink_mbps": 1000} for n in ("east", "west")],
+            }
+        )
+    )
+    model = {"preset": "tiny", "num_heads": 4, "num_kv_heads": 4}
+    cfg = tiny_config(tmp_path, tiny_data, model=model, train={"checkpoint_every": 0, "eval_every": 0})
+    args = ["--topology", str(topo), "--ranks-per-site", "2", "--wan", "none", "--sync.nesterov=false"]
+    proc = run_atoll("train", str(cfg), "--plan", str(tmp_path / "plan.yaml"), *args, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "does not honor" not in proc.stderr + proc.stdout
+    launched = yaml.safe_load((tmp_path / "runs" / "t" / "topology.yaml").read_text())
+    layouts = {s["name"]: s.get("parallel") for s in launched["sites"]}
+    assert layouts == {"east": {"tp": 2, "pp": 1}, "west": {"tp": 1, "pp": 2, "vp": 1}}, layouts
+    for name, shape in (("east", (2, 1)), ("west", (1, 2))):  # what each site's ranks ran with
+        ran = yaml.safe_load((tmp_path / "runs" / "t" / "sites" / name / "config.yaml").read_text())["parallel"]
+        assert (ran["tp"], ran["pp"]) == shape, (name, ran)

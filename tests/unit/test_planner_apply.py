@@ -3,6 +3,7 @@ from pathlib import Path
 import pytest
 
 from atoll.config import RunConfig, load_config
+from atoll.errors import AtollError
 from atoll.planner.apply import plan_overrides
 from atoll.planner.plan import Plan
 
@@ -93,3 +94,31 @@ def test_a_plans_per_device_sequences_become_where_the_ranks_start() -> None:
     cfg = load_config(RunConfig, REPO / "examples" / "configs" / "demo.yaml", args)
     assert cfg.parallel.device_shares == {"a100-80g": 3.0, "h20": 1.0}
     assert not [i for i in ignored if ".sequences" in i]
+
+
+def test_sites_of_different_layouts_get_them_through_the_topology() -> None:
+    from atoll.config.topology import Topology
+    from atoll.planner.apply import site_layouts, with_site_layouts
+
+    plan = make_plan(layout={"tp": 2, "pp": 2, "dp": 1, "micro_batch": 2, "recompute": "full"})
+    _, ignored = plan_overrides(plan, per_site=True)
+    assert ignored == ["sites.east.layout.micro_batch=1", "sites.west.layout.micro_batch=2"]  # a train.* key
+    layouts = site_layouts(plan)
+    assert layouts == {
+        "east": {"tp": 1, "pp": 1, "recompute": "none"},
+        "west": {"tp": 2, "pp": 2, "vp": 1, "recompute": "full"},
+    }
+    sites = [{"name": n, "devices": [{"kind": "cpu", "count": 4}]} for n in ("east", "west")]
+    topo = Topology.model_validate(
+        {
+            "name": "t",
+            "sites": sites,
+            "links": [{"site": "east", "uplink_mbps": 100}, {"site": "west", "uplink_mbps": 100}],
+        }
+    )
+    topo.sites[1].parallel = {"shard": "fsdp"}
+    planned = with_site_layouts(topo, layouts, plan_path=Path("plan.yaml"))
+    assert planned.site("west").parallel == {"shard": "fsdp", **layouts["west"]}  # the plan's keys added
+    assert planned.lane_plan(default_ranks=4) == ("canonical", 4)  # different layouts: whole tensors
+    with pytest.raises(AtollError, match="lacks"):
+        with_site_layouts(topo, {"north": {"tp": 2}}, plan_path=Path("plan.yaml"))

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import yaml
 from rich.console import Console
 
 from atoll.console import fail, guarded, launched_rank, setup_logging, want_progress
@@ -26,6 +27,7 @@ from atoll.errors import AtollError, RunFailure
 
 if TYPE_CHECKING:
     from atoll.config import RunConfig
+    from atoll.planner.plan import Plan
     from atoll.sync.launch import SiteHost
     from atoll.train.trainer import TrainResult
 
@@ -42,12 +44,16 @@ def _cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
         from atoll.planner.apply import describe, plan_overrides
         from atoll.planner.plan import load_plan
 
-        plan_args, ignored = plan_overrides(load_plan(args.plan))
+        plan = load_plan(args.plan)
+        # With a topology, layouts that differ between sites go to each site's `parallel:`.
+        plan_args, ignored = plan_overrides(plan, per_site=args.topology is not None)
         extra = [*plan_args, *extra]  # the command line still wins over the plan
         if ignored:
             log.warning("%s", describe(ignored))
     cfg = load_config(RunConfig, args.config, extra)
     if args.topology is not None:
+        if args.plan is not None:
+            args.topology = _planned_topology(args.topology, plan, plan_path=args.plan, run_root=cfg.run.path)
         return train_sites(cfg, args, extra)
     prepare_run(cfg, resume=args.resume, world_size=args.nproc)
     if args.nproc > 1:
@@ -62,6 +68,25 @@ def _cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
     result = _train_here(cfg, args)
     _print_summary(result)
     return 0
+
+
+def _planned_topology(topology_path: Path, plan: Plan, *, plan_path: Path, run_root: Path) -> Path:
+    """The topology to launch with: `topology_path` itself, or, when the plan gives sites
+    different layouts, a copy with each site's layout in its `parallel:` entry, written to
+    RUN/topology.yaml (the file the run report reads)."""
+    from atoll.config.topology import load_topology
+    from atoll.planner.apply import site_layouts, with_site_layouts
+    from atoll.report.rundata import TOPOLOGY_FILE
+
+    layouts = site_layouts(plan)
+    if not layouts:
+        return topology_path
+    topology = with_site_layouts(load_topology(topology_path), layouts, plan_path=plan_path)
+    out = run_root / TOPOLOGY_FILE
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(yaml.safe_dump(topology.model_dump(mode="json", exclude_defaults=True), sort_keys=False))
+    log.info("sites take the plan's layouts: %s (topology %s)", layouts, out)
+    return out
 
 
 def _child_flags(args: argparse.Namespace) -> list[str]:
@@ -149,7 +174,8 @@ def _write_report(run_root: Path, *, topology_path: Path, plan: Path | None) -> 
     from atoll.report.rundata import PLAN_FILE, TOPOLOGY_FILE
 
     try:
-        shutil.copyfile(topology_path, run_root / TOPOLOGY_FILE)
+        if Path(topology_path).resolve() != (run_root / TOPOLOGY_FILE).resolve():
+            shutil.copyfile(topology_path, run_root / TOPOLOGY_FILE)
         if plan is not None:
             shutil.copyfile(plan, run_root / PLAN_FILE)
         page = write_run_report(run_root)
