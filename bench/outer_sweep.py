@@ -75,7 +75,11 @@ def main() -> None:
                 sync = configs[name]
                 run = f"{name}-s{seed}"
                 cmd = [*bench.common(seed), "--topology", str(flat), "--wan", "none", f"--run.name={run}"]
-                cmd += [f"--sync.{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in sync.items()]
+                # a bare key is a sync.* setting; a dotted one (train.lr) is given as it is
+                cmd += [
+                    f"--{k if '.' in k else 'sync.' + k}={str(v).lower() if isinstance(v, bool) else v}"
+                    for k, v in sync.items()
+                ]
                 t0 = time.perf_counter()
                 run_atoll(cmd, lab=False)
                 s = summarize(tmp / run)

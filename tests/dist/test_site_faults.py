@@ -159,6 +159,13 @@ def test_a_site_away_between_exchanges_rejoins_heals_and_the_sites_end_equal(fau
     )
     assert rejoined["rounds_missed"] >= 1 and rejoined["step"] < PAUSED_STEPS
     assert west["heals"] >= 1 and east["heals_served"] == west["heals"]
+    # Healed, west moved to east's step instead of running the rounds it missed alone at the end.
+    (jump,) = [r for r in read_metrics(dirs["west"]) if "healed_forward_from" in r]
+    assert (
+        jump["healed_forward_steps"] >= 2 and jump["step"] == jump["healed_forward_from"] + jump["healed_forward_steps"]
+    )
+    assert jump["step"] in per_step(dirs["east"], "loss"), "west jumped to a step east did not reach"
+    assert len(per_step(dirs["west"], "loss")) == PAUSED_STEPS - jump["healed_forward_steps"]
     # East waited for west at most until the Lighthouse gave up on west's heartbeats (plus its own
     # emulated step, and the load of a shared machine).
     slowest = max(per_step(dirs["east"], "step_seconds").values())

@@ -36,9 +36,11 @@ def body(n: int = 5) -> torch.Tensor:
 def test_an_envelope_round_trips_and_the_transport_may_pad_the_body() -> None:
     sealer = Sealer(SECRET)
     env = sealer.seal(header(), body())
-    assert env.numel() == ENVELOPE_BYTES == 180
+    assert env.numel() == ENVELOPE_BYTES == 188
     opened, payload = sealer.open(env, torch.cat([body(), torch.zeros(3, dtype=torch.uint8)]))
     assert opened == header() and torch.equal(payload, body())
+    stepped = header(step=4096)  # where the sender is: a site healing forward moves there
+    assert sealer.open(sealer.seal(stepped, body()), body())[0].step == 4096
 
 
 def test_an_envelope_sealed_with_another_secret_is_refused_naming_the_claimed_site() -> None:
@@ -48,11 +50,11 @@ def test_an_envelope_sealed_with_another_secret_is_refused_naming_the_claimed_si
     assert info.value.claimed_address == "10.213.0.2"
 
 
-@pytest.mark.parametrize("where", ["body", "round", "weight", "tag"])
+@pytest.mark.parametrize("where", ["body", "round", "weight", "step", "tag"])
 def test_one_flipped_bit_anywhere_is_refused(where: str) -> None:
     sealer = Sealer(SECRET)
     env, data = sealer.seal(header(), body()), body()
-    offset = {"round": 12, "weight": 20, "tag": ENVELOPE_BYTES - 1}
+    offset = {"round": 12, "weight": 20, "step": 36, "tag": ENVELOPE_BYTES - 1}
     if where == "body":
         data[2] ^= 1
     else:

@@ -143,6 +143,7 @@ class CrossSiteSync:
         self._staged: dict[str, torch.Tensor] = {}  # new values of owned pieces, before the site gets them
         self._pace = 0  # the pace code of this round's envelopes (taken on every rank: it is collective)
         self._observed: list[tuple[str, int]] | None = None  # the sites' paces of the exchange being applied
+        self._jump: int | None = None  # a heal brought θ from sites further on: the step they are at
 
     # ------------------------------------------------------------------ schedule
 
@@ -174,6 +175,14 @@ class CrossSiteSync:
             if self.delay == 0:
                 self._apply(self.pending.pop(), step)
         self._step_end = time.perf_counter()
+
+    def take_jump(self) -> int | None:
+        """The step the site's peers are at, once, after this site healed forward from them (a
+        restart from an old checkpoint, or a site away for rounds); None otherwise. The loop moves
+        its step there, so the site runs the run's remaining steps with the others instead of
+        the rounds it missed, alone, at the end. Steps-bound runs only (a paced run ends on rounds)."""
+        jump, self._jump = self._jump, None
+        return jump
 
     @property
     def paced(self) -> bool:
@@ -231,7 +240,7 @@ class CrossSiteSync:
     def _encode(self, unit: Unit, tensors: dict[str, torch.Tensor]) -> list[Encoded]:
         return [self.codec.encode(tensors[n], key=n) for n in unit.owned]
 
-    def _header(self, unit: Unit, *, body: torch.Tensor, weight: float, kind: int = KIND_UPDATE) -> Header:
+    def _header(self, unit: Unit, *, body: torch.Tensor, weight: float, step: int, kind: int = KIND_UPDATE) -> Header:
         outer = unit.outer
         has_momentum = outer is not None and outer.momentum() is not None
         return Header(
@@ -245,6 +254,7 @@ class CrossSiteSync:
             kind=kind,
             flags=FLAG_MOMENTUM if has_momentum else 0,
             pace=self._pace,
+            step=step,
         )
 
     def _send(self, unit: Unit, step: int) -> None:
@@ -262,7 +272,7 @@ class CrossSiteSync:
         encoded = self._encode(unit, delta)
         payload = pack_payload(encoded) if encoded else torch.empty(0, dtype=torch.uint8)
         weight = float(self.tokens_since[unit.name])
-        envelope = self.sealer.seal(self._header(unit, body=payload, weight=weight), payload)
+        envelope = self.sealer.seal(self._header(unit, body=payload, weight=weight, step=step), payload)
         previous = {n: self.anchor[n] for n in unit.owned}
         for n in unit.owned:
             self.anchor[n] = current[n]
@@ -375,6 +385,10 @@ class CrossSiteSync:
             if gathered.rank in plan.heal and not healed:
                 self._roll_back(pending)  # still behind: the next exchange heals it
                 return
+            if gathered.rank in plan.heal and not self.pacer.paced:
+                # Forward to where the source is: its step at the send, plus the steps this site ran since its own.
+                source_step = opened[plan.source][0].step  # type: ignore[index]
+                self._jump = max(self._jump or 0, source_step + step - pending.sent_step)
         deltas, weights = [], []
         for i in plan.in_sync:
             header, payload = opened[i]  # type: ignore[misc]
@@ -448,7 +462,7 @@ class CrossSiteSync:
         Raises `RunFailure` if no exchange completes in `attempts` or this site cannot heal."""
         empty = torch.empty(0, dtype=torch.uint8)
         for _ in range(attempts):
-            envelope = self.sealer.seal(self._header(unit, body=empty, weight=0.0, kind=KIND_CHECK), empty)
+            envelope = self.sealer.seal(self._header(unit, body=empty, weight=0.0, step=step, kind=KIND_CHECK), empty)
             gathered = self._executor.submit(self.transport.exchange, envelope, empty).result()
             opened = self._open(gathered) if gathered is not None else []
             plan = self._plan(unit, gathered, opened, step) if gathered is not None else None
@@ -501,7 +515,8 @@ class CrossSiteSync:
         `finish` still exchanges) and the sites' paces (a balanced pacer re-plans from them): from
         rank 0, a lane. Collective when there are any."""
         if self.idle_ranks:
-            unit.round, unit.final, paces = broadcast_state((unit.round, unit.final, self._observed))
+            state = (unit.round, unit.final, self._observed, self._jump)
+            unit.round, unit.final, paces, self._jump = broadcast_state(state)
             if not self.lanes.is_lane and paces is not None:
                 self.pacer.observe(paces)
 

@@ -2,8 +2,8 @@
 
 Every exchange carries, per site, one fixed-size envelope beside the codec's payload bytes:
 
-    magic "ATL1" | kind | flags | pace | unit | round | token weight | body length | θ digest (32)
-    | site name (32) | site address (48) | HMAC-SHA256 tag (32)
+    magic "ATL1" | kind | flags | pace | unit | round | token weight | body length | step
+    | θ digest (32) | site name (32) | site address (48) | HMAC-SHA256 tag (32)
 
 The tag covers every field before it and the body's bytes, with a key derived from the run's
 secret (`atoll.sync.auth`), so a site that does not hold the secret cannot get an update applied,
@@ -11,7 +11,8 @@ and a byte altered in transit makes the whole contribution refused. The name and
 what the sender claims: they are only trusted once the tag checks, and are logged either way, so
 that an operator can find a refused site. The pace (the sender's step time, `atoll.sync.pacing`; 0 when
 unknown) lets sites balance their rounds. The round number and digest let every site see, from
-the same gathered envelopes, who holds which θ (`atoll.sync.agreement`). Torch-free but for the
+the same gathered envelopes, who holds which θ (`atoll.sync.agreement`); the step (the sender's
+inner step when it sent) tells a site that heals forward where the others are. Torch-free but for the
 tensors it reads; no I/O.
 """
 
@@ -30,8 +31,8 @@ KIND_UPDATE = 0  # a round's payload: the sender's pseudo-gradient for the unit
 KIND_CHECK = 1  # no payload: the sender has finished and shows its final θ's digest
 FLAG_MOMENTUM = 1  # the sender's outer optimizer holds a momentum buffer for the unit
 DIGEST_BYTES = 32
-_FIELDS = struct.Struct("<4sBBHIQdQ32s32s48s")
-ENVELOPE_BYTES = _FIELDS.size + TAG_BYTES  # 180
+_FIELDS = struct.Struct("<4sBBHIQdQQ32s32s48s")
+ENVELOPE_BYTES = _FIELDS.size + TAG_BYTES  # 188
 
 
 class Refused(AtollError):
@@ -58,6 +59,7 @@ class Header:
     kind: int = KIND_UPDATE
     flags: int = 0
     pace: int = 0  # the sender's step time, `atoll.sync.pacing.encode_pace` (16 bits; 0: not measured)
+    step: int = 0  # the sender's inner step when it sent
 
     @property
     def has_momentum(self) -> bool:
@@ -97,6 +99,7 @@ class Sealer:
             header.round,
             header.weight,
             header.body_bytes,
+            header.step,
             header.digest,
             _text(header.site, 32, "site name"),
             _text(header.address, 48, "site address"),
@@ -111,7 +114,7 @@ class Sealer:
         if len(raw) != ENVELOPE_BYTES:
             raise Refused(f"an envelope of {len(raw)} bytes, expected {ENVELOPE_BYTES}")
         fields, mac = raw[: _FIELDS.size], raw[_FIELDS.size :]
-        magic, kind, flags, pace, unit, rnd, weight, length, digest, site, address = _FIELDS.unpack(fields)
+        magic, kind, flags, pace, unit, rnd, weight, length, step, digest, site, address = _FIELDS.unpack(fields)
         claimed = {
             "claimed_site": site.rstrip(b"\0").decode(errors="replace"),
             "claimed_address": address.rstrip(b"\0").decode(errors="replace"),
@@ -134,6 +137,7 @@ class Sealer:
             kind=kind,
             flags=flags,
             pace=pace,
+            step=step,
         )
         return header, payload
 

@@ -89,6 +89,7 @@ class SiteSync(Protocol):
     def state_dict(self) -> dict[str, Any] | None: ...
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
     def reset_to_global(self) -> bool: ...  # a diverged site takes the sites' shared parameters
+    def take_jump(self) -> int | None: ...  # after a heal forward: the step the peers are at, once
     def close(self) -> None: ...
 
 
@@ -130,6 +131,9 @@ class NoSync:
 
     def reset_to_global(self) -> bool:
         return False  # no peers: a diverged site rolls back to its own checkpoint
+
+    def take_jump(self) -> int | None:
+        return None  # no peers to be behind
 
     def close(self) -> None:
         pass

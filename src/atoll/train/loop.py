@@ -230,6 +230,20 @@ def _sync_record(sync: SiteSync, values: dict[str, Any], *, device: torch.device
     return record
 
 
+def jump_forward(job: TrainingJob, state: LoopState, *, to: int, metrics: MetricsWriter) -> None:
+    """The site healed from peers further on: move its step (and the learning-rate schedule) to
+    theirs, so it runs the rest of the run with them. Its tokens and data stream stay its own:
+    it did not train on the steps it skips."""
+    skipped = to - state.step
+    log.warning("healed forward: step %d -> %d (the %d steps the other sites ran meanwhile)", state.step, to, skipped)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)`")
+        for _ in range(skipped):
+            job.scheduler.step()
+    metrics.log(to, {"healed_forward_from": state.step, "healed_forward_steps": skipped})
+    state.step = to
+
+
 def run_loop(
     job: TrainingJob,
     state: LoopState,
@@ -321,7 +335,10 @@ def run_loop(
                         progress.update(completed=state.step, loss=float("nan"), tokens_per_s=0.0)
                     continue
                 # with peers the site took their θ and stays at this step, in step with their rounds
-            state.finished = sync.run_over() if sync.paced else state.step == total_steps
+            jump = sync.take_jump()
+            if jump is not None and jump > state.step:
+                jump_forward(job, state, to=min(jump, end_step), metrics=metrics)
+            state.finished = sync.run_over() if sync.paced else state.step >= total_steps
             if state.finished:
                 sync.finish(state.step)
             elapsed = time.perf_counter() - t0
