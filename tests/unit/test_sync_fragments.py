@@ -5,7 +5,7 @@ import pytest
 from atoll.errors import AtollError
 from atoll.model.config import get_preset
 from atoll.model.llama import Transformer
-from atoll.sync.fragments import StreamingSchedule, assign_owners, split_fragments
+from atoll.sync.fragments import StreamingSchedule, assign_owners, count_layers, split_fragments
 
 
 @pytest.mark.parametrize("num_ranks", [1, 2, 3, 4])
@@ -25,6 +25,13 @@ def test_owners_cover_every_parameter_once_and_balance_the_load(num_ranks: int) 
 def model_names(**overrides: object) -> list[str]:
     cfg = dataclasses.replace(get_preset("tiny"), **overrides)
     return [name for name, _ in Transformer(cfg).named_parameters()]
+
+
+def test_count_layers_reads_wrapped_names_and_is_at_least_one() -> None:
+    names = model_names(num_layers=3)
+    assert count_layers(names) == 3
+    assert count_layers([f"module._orig_mod.{n}" for n in names]) == 3
+    assert count_layers(["embed.weight", "lm_head.weight"]) == 1
 
 
 def layer_of(name: str) -> int | None:

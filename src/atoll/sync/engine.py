@@ -49,7 +49,7 @@ from atoll.sync.agreement import Membership, Plan, plan_exchange
 from atoll.sync.codecs import Codec, Encoded, ErrorFeedback, codec_from_config, pack_payload, unpack_payload
 from atoll.sync.digest import theta_digest
 from atoll.sync.envelope import FLAG_MOMENTUM, KIND_CHECK, KIND_UPDATE, Header, Refused, Sealer
-from atoll.sync.fragments import StreamingSchedule, split_fragments
+from atoll.sync.fragments import StreamingSchedule, count_layers, split_fragments
 from atoll.sync.heal import MOMENTUM_DTYPE, run_heal
 from atoll.sync.lanes import LanePlan, Lanes, broadcast_state
 from atoll.sync.outer import OuterOptimizer, weighted_average
@@ -99,7 +99,7 @@ class CrossSiteSync:
         self.idle_ranks = self.lanes.num_lanes < local_world_size  # ranks past the lanes exchange nothing
         names = self.view.names
         if cfg.strategy == "streaming":
-            frags = split_fragments(names, num_fragments=min(cfg.fragments, _num_layers(names)))
+            frags = split_fragments(names, num_fragments=min(cfg.fragments, count_layers(names)))
             offsets = StreamingSchedule(len(frags), self.H).offsets
             self.units = [Unit(f"fragment{i}", f, offset=offsets[i], index=i) for i, f in enumerate(frags)]
             self.delay = cfg.overlap_steps
@@ -598,7 +598,3 @@ class CrossSiteSync:
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
         self.transport.close()
-
-
-def _num_layers(names: list[str]) -> int:
-    return len({n.split(".")[1] for n in names if n.startswith("layers.")}) or 1

@@ -22,7 +22,7 @@ from typing import Literal
 
 from atoll.errors import AtollError
 
-__all__ = ["StreamingSchedule", "assign_owners", "split_fragments"]
+__all__ = ["StreamingSchedule", "assign_owners", "count_layers", "split_fragments"]
 
 
 def assign_owners(sizes: dict[str, int], *, num_ranks: int) -> dict[str, int]:
@@ -47,6 +47,11 @@ def assign_owners(sizes: dict[str, int], *, num_ranks: int) -> dict[str, int]:
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 _FIRST = re.compile(r"(?:^|\.)embed\.[^.]+$")
 _LAST = re.compile(r"(?:^|\.)(?:norm|lm_head)\.[^.]+$")
+
+
+def count_layers(names: Sequence[str]) -> int:
+    """How many decoder layers the names cover (at least 1: the most fragments a model takes)."""
+    return len({m.group(1) for m in map(_LAYER.search, names) if m}) or 1
 
 
 def split_fragments(
