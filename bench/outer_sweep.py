@@ -29,16 +29,37 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from wan import RESULTS, Bench, build_parser, resolve, run_atoll, summarize, write_topology  # noqa: E402
 
-# name -> sync overrides. n<lr>-<m>: Nesterov outer SGD; m<lr>-<m>: heavy-ball; avg: lr 1, no momentum.
+# name -> the overrides it runs with (a bare key is a sync.* setting, a dotted one is given as is);
+# n<lr>-<m>: Nesterov outer SGD; avg<lr>: averaging (no momentum) at outer lr <lr> (1 when absent).
+_AVG = {"outer_momentum": 0.0, "nesterov": False}
 CONFIGS: dict[str, dict[str, Any]] = {
     "ddp": {"strategy": "ddp", "codec": "none"},
-    "diloco-avg": {"strategy": "diloco", "outer_lr": 1.0, "outer_momentum": 0.0, "nesterov": False},
+    "ddp-lr1e-3": {"strategy": "ddp", "codec": "none", "train.lr": 0.001},
+    "ddp-lr3e-3": {"strategy": "ddp", "codec": "none", "train.lr": 0.003},
+    "diloco-avg": {"strategy": "diloco", "outer_lr": 1.0, **_AVG},
+    "diloco-avg0.6": {"strategy": "diloco", "outer_lr": 0.6, **_AVG},
+    "diloco-avg0.8": {"strategy": "diloco", "outer_lr": 0.8, **_AVG},
+    "diloco-avg1.3": {"strategy": "diloco", "outer_lr": 1.3, **_AVG},
+    "diloco-avg-lr1e-3": {"strategy": "diloco", "outer_lr": 1.0, **_AVG, "train.lr": 0.001},
+    "diloco-avg0.8-lr1e-3": {"strategy": "diloco", "outer_lr": 0.8, **_AVG, "train.lr": 0.001},
+    "diloco-avg-lr3e-3": {"strategy": "diloco", "outer_lr": 1.0, **_AVG, "train.lr": 0.003},
     "diloco-n0.7-0.9": {"strategy": "diloco", "outer_lr": 0.7, "outer_momentum": 0.9, "nesterov": True},
     "diloco-n0.5-0.9": {"strategy": "diloco", "outer_lr": 0.5, "outer_momentum": 0.9, "nesterov": True},
     "diloco-n1.0-0.5": {"strategy": "diloco", "outer_lr": 1.0, "outer_momentum": 0.5, "nesterov": True},
     "diloco-n0.8-0.7": {"strategy": "diloco", "outer_lr": 0.8, "outer_momentum": 0.7, "nesterov": True},
     "diloco-n0.4-0.8": {"strategy": "diloco", "outer_lr": 0.4, "outer_momentum": 0.8, "nesterov": True},
-    "diloco-avg1.3": {"strategy": "diloco", "outer_lr": 1.3, "outer_momentum": 0.0, "nesterov": False},
+    "streaming-topk-avg": {
+        "strategy": "streaming",
+        "codec": "topk",
+        "fragments": 4,
+        "overlap_steps": 2,
+        "outer_lr": 1.0,
+        **_AVG,
+    },
+    # Low-rank deltas (DiLoCoX's compression): rank 4 sends 46x less than fp32 on the demo model.
+    "diloco-lowrank4-avg0.6": {"strategy": "diloco", "codec": "lowrank", "rank": 4, "outer_lr": 0.6, **_AVG},
+    "diloco-lowrank2-avg0.6": {"strategy": "diloco", "codec": "lowrank", "rank": 2, "outer_lr": 0.6, **_AVG},
+    "diloco-lowrank8-avg0.6": {"strategy": "diloco", "codec": "lowrank", "rank": 8, "outer_lr": 0.6, **_AVG},
 }
 
 
@@ -106,17 +127,38 @@ def yaml_value(v: str) -> Any:
     return yaml.safe_load(v)
 
 
+def _lr(record: dict[str, Any]) -> Any:
+    """The inner learning rate a record overrides (None: the config's)."""
+    return record["sync"].get("train.lr")
+
+
 def write(records: list[dict[str, Any]], out_dir: Path, wan_args: argparse.Namespace) -> None:
+    """OUT/outer_sweep.{json,md}: every record, and each config's mean against DDP at the same
+    inner learning rate (like for like: a config that changes train.lr meets a DDP run with it)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    by: dict[str, list[float]] = {}
+    by: dict[str, list[dict[str, Any]]] = {}
     for r in records:
-        by.setdefault(r["config"], []).append(r["val_loss"])
-    ddp = statistics.mean(by["ddp"]) if "ddp" in by else None
+        by.setdefault(r["config"], []).append(r)
+    ddp = {
+        _lr(runs[0]): statistics.mean(r["val_loss"] for r in runs)
+        for runs in by.values()
+        if runs[0]["sync"].get("strategy") == "ddp"
+    }
     rows = []
-    for name, vals in sorted(by.items(), key=lambda kv: statistics.mean(kv[1])):
-        mean = statistics.mean(vals)
-        gap = (mean / ddp - 1) if ddp else None
-        rows.append({"config": name, "seeds": len(vals), "val_loss": mean, "vs_ddp": gap})
+    for name, runs in by.items():
+        mean = statistics.mean(r["val_loss"] for r in runs)
+        base = ddp.get(_lr(runs[0]))
+        rows.append(
+            {
+                "config": name,
+                "sync": runs[0]["sync"],
+                "seeds": len(runs),
+                "val_loss": mean,
+                "ddp_val_loss": base,
+                "vs_ddp": None if base is None else mean / base - 1,
+            }
+        )
+    rows.sort(key=lambda r: (r["vs_ddp"] is None, r["vs_ddp"] or 0.0))
     settings = {k: getattr(wan_args, k) for k in ("rounds", "inner_steps", "steps", "batch", "seq_len", "preset")}
     (out_dir / "outer_sweep.json").write_text(
         json.dumps({"settings": settings, "summary": rows, "records": records}, indent=1) + "\n"
@@ -124,14 +166,17 @@ def write(records: list[dict[str, Any]], out_dir: Path, wan_args: argparse.Names
     lines = [
         "# Outer-optimizer sweep (validation loss at equal tokens, `--wan none`)",
         "",
-        f"Settings: {settings}. Command: `python bench/outer_sweep.py`; per-run commands in outer_sweep.json.",
+        f"Settings: {settings}; two sites. Command: `python bench/outer_sweep.py` (configs in the script, others",
+        "with `--set`); each run's command in outer_sweep.json. Each row against DDP at the same inner lr.",
         "",
-        "| config | seeds | val loss (mean) | vs DDP |",
-        "|---|---:|---:|---:|",
+        "| config | sync and train overrides | seeds | val loss (mean) | DDP | vs DDP |",
+        "|---|---|---:|---:|---:|---:|",
     ]
     for r in rows:
         gap = "" if r["vs_ddp"] is None else f"{r['vs_ddp']:+.2%}"
-        lines.append(f"| {r['config']} | {r['seeds']} | {r['val_loss']:.4f} | {gap} |")
+        base = "" if r["ddp_val_loss"] is None else f"{r['ddp_val_loss']:.4f}"
+        sync = ", ".join(f"{k}={v}" for k, v in r["sync"].items())
+        lines.append(f"| {r['config']} | {sync} | {r['seeds']} | {r['val_loss']:.4f} | {base} | {gap} |")
     (out_dir / "outer_sweep.md").write_text("\n".join(lines) + "\n")
 
 

@@ -9,7 +9,17 @@ import pytest
 from atoll.config.topology import Topology
 from atoll.errors import AtollError
 from atoll.planner.candidates import PlanRequest
-from atoll.planner.plan import load_plan, plan_from_candidate, plan_settings, unhonored, write_plan
+from atoll.planner.plan import (
+    LONG_RUN_OUTER,
+    SHORT_RUN_OUTER,
+    SHORT_RUN_ROUNDS,
+    load_plan,
+    outer_settings,
+    plan_from_candidate,
+    plan_settings,
+    unhonored,
+    write_plan,
+)
 from atoll.planner.search import plan
 from atoll.planner.shape import ModelShape
 
@@ -50,6 +60,17 @@ def test_round_trip(written: Path) -> None:
     assert sum(d.sequences or 0 for d in mixed.devices) == mixed.batch
     assert p.predicted is not None and 0 < p.predicted.utilization <= 1
     assert p.reasons
+
+
+def test_the_outer_step_follows_the_run_length(written: Path) -> None:
+    # Short runs get the sweep's winner (damped averaging), long ones DiLoCo's Nesterov step.
+    assert outer_settings(16) == SHORT_RUN_OUTER == (0.6, 0.0)
+    assert outer_settings(SHORT_RUN_ROUNDS - 1) == SHORT_RUN_OUTER
+    assert outer_settings(SHORT_RUN_ROUNDS) == LONG_RUN_OUTER == (0.7, 0.9)
+    p = load_plan(written)
+    rounds = p.steps // p.sync.inner_steps
+    assert (p.sync.outer_lr, p.sync.outer_momentum) == outer_settings(rounds)
+    assert plan_settings(p)["sync.outer_lr"] == outer_settings(rounds)[0]
 
 
 def test_settings_and_unhonored(written: Path) -> None:
