@@ -33,15 +33,15 @@ codec (fp32: torchft quantizes only on CUDA); bench/torchft_peer.py runs torchft
 
 How the default grid is sized for about 90 minutes on 2 cores: 16 rounds of H = 32 are 512
 inner steps of 2 x 128 tokens on the demo preset (~5M parameters); an fp32 exchange at R = 53
-costs 2R = 106 inner steps, an int8 one ~28, int4 ~15, topk ~2; the 13 runs with the first seed
-and the 6 repeated with the second come to about 20,400 step-times (the fp32 pairs are most of
-it), so the grid takes 20,400 x the calibrated step time: 85-95 minutes at 0.25-0.28 s per step.
-Why topk is in the grid: at H = 32 a round exchanges once per 32 steps, so a codec saves
-32 x 2 / (its bytes per parameter) against bf16 DDP: int4 (0.53 B) 120x, topk at 1% (~0.08 B)
-~800x; only a sparse codec meets the 500x target at 16 rounds of a grid this size. That
-step time is an estimate for quiet cores (v1 measured 0.85 s for 4 x 256 tokens); on this
-machine, loaded by other work (load average 14 on 2 cores), the calibration measured 0.707 s
-and predicted 228 minutes. `--plan-only` prints the prediction for the machine at hand.
+costs 2R = 106 inner steps, an int8 one ~28, int4 ~15, topk and lowrank ~2; the fp32 pairs are
+most of the grid's time. Measured on 2 quiet cores (2026-12-07): 0.162 s per inner step, the 14
+runs of the first seed (codecs none, int8, int4, topk) and the 6 repeats took 87 minutes; the
+3 lowrank runs were added later with `--resume` (~5 minutes). `--plan-only` prints the
+prediction for the machine at hand.
+Why topk and lowrank are in the grid: at H = 32 a round exchanges once per 32 steps, so a codec
+saves 32 x 2 / (its bytes per parameter) against bf16 DDP: int4 (0.56 B) 120x, topk at 1%
+(~0.08 B) ~800x, lowrank at rank 4 (~0.087 B on the demo model) ~740x; only the sparse and
+low-rank codecs meet the 500x target at 16 rounds of a grid this size.
 
 Writes OUT/wan.json, wan.md, wan_runs.json (every record with its curves: `--resume` reads it)
 and the loss plots (OUT defaults to bench/results; `--quick` defaults to /tmp/atoll-wan-quick).
@@ -81,8 +81,9 @@ ATOLL = [sys.executable, "-m", "atoll.cli"]
 SITES = ("east", "west")
 MIN_ROUNDS = 16
 # Bytes per parameter each codec puts on the WAN (int8/int4: plus a scale per 64-element block).
-# topk: 1% of the entries, a 4-byte value and a 2- or 4-byte index each.
-CODEC_WIDTH = {"none": 4.0, "int8": 1.0 + 4 / 64, "int4": 0.5 + 4 / 64, "topk": 0.01 * 8}
+# topk: 1% of the entries, a 4-byte value and a 2- or 4-byte index each; lowrank: rank 4's
+# factors on the demo model (codec_specs.lowrank_bytes over its shapes: 455,680 B for 5.25M).
+CODEC_WIDTH = {"none": 4.0, "int8": 1.0 + 4 / 64, "int4": 0.5 + 4 / 64, "topk": 0.01 * 8, "lowrank": 0.087}
 
 
 def write_topology(path: Path, *, mbps: float, latency_ms: float) -> None:
@@ -158,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--preset", default="demo", help="model preset (atoll.model presets)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="run seeds (the grid runs with the first)")
     ap.add_argument("--strategies", nargs="+", default=["ddp", "diloco", "streaming", "delayed"])
-    ap.add_argument("--codecs", nargs="+", default=["none", "int8", "int4", "topk"])
+    ap.add_argument("--codecs", nargs="+", default=["none", "int8", "int4", "topk", "lowrank"])
     ap.add_argument("--no-torchft", action="store_true", help="skip torchft's DiLoCo and streaming DiLoCo")
     ap.add_argument(
         "--skip",

@@ -89,3 +89,20 @@ def test_predicted_time_counts_fp32_exchanges_at_twice_a_bf16_scenario() -> None
     assert diloco == pytest.approx(args.steps + args.rounds * 50.0 * 4 / 2)
     overlapped = wan.predicted_seconds(("atoll", "delayed", "int4"), args, 50.0, 2.0)
     assert args.steps <= overlapped < diloco
+
+
+def test_the_closest_run_on_each_target_and_the_h_each_codec_needs() -> None:
+    recs = [
+        record("atoll", "ddp", "none", 0, 5.0, 1000.0, 32e9),
+        record("atoll", "diloco", "none", 0, 5.1, 300.0, 2e9),  # +2%, 16x
+        record("atoll", "diloco", "topk", 0, 6.0, 100.0, 40e6),  # +20%, 800x
+    ]
+    recs[2]["compute_utilization"] = 0.9
+    for r in recs:
+        r["bytes_reduction_vs_ddp"] = recs[0]["wan_bytes"] / r["wan_bytes"]
+        r["val_loss_vs_ddp"] = r["val_loss"] / recs[0]["val_loss"] - 1
+    text = "\n".join(wan_report.closest_section(recs, inner_steps=32, steps=512))
+    assert "- loss: diloco + none" in text and "- utilization: diloco + topk" in text
+    assert "- bytes (best loss past 500x): diloco + topk" in text
+    # none sends 16x at H = 32: 500x needs H = 32 x 500 / 16 = 1,000, half a round of 512 steps
+    assert "- none: H >= 1,000, 0.5 rounds" in text and "- topk: H >= 20, 25.6 rounds" in text
