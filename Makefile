@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 ATOLL := $(VENV)/bin/atoll
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint format bench bench-wan bench-chaos bench-data bench-finetune finetune-demo peer-env clean-runs help debian-deps report-shot
+.PHONY: demo test lint format bench bench-gpu bench-wan bench-chaos bench-data bench-finetune finetune-demo peer-env clean-runs help debian-deps report-shot
 
 help:
 	@echo "make demo   - install into .venv, train the demo model on two sites over a shaped WAN link, export it, sample it"
@@ -15,6 +15,7 @@ help:
 	@echo "make bench  - throughput benchmark (bench/results/throughput.{json,md})"
 	@echo "make finetune-demo - general -> networking (LoRA) -> netlink (LoRA), evaluation table, then serve"
 	@echo "make bench-wan - multi-site strategies and codecs over a scaled-down WAN, 2 seeds, torchft peers (bench/results/wan.*)"
+	@echo "make bench-gpu - one CUDA GPU: the training step's tokens/s and MFU, the planner's error (bench/results/gpu.*)"
 	@echo "make bench-chaos - kill -9 sites, cut a link, a wrong-secret joiner, in the netns lab (bench/results/chaos.*)"
 	@echo "make bench-data - data pipeline end to end, files to tokens, like for like with HF datatrove (bench/results/data.*)"
 	@echo "make report-shot - the README's report screenshot (docs/report.png) from a real two-site run"
@@ -68,6 +69,11 @@ bench: $(STAMP)
 # interrupted grid; `$(PY) bench/wan.py --quick` is a few-minute smoke run written to /tmp.
 bench-wan: $(STAMP)
 	$(PY) bench/wan.py
+
+# Needs a CUDA device (a few minutes per configuration, compilation included); `$(PY) bench/gpu.py
+# --smoke` runs the same code on CPU with a tiny model, written to /tmp.
+bench-gpu: $(STAMP)
+	$(PY) bench/gpu.py
 
 # About 15 minutes on 2 cores; --resume continues an interrupted grid. Needs root for the netns lab
 # (else it emulates the links and cannot cut one).

@@ -16,6 +16,8 @@ PUBLISHED_PARAMS = {
     "llama2-7b": 6.74e9,
     "llama2-70b": 68.98e9,
     "llama3-8b": 8.03e9,
+    "llama3.2-1b": 1.24e9,
+    "llama3.2-3b": 3.21e9,
     "llama3-70b": 70.55e9,
     "qwen1.5-72b": 72.29e9,
     "qwen2-72b": 72.71e9,

@@ -233,6 +233,11 @@ class ParallelSection(Section):
     dtype: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="Compute dtype; `auto`: bf16 autocast on CUDA, fp32 on CPU."
     )
+    compile: bool = Field(
+        False,
+        description="torch.compile each decoder block in place (names and checkpoints unchanged); "
+        "costs start-up time, pays off on GPUs.",
+    )
     threads: int = Field(0, ge=0, description="CPU threads per rank; 0: cores divided by local ranks.")
     timeout_seconds: float = Field(600.0, gt=0, description="Timeout of every collective in the site.")
     rank_slowdowns: list[float] = Field(

@@ -240,7 +240,7 @@ def _finetune(
     model = _build_model(cfg, resume=resume, device=device)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total_params = sum(p.numel() for p in model.parameters())
-    model = wrap_model(model, shard="ddp", device=device, env=env)
+    model = wrap_model(model, shard="ddp", device=device, env=env, compile=cfg.parallel.compile)
     optimizer = make_optimizer(model, t, device=device)
     sync, site_spec = build_sync(model, cfg.sync, site_env=site_env, env=env, steps=t.steps, device=device)
     balancer = rank_balancer(cfg.parallel, site_spec, global_batch=t.global_batch, env=env, device=device)

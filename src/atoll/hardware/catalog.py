@@ -187,6 +187,12 @@ BUILTIN: dict[str, DeviceSpec] = {
         _a100_like("a800", "NVIDIA A800 SXM 80GB", intra=200.0, confidence="press"),
         _hopper("h100", "NVIDIA H100 SXM 80GB", intra=450.0, confidence="datasheet"),
         _hopper("h800", "NVIDIA H800 SXM 80GB", intra=200.0, confidence="press", disputed=True),
+        # The H100's GH100 compute die with 141 GB of HBM3e at 4.8 TB/s (NVIDIA datasheet).
+        dataclasses.replace(
+            _hopper("h200", "NVIDIA H200 SXM 141GB", intra=450.0, confidence="datasheet"),
+            memory_gb=141.0,
+            memory_bw_tbs=4.8,
+        ),
         DeviceSpec(
             kind="h20",
             name="NVIDIA H20 96GB",

@@ -167,6 +167,32 @@ PRESETS: dict[str, ModelConfig] = {
         rope_theta=500000.0,
         norm_eps=1e-5,
     ),
+    # Llama 3.2 (tied embeddings). Its long-context rope scaling is not modelled: max_seq_len is
+    # the 8,192 tokens the unscaled rotary frequencies were trained for. Sized for one GPU.
+    "llama3.2-1b": ModelConfig(
+        vocab_size=128256,
+        dim=2048,
+        num_layers=16,
+        num_heads=32,
+        num_kv_heads=8,
+        ffn_dim=8192,
+        max_seq_len=8192,
+        rope_theta=500000.0,
+        norm_eps=1e-5,
+        tie_embeddings=True,
+    ),
+    "llama3.2-3b": ModelConfig(
+        vocab_size=128256,
+        dim=3072,
+        num_layers=28,
+        num_heads=24,
+        num_kv_heads=8,
+        ffn_dim=8192,
+        max_seq_len=8192,
+        rope_theta=500000.0,
+        norm_eps=1e-5,
+        tie_embeddings=True,
+    ),
     "llama3-70b": ModelConfig(
         vocab_size=128256,
         dim=8192,

@@ -18,6 +18,7 @@ import torch.distributed as dist
 from torch import nn
 
 from atoll.errors import AtollError
+from atoll.parallel.compiled import compile_blocks
 from atoll.parallel.layout import Layout
 from atoll.parallel.recompute import apply_recompute
 
@@ -174,11 +175,13 @@ def wrap_model(
     shard: str = "ddp",
     layout: Layout | None = None,
     mesh: DeviceMesh | None = None,
+    compile: bool = False,
 ) -> nn.Module:
     """The model as the site's layout runs it; collective over the site.
 
     In order: tensor parallelism over ``mesh["tp"]`` (`atoll.parallel.tensor`), activation
-    recompute (`atoll.parallel.recompute`), then the data-parallel wrapping over the dp ranks:
+    recompute (`atoll.parallel.recompute`), with `compile` each block compiled in place
+    (`atoll.parallel.compiled`), then the data-parallel wrapping over the dp ranks:
     zero 0 replicates (DDP; with tp > 1 the model is left as is and the step runner averages the
     gradients over ``mesh["dp"]`` itself, since DDP does not take DTensor parameters), zero 1 and
     2 shard with FSDP2 (one unit per decoder layer) keeping parameters unsharded from forward to
@@ -196,6 +199,8 @@ def wrap_model(
         assert mesh is not None, "tensor parallelism needs the site's mesh"
         parallelize(model, mesh["tp"], sequence_parallel=layout.sequence_parallel)
     apply_recompute(model, layout.recompute)
+    if compile:
+        compile_blocks(model, device)
     if not dist.is_initialized() or layout.pp > 1:
         # A pipeline stage's part is sharded per stage once its runner has built them
         # (`atoll.parallel.pipeline.shard_stages`); with zero 0 the runner averages over dp.

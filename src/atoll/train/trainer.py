@@ -256,7 +256,7 @@ def _train(
     if cfg.model.init_from is not None and not resume:
         init_weights_from(model, cfg.model.init_from)
     mesh = build_mesh(layout, device_type=device.type) if layout.split and env.launched else None
-    model = wrap_model(model, device=device, env=env, layout=layout, mesh=mesh)
+    model = wrap_model(model, device=device, env=env, layout=layout, mesh=mesh, compile=cfg.parallel.compile)
     # zero 0 with tp or pp > 1: no DDP wrapper, the replicas average their gradients in the runner
     dp_group = mesh["dp"].get_group() if mesh is not None and layout.zero == 0 and layout.dp > 1 else None
     pipeline: PipelineRunner | None = None
