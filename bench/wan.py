@@ -83,7 +83,21 @@ MIN_ROUNDS = 16
 # Bytes per parameter each codec puts on the WAN (int8/int4: plus a scale per 64-element block).
 # topk: 1% of the entries, a 4-byte value and a 2- or 4-byte index each; lowrank: rank 4's
 # factors on the demo model (codec_specs.lowrank_bytes over its shapes: 455,680 B for 5.25M).
-CODEC_WIDTH = {"none": 4.0, "int8": 1.0 + 4 / 64, "int4": 0.5 + 4 / 64, "topk": 0.01 * 8, "lowrank": 0.087}
+CODEC_WIDTH = {
+    "none": 4.0,
+    "int8": 1.0 + 4 / 64,
+    "int4": 0.5 + 4 / 64,
+    "topk": 0.01 * 8,
+    "lowrank": 0.087,
+    "lowrank8-bf16": 0.086,
+}
+# A grid codec that is a codec with options: its name in the records -> the sync settings it runs.
+CODEC_VARIANTS = {"lowrank8-bf16": {"codec": "lowrank", "rank": 8, "value_dtype": "bf16"}}
+
+
+def codec_flags(codec: str) -> list[str]:
+    """The `--sync.*` flags of a grid codec (a plain codec name, or one of `CODEC_VARIANTS`)."""
+    return [f"--sync.{k}={v}" for k, v in CODEC_VARIANTS.get(codec, {"codec": codec}).items()]
 
 
 def write_topology(path: Path, *, mbps: float, latency_ms: float) -> None:
@@ -355,7 +369,7 @@ class Bench:
         a, cal = self.args, self.calibration
         name = f"{system}-{strategy}-{codec}-s{seed}"
         base = [*self.common(seed), "--topology", str(self.topology()), f"--run.name={name}"]
-        base += [f"--sync.strategy={strategy}", f"--sync.codec={codec}"]
+        base += [f"--sync.strategy={strategy}", *codec_flags(codec)]
         if strategy == "streaming":  # the same fragments and tau for atoll and torchft
             base += [f"--sync.fragments={a.fragments}", f"--sync.overlap_steps={a.overlap_steps}"]
         extra: dict[str, Any] = {}

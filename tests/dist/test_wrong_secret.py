@@ -69,8 +69,15 @@ def test_a_site_with_the_wrong_secret_is_refused_then_leaves_and_the_run_goes_on
         lighthouse.communicate(timeout=30)
     for name in ("east", "west"):
         assert sites[name].returncode == 0, outputs[name][1][-4000:]
-        # rich wraps log lines at the terminal's width: match without whitespace
-        assert "refusedacontributionclaimingsite'mallory'at127.0.0.1" in "".join(outputs[name][1].split())
+    # Which of the run's sites meet mallory in a quorum depends on when each process comes up (a
+    # site may finish its 12 steps before mallory's first exchange): at least one refuses it, and
+    # logs the address it claims. rich wraps log lines at the terminal's width: match without spaces.
+    refused_by = [
+        name
+        for name in ("east", "west")
+        if "refusedacontributionclaimingsite'mallory'at127.0.0.1" in "".join(outputs[name][1].split())
+    ]
+    assert refused_by, outputs["east"][1][-2000:] + outputs["west"][1][-2000:]
     # Mallory leaves with one line naming the fix, exit 2 (a mistake in how it was started).
     assert sites["mallory"].returncode == 2, outputs["mallory"][1][-4000:]
     errors = [line for line in outputs["mallory"][1].splitlines() if line.startswith("atoll: error:")]
@@ -80,6 +87,7 @@ def test_a_site_with_the_wrong_secret_is_refused_then_leaves_and_the_run_goes_on
     dirs = {name: tmp_path / "runs" / "t" / "sites" / name for name in ("east", "west")}
     finals = {name: [r for r in read_metrics(d) if "theta_digest" in r][-1] for name, d in dirs.items()}
     assert finals["east"]["theta_digest"] == finals["west"]["theta_digest"]
-    assert all(f["sync_refused"] >= 1 for f in finals.values())  # mallory was in quorums, and refused
+    # mallory was in the quorums of the sites that logged it, and each counted its refusals
+    assert {name for name, f in finals.items() if f["sync_refused"] >= 1} == set(refused_by)
     assert all(f["sync_applied"][-1] == [STEPS, STEPS] for f in finals.values())
     assert all(e["site"] != "mallory" for f in finals.values() for e in f["sync_site_events"])

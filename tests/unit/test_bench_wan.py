@@ -106,3 +106,9 @@ def test_the_closest_run_on_each_target_and_the_h_each_codec_needs() -> None:
     assert "- bytes (best loss past 500x): diloco + topk" in text
     # none sends 16x at H = 32: 500x needs H = 32 x 500 / 16 = 1,000, half a round of 512 steps
     assert "- none: H >= 1,000, 0.5 rounds" in text and "- topk: H >= 20, 25.6 rounds" in text
+
+
+def test_a_grid_codec_with_options_runs_with_its_settings() -> None:
+    assert wan.codec_flags("int4") == ["--sync.codec=int4"]
+    assert wan.codec_flags("lowrank8-bf16") == ["--sync.codec=lowrank", "--sync.rank=8", "--sync.value_dtype=bf16"]
+    assert set(wan.CODEC_VARIANTS) <= set(wan.CODEC_WIDTH)

@@ -351,5 +351,14 @@ def test_codec_from_config_takes_only_the_keys_that_apply() -> None:
     topk = codec_from_config(SyncSection(codec="topk", topk_fraction=0.05))
     assert topk.fraction == 0.05  # type: ignore[attr-defined]
     assert codec_from_config(SyncSection(codec="lowrank", rank=7)).rank == 7  # type: ignore[attr-defined]
+    # sync.value_dtype: bf16 factors send half the bytes of fp32 ones, and decode to a close tensor.
+    half = codec_from_config(SyncSection(codec="lowrank", rank=4, value_dtype="bf16"))
+    shape = (64, 300)
+    assert 2 * half.payload_bytes(shape) == codec_from_config(SyncSection(codec="lowrank", rank=4)).payload_bytes(shape)
+    x = torch.randn(shape)
+    enc = half.encode(x)
+    assert all(t.dtype == torch.bfloat16 for t in enc.payload)
+    assert torch.linalg.norm(decode(enc) - x) < torch.linalg.norm(x)
+    assert codec_from_config(SyncSection(codec="topk", value_dtype="fp16")).value_dtype == torch.float16  # type: ignore[attr-defined]
     # Keys for other codecs never reach the codec (built without validation: the schema may refuse them).
     assert codec_from_config(SyncSection.model_construct(codec="fp16", block_size=64, rank=9)).name == "fp16"

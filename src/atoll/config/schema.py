@@ -354,6 +354,11 @@ class SyncSection(Section):
     block_size: int = Field(DEFAULT_BLOCK_SIZE, gt=0, description="int8/int4: elements per absmax block.")
     topk_fraction: float = Field(DEFAULT_TOPK_FRACTION, gt=0, le=1, description="topk: fraction of entries sent.")
     rank: int = Field(DEFAULT_LOWRANK_RANK, gt=0, description="lowrank: rank r.")
+    value_dtype: Literal["fp32", "fp16", "bf16"] = Field(
+        "fp32",
+        description="topk and lowrank: the dtype of the values (the factors) sent; bf16 halves their bytes, "
+        "and error feedback carries the rounding into the next exchange.",
+    )
     error_feedback: bool = Field(True, description="Carry the lossy codecs' residual into the next exchange.")
     fragments: int = Field(4, gt=0, description="streaming: number of model fragments.")
     overlap_steps: int = Field(

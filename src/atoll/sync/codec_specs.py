@@ -44,12 +44,17 @@ CODEC_SYNC_KEYS: dict[CodecName, tuple[str, ...]] = {
     "bf16": (),
     "int8": ("block_size",),
     "int4": ("block_size",),
-    "topk": ("topk_fraction",),
-    "lowrank": ("rank",),
+    "topk": ("topk_fraction", "value_dtype"),
+    "lowrank": ("rank", "value_dtype"),
 }
 """The `sync` config keys that apply to each codec; every other codec ignores them."""
 
-SYNC_KEY_OPTIONS: dict[str, str] = {"block_size": "block_size", "topk_fraction": "fraction", "rank": "rank"}
+SYNC_KEY_OPTIONS: dict[str, str] = {
+    "block_size": "block_size",
+    "topk_fraction": "fraction",
+    "rank": "rank",
+    "value_dtype": "value_dtype",
+}
 """`sync` config key -> the codec option it sets (`atoll.sync.codecs.get_codec`)."""
 
 
