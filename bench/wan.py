@@ -36,7 +36,8 @@ inner steps of 2 x 128 tokens on the demo preset (~5M parameters); an fp32 excha
 costs 2R = 106 inner steps, an int8 one ~28, int4 ~15, topk and lowrank ~2; the fp32 pairs are
 most of the grid's time. Measured on 2 quiet cores (2026-12-07): 0.162 s per inner step, the 14
 runs of the first seed (codecs none, int8, int4, topk) and the 6 repeats took 87 minutes; the
-3 lowrank runs were added later with `--resume` (~5 minutes). `--plan-only` prints the
+lowrank runs (rank 4 in fp32, rank 8 in bf16: 6 runs and 2 repeats) were added later with
+`--resume` (~13 minutes). `--plan-only` prints the
 prediction for the machine at hand.
 Why topk and lowrank are in the grid: at H = 32 a round exchanges once per 32 steps, so a codec
 saves 32 x 2 / (its bytes per parameter) against bf16 DDP: int4 (0.56 B) 120x, topk at 1%
@@ -173,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--preset", default="demo", help="model preset (atoll.model presets)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="run seeds (the grid runs with the first)")
     ap.add_argument("--strategies", nargs="+", default=["ddp", "diloco", "streaming", "delayed"])
-    ap.add_argument("--codecs", nargs="+", default=["none", "int8", "int4", "topk", "lowrank"])
+    ap.add_argument("--codecs", nargs="+", default=["none", "int8", "int4", "topk", "lowrank", "lowrank8-bf16"])
     ap.add_argument("--no-torchft", action="store_true", help="skip torchft's DiLoCo and streaming DiLoCo")
     ap.add_argument(
         "--skip",
