@@ -30,11 +30,16 @@ WHY = {
         "exchange as a commit failure (`transport.report_failed_commit`, docs/decisions.md)."
     ),
     "cut-west-exchange-40": (
-        "the cut caught both sites in round 5's exchange; the survivor waited out its 15 s gloo timeout "
-        "(held 15.06 s after the fault; its longest step also holds the second of the exchange before the cut), "
-        "then both rolled that round back alike and went on together: no heal was needed, and both ended with "
-        "the same θ. Detecting a silent peer takes one timeout by construction; the 2 cores were shared with "
-        "other engineers' jobs (load average 9-15) during the run."
+        "(rerun 2026-12-07 on quiet cores) the cut caught both sites in round 5's exchange; both waited out "
+        "the 15 s timeout (east held 15.02 s after the fault; its longest step also holds the exchange's "
+        "time before the cut), rolled the round back alike, and the link was still down at step 48's "
+        "exchange: each site formed a quorum alone (min_sites 1) and applied rounds 5-7 on its own. East "
+        "finished before west reached the Lighthouse again, so no quorum ever held both halves, and `finish` "
+        "found different θ and failed (exit 3), as it must. A pair split by a partition with min_sites 1 is "
+        "a split brain that nothing reconciles once one half has finished (the first cut-west recordings "
+        "above, at full speed, split the same way). The earlier recording (loaded cores) ended with equal θ: the "
+        "link was back before the next exchange. Not fixed: the last agreement should wait for every site "
+        "of the topology (up to a timeout), a tie going to a fixed site that the other heals from."
     ),
 }
 
