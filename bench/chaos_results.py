@@ -31,15 +31,15 @@ WHY = {
     ),
     "cut-west-exchange-40": (
         "(rerun 2026-12-07 on quiet cores) the cut caught both sites in round 5's exchange; both waited out "
-        "the 15 s timeout (east held 15.02 s after the fault; its longest step also holds the exchange's "
-        "time before the cut), rolled the round back alike, and the link was still down at step 48's "
-        "exchange: each site formed a quorum alone (min_sites 1) and applied rounds 5-7 on its own. East "
-        "finished before west reached the Lighthouse again, so no quorum ever held both halves, and `finish` "
-        "found different θ and failed (exit 3), as it must. A pair split by a partition with min_sites 1 is "
-        "a split brain that nothing reconciles once one half has finished (the first cut-west recordings "
-        "above, at full speed, split the same way). The earlier recording (loaded cores) ended with equal θ: the "
-        "link was back before the next exchange. Not fixed: the last agreement should wait for every site "
-        "of the topology (up to a timeout), a tie going to a fixed site that the other heals from."
+        "the 15 s timeout (east held 15.0 s after the fault: the stall is the timeout plus that step's "
+        "compute, 0.02 s over), rolled the round back alike, and the link was still down at step 48's "
+        "exchange: each site went on alone (min_sites 1). East finished first and, having lost west, waited "
+        "for it (`atoll.sync.finish`, up to one exchange timeout); west's next exchange met east's final "
+        "check, west healed from east (round 4 -> 7, 1.5x the model's bytes) and jumped to step 64, and both "
+        "ended with equal θ. The loss is 1.48% above the fault-free run's because west's three rounds alone "
+        "were discarded (east's θ is the run's): a partition of two sites with min_sites 1 costs one half's "
+        "work. The first quiet rerun, before the final wait existed, ended with different θ (exit 3): east "
+        "finished while west was still cut off and no quorum held both again."
     ),
 }
 

@@ -22,7 +22,8 @@ round; `streaming`: tau steps). With global parameters θ (identical everywhere)
 With delay 0 this is DiLoCo (x ← θ); with a delay, the local progress made while the exchange
 was in flight is kept on top of the new θ. `finish` flushes what is in flight and, for units
 whose last send was before the end, runs one more blocking exchange, then compares θ's digest
-across sites (a header-only exchange), so every site ends with the same parameters, or fails.
+across sites (a header-only exchange; a site that dropped out is waited for, `atoll.sync.finish`),
+so every site ends with the same parameters, or fails.
 
 Every payload travels in an authenticated envelope (`atoll.sync.envelope`) carrying the sender's
 round and the SHA-256 of its θ; a contribution whose tag does not check is refused (logged with
@@ -44,11 +45,12 @@ import torch
 from torch import nn
 
 from atoll.config.schema import SyncSection
-from atoll.errors import AtollError, RunFailure
+from atoll.errors import AtollError
 from atoll.sync.agreement import Membership, Plan, plan_exchange
 from atoll.sync.codecs import Codec, Encoded, ErrorFeedback, codec_from_config, pack_payload, unpack_payload
 from atoll.sync.digest import theta_digest
-from atoll.sync.envelope import FLAG_MOMENTUM, KIND_CHECK, KIND_UPDATE, Header, Refused, Sealer
+from atoll.sync.envelope import FLAG_MOMENTUM, KIND_UPDATE, Header, Refused, Sealer
+from atoll.sync.finish import final_check
 from atoll.sync.fragments import StreamingSchedule, count_layers, split_fragments
 from atoll.sync.heal import MOMENTUM_DTYPE, run_heal
 from atoll.sync.lanes import LanePlan, Lanes, broadcast_state
@@ -457,24 +459,9 @@ class CrossSiteSync:
         self.heals += 1
         return True
 
-    def _check(self, unit: Unit, step: int, *, attempts: int = 3) -> None:
-        """The final agreement: every site shows θ's digest (no payload); one that differs heals.
-        Raises `RunFailure` if no exchange completes in `attempts` or this site cannot heal."""
-        empty = torch.empty(0, dtype=torch.uint8)
-        for _ in range(attempts):
-            envelope = self.sealer.seal(self._header(unit, body=empty, weight=0.0, step=step, kind=KIND_CHECK), empty)
-            gathered = self._executor.submit(self.transport.exchange, envelope, empty).result()
-            opened = self._open(gathered) if gathered is not None else []
-            plan = self._plan(unit, gathered, opened, step) if gathered is not None else None
-            if gathered is None or plan is None:
-                continue
-            if plan.heal and not self._heal(unit, plan, opened, gathered.rank):
-                break
-            return
-        raise RunFailure(
-            f"site {self.site_name}: could not confirm at the end that every site holds the same parameters "
-            f"({unit.name}, round {unit.round}); do not use this site's weights: resume the run to heal it"
-        )
+    def _check(self, unit: Unit, step: int) -> None:
+        """The final agreement, waiting for a dropped site (`atoll.sync.finish`)."""
+        final_check(self, unit, step)
 
     def _stage_theta(self, unit: Unit) -> None:
         for i, n in enumerate(unit.owned):
