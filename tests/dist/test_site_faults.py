@@ -100,6 +100,10 @@ def test_a_site_killed_mid_round_leaves_the_others_to_finish(faults: dict[str, F
     final = assert_survivor_finished_alone(dirs["east"], tmp)
     assert final["sync_applied"][-1] == [STEPS, STEPS]
     assert not any("theta_digest" in r for r in read_metrics(dirs["west"]))  # west never finished
+    # Before its final agreement the survivor waited one exchange timeout for west (atoll.sync.finish),
+    # then ended without it. rich wraps log lines at the terminal's width: match without whitespace.
+    log = "".join(faults["mid-round"].result()[0].stderr.split())
+    assert "siteeast:waitingupto20sforwest" in log and "siteeast:endswithout['west']" in log, log[-3000:]
 
 
 def test_a_site_killed_mid_exchange_fails_that_round_only(faults: dict[str, Future[Any]]) -> None:
