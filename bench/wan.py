@@ -37,8 +37,7 @@ costs 2R = 106 inner steps, an int8 one ~28, int4 ~15, topk and lowrank ~2; the 
 most of the grid's time. Measured on 2 quiet cores (2026-12-07): 0.162 s per inner step, the 14
 runs of the first seed (codecs none, int8, int4, topk) and the 6 repeats took 87 minutes; the
 lowrank runs (rank 4 in fp32, rank 8 in bf16: 6 runs and 2 repeats) were added later with
-`--resume` (~13 minutes). `--plan-only` prints the
-prediction for the machine at hand.
+`--resume` (~13 minutes). `--plan-only` prints the prediction for the machine at hand.
 Why topk and lowrank are in the grid: at H = 32 a round exchanges once per 32 steps, so a codec
 saves 32 x 2 / (its bytes per parameter) against bf16 DDP: int4 (0.56 B) 120x, topk at 1%
 (~0.08 B) ~800x, lowrank at rank 4 (~0.087 B on the demo model) ~740x; only the sparse and

@@ -166,11 +166,7 @@ def closest_section(records: list[dict[str, Any]], inner_steps: int, steps: int)
     if passing:
         lines.append(f"- bytes (best loss past 500x): {line(min(passing, key=lambda r: r['val_loss_vs_ddp']['mean']))}")
     lines += ["", f"H each codec would need for 500x at its measured bytes (this grid: H = {inner_steps}):", ""]
-    seen: set[str] = set()
-    for r in ours:
-        if r["strategy"] != "diloco" or r["codec"] in seen:
-            continue
-        seen.add(r["codec"])
+    for r in (r for r in ours if r["strategy"] == "diloco"):  # one aggregated row per codec
         need = inner_steps * TARGETS["bytes_reduction_vs_ddp"] / r["bytes_reduction_vs_ddp"]["mean"]
         lines.append(
             f"- {r['codec']}: H >= {need:,.0f}, {steps / need:.1f} rounds of the same {steps} steps "

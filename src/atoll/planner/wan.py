@@ -41,20 +41,15 @@ def codec_bytes(
     block_size: int = DEFAULT_BLOCK_SIZE,
     topk_fraction: float = DEFAULT_TOPK_FRACTION,
     lowrank_rank: int = DEFAULT_LOWRANK_RANK,
-    value_bytes: int = 4,
 ) -> int:
     """Bytes of one site's payload for an exchange of the whole model with `codec`: exactly what
     atoll's codecs send, tensor by tensor, for fp32 pseudo-gradients with the runtime's codec
-    options (fp32 scales; top-k values and low-rank factors of `value_bytes`, fp32 by default:
-    `sync.value_dtype`; the narrowest top-k index that fits).
+    options (fp32 scales, values and low-rank factors; the narrowest top-k index that fits).
 
     Raises `AtollError` for an unknown codec.
     """
     return sum(
-        count
-        * payload_bytes(
-            codec, dims, block_size=block_size, fraction=topk_fraction, rank=lowrank_rank, value_bytes=value_bytes
-        )
+        count * payload_bytes(codec, dims, block_size=block_size, fraction=topk_fraction, rank=lowrank_rank)
         for dims, count in shape.tensors()
     )
 

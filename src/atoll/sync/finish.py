@@ -33,8 +33,8 @@ def final_check(sync: Any, unit: Unit, step: int, *, attempts: int = 3) -> None:
     """`CrossSiteSync._check` (a lane of every site calls it for each unit at the end). Raises
     `RunFailure` if `attempts` checks fail to complete or this site cannot heal."""
     empty = torch.empty(0, dtype=torch.uint8)
-    deadline_s = sync.cfg.timeout_seconds
-    deadline = time.monotonic() + deadline_s
+    wait_s = sync.cfg.timeout_seconds
+    deadline = time.monotonic() + wait_s
     failures, waited = 0, False
     while failures < attempts:
         header = sync._header(unit, body=empty, weight=0.0, step=step, kind=KIND_CHECK)
@@ -49,13 +49,13 @@ def final_check(sync: Any, unit: Unit, step: int, *, attempts: int = 3) -> None:
         away = sorted(sync.membership.dropped)
         if not away or time.monotonic() >= deadline:
             if away:
-                log.warning("site %s: ends without %s (not back within %g s)", sync.site_name, away, deadline_s)
+                log.warning("site %s: ends without %s (not back within %g s)", sync.site_name, away, wait_s)
             return
         if not waited:
             log.info(
                 "site %s: waiting up to %g s for %s, dropped earlier, before the final agreement",
                 sync.site_name,
-                deadline_s,
+                wait_s,
                 ", ".join(away),
             )
             waited = True
