@@ -89,5 +89,10 @@ def test_a_site_with_the_wrong_secret_is_refused_then_leaves_and_the_run_goes_on
     assert finals["east"]["theta_digest"] == finals["west"]["theta_digest"]
     # mallory was in the quorums of the sites that logged it, and each counted its refusals
     assert {name for name, f in finals.items() if f["sync_refused"] >= 1} == set(refused_by)
-    assert all(f["sync_applied"][-1] == [STEPS, STEPS] for f in finals.values())
+    # Both end at the same round. A site that came up late (while the other tried its first
+    # rounds with mallory alone, which failed: min_sites 2) joins at the other's round and keeps its
+    # own step count, so the last exchange may pair different steps: the one finishing first ends
+    # on its last step's exchange.
+    assert finals["east"]["sync_round"] == finals["west"]["sync_round"] >= 1
+    assert max(f["sync_applied"][-1][0] for f in finals.values()) == STEPS
     assert all(e["site"] != "mallory" for f in finals.values() for e in f["sync_site_events"])

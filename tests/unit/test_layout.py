@@ -65,7 +65,7 @@ def test_a_bad_layout_is_one_line_naming_the_fix(kw: dict[str, object], world: i
 def test_a_pipeline_needs_untied_embeddings_and_equal_micro_batches_its_schedule_runs() -> None:
     import dataclasses
 
-    from atoll.parallel.pipeline import pipeline_micro_batches
+    from atoll.parallel.layout import pipeline_micro_batches
 
     layout = resolve_layout(par(pp=2), world_size=4, model=TINY)  # pp 2 x dp 2
     assert (layout.pp, layout.dp) == (2, 2)

@@ -8,7 +8,8 @@ import pytest
 
 from atoll.errors import AtollError
 from atoll.model import PRESETS
-from atoll.parallel.pipeline import build_stage_model, check_schedule, rank_stages, split_layers
+from atoll.parallel.layout import check_schedule
+from atoll.parallel.pipeline import build_stage_model, rank_stages, split_layers
 
 CFG = dataclasses.replace(PRESETS["tiny"], num_layers=4, tie_embeddings=False)
 
@@ -71,3 +72,10 @@ def test_schedules_torch_accepts_pass() -> None:
     check_schedule("gpipe", pp=2, vp=1, num_micro_batches=1)
     check_schedule("1f1b", pp=2, vp=1, num_micro_batches=2)
     check_schedule("interleaved_1f1b", pp=2, vp=2, num_micro_batches=6)
+
+
+def test_the_layout_checks_name_the_schedules_the_pipeline_runs() -> None:
+    from atoll.parallel.layout import SCHEDULE_NAMES
+    from atoll.parallel.pipeline import SCHEDULES
+
+    assert tuple(SCHEDULES) == SCHEDULE_NAMES

@@ -215,9 +215,36 @@ def test_a_plans_split_starts_the_rounds_and_measurement_takes_over() -> None:
     for p in pacers:
         p.observe([("s0", encode_pace(1.0)), ("s1", encode_pace(2.0))])
     # The same 16 steps re-split by the measured times: 12 + 4 lasts max(12, 8) = 12 s, the best
-    # split, 11 + 5, max(11, 10) = 11 s: 8 % shorter, within the 10 % tolerance, so the plan's stays.
-    assert [p.planned for p in pacers] == [12, 4]
+    # split, 11 + 5, max(11, 10) = 11 s: 8 % shorter, more than the 3 % gain a re-split needs.
+    assert [p.planned for p in pacers] == [11, 5]
     for p in pacers:
         p.observe([("s0", encode_pace(1.0)), ("s1", encode_pace(1.0))])
-    # Now alike: 8 + 8 lasts 8 s against 12 s: taken, and the round's work stays 16 steps.
+    # Now alike: 8 + 8 lasts 8 s against 11 s: taken, and the round's work stays 16 steps.
     assert [p.planned for p in pacers] == [8, 8]
+
+
+def test_a_split_changes_only_for_more_than_the_rebalance_gain() -> None:
+    split = {"s0": 100, "s1": 100}
+    pacers = [Pacer("balanced", f"s{i}", 100, rounds=3, first_split=split) for i in range(2)]
+    for p in pacers:  # 100 + 100 lasts 103 s; 101 + 99 lasts 101.97 s: 1 % shorter, kept
+        p.observe([("s0", encode_pace(1.0)), ("s1", encode_pace(1.03))])
+    assert [p.planned for p in pacers] == [100, 100]
+    for p in pacers:  # 100 + 100 lasts 106 s; 103 + 97 lasts 103 s: 2.8 % shorter, still kept
+        p.observe([("s0", encode_pace(1.0)), ("s1", encode_pace(1.06))])
+    assert [p.planned for p in pacers] == [100, 100]
+    strict = [Pacer("balanced", f"s{i}", 100, rounds=3, first_split=split, rebalance_gain=0.02) for i in range(2)]
+    for p in strict:  # with a 2 % gain the same paces re-split
+        p.observe([("s0", encode_pace(1.0)), ("s1", encode_pace(1.06))])
+    assert [p.planned for p in strict] == [103, 97]
+
+
+def test_the_pace_averages_the_whole_round_not_only_its_last_steps() -> None:
+    pacer = Pacer("balanced", "s0", 32, rounds=3)
+    for x in [5.0, 5.0] + [1.0] * 16 + [3.0] * 16:  # 2 warm-up steps, then a round of 32
+        pacer.step_done(x)
+    assert pacer.step_seconds == pytest.approx(3.0)  # the moving average: the last 8 steps
+    assert decode_pace(pacer.pace()) == pytest.approx(2.0, rel=1e-3)  # the round's 32 measured steps
+    pacer.round_sent()
+    for x in [4.0] * 2:  # a short round still averages PACE_WINDOW steps
+        pacer.step_done(x)
+    assert decode_pace(pacer.pace()) == pytest.approx((6 * 3.0 + 2 * 4.0) / 8, rel=1e-3)

@@ -295,6 +295,7 @@ SYNC_STRATEGY_KEYS: dict[str, tuple[str, ...]] = {
     "round_seconds": ("diloco", "delayed"),
     "balance": ("diloco", "delayed"),
     "balance_tolerance": ("diloco", "delayed"),
+    "rebalance_gain": ("diloco", "delayed"),
     "outer_lr": _ROUNDS,
     "outer_momentum": _ROUNDS,
     "nesterov": _ROUNDS,
@@ -347,8 +348,15 @@ class SyncSection(Section):
         0.1,
         gt=0,
         lt=1,
-        description="Balanced rounds: a new split is taken only if it shortens the round by more than this "
-        "fraction, and a site that turns slow stops at the planned round time times (1 + this).",
+        description="Balanced rounds: a site that turns slow (a straggler) stops at the planned round time "
+        "times (1 + this), so it stalls the others by at most this fraction of a round plus one step.",
+    )
+    rebalance_gain: float = Field(
+        0.03,
+        ge=0,
+        lt=1,
+        description="Balanced rounds: a new split of a round's steps is taken only if it shortens the round "
+        "by more than this fraction (hysteresis against noise in the measured step times).",
     )
     codec: CodecName = Field("none", description="Compression of what crosses the WAN.")
     block_size: int = Field(DEFAULT_BLOCK_SIZE, gt=0, description="int8/int4: elements per absmax block.")

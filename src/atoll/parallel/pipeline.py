@@ -50,7 +50,7 @@ from atoll.model.config import ModelConfig
 from atoll.model.llama import Layers, Transformer
 from atoll.model.loss import autocast
 from atoll.parallel.dist import average_gradients
-from atoll.parallel.layout import Layout
+from atoll.parallel.layout import check_schedule
 
 log = logging.getLogger(__name__)
 
@@ -100,55 +100,6 @@ def split_layers(num_layers: int, *, pp: int, vp: int = 1, stage_layers: Sequenc
 def rank_stages(pp_rank: int, *, pp: int, vp: int = 1) -> list[int]:
     """The stages rank `pp_rank` runs: pp_rank, pp_rank + pp, ... (vp of them)."""
     return [pp_rank + k * pp for k in range(vp)]
-
-
-def check_schedule(schedule: str, *, pp: int, vp: int, num_micro_batches: int) -> None:
-    """Raise `AtollError` unless torch's `schedule` can run pp × vp stages over that many micro-batches.
-
-    GPipe takes any count; 1F1B needs at least pp; interleaved 1F1B runs in rounds of
-    max(1, m // pp) and needs m divisible by that number of rounds. Single-stage schedules (GPipe,
-    1F1B) take vp 1 only.
-    """
-    if schedule not in SCHEDULES:
-        raise AtollError(f"unknown pipeline schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
-    m = num_micro_batches
-    if m < 1:
-        raise AtollError(f"the pipeline needs at least one micro-batch per step, got {m}")
-    if vp > 1 and schedule != "interleaved_1f1b":
-        raise AtollError(f"vp {vp} (virtual stages per rank) needs pp_schedule: interleaved_1f1b, not {schedule}")
-    if schedule == "1f1b" and m < pp:
-        raise AtollError(f"1f1b needs at least pp ({pp}) micro-batches per step, got {m}; raise the batch or use gpipe")
-    if schedule == "interleaved_1f1b":
-        rounds = max(1, m // pp)
-        if m % rounds:
-            raise AtollError(
-                f"interleaved_1f1b runs {m} micro-batches in {rounds} rounds of pp ({pp}) and needs a multiple "
-                f"of {rounds}; use a multiple of pp micro-batches per step"
-            )
-
-
-def pipeline_micro_batches(layout: Layout, *, global_batch: int, micro_batch: int) -> int:
-    """Micro-batches each pipeline runs per step: its replica's rows (global batch / dp) in
-    micro-batches of `micro_batch` rows, which must divide them (a pipeline's micro-batches share
-    one shape). Raises `AtollError` (one line) when they do not, or when `layout.pp_schedule`
-    cannot run that many; 0 without pipeline stages (pp 1). Pure: no process group."""
-    if layout.pp == 1:
-        return 0
-    rows = layout.dp * micro_batch
-    if global_batch % rows:
-        raise AtollError(
-            f"pipeline stages need equal micro-batches: train.global_batch {global_batch} is not a multiple of "
-            f"dp x train.micro_batch = {layout.dp} x {micro_batch}: use a global batch divisible by {rows}"
-        )
-    count = global_batch // rows
-    try:
-        check_schedule(layout.pp_schedule, pp=layout.pp, vp=layout.vp, num_micro_batches=count)
-    except AtollError as exc:
-        raise AtollError(
-            f"train.global_batch {global_batch} / (dp {layout.dp} x train.micro_batch {micro_batch}) gives "
-            f"{count} micro-batches per step, and {exc}"
-        ) from None
-    return count
 
 
 def build_stage_model(

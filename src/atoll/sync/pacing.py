@@ -15,9 +15,9 @@ pairs the sites' k-th sends whatever step each is at. Three modes:
   after every exchange, every site splits the round's total work (the sites' H summed) from the
   same gathered paces, so all reach the same plan without another message: the split that
   minimizes the slowest site's round time. A plan is replaced only when the new one is faster by
-  more than the tolerance (hysteresis: equal sites never flip-flop on noise). A site that slows
-  down inside a round (a straggler) stops at its planned time plus the tolerance, so it stalls
-  the others by at most that.
+  more than `sync.rebalance_gain` (hysteresis: equal sites never flip-flop on noise). A site that
+  slows down inside a round (a straggler) stops at its planned time plus the tolerance
+  (`sync.balance_tolerance`), so it stalls the others by at most that.
 
 Every decision that shapes the run is taken from numbers every rank of the site holds alike
 (`agree`: the site's maximum), so all ranks run the same inner step count.
@@ -39,7 +39,12 @@ PaceMode = Literal["fixed", "budget", "balanced"]
 # the *sum* of its steps, and step times on shared machines are skewed (occasional slow steps), so
 # a median under-predicts the round and trips the straggler deadline. Evaluation and checkpoints
 # fall outside the step time the loop reports. A lasting 2x change moves it halfway in 4 steps.
+# The pace a site reports at an exchange averages over the whole round it just ran (at least
+# PACE_WINDOW steps): what the next round's length depends on. In the lab a fast site's single
+# steps varied by 55% (its neighbours' compute comes and goes), its 8-step means by 20%, its
+# round means by 3.5% (bench/hetero.py, 2026-12-07).
 PACE_WINDOW = 8
+PACE_HISTORY = 512  # step times kept: a round's pace averages at most this many
 WARMUP_STEPS = 2
 _LOG_SCALE = 1024.0  # pace code: log2(seconds) in 1/1024 steps (0.07 % resolution) ...
 _LOG_OFFSET = 32.0  # ... from 2^-32 s up to 2^32 s, in 16 bits; 0 means "not measured yet"
@@ -112,7 +117,8 @@ class Pacer:
     inner_steps: int  # H: fixed mode's round; balanced: this site's share of the round's work
     rounds: int  # rounds in the run: every site runs the same number
     round_seconds: float | None = None
-    tolerance: float = 0.1
+    tolerance: float = 0.1  # balanced: a straggler's deadline is the planned round x (1 + this)
+    rebalance_gain: float = 0.03  # balanced: a new split must shorten the round by more than this
     agree: Callable[[float], float] = field(default=lambda x: x, repr=False)
     prior: dict[str, float] | None = None  # balanced: every site's relative step time on paper (the catalog)
     first_split: dict[str, int] | None = None  # balanced: the first round's steps per site (a plan's split)
@@ -156,12 +162,18 @@ class Pacer:
         self.seconds_in_round += seconds
         self.steps_measured += 1
         if self.steps_measured > WARMUP_STEPS:
-            self.recent = [*self.recent, seconds][-PACE_WINDOW:]
+            self.recent = [*self.recent, seconds][-PACE_HISTORY:]
 
     @property
     def step_seconds(self) -> float | None:
         """This site's step time: the moving average (None before a step was measured)."""
-        return statistics.fmean(self.recent) if self.recent else None
+        return statistics.fmean(self.recent[-PACE_WINDOW:]) if self.recent else None
+
+    @property
+    def round_step_seconds(self) -> float | None:
+        """This site's step time over the round so far (at least the last PACE_WINDOW steps)."""
+        window = max(PACE_WINDOW, self.steps_in_round)
+        return statistics.fmean(self.recent[-window:]) if self.recent else None
 
     def round_over(self) -> bool:
         """Whether the round ends after the step just recorded; the same answer on every rank of
@@ -187,10 +199,11 @@ class Pacer:
         return self.planned_round_seconds * (1.0 + self.tolerance) + self.planned_step_seconds
 
     def pace(self) -> int:
-        """The pace code this site puts in its envelopes: its agreed moving-average step time."""
-        if self.step_seconds is None:
+        """The pace code this site puts in its envelopes: its agreed step time over the round."""
+        seconds = self.round_step_seconds
+        if seconds is None:
             return 0
-        return encode_pace(self.agree(self.step_seconds))
+        return encode_pace(self.agree(seconds))
 
     def round_sent(self) -> None:
         """The round ended and its exchange was sent: start counting the next one."""
@@ -214,7 +227,7 @@ class Pacer:
         total = sum((self.first_split or {}).get(site, self.inner_steps) for site in names)
         best = split_steps(total, seconds)
         current = [self.plan.get(site, self.inner_steps) for site in names]
-        if sum(current) != total or makespan(best, seconds) * (1.0 + self.tolerance) < makespan(current, seconds):
+        if sum(current) != total or makespan(best, seconds) * (1.0 + self.rebalance_gain) < makespan(current, seconds):
             self.plan = dict(zip(names, best))
         else:
             self.plan = dict(zip(names, current))

@@ -27,20 +27,15 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_state_dict,
-    set_model_state_dict,
-    set_state_dict,
-)
 
 from atoll.errors import AtollError
 from atoll.parallel.dist import DistEnv, barrier, broadcast_object
 from atoll.rundir.layout import CHECKPOINTS_DIR
 
+# torch.distributed.checkpoint is imported where a checkpoint is written or read (it costs most
+# of a second): listing and verifying checkpoints, as a launcher does before starting ranks, and
+# a config check that fails do not need it.
 log = logging.getLogger(__name__)
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -49,7 +44,7 @@ META = "meta.json"
 # a pipeline stage's ranks hold different parameters in each group (decay / no decay), so only
 # names make the state load into another layout. Checkpoints say so in meta.json ("optim_flat");
 # older ones without the key are read as they were written.
-FLAT = StateDictOptions(flatten_optimizer_state_dict=True)
+FLAT = {"flatten_optimizer_state_dict": True}  # torch's StateDictOptions
 
 
 @dataclass(frozen=True)
@@ -161,7 +156,10 @@ def save_checkpoint(
             shutil.rmtree(tmp)
         tmp.mkdir()
     barrier()
-    model_sd, optim_sd = get_state_dict(model, optimizer, options=FLAT)
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=StateDictOptions(**FLAT))
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
     torch.save({"rng": _rng_state(device), "state": rank_state or {}}, tmp / f"rank{env.rank}.pt")
     barrier()
@@ -213,7 +211,16 @@ def load_checkpoint(
     if problem:
         raise AtollError(problem)
     meta = read_meta(ckpt)
-    options = FLAT if meta.get("optim_flat") else None
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_state_dict,
+        set_model_state_dict,
+        set_state_dict,
+    )
+
+    options = StateDictOptions(**FLAT) if meta.get("optim_flat") else None
     if optimizer is None:
         state: dict[str, Any] = {"model": get_model_state_dict(model)}
     else:
@@ -250,6 +257,8 @@ def load_checkpoint(
 def load_model_weights(ckpt: Path, model: nn.Module) -> None:
     """Load only the model's weights from a checkpoint, in a single process (export, init_from)."""
     verify_checkpoint(ckpt)
+    import torch.distributed.checkpoint as dcp
+
     sd = model.state_dict()
     try:
         dcp.load({"model": sd}, checkpoint_id=str(ckpt), no_dist=not dist.is_initialized())

@@ -115,6 +115,7 @@ def build_sync(
         rounds=max(1, steps // cfg.inner_steps),
         round_seconds=cfg.round_seconds,
         tolerance=cfg.balance_tolerance,
+        rebalance_gain=cfg.rebalance_gain,
         agree=lambda x: all_reduce_max(x, device=device),
         prior={site.name: 1.0 / site_speed(site) for site in topology.sites},
         # Per-site counts (a plan's split) start a balanced run; every site, listed or not, alike.

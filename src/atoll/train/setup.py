@@ -19,8 +19,7 @@ from atoll.data import Manifest, prepare_demo_data
 from atoll.errors import AtollError
 from atoll.model import ModelConfig, get_preset
 from atoll.model.hf import load_hf_model, model_config_from_hf
-from atoll.parallel.layout import resolve_layout
-from atoll.parallel.pipeline import pipeline_micro_batches
+from atoll.parallel.layout import pipeline_micro_batches, resolve_layout
 from atoll.rundir.layout import (
     CONFIG_YAML,
     HF_CONFIG_JSON,

@@ -12,7 +12,7 @@ import logging
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -35,8 +35,7 @@ from atoll.parallel.dist import (
     set_cpu_threads,
     wrap_model,
 )
-from atoll.parallel.layout import Layout, RankPlace, build_mesh, resolve_layout
-from atoll.parallel.pipeline import PipelineRunner, build_stage_model, pipeline_micro_batches, shard_stages
+from atoll.parallel.layout import Layout, RankPlace, build_mesh, pipeline_micro_batches, resolve_layout
 from atoll.parallel.tensor import loss_context, scalar
 from atoll.report.metrics import MetricsWriter
 from atoll.report.progress import NullProgress, ProgressSink
@@ -55,6 +54,9 @@ from atoll.train.loop import (
 )
 from atoll.train.runner import LocalRunner
 from atoll.train.setup import classify_init, prepare_run, site_config
+
+if TYPE_CHECKING:
+    from atoll.parallel.pipeline import PipelineRunner
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +81,8 @@ def build_model(
     initialized at construction, so under one seed a part holds the whole model's values."""
     if layout is not None and layout.pp > 1:
         assert place is not None, "a pipeline stage needs the rank's place"
+        from atoll.parallel.pipeline import build_stage_model  # torch's pipelining: only with stages
+
         return build_stage_model(mcfg, pp=layout.pp, pp_rank=place.pp_rank, vp=layout.vp).to(device)
     return Transformer(mcfg).to(device)
 
@@ -262,6 +266,8 @@ def _train(
     pipeline: PipelineRunner | None = None
     if layout.pp > 1:
         assert mesh is not None  # pp > 1 means several ranks, launched
+        from atoll.parallel.pipeline import PipelineRunner, shard_stages
+
         pipeline = PipelineRunner(
             model,  # type: ignore[arg-type]
             schedule=layout.pp_schedule,
