@@ -70,3 +70,25 @@ def test_a_site_that_never_returns_costs_one_timeout_once(
         sync._check(sync.units[0], 4)  # type: ignore[attr-defined]
     assert 0.5 <= time.monotonic() - t0 < 5.0 and transport.calls > 2
     assert "waiting up to 0.5 s for s1" in caplog.text and "ends without ['s1']" in caplog.text
+
+
+class Silent(Partition):
+    """A transport whose every check times out (the run's other sites have finished)."""
+
+    def exchange(self, envelope: torch.Tensor, body: torch.Tensor) -> Gathered | None:  # type: ignore[override]
+        self.calls += 1
+        return None
+
+
+def test_a_final_check_that_fails_after_refusals_names_the_secret() -> None:
+    from atoll.errors import AtollError, RunFailure
+
+    sync, _ = finishing_site(back_at=None, timeout=1.0)
+    sync.transport = Silent(None, None)  # type: ignore[attr-defined]
+    with pytest.raises(RunFailure, match="could not confirm at the end"):
+        sync._check(sync.units[0], 4)  # type: ignore[attr-defined]
+    # A late joiner with the wrong secret: its one exchange with the run's sites refused both.
+    sync.membership.secret.observe([True, False], own=0, site="s0")  # type: ignore[attr-defined]
+    with pytest.raises(AtollError, match="join secret is not the run's") as info:
+        sync._check(sync.units[0], 4)  # type: ignore[attr-defined]
+    assert not isinstance(info.value, RunFailure)

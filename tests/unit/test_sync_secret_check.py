@@ -13,9 +13,21 @@ def test_a_site_that_authenticates_nobody_stops_after_two_exchanges_in_a_row() -
     check = SecretCheck()
     check.observe([True, False], own=0, site="mallory")
     check.observe([True], own=0, site="mallory")  # alone in the quorum: neither counts nor resets
-    with pytest.raises(AtollError, match=r"^site mallory: .* 2 exchanges in a row.* ATOLL_RUN_SECRET_FILE"):
+    with pytest.raises(AtollError, match=r"^site mallory: .* 2 exchange\(s\) in a row.* ATOLL_RUN_SECRET_FILE"):
         check.observe([False, True, False], own=1, site="mallory")
     assert WRONG_SECRET_EXCHANGES == 2
+
+
+def test_at_the_end_one_refused_exchange_names_the_secret() -> None:
+    # A late joiner refused once, whose peers then finished: the secret is what to fix.
+    check = SecretCheck()
+    check.check_at_end("mallory")  # nothing seen: no verdict
+    check.observe([True, False], own=0, site="mallory")
+    with pytest.raises(AtollError, match=r"^site mallory: .* 1 exchange\(s\) in a row, and none ever did"):
+        check.check_at_end("mallory")
+    check.observe([True, True], own=0, site="mallory")
+    check.observe([True, False], own=0, site="mallory")
+    check.check_at_end("mallory")  # it authenticated a peer once: its secret is the run's
 
 
 def test_a_site_that_ever_authenticated_a_peer_never_gives_up() -> None:
@@ -41,7 +53,7 @@ def test_refusals_of_an_outsider_say_nothing_about_the_sites_own_secret() -> Non
         check.observe([True, False], own=0, site="east", claims=[None, "mallory"])
     assert not check.trusted and check.refused_in_a_row == 0
     check.observe([True, False], own=0, site="east", claims=[None, "west"])
-    with pytest.raises(AtollError, match=r"^site east: .* 2 exchanges in a row"):
+    with pytest.raises(AtollError, match=r"^site east: .* 2 exchange\(s\) in a row"):
         check.observe([True, False, False], own=0, site="east", claims=[None, "mallory", "west"])
 
 

@@ -111,13 +111,22 @@ class SecretCheck:
             self.trusted, self.refused_in_a_row = True, 0
             return
         self.refused_in_a_row += 1
-        if not self.trusted and self.refused_in_a_row >= WRONG_SECRET_EXCHANGES:
-            raise AtollError(
-                f"site {site}: no other site's contribution authenticated with this site's join secret in "
-                f"{self.refused_in_a_row} exchanges in a row, and none ever did: this site's join secret is not the "
-                f"run's (or its peers are not this run's sites); set {SECRET_ENV} or {SECRET_FILE_ENV} "
-                "(or --secret-file) to the run's secret"
-            )
+        if self.refused_in_a_row >= WRONG_SECRET_EXCHANGES:
+            self.check_at_end(site)
+
+    def check_at_end(self, site: str) -> None:
+        """Raise the wrong-secret `AtollError` if peers were refused and none ever authenticated.
+        At the run's end one refused exchange is enough: the run's sites may have finished before
+        a second one (a late joiner with the wrong secret), and then the secret, not the final
+        agreement that could not complete, is what to fix."""
+        if self.trusted or not self.refused_in_a_row:
+            return
+        raise AtollError(
+            f"site {site}: no other site's contribution authenticated with this site's join secret in "
+            f"{self.refused_in_a_row} exchange(s) in a row, and none ever did: this site's join secret is not the "
+            f"run's (or its peers are not this run's sites); set {SECRET_ENV} or {SECRET_FILE_ENV} "
+            "(or --secret-file) to the run's secret"
+        )
 
 
 @dataclass

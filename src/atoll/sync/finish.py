@@ -60,6 +60,7 @@ def final_check(sync: Any, unit: Unit, step: int, *, attempts: int = 3) -> None:
             )
             waited = True
         time.sleep(RETRY_SECONDS)
+    sync.membership.secret.check_at_end(sync.site_name)  # a wrong secret is the cause to name, if it is one
     raise RunFailure(
         f"site {sync.site_name}: could not confirm at the end that every site holds the same parameters "
         f"({unit.name}, round {unit.round}); do not use this site's weights: resume the run to heal it"
