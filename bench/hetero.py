@@ -1,6 +1,6 @@
 """Heterogeneous compute: sites and ranks of different speeds, balanced by atoll or not.
 
-    .venv/bin/python bench/hetero.py            # the grid (about 17 minutes on 2 quiet cores)
+    .venv/bin/python bench/hetero.py            # the grid (about 40 minutes on 2 quiet cores)
     .venv/bin/python bench/hetero.py --resume   # skip the records already written
 
 Case `sites`: 3 sites at speeds 1, 0.5 and 0.25 (topology slowdowns 1, 2, 4: compute, then
