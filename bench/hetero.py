@@ -256,7 +256,7 @@ def solo_run(work: Path, slowdown: float, args: argparse.Namespace) -> float:
 
 
 def ranks_run(
-    work: Path, policy: str, speeds: list[float], args: argparse.Namespace, *, calibration: float | None, **_: Any
+    work: Path, policy: str, speeds: list[float], args: argparse.Namespace, *, calibration: float | None
 ) -> dict[str, Any]:
     name = f"ranks-{policy}"
     cfg = base_config(work, name, args, steps=args.rank_steps, batch=args.rank_batch)
@@ -306,7 +306,6 @@ def ranks_run(
     }
 
 
-RESCORE: dict[tuple[str, str | None, str], list[dict[str, Any]]] = {}  # --rescore: key -> earlier runs
 SOLO: dict[str, float] = {}  # slowdown -> tokens/s alone (kept in hetero.json, reused on --resume)
 
 
@@ -344,8 +343,8 @@ def main() -> None:
     ap.add_argument("--rank-steps", type=int, default=60)
     ap.add_argument("--rebalance-every", type=int, default=10)
     ap.add_argument("--global-batch", type=int, default=8)
-    # 256 tokens per sequence, 32 sequences per step in the ranks case: a step's compute then
-    # dominates its all-reduce and optimizer as on accelerators. At 64 x 16 the two-rank
+    # 256 tokens per sequence (and 32 or more sequences per step in the ranks case): a step's compute
+    # then dominates its all-reduce and optimizer as on accelerators. At 64 x 16 the two-rank
     # homogeneous run itself reached only 0.73 of its ranks' solo sum (quiet cores, 2026-12-07):
     # the benchmark measured the lab's per-step overhead, not the balance.
     ap.add_argument("--seq-len", type=int, default=256)
@@ -366,14 +365,16 @@ def main() -> None:
     )  # fmt: skip
     args = ap.parse_args()
     records = load_records() if args.resume else []
-    earlier: dict[tuple[str, str | None, str], list[dict[str, Any]]] = {}
-    for r in [r for r in records if f"{label(r)}/{r['policy']}" in args.rescore]:
-        records.remove(r)  # scored again from its run directory, not run again
-        RESCORE[(r["case"], strategy_of(r), r["policy"])] = r.get("earlier_runs", [])
-    for r in [r for r in records if f"{label(r)}/{r['policy']}" in args.redo]:
+    earlier: dict[tuple[str, str | None, str], list[dict[str, Any]]] = {}  # what a new record keeps
+    rescore: set[tuple[str, str | None, str]] = set()  # scored again from the run directory, not run again
+    for r in [r for r in records if f"{label(r)}/{r['policy']}" in (*args.redo, *args.rescore)]:
         records.remove(r)
-        summary = {k: r[k] for k in ("efficiency", "predicted_efficiency", "val_loss", "tokens_per_s")}
-        earlier[(r["case"], strategy_of(r), r["policy"])] = [*r.get("earlier_runs", []), summary]
+        key = (r["case"], strategy_of(r), r["policy"])
+        earlier[key] = list(r.get("earlier_runs", []))
+        if f"{label(r)}/{r['policy']}" in args.rescore:
+            rescore.add(key)
+        else:  # run again: this run's figures join the earlier ones
+            earlier[key].append({k: r[k] for k in ("efficiency", "predicted_efficiency", "val_loss", "tokens_per_s")})
     done = {(r["case"], strategy_of(r), r["policy"]) for r in records}
     for case in args.cases.split(","):
         for strategy in args.strategies.split(",") if case == "sites" else [None]:
@@ -382,9 +383,9 @@ def main() -> None:
                     continue  # the split's loss check needs one strategy
                 print(f"{case} / {strategy or '-'} / {policy} ...", flush=True)
                 key = (case, strategy, policy)
-                record = run_policy(records, case, strategy, policy, speeds, args, again=key not in RESCORE)
-                if key in earlier or RESCORE.get(key):
-                    record["earlier_runs"] = earlier.get(key) or RESCORE[key]
+                record = run_policy(records, case, strategy, policy, speeds, args, again=key not in rescore)
+                if earlier.get(key):
+                    record["earlier_runs"] = earlier[key]
                 records.append(record)
                 save(records, args)  # each record as soon as its run finishes
     save(records, args)

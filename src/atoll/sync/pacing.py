@@ -40,9 +40,9 @@ PaceMode = Literal["fixed", "budget", "balanced"]
 # a median under-predicts the round and trips the straggler deadline. Evaluation and checkpoints
 # fall outside the step time the loop reports. A lasting 2x change moves it halfway in 4 steps.
 # The pace a site reports at an exchange averages over the whole round it just ran (at least
-# PACE_WINDOW steps): what the next round's length depends on. In the lab a fast site's single
-# steps varied by 55% (its neighbours' compute comes and goes), its 8-step means by 20%, its
-# round means by 3.5% (bench/hetero.py, 2026-12-07).
+# PACE_WINDOW steps): what the next round's length depends on. In the lab the coefficient of
+# variation of a fast site's single steps was 55% (its neighbours' compute comes and goes), of its
+# 8-step means 20%, of its round means 1.6% (bench/hetero.py, 2026-12-07).
 PACE_WINDOW = 8
 PACE_HISTORY = 512  # step times kept: a round's pace averages at most this many
 WARMUP_STEPS = 2
